@@ -1,0 +1,155 @@
+"""Opening a store: where it lives, connection setup, schema versioning with ordered migrations.
+
+The default store is SQLite at $CLFBENCH_HOME/clfbench.db (CLFBENCH_HOME defaults to ~/.clfbench).
+`--db URL` or CLFBENCH_DB overrides it with any SQLAlchemy URL (e.g. postgresql+psycopg://...).
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlmodel import SQLModel
+
+from storage import dialect
+from storage import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+
+
+class StoreError(Exception):
+    """A one-line, user-facing problem with the store."""
+
+
+def clfbench_home() -> Path:
+    return Path(os.environ.get("CLFBENCH_HOME") or Path.home() / ".clfbench").expanduser()
+
+
+def default_url() -> str:
+    return f"sqlite:///{clfbench_home() / 'clfbench.db'}"
+
+
+def resolve_url(explicit: str | None = None) -> str:
+    """--db, else CLFBENCH_DB, else the SQLite file in the clfbench home."""
+    return explicit or os.environ.get("CLFBENCH_DB") or default_url()
+
+
+def _prepare_sqlite_file(url: str) -> None:
+    """Create the database file with mode 0600 (runs may hold private data) in an existing folder.
+
+    The default home is created (mode 0700); any other missing folder is an error, not a surprise mkdir.
+    """
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        return
+    path = Path(database).expanduser()
+    folder = path.parent
+    if not folder.exists():
+        if folder.resolve() == clfbench_home().resolve():
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        else:
+            raise StoreError(f"store directory {folder} does not exist")
+    if not path.exists():
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+        os.close(fd)
+
+
+# Ordered migrations: MIGRATIONS[i] brings a store from version i to i + 1. Never edit a released one;
+# append a new function (ALTER TABLE ...) and the version follows.
+def _migration_1_initial(connection: Connection) -> None:
+    SQLModel.metadata.create_all(connection)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1_initial]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass
+class Store:
+    url: str
+    engine: Engine
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction (BEGIN IMMEDIATE on SQLite): commits on success, rolls back on error."""
+        with self.engine.connect() as connection:
+            connection = connection.execution_options(**dialect.write_execution_options(self.engine))
+            with connection.begin():
+                yield connection
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as connection:
+            with connection.begin():
+                yield connection
+
+    @property
+    def is_sqlite(self) -> bool:
+        return dialect.is_sqlite(self.engine)
+
+    def describe(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+
+def _schema_version(connection: Connection) -> int:
+    if not inspect(connection).has_table("schema_info"):
+        # A store with tables but no version table was not made by clfbench.
+        if inspect(connection).get_table_names():
+            raise StoreError("the database has tables but no clfbench schema version; refusing to touch it")
+        return 0
+    row = connection.execute(text("SELECT version FROM schema_info WHERE id = 1")).first()
+    return int(row[0]) if row else 0
+
+
+def migrate(store: Store) -> None:
+    """Bring the schema to SCHEMA_VERSION; refuse a store written by a newer clfbench."""
+    with store.write() as connection:
+        version = _schema_version(connection)
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"store schema v{version} is newer than this clfbench (v{SCHEMA_VERSION}); upgrade clfbench"
+            )
+        for index in range(version, SCHEMA_VERSION):
+            MIGRATIONS[index](connection)
+        if version != SCHEMA_VERSION:
+            connection.execute(text("DELETE FROM schema_info"))
+            connection.execute(
+                text("INSERT INTO schema_info (id, version) VALUES (1, :v)"), {"v": SCHEMA_VERSION}
+            )
+
+
+def open_store(url: str | None = None, create: bool = True) -> Store:
+    """Open (and migrate) the store. Raises StoreError with one line on any problem."""
+    url = resolve_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StoreError(f"not a database URL: {url}") from None
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database
+        if not create and database and not Path(database).exists():
+            raise StoreError(f"no store at {database}")
+        _prepare_sqlite_file(url)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+    else:
+        engine = create_engine(url, pool_pre_ping=True)
+    dialect.configure_engine(engine)
+    store = Store(url=url, engine=engine)
+    try:
+        migrate(store)
+    except StoreError:
+        engine.dispose()
+        raise
+    except Exception as error:  # a driver error: say which store and why, in one line
+        engine.dispose()
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise StoreError(f"cannot open store {store.describe()}: {first_line}") from None
+    return store
+
+
+def now() -> float:
+    return time.time()

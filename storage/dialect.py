@@ -1,0 +1,72 @@
+"""Every piece of dialect-specific SQL and connection setup, in one place so the store ports.
+
+SQLite (default): WAL, synchronous=NORMAL, a busy timeout, foreign keys, and write transactions opened
+with BEGIN IMMEDIATE (the write lock is taken up front, so two writers wait for each other through the
+busy timeout instead of failing with SQLITE_BUSY_SNAPSHOT when a read turns into a write).
+PostgreSQL: row locks; the claim's subquery uses FOR UPDATE SKIP LOCKED so engines never block on
+or double-claim the same row.
+"""
+from __future__ import annotations
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def configure_engine(engine: Engine) -> None:
+    """Install per-connection setup. Called once per SQLAlchemy engine."""
+    if not is_sqlite(engine):
+        return
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_on_connect(dbapi_connection, _record):
+        # Take over transaction control from Python's sqlite3 module so BEGIN IMMEDIATE is possible.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _sqlite_on_begin(connection):
+        mode = connection.get_execution_options().get("sqlite_begin", "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+def write_execution_options(engine: Engine) -> dict:
+    """Execution options for a connection that is going to write."""
+    return {"sqlite_begin": "IMMEDIATE"} if is_sqlite(engine) else {}
+
+
+def claim_sql(engine: Engine) -> str:
+    """One statement that moves the best claimable queued run to running and returns its id.
+
+    Parameters: host, engine_id, now, default_gpus (what a run with no GPU count asks for on this box),
+    free_gpus, cpu_free (1 if a CPU slot is free), api_free (1 if an API slot is free).
+    """
+    lock = "" if is_sqlite(engine) else " FOR UPDATE SKIP LOCKED"
+    return f"""
+        UPDATE runs
+        SET status = 'running', attempt = attempt + 1, host = :host, engine_id = :engine_id,
+            started_at = :now, heartbeat_at = :now, finished_at = NULL, error = NULL, pid = NULL,
+            gpus_assigned = NULL, progress_step = NULL, progress_total = NULL
+        WHERE status = 'queued' AND id = (
+            SELECT id FROM runs
+            WHERE status = 'queued' AND (
+                (launch = 'process' AND :api_free = 1)
+                OR (launch = 'torchrun'
+                    AND COALESCE(gpus_requested, :default_gpus) <= :free_gpus
+                    AND (COALESCE(gpus_requested, :default_gpus) >= 1 OR :cpu_free = 1))
+            )
+            ORDER BY priority DESC, id
+            LIMIT 1{lock}
+        )
+        RETURNING id
+    """

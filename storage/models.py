@@ -1,0 +1,135 @@
+"""The persistent contract: SQLModel tables for runs, metric points, predictions, results, events, engines.
+
+Times are float seconds since the epoch (UTC): portable across SQLite and PostgreSQL, cheap to compare,
+and easy to freeze in tests.
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+from sqlalchemy import Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class RunStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"  # the method raised: retrying the same spec would fail the same way
+    cancelled = "cancelled"  # a user asked
+    interrupted = "interrupted"  # the worker or its engine died; requeued while retries are left
+
+
+TERMINAL_STATUSES = (RunStatus.succeeded, RunStatus.failed, RunStatus.cancelled, RunStatus.interrupted)
+
+
+class Run(SQLModel, table=True):
+    __tablename__ = "runs"
+    __table_args__ = (Index("ix_runs_status_priority", "status", "priority", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str | None = None
+    # Denormalised from the spec so lists and the results matrix need no JSON parsing.
+    method: str = Field(index=True)
+    model: str
+    task: str  # "a" or "a+b" for one multi-task run
+    shots: int = 0
+    seed: int = 0
+    spec_json: str
+    spec_hash: str = Field(index=True)
+    code_version: str = ""
+    status: str = Field(default=RunStatus.queued.value)
+    priority: int = 0
+    launch: str = "torchrun"  # "torchrun" or "process" (API-only: no GPU, no torchrun)
+    gpus_requested: int | None = None  # None: 1 on a GPU box, CPU otherwise
+    nproc: int = 1
+    gpus_assigned: str | None = None  # e.g. "0,1"
+    attempt: int = 0  # how many times an engine has claimed it
+    interruptions: int = 0  # automatic requeues so far (bounded by max_interruptions)
+    max_interruptions: int = 2
+    host: str | None = None
+    engine_id: int | None = None
+    pid: int | None = None  # process-group leader (torchrun or the worker)
+    heartbeat_at: float | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    cancel_requested: bool = False
+    error: str | None = None
+    log_path: str | None = None
+    output_dir: str | None = None
+    progress_step: int | None = None
+    progress_total: int | None = None
+
+
+class MetricPoint(SQLModel, table=True):
+    __tablename__ = "metric_points"
+    __table_args__ = (Index("ix_metric_points_run_name_step", "run_id", "name", "step"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="runs.id", ondelete="CASCADE")
+    attempt: int = 1
+    step: int
+    name: str
+    value: float
+    time: float
+
+
+class PredictionRow(SQLModel, table=True):
+    __tablename__ = "predictions"
+    __table_args__ = (Index("ix_predictions_run_task", "run_id", "task"),
+                      Index("ix_predictions_task_example", "task", "example_id"))
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="runs.id", ondelete="CASCADE")
+    task: str
+    example_id: str
+    text: str
+    gold: str  # token tasks: tags joined by spaces
+    predicted: str | None  # None: the output could not be parsed
+    raw_output: str | None = None
+    parse_status: str = "ok"
+
+
+class Result(SQLModel, table=True):
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("run_id", "task", "metric"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="runs.id", ondelete="CASCADE", index=True)
+    task: str
+    metric: str
+    value: float
+
+
+class Event(SQLModel, table=True):
+    __tablename__ = "events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    time: float
+    run_id: int | None = Field(default=None, index=True)
+    kind: str  # claimed, launched, finished, cancelled, interrupted, requeued, engine_started, ...
+    message: str = ""
+
+
+class EngineRow(SQLModel, table=True):
+    """One row per engine process that ever ran on this store (host + pid), for status and reconciliation."""
+
+    __tablename__ = "engines"
+
+    id: int | None = Field(default=None, primary_key=True)
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    stopped_at: float | None = None
+    gpus: str = ""  # GPUs it manages, e.g. "0,1"; "" on a CPU box
+
+
+class SchemaInfo(SQLModel, table=True):
+    """The schema version of this store (a table, not PRAGMA user_version, so PostgreSQL works the same)."""
+
+    __tablename__ = "schema_info"
+
+    id: int = Field(default=1, primary_key=True)
+    version: int

@@ -1,0 +1,166 @@
+"""Read queries for the CLI and the TUI. Plain dicts out; no writes here."""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select
+
+from storage.db import Store
+from storage.models import EngineRow, Event, MetricPoint, PredictionRow, Result, Run
+
+RUNS = Run.__table__
+RESULTS = Result.__table__
+PREDICTIONS = PredictionRow.__table__
+METRICS = MetricPoint.__table__
+ENGINES = EngineRow.__table__
+EVENTS = Event.__table__
+
+
+def list_runs(store: Store, status: str | None = None, limit: int | None = None) -> list[dict]:
+    query = select(RUNS).order_by(RUNS.c.id.desc())
+    if status:
+        query = query.where(RUNS.c.status == status)
+    if limit:
+        query = query.limit(limit)
+    with store.read() as connection:
+        return [dict(row) for row in connection.execute(query).mappings()]
+
+
+def get_run(store: Store, run_id: int) -> dict | None:
+    with store.read() as connection:
+        row = connection.execute(select(RUNS).where(RUNS.c.id == run_id)).mappings().first()
+        return dict(row) if row else None
+
+
+def count_by_status(store: Store) -> dict[str, int]:
+    with store.read() as connection:
+        rows = connection.execute(select(RUNS.c.status, func.count()).group_by(RUNS.c.status)).all()
+    return {status: count for status, count in rows}
+
+
+def run_results(store: Store, run_id: int) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} for one run."""
+    with store.read() as connection:
+        rows = connection.execute(
+            select(RESULTS.c.task, RESULTS.c.metric, RESULTS.c.value).where(RESULTS.c.run_id == run_id)
+        ).all()
+    out: dict[str, dict[str, float]] = {}
+    for task, metric, value in rows:
+        out.setdefault(task, {})[metric] = value
+    return out
+
+
+def metric_series(store: Store, run_id: int, after_id: int = 0) -> list[dict]:
+    """Metric points of a run, oldest first; `after_id` lets a live view fetch only new points."""
+    with store.read() as connection:
+        rows = connection.execute(
+            select(METRICS).where(METRICS.c.run_id == run_id, METRICS.c.id > after_id).order_by(METRICS.c.id)
+        ).mappings()
+        return [dict(row) for row in rows]
+
+
+def predictions(store: Store, run_id: int, task: str) -> list[dict]:
+    with store.read() as connection:
+        rows = connection.execute(
+            select(PREDICTIONS).where(PREDICTIONS.c.run_id == run_id, PREDICTIONS.c.task == task)
+            .order_by(PREDICTIONS.c.id)
+        ).mappings()
+        return [dict(row) for row in rows]
+
+
+def predictions_for_example(store: Store, task: str, example_id: str) -> list[dict]:
+    """What every run predicted for one example of a task (for 'what did the others say')."""
+    with store.read() as connection:
+        rows = connection.execute(
+            select(PREDICTIONS, RUNS.c.model, RUNS.c.method, RUNS.c.shots)
+            .join(RUNS, RUNS.c.id == PREDICTIONS.c.run_id)
+            .where(PREDICTIONS.c.task == task, PREDICTIONS.c.example_id == example_id)
+            .order_by(PREDICTIONS.c.run_id)
+        ).mappings()
+        return [dict(row) for row in rows]
+
+
+def recent_events(store: Store, run_id: int | None = None, limit: int = 50) -> list[dict]:
+    query = select(EVENTS).order_by(EVENTS.c.id.desc()).limit(limit)
+    if run_id is not None:
+        query = query.where(EVENTS.c.run_id == run_id)
+    with store.read() as connection:
+        return [dict(row) for row in connection.execute(query).mappings()]
+
+
+def live_engines(store: Store, stale_after_s: float, now: float) -> list[dict]:
+    with store.read() as connection:
+        rows = connection.execute(
+            select(ENGINES).where(ENGINES.c.stopped_at.is_(None), ENGINES.c.heartbeat_at > now - stale_after_s)
+        ).mappings()
+        return [dict(row) for row in rows]
+
+
+# ---- results matrix ---------------------------------------------------------------------------
+
+# Which metric a cell shows by default: accuracy for sequence tasks, slot F1 for slot filling
+# (what the main paper's Table 3 reports).
+PRIMARY_METRICS = ("accuracy", "slot_f1")
+
+
+@dataclass
+class Cell:
+    values: list[float] = field(default_factory=list)
+    run_ids: list[int] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else math.nan
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+
+@dataclass
+class Matrix:
+    metric: str
+    rows: list[tuple[str, str, int]]  # (model, method, shots)
+    columns: list[str]  # task, with " (multi)" when measured inside a multi-task run
+    cells: dict[tuple[tuple[str, str, int], str], Cell]
+
+
+def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
+                   method: str | None = None, task: str | None = None) -> Matrix:
+    """Succeeded runs' results as models × tasks; seeds of the same (model, method, shots) aggregate.
+
+    A task measured inside a multi-task run ("a+b") gets its own column "a (multi)", so single-task and
+    consolidated numbers sit side by side as in the main paper's Table 3.
+    """
+    wanted = PRIMARY_METRICS if metric == "auto" else (metric,)
+    query = (
+        select(RUNS.c.id, RUNS.c.model, RUNS.c.method, RUNS.c.shots, RUNS.c.task.label("run_task"),
+               RESULTS.c.task, RESULTS.c.metric, RESULTS.c.value)
+        .join(RESULTS, RESULTS.c.run_id == RUNS.c.id)
+        .where(RUNS.c.status == "succeeded", RESULTS.c.metric.in_(wanted))
+        .order_by(RUNS.c.id)
+    )
+    if model:
+        query = query.where(RUNS.c.model.contains(model))
+    if method:
+        query = query.where(RUNS.c.method.contains(method))
+    if task:
+        query = query.where(RESULTS.c.task.contains(task))
+    with store.read() as connection:
+        rows = connection.execute(query).all()
+    cells: dict[tuple[tuple[str, str, int], str], Cell] = {}
+    row_keys: list[tuple[str, str, int]] = []
+    columns: list[str] = []
+    for run_id, run_model, run_method, shots, run_task, result_task, _metric, value in rows:
+        row_key = (run_model, run_method, shots)
+        column = f"{result_task} (multi)" if "+" in run_task else result_task
+        if row_key not in row_keys:
+            row_keys.append(row_key)
+        if column not in columns:
+            columns.append(column)
+        cell = cells.setdefault((row_key, column), Cell())
+        cell.values.append(value)
+        cell.run_ids.append(run_id)
+    return Matrix(metric=metric, rows=row_keys, columns=sorted(columns), cells=cells)

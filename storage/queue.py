@@ -1,0 +1,284 @@
+"""Queue operations: enqueue, claim (one atomic statement), heartbeat, finish, cancel, requeue.
+
+Every state change is guarded by the state it expects (`WHERE status = 'running' AND attempt = :attempt`)
+so a late writer (a worker from an earlier attempt, an engine that lost a race) changes nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy.engine import Connection
+
+from storage import dialect
+from storage.db import Store, now
+from storage.models import Event, MetricPoint, PredictionRow, Result, Run, RunStatus
+
+RUNS = Run.__table__
+EVENTS = Event.__table__
+
+
+def log_event(connection: Connection, kind: str, message: str = "", run_id: int | None = None) -> None:
+    connection.execute(insert(EVENTS).values(time=now(), run_id=run_id, kind=kind, message=message))
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """What the CLI/TUI inserts for one validated spec."""
+
+    method: str
+    model: str
+    task: str
+    shots: int
+    seed: int
+    spec_json: str
+    spec_hash: str
+    launch: str
+    gpus_requested: int | None
+    nproc: int
+    code_version: str = ""
+    name: str | None = None
+    priority: int = 0
+
+
+def enqueue(store: Store, runs: Iterable[NewRun]) -> list[int]:
+    """Insert runs as queued, all in one transaction (a sweep is queued whole or not at all)."""
+    ids = []
+    with store.write() as connection:
+        for run in runs:
+            result = connection.execute(
+                insert(RUNS).values(
+                    **run.__dict__, status=RunStatus.queued.value, created_at=now()
+                ).returning(RUNS.c.id)
+            )
+            run_id = result.scalar_one()
+            ids.append(run_id)
+            log_event(connection, "queued", f"{run.method} {run.model} {run.task}", run_id)
+    return ids
+
+
+def claim(
+    store: Store,
+    *,
+    host: str,
+    engine_id: int,
+    default_gpus: int,
+    free_gpus: int,
+    cpu_free: bool,
+    api_free: bool,
+) -> dict | None:
+    """Atomically move the best claimable queued run to running. Returns the run row, or None."""
+    with store.write() as connection:
+        row = connection.execute(
+            text(dialect.claim_sql(store.engine)),
+            {
+                "host": host,
+                "engine_id": engine_id,
+                "now": now(),
+                "default_gpus": default_gpus,
+                "free_gpus": free_gpus,
+                "cpu_free": int(cpu_free),
+                "api_free": int(api_free),
+            },
+        ).first()
+        if row is None:
+            return None
+        run = connection.execute(select(RUNS).where(RUNS.c.id == row[0])).mappings().one()
+        log_event(connection, "claimed", f"attempt {run['attempt']} on {host}", run["id"])
+        return dict(run)
+
+
+def set_launched(store: Store, run_id: int, attempt: int, *, pid: int, gpus_assigned: str,
+                 log_path: str, output_dir: str) -> None:
+    with store.write() as connection:
+        connection.execute(
+            update(RUNS)
+            .where(RUNS.c.id == run_id, RUNS.c.attempt == attempt, RUNS.c.status == "running")
+            .values(pid=pid, gpus_assigned=gpus_assigned, log_path=log_path, output_dir=output_dir,
+                    heartbeat_at=now())
+        )
+        log_event(connection, "launched", f"pid {pid} gpus [{gpus_assigned}]", run_id)
+
+
+def heartbeat(store: Store, run_id: int, attempt: int, progress: tuple[int, int] | None = None) -> bool:
+    """Record that the run is alive. Returns False if the run is no longer ours (cancelled, re-claimed)."""
+    values: dict = {"heartbeat_at": now()}
+    if progress is not None:
+        values["progress_step"], values["progress_total"] = progress
+    with store.write() as connection:
+        result = connection.execute(
+            update(RUNS)
+            .where(RUNS.c.id == run_id, RUNS.c.attempt == attempt, RUNS.c.status == "running")
+            .values(**values)
+        )
+        return result.rowcount == 1
+
+
+def add_metric_points(store: Store, run_id: int, attempt: int, points: list[tuple[int, str, float, float]]) -> None:
+    """Insert a batch of (step, name, value, time) points in one transaction."""
+    if not points:
+        return
+    with store.write() as connection:
+        connection.execute(
+            insert(MetricPoint.__table__),
+            [
+                {"run_id": run_id, "attempt": attempt, "step": step, "name": name, "value": value, "time": t}
+                for step, name, value, t in points
+            ],
+        )
+
+
+def finish_succeeded(
+    store: Store,
+    run_id: int,
+    attempt: int,
+    predictions: list[dict],
+    results: list[dict],
+) -> bool:
+    """Write predictions, results and the succeeded status in ONE transaction.
+
+    Earlier attempts' predictions/results are replaced. If the run is no longer running under this
+    attempt (cancelled, re-claimed), nothing at all is written and False is returned.
+    """
+    try:
+        with store.write() as connection:
+            updated = connection.execute(
+                update(RUNS)
+                .where(RUNS.c.id == run_id, RUNS.c.attempt == attempt, RUNS.c.status == "running")
+                .values(status=RunStatus.succeeded.value, finished_at=now(), error=None, heartbeat_at=now())
+            )
+            if updated.rowcount != 1:
+                raise _NotOurs
+            _replace_outputs(connection, run_id, attempt, predictions, results)
+        return True
+    except _NotOurs:
+        return False
+
+
+class _NotOurs(Exception):
+    """Raised inside a write transaction to roll it back whole when the run is no longer ours."""
+
+
+def _replace_outputs(connection: Connection, run_id: int, attempt: int, predictions: list[dict],
+                 results: list[dict]) -> None:
+    connection.execute(delete(PredictionRow.__table__).where(PredictionRow.__table__.c.run_id == run_id))
+    connection.execute(delete(Result.__table__).where(Result.__table__.c.run_id == run_id))
+    if predictions:
+        connection.execute(insert(PredictionRow.__table__), [{"run_id": run_id, **p} for p in predictions])
+    if results:
+        connection.execute(insert(Result.__table__), [{"run_id": run_id, **r} for r in results])
+    log_event(connection, "succeeded", f"attempt {attempt}", run_id)
+
+
+def finish_failed(store: Store, run_id: int, attempt: int, error: str) -> bool:
+    """The method raised: failed, no automatic retry (the same spec would fail the same way)."""
+    with store.write() as connection:
+        updated = connection.execute(
+            update(RUNS)
+            .where(RUNS.c.id == run_id, RUNS.c.attempt == attempt, RUNS.c.status == "running")
+            .values(status=RunStatus.failed.value, finished_at=now(), error=error)
+        )
+        if updated.rowcount == 1:
+            log_event(connection, "failed", error.splitlines()[0][:500] if error else "", run_id)
+        return updated.rowcount == 1
+
+
+def mark_ended_without_result(store: Store, run_id: int, attempt: int, reason: str) -> str | None:
+    """The worker process is gone but the run is still `running`: decide its truthful state.
+
+    Cancel requested → cancelled. Otherwise → interrupted, and requeued while automatic retries are left.
+    Returns the new status, or None if the run was not running under this attempt (nothing changed).
+    """
+    with store.write() as connection:
+        run = connection.execute(
+            select(RUNS).where(RUNS.c.id == run_id, RUNS.c.attempt == attempt, RUNS.c.status == "running")
+        ).mappings().first()
+        if run is None:
+            return None
+        if run["cancel_requested"]:
+            values = {"status": RunStatus.cancelled.value, "finished_at": now(), "error": "cancelled by user"}
+            kind = "cancelled"
+        elif run["interruptions"] < run["max_interruptions"]:
+            values = {"status": RunStatus.queued.value, "interruptions": run["interruptions"] + 1,
+                      "error": f"{reason}; requeued (retry {run['interruptions'] + 1} of {run['max_interruptions']})",
+                      "pid": None, "gpus_assigned": None}
+            kind = "requeued"
+        else:
+            values = {"status": RunStatus.interrupted.value, "finished_at": now(),
+                      "error": f"{reason}; no retries left ({run['max_interruptions']})"}
+            kind = "interrupted"
+        connection.execute(update(RUNS).where(RUNS.c.id == run_id).values(**values))
+        log_event(connection, kind, reason, run_id)
+        return values["status"]
+
+
+def request_cancel(store: Store, run_id: int) -> str:
+    """Cancel a run: a queued run is cancelled at once; a running one is flagged for its engine.
+
+    Returns what happened: 'cancelled', 'requested', or the run's status when there was nothing to do.
+    """
+    with store.write() as connection:
+        run = connection.execute(select(RUNS.c.status).where(RUNS.c.id == run_id)).first()
+        if run is None:
+            raise KeyError(run_id)
+        status = run[0]
+        if status == RunStatus.queued.value:
+            connection.execute(
+                update(RUNS).where(RUNS.c.id == run_id, RUNS.c.status == "queued")
+                .values(status=RunStatus.cancelled.value, finished_at=now(), error="cancelled by user")
+            )
+            log_event(connection, "cancelled", "before it started", run_id)
+            return "cancelled"
+        if status == RunStatus.running.value:
+            connection.execute(update(RUNS).where(RUNS.c.id == run_id).values(cancel_requested=True))
+            log_event(connection, "cancel_requested", "", run_id)
+            return "requested"
+        return status
+
+
+def requeue(store: Store, run_id: int) -> bool:
+    """Put a finished (failed/cancelled/interrupted/succeeded) run back in the queue; retries reset."""
+    with store.write() as connection:
+        result = connection.execute(
+            update(RUNS)
+            .where(RUNS.c.id == run_id, RUNS.c.status.in_(["failed", "cancelled", "interrupted", "succeeded"]))
+            .values(status=RunStatus.queued.value, cancel_requested=False, interruptions=0, error=None,
+                    finished_at=None, pid=None, gpus_assigned=None, progress_step=None, progress_total=None)
+        )
+        if result.rowcount == 1:
+            log_event(connection, "requeued", "by user", run_id)
+        return result.rowcount == 1
+
+
+def delete_run(store: Store, run_id: int) -> bool:
+    """Delete a run that is not running, with everything it wrote."""
+    with store.write() as connection:
+        status = connection.execute(select(RUNS.c.status).where(RUNS.c.id == run_id)).scalar()
+        if status is None or status == RunStatus.running.value:
+            return False
+        for table in (MetricPoint.__table__, PredictionRow.__table__, Result.__table__):
+            connection.execute(delete(table).where(table.c.run_id == run_id))
+        connection.execute(delete(RUNS).where(RUNS.c.id == run_id))
+        log_event(connection, "deleted", "", run_id)
+        return True
+
+
+def log_event_standalone(store: Store, kind: str, message: str = "", run_id: int | None = None) -> None:
+    with store.write() as connection:
+        log_event(connection, kind, message, run_id)
+
+
+def append_error_detail(store: Store, run_id: int, attempt: int, detail: str) -> None:
+    """Append detail (the log tail) to the error of the run's given attempt; touches nothing else."""
+    with store.write() as connection:
+        row = connection.execute(
+            select(RUNS.c.error).where(RUNS.c.id == run_id, RUNS.c.attempt == attempt,
+                                       RUNS.c.status.in_(["failed", "interrupted", "queued"]))
+        ).first()
+        if row is None:
+            return
+        error = (row[0] or "").rstrip()
+        connection.execute(
+            update(RUNS).where(RUNS.c.id == run_id).values(error=f"{error}\n{detail}" if error else detail)
+        )

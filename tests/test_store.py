@@ -1,0 +1,197 @@
+"""The store: file safety, schema versioning, and queue operations that never lose or double-hand a run."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import stat
+
+import pytest
+from sqlalchemy import text
+
+from storage import queries, queue
+from storage.db import SCHEMA_VERSION, StoreError, open_store
+
+
+def new_run(**overrides) -> queue.NewRun:
+    values = dict(method="encoder-finetune", model="tiny-bert", task="massive-intent", shots=0, seed=0,
+                  spec_json="{}", spec_hash="h", launch="torchrun", gpus_requested=None, nproc=1)
+    values.update(overrides)
+    return queue.NewRun(**values)
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLFBENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("CLFBENCH_DB", raising=False)
+    return open_store()
+
+
+def claim_cpu(s, host="h", engine_id=1):
+    return queue.claim(s, host=host, engine_id=engine_id, default_gpus=0, free_gpus=0, cpu_free=True, api_free=True)
+
+
+def test_default_store_is_private_wal_sqlite(store, tmp_path):
+    path = tmp_path / "home" / "clfbench.db"
+    assert path.exists()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with store.read() as connection:
+        assert connection.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 1
+
+
+def test_missing_store_directory_is_a_one_line_error(tmp_path):
+    with pytest.raises(StoreError, match="store directory .*missing.* does not exist"):
+        open_store(f"sqlite:///{tmp_path}/missing/x.db")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_newer_schema_is_refused_and_left_alone(store):
+    with store.write() as connection:
+        connection.execute(text("UPDATE schema_info SET version = :v"), {"v": SCHEMA_VERSION + 1})
+    queue.enqueue(store, [new_run()])  # write something to check it survives
+    with pytest.raises(StoreError, match=f"schema v{SCHEMA_VERSION + 1} is newer"):
+        open_store(store.url)
+    with store.read() as connection:
+        assert connection.execute(text("SELECT count(*) FROM runs")).scalar() == 1
+        assert connection.execute(text("SELECT version FROM schema_info")).scalar() == SCHEMA_VERSION + 1
+
+
+def test_foreign_database_is_refused(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "other.db"
+    sqlite3.connect(path).execute("CREATE TABLE stuff (x)").connection.commit()
+    with pytest.raises(StoreError, match="no clfbench schema version"):
+        open_store(f"sqlite:///{path}")
+
+
+def test_claim_order_priority_then_age(store):
+    low, high, low2 = queue.enqueue(store, [new_run(), new_run(priority=5), new_run()])
+    assert [claim_cpu(store)["id"] for _ in range(3)] == [high, low, low2]
+    assert claim_cpu(store) is None
+
+
+def test_claim_respects_gpu_fit_and_cpu_slot(store):
+    two_gpus, cpu_only, default = queue.enqueue(
+        store, [new_run(gpus_requested=2), new_run(gpus_requested=0), new_run(gpus_requested=None)]
+    )
+    # A GPU box with one free GPU and its CPU slot busy: only the default run (1 GPU) fits.
+    run = queue.claim(store, host="h", engine_id=1, default_gpus=1, free_gpus=1, cpu_free=False, api_free=True)
+    assert run["id"] == default
+    run = queue.claim(store, host="h", engine_id=1, default_gpus=1, free_gpus=1, cpu_free=True, api_free=True)
+    assert run["id"] == cpu_only
+    assert queue.claim(store, host="h", engine_id=1, default_gpus=1, free_gpus=1, cpu_free=True, api_free=True) is None
+    run = queue.claim(store, host="h", engine_id=1, default_gpus=1, free_gpus=2, cpu_free=True, api_free=True)
+    assert run["id"] == two_gpus
+
+
+def _claim_all(url: str, worker: int, results, ready, go) -> None:
+    s = open_store(url)
+    claimed = []
+    ready.release()
+    go.wait()  # start together, so the claims really race
+    while True:
+        run = queue.claim(s, host=f"host{worker}", engine_id=worker, default_gpus=0, free_gpus=0,
+                          cpu_free=True, api_free=True)
+        if run is None:
+            break
+        claimed.append(run["id"])
+    results.put((worker, claimed))
+
+
+def test_four_processes_claim_200_runs_each_exactly_once(store):
+    ids = queue.enqueue(store, [new_run(seed=i) for i in range(200)])
+    context = multiprocessing.get_context("spawn")
+    results, ready, go = context.Queue(), context.Semaphore(0), context.Event()
+    processes = [context.Process(target=_claim_all, args=(store.url, w, results, ready, go)) for w in range(4)]
+    for p in processes:
+        p.start()
+    for _ in processes:
+        assert ready.acquire(timeout=60)
+    go.set()
+    claimed = dict(results.get(timeout=120) for _ in processes)
+    for p in processes:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    every_claim = [run_id for worker_ids in claimed.values() for run_id in worker_ids]
+    assert sorted(every_claim) == sorted(ids)  # each run once: none lost, none twice
+    assert sum(1 for worker_ids in claimed.values() if worker_ids) >= 2  # they really competed
+    runs = queries.list_runs(store)
+    assert all(r["status"] == "running" and r["attempt"] == 1 for r in runs)
+    owner = {run_id: w for w, worker_ids in claimed.items() for run_id in worker_ids}
+    assert all(r["host"] == f"host{owner[r['id']]}" for r in runs)
+
+
+def test_finish_is_atomic_and_guarded_by_attempt(store):
+    (run_id,) = queue.enqueue(store, [new_run()])
+    run = claim_cpu(store)
+    prediction = dict(task="t", example_id="1", text="x", gold="a", predicted="b")
+    # A writer from another attempt changes nothing.
+    assert not queue.finish_succeeded(store, run_id, run["attempt"] + 1, [prediction], [])
+    assert queries.predictions(store, run_id, "t") == []
+    assert queries.get_run(store, run_id)["status"] == "running"
+    # A failure inside the transaction leaves no partial predictions behind.
+    bad_result = dict(task="t", metric="accuracy", value=None)  # NOT NULL violation
+    with pytest.raises(Exception):
+        queue.finish_succeeded(store, run_id, run["attempt"], [prediction], [bad_result])
+    assert queries.predictions(store, run_id, "t") == []
+    assert queries.get_run(store, run_id)["status"] == "running"
+    assert queue.finish_succeeded(store, run_id, run["attempt"], [prediction],
+                                  [dict(task="t", metric="accuracy", value=0.0)])
+    assert queries.get_run(store, run_id)["status"] == "succeeded"
+    assert len(queries.predictions(store, run_id, "t")) == 1
+
+
+def test_dead_worker_is_requeued_until_the_retry_limit(store):
+    (run_id,) = queue.enqueue(store, [new_run()])
+    statuses = []
+    for _ in range(3):
+        run = claim_cpu(store)
+        statuses.append(queue.mark_ended_without_result(store, run_id, run["attempt"], "worker killed by signal SIGKILL"))
+    assert statuses == ["queued", "queued", "interrupted"]
+    final = queries.get_run(store, run_id)
+    assert final["attempt"] == 3 and "no retries left" in final["error"]
+    assert queue.requeue(store, run_id)  # a user retry resets the budget
+    assert queries.get_run(store, run_id)["interruptions"] == 0
+
+
+def test_cancel_queued_at_once_and_running_by_request(store):
+    queued_id, running_id = queue.enqueue(store, [new_run(priority=-1), new_run(priority=1)])
+    run = claim_cpu(store)
+    assert run["id"] == running_id
+    assert queue.request_cancel(store, queued_id) == "cancelled"
+    assert queue.request_cancel(store, running_id) == "requested"
+    assert queries.get_run(store, running_id)["status"] == "running"
+    assert queue.mark_ended_without_result(store, running_id, run["attempt"], "worker killed by signal SIGTERM") == "cancelled"
+    assert queue.request_cancel(store, running_id) == "cancelled"  # nothing to do: reports its status
+    with pytest.raises(KeyError):
+        queue.request_cancel(store, 999)
+
+
+def test_delete_refuses_running_runs(store):
+    done_id, running_id = queue.enqueue(store, [new_run(priority=-1), new_run(priority=1)])
+    claim_cpu(store)
+    queue.request_cancel(store, done_id)
+    queue.add_metric_points(store, done_id, 1, [(1, "train_loss", 1.0, 0.0)])
+    assert not queue.delete_run(store, running_id)
+    assert queue.delete_run(store, done_id)
+    assert queries.get_run(store, done_id) is None
+    assert queries.metric_series(store, done_id) == []
+
+
+def test_results_matrix_aggregates_seeds_and_separates_multi_task(store):
+    ids = queue.enqueue(store, [new_run(seed=0), new_run(seed=1), new_run(task="massive-intent+massive-slots")])
+    values = {ids[0]: 0.8, ids[1]: 0.9, ids[2]: 0.7}
+    for _ in ids:
+        run = claim_cpu(store)
+        results = [dict(task="massive-intent", metric="accuracy", value=values[run["id"]])]
+        if "+" in run["task"]:
+            results.append(dict(task="massive-slots", metric="slot_f1", value=0.6))
+        queue.finish_succeeded(store, run["id"], run["attempt"], [], results)
+    matrix = queries.results_matrix(store)
+    row = ("tiny-bert", "encoder-finetune", 0)
+    assert matrix.rows == [row]
+    assert matrix.columns == ["massive-intent", "massive-intent (multi)", "massive-slots (multi)"]
+    cell = matrix.cells[(row, "massive-intent")]
+    assert cell.mean == pytest.approx(0.85) and cell.std == pytest.approx(0.0707, abs=1e-3)
+    assert matrix.cells[(row, "massive-slots (multi)")].mean == pytest.approx(0.6)
