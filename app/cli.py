@@ -1,0 +1,638 @@
+"""The `clfbench` command line (Typer).
+
+Import rule: this module and everything it imports at module level stay free of torch, transformers,
+datasets and method modules (tests/test_boundaries.py checks it), so commands answer instantly.
+Every user error is one line on stderr, `error: ...`, and exit code 1; nothing is half-written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from app import render
+from engine.methods.catalog import METHODS, option_fields
+from engine.spec import RunSpec, expand_sweep, parse_spec
+from engine.types import ClfbenchError
+from storage import queries, queue
+from storage.db import Store, StoreError, open_store, resolve_url
+
+app = typer.Typer(
+    name="clfbench",
+    help="Queue, run and compare text-classification experiments: encoders, prompted and fine-tuned LLMs.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+engine_app = typer.Typer(help="Start, stop or inspect the engine that runs queued experiments.")
+app.add_typer(engine_app, name="engine")
+console = Console()
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+class State:
+    db: str | None = None
+
+
+state = State()
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def store() -> Store:
+    try:
+        return open_store(state.db)
+    except StoreError as error:
+        fail(str(error))
+
+
+def print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+@app.callback()
+def main_options(
+    db: Optional[str] = typer.Option(None, "--db", help="store URL (default: CLFBENCH_DB, else SQLite in CLFBENCH_HOME)"),
+) -> None:
+    state.db = db
+
+
+# ---- queue -------------------------------------------------------------------------------------
+
+def code_version() -> str:
+    """clfbench's version plus the git commit when running from a checkout (stored with every run)."""
+    version = "0.1.0"
+    try:
+        commit = subprocess.run(["git", "-C", str(PACKAGE_ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+{commit}" if commit else version
+
+
+def parse_option_pairs(pairs: list[str]) -> dict[str, Any]:
+    """`-o lr=1e-4 -o epochs=3,5` → {"lr": 1e-4, "epochs": [3, 5]} (a comma list sweeps)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ClfbenchError(f"option '{pair}' is not KEY=VALUE")
+        key, raw = pair.split("=", 1)
+        values = [yaml.safe_load(part) for part in raw.split(",")] if "," in raw else yaml.safe_load(raw)
+        options[key.strip()] = values
+    return options
+
+
+def validate_for_queue(spec: RunSpec) -> None:
+    """Everything the CLI can know before a run starts: tasks exist and fit the method, data, model."""
+    from engine.models import check_model
+    from engine.tasks import check_task, get_task
+
+    info = spec.method_info
+    names = spec.task_names
+    if not names:
+        raise ClfbenchError("invalid spec: task is empty")
+    if len(names) > info.max_tasks:
+        raise ClfbenchError(f"method {spec.method} takes at most {info.max_tasks} task(s), got '{spec.task}'")
+    if spec.data_dir and not Path(spec.data_dir).is_dir():
+        raise ClfbenchError(f"data_dir {spec.data_dir} does not exist")
+    for name in names:
+        task = get_task(name)
+        if task.kind not in info.task_kinds:
+            raise ClfbenchError(
+                f"method {spec.method} handles {'/'.join(info.task_kinds)} tasks; {name} is a {task.kind} task"
+            )
+        check_task(task, spec.data_dir)
+    check_model(spec.model)
+
+
+def load_spec_file(path: Path) -> dict:
+    if not path.exists():
+        raise ClfbenchError(f"spec file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ClfbenchError(f"spec file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ClfbenchError(f"spec file {path} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ClfbenchError(f"spec file {path} must hold a mapping (method:, model:, task:, ...)")
+    return data
+
+
+def absolute_task_path(name: str) -> str:
+    """A task given as a YAML path is stored absolute, so the engine finds it from any folder."""
+    name = name.strip()
+    if name.endswith((".yaml", ".yml")):
+        return str(Path(name).expanduser().resolve())
+    return name
+
+
+def build_specs(spec_file: Optional[Path], flags: dict[str, Any], options: dict[str, Any]) -> list[RunSpec]:
+    data = load_spec_file(spec_file) if spec_file else {}
+    for key, value in flags.items():
+        if value is not None and value != []:
+            data[key] = value[0] if isinstance(value, list) and len(value) == 1 else value
+    # Freeze where the data and task files are into the spec: a detached engine started earlier may have
+    # another environment and working directory than this shell.
+    if not data.get("data_dir") and os.environ.get("CLFBENCH_DATA"):
+        data["data_dir"] = os.environ["CLFBENCH_DATA"]
+    if isinstance(data.get("data_dir"), str):
+        data["data_dir"] = str(Path(data["data_dir"]).expanduser().resolve())
+    for key in ("task",):
+        values = data.get(key) if isinstance(data.get(key), list) else [data.get(key)]
+        resolved = ["+".join(absolute_task_path(part) for part in v.split("+")) if isinstance(v, str) else v
+                    for v in values]
+        if data.get(key) is not None:
+            data[key] = resolved if isinstance(data.get(key), list) else resolved[0]
+    if options:
+        data["options"] = {**(data.get("options") or {}), **options}
+    specs = []
+    for index, one in enumerate(expand_sweep(data)):
+        try:
+            spec = parse_spec(one)
+            validate_for_queue(spec)
+        except ClfbenchError as error:
+            prefix = f"sweep item {index + 1}: " if len(specs) or index else ""
+            raise ClfbenchError(f"{prefix}{error}") from None
+        specs.append(spec)
+    return specs
+
+
+def new_runs(specs: list[RunSpec], priority: int) -> list[queue.NewRun]:
+    version = code_version()
+    return [
+        queue.NewRun(
+            method=s.method, model=s.model, task=s.task, shots=s.shots, seed=s.seed,
+            spec_json=s.canonical_json(), spec_hash=s.spec_hash(), launch=s.method_info.launch,
+            gpus_requested=s.gpus_needed(), nproc=s.nproc, code_version=version, name=s.name, priority=priority,
+        )
+        for s in specs
+    ]
+
+
+@app.command("queue")
+def queue_command(
+    spec_file: Optional[Path] = typer.Argument(None, help="YAML spec file; lists in it expand to a sweep"),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="method (see `clfbench methods`)"),
+    model: list[str] = typer.Option([], "--model", help="model alias, hub id or folder; repeat to sweep"),
+    task: list[str] = typer.Option([], "--task", "-t", help="task ('a+b' = multi-task); repeat to sweep"),
+    shots: list[int] = typer.Option([], "--shots", help="in-context examples; repeat to sweep"),
+    seed: list[int] = typer.Option([], "--seed", help="seed; repeat to sweep"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs per run (default: 1 on a GPU box, else CPU)"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="processes per run on CPU (torchrun)"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="dataset folder (else CLFBENCH_DATA, else the hub)"),
+    option: list[str] = typer.Option([], "--option", "-o", help="method option KEY=VALUE (a,b sweeps)"),
+    name: Optional[str] = typer.Option(None, "--name", help="label shown in lists"),
+    priority: int = typer.Option(0, "--priority", help="higher runs first"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate and show the runs, queue nothing"),
+    as_json: bool = typer.Option(False, "--json", help="print the queued runs as JSON"),
+) -> None:
+    """Validate a spec (file and/or flags) and queue its runs; a sweep is queued whole or not at all."""
+    flags = {"method": method, "model": model, "task": task, "shots": shots, "seed": seed, "gpus": gpus,
+             "nproc": nproc, "data_dir": data_dir, "name": name}
+    try:
+        specs = build_specs(spec_file, flags, parse_option_pairs(option))
+    except ClfbenchError as error:
+        fail(str(error))
+    if dry_run:
+        if as_json:
+            print_json([json.loads(s.canonical_json()) for s in specs])
+        else:
+            for s in specs:
+                typer.echo(f"would queue: {s.method} {s.model} {s.task} shots={s.shots} seed={s.seed}")
+        return
+    ids = queue.enqueue(store(), new_runs(specs, priority))
+    if as_json:
+        print_json([{"id": i, **json.loads(s.canonical_json())} for i, s in zip(ids, specs)])
+    else:
+        typer.echo(f"queued {len(ids)} run(s): {', '.join(map(str, ids))}")
+
+
+# ---- lists and details ----------------------------------------------------------------------------
+
+def progress_text(run: dict) -> str:
+    if run["progress_total"]:
+        return f"{run['progress_step']}/{run['progress_total']}"
+    return ""
+
+
+@app.command("ls")
+def list_command(
+    status: Optional[str] = typer.Option(None, "--status", help="only runs with this status"),
+    limit: int = typer.Option(50, "--limit", help="most recent N runs (0: all)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List runs, newest first."""
+    runs = queries.list_runs(store(), status=status, limit=limit or None)
+    if as_json:
+        print_json(runs)
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("id", "status", "method", "model", "task", "shots", "seed", "progress", "gpus", "age", "time"):
+        table.add_column(column)
+    now = time.time()
+    for r in runs:
+        table.add_row(str(r["id"]), r["status"], r["method"], r["model"], r["task"], str(r["shots"]),
+                      str(r["seed"]), progress_text(r), r["gpus_assigned"] or "", render.age(r["created_at"], now),
+                      render.duration(r["started_at"], r["finished_at"], now))
+    console.print(table)
+
+
+def get_run_or_fail(s: Store, run_id: int) -> dict:
+    run = queries.get_run(s, run_id)
+    if run is None:
+        fail(f"no run {run_id}")
+    return run
+
+
+@app.command("show")
+def show_command(run_id: int = typer.Argument(...), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Show one run: its spec, state, error and results."""
+    s = store()
+    run = get_run_or_fail(s, run_id)
+    results = queries.run_results(s, run_id)
+    if as_json:
+        print_json({**run, "spec": json.loads(run["spec_json"]), "results": results})
+        return
+    for key in ("id", "name", "status", "method", "model", "task", "shots", "seed", "attempt", "host", "pid",
+                "gpus_assigned", "code_version", "spec_hash", "log_path", "output_dir"):
+        if run[key] not in (None, ""):
+            typer.echo(f"{key:>14}: {run[key]}")
+    typer.echo(f"{'progress':>14}: {progress_text(run) or '–'}")
+    typer.echo(f"{'time':>14}: {render.duration(run['started_at'], run['finished_at'])}")
+    typer.echo(f"{'spec':>14}: {run['spec_json']}")
+    if run["error"]:
+        typer.echo(f"{'error':>14}: {run['error']}")
+    for task, values in results.items():
+        typer.echo(f"results {task}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
+
+
+@app.command("logs")
+def logs_command(
+    run_id: int = typer.Argument(...),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the run ends"),
+) -> None:
+    """Print a run's log (stdout and stderr of every rank, every attempt)."""
+    s = store()
+    run = get_run_or_fail(s, run_id)
+    if not run["log_path"]:
+        fail(f"run {run_id} has no log yet (status {run['status']})")
+    path = Path(run["log_path"])
+    if not path.exists():
+        fail(f"log file {path} is not on this host (run {run_id} ran on {run['host']})")
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read()
+            if chunk:
+                sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+                sys.stdout.flush()
+            if not follow:
+                break
+            if queries.get_run(s, run_id)["status"] not in ("running", "queued"):
+                rest = handle.read()
+                if rest:
+                    sys.stdout.write(rest.decode("utf-8", errors="replace"))
+                break
+            time.sleep(0.5)
+
+
+@app.command("cancel")
+def cancel_command(run_ids: list[int] = typer.Argument(..., help="run ids")) -> None:
+    """Cancel runs: queued ones at once; running ones are stopped by their engine (SIGTERM, then SIGKILL)."""
+    s = store()
+    for run_id in run_ids:
+        try:
+            outcome = queue.request_cancel(s, run_id)
+        except KeyError:
+            fail(f"no run {run_id}")
+        messages = {"cancelled": "cancelled", "requested": "cancel requested (its engine stops it)"}
+        typer.echo(f"run {run_id}: {messages.get(outcome, f'nothing to cancel (status {outcome})')}")
+
+
+@app.command("retry")
+def retry_command(run_ids: list[int] = typer.Argument(..., help="run ids")) -> None:
+    """Put finished runs (failed, cancelled, interrupted, succeeded) back in the queue."""
+    s = store()
+    for run_id in run_ids:
+        run = get_run_or_fail(s, run_id)
+        if queue.requeue(s, run_id):
+            typer.echo(f"run {run_id}: queued again")
+        else:
+            typer.echo(f"run {run_id}: not retried (status {run['status']})")
+
+
+@app.command("rm")
+def remove_command(run_ids: list[int] = typer.Argument(..., help="run ids"),
+                   yes: bool = typer.Option(False, "--yes", "-y", help="do not ask")) -> None:
+    """Delete runs that are not running, with their metrics, predictions and results."""
+    s = store()
+    for run_id in run_ids:
+        get_run_or_fail(s, run_id)
+    if not yes and not typer.confirm(f"delete {len(run_ids)} run(s) and everything they recorded?"):
+        raise typer.Exit(1)
+    for run_id in run_ids:
+        typer.echo(f"run {run_id}: {'deleted' if queue.delete_run(s, run_id) else 'not deleted (running)'}")
+
+
+@app.command("results")
+def results_command(
+    metric: str = typer.Option("auto", "--metric", help="auto (accuracy / slot F1), or any result metric"),
+    model: Optional[str] = typer.Option(None, "--model", help="only models containing this text"),
+    method: Optional[str] = typer.Option(None, "--method", help="only methods containing this text"),
+    task: Optional[str] = typer.Option(None, "--task", help="only tasks containing this text"),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, md, csv, latex or json"),
+    as_json: bool = typer.Option(False, "--json", help="same as --format json"),
+) -> None:
+    """The results matrix: model × method × shots rows, task columns, mean ± std over seeds (in %)."""
+    fmt = "json" if as_json else fmt
+    if fmt not in render.FORMATS:
+        fail(f"unknown format '{fmt}' (choose from {', '.join(render.FORMATS)})")
+    matrix = queries.results_matrix(store(), metric=metric, model=model, method=method, task=task)
+    if fmt != "table":
+        typer.echo(render.render_matrix(matrix, fmt))
+        return
+    if not matrix.rows:
+        typer.echo("no results yet (runs appear here when they succeed)")
+        return
+    best = render.best_per_column(matrix)
+    percent = render.is_percent_metric(metric)
+    table = Table(title=f"metric: {metric}{' (%)' if percent else ''}", header_style="bold")
+    table.add_column("model · method · shots")
+    for column in matrix.columns:
+        table.add_column(column, justify="right")
+    for row in matrix.rows:
+        cells = []
+        for column in matrix.columns:
+            text = render.cell_text(matrix, row, column, percent)
+            cells.append(f"[bold green]{text}[/]" if best.get(column) == row else text)
+        table.add_row(render.row_label(row), *cells)
+    console.print(table)
+
+
+@app.command("errors")
+def errors_command(
+    run_id: int = typer.Argument(...),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="task of the run (default: its first)"),
+    label: Optional[str] = typer.Option(None, "--label", "-l", help="gold label whose misclassified examples to list"),
+    limit: int = typer.Option(20, "--limit", help="examples to show (0: all)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per-label precision/recall/F1 of a run's task, or the misclassified examples of one label."""
+    from engine import metrics
+
+    s = store()
+    run = get_run_or_fail(s, run_id)
+    task = task or run["task"].split("+")[0]
+    rows = queries.predictions(s, run_id, task)
+    if not rows:
+        fail(f"run {run_id} has no predictions for task '{task}' (tasks: {run['task']}, status {run['status']})")
+    token_task = " " in rows[0]["gold"] or any(" " in r["gold"] for r in rows[:50])
+    if token_task:
+        gold = [tag for r in rows for tag in r["gold"].split()]
+        predicted = [tag for r in rows for tag in metrics.normalise_tags(
+            r["predicted"].split() if r["predicted"] is not None else None, len(r["gold"].split()))]
+    else:
+        gold = [r["gold"] for r in rows]
+        predicted = [r["predicted"] for r in rows]
+    labels = sorted(set(gold) | {p for p in predicted if p is not None})
+    report = metrics.classification_report(gold, predicted, labels)
+    if label is None:
+        if as_json:
+            print_json(report)
+            return
+        table = Table(title=f"run {run_id} · {task} · accuracy {report['accuracy']:.1%}"
+                      + (" (per tag)" if token_task else ""), header_style="bold")
+        for column in ("label", "precision", "recall", "f1", "support"):
+            table.add_column(column, justify="left" if column == "label" else "right")
+        for name, values in sorted(report["per_label"].items(), key=lambda item: item[1]["f1"]):
+            table.add_row(name, f"{values['precision']:.3f}", f"{values['recall']:.3f}", f"{values['f1']:.3f}",
+                          str(values["support"]))
+        console.print(table)
+        return
+    if label not in labels:
+        fail(f"label '{label}' does not occur in run {run_id} task {task}")
+    wrong = [r for r in rows if (label in r["gold"].split() if token_task else r["gold"] == label)
+             and r["predicted"] != r["gold"]]
+    shown = wrong[:limit] if limit else wrong
+    if as_json:
+        print_json(shown)
+        return
+    typer.echo(f"{len(wrong)} misclassified example(s) with gold '{label}' in run {run_id} task {task}:")
+    for r in shown:
+        typer.echo(f"- [{r['example_id']}] {r['text'][:200]!r}")
+        typer.echo(f"    gold: {r['gold']}   predicted: {r['predicted']}   parse: {r['parse_status']}")
+        if r["raw_output"]:
+            typer.echo(f"    raw output: {r['raw_output'][:200]!r}")
+
+
+@app.command("tasks")
+def tasks_command(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the tasks: built-in ones and your own (YAML files in CLFBENCH_HOME/tasks)."""
+    from engine.tasks import list_tasks
+
+    try:
+        tasks = list_tasks()
+    except ClfbenchError as error:
+        fail(str(error))
+    if as_json:
+        print_json([{"name": t.name, "kind": t.kind, "dataset": t.dataset, "description": t.description,
+                     "source": t.source_summary()} for t in tasks])
+        return
+    table = Table(box=None, header_style="bold")
+    for column in ("task", "kind", "labels are", "source"):
+        table.add_column(column)
+    for t in tasks:
+        table.add_row(t.name, t.kind, t.description, t.source_summary())
+    console.print(table)
+
+
+@app.command("models")
+def models_command(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List model aliases and whether their weights are available locally."""
+    from engine.models import list_models
+
+    models = list_models()
+    if as_json:
+        print_json(models)
+        return
+    table = Table(box=None, header_style="bold")
+    columns = list(models[0].keys()) if models else []
+    for column in columns:
+        table.add_column(column)
+    for m in models:
+        table.add_row(*(str(m[c]) for c in columns))
+    console.print(table)
+
+
+@app.command("methods")
+def methods_command(as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the methods with their options and defaults."""
+    data = [
+        {"name": m.name, "summary": m.summary, "paper": m.paper, "task_kinds": list(m.task_kinds),
+         "max_tasks": m.max_tasks, "launch": m.launch, "options": option_fields(m.options)}
+        for m in METHODS.values()
+    ]
+    if as_json:
+        print_json(data)
+        return
+    for m in data:
+        typer.echo(f"{m['name']}: {m['summary']} [{m['paper']}]")
+        for field in m["options"]:
+            typer.echo(f"    {field['name']} = {field['default']!r}  ({field['type']}) {field['description']}")
+
+
+# ---- engine -------------------------------------------------------------------------------------
+
+def engine_status_data(s: Store) -> dict:
+    from engine.daemon import engine_lock_holder
+
+    pid = engine_lock_holder(s.url)
+    counts = queries.count_by_status(s)
+    engines = queries.live_engines(s, stale_after_s=30, now=time.time())
+    return {"store": s.describe(), "engine_pid_on_this_host": pid, "live_engines": engines,
+            "queued": counts.get("queued", 0), "running": counts.get("running", 0)}
+
+
+@engine_app.callback(invoke_without_command=True)
+def engine_command(
+    ctx: typer.Context,
+    foreground: bool = typer.Option(False, "--foreground", help="run in this terminal instead of detaching"),
+    until_idle: bool = typer.Option(False, "--until-idle", help="run in the foreground and exit when nothing is left"),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU indices to use, e.g. 0,1 ('none': CPU only)"),
+    max_cpu_runs: int = typer.Option(1, "--max-cpu-runs", help="CPU runs at once (when they do not use GPUs)"),
+) -> None:
+    """Run the engine. Without a subcommand: start it detached (or --foreground / --until-idle)."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = {"gpus": gpus, "max_cpu_runs": max_cpu_runs}
+        return
+    if not (foreground or until_idle):
+        start_engine(gpus, max_cpu_runs)
+        return
+    from engine.daemon import EngineConfig, run_engine
+    from engine.gpus import discover_gpus
+
+    s = store()
+    try:
+        found = discover_gpus(gpus)
+        typer.echo(f"engine: store {s.describe()}, GPUs [{','.join(map(str, found))}]"
+                   f"{' (CPU only)' if not found else ''}", err=True)
+        run_engine(EngineConfig(url=s.url, gpus=found, until_idle=until_idle, max_cpu_runs=max_cpu_runs))
+    except ClfbenchError as error:
+        fail(str(error))
+
+
+def start_engine(gpus: Optional[str], max_cpu_runs: int) -> None:
+    from engine.daemon import engine_log_path, start_detached
+
+    s = store()
+    try:
+        pid = start_detached(s.url, gpus, max_cpu_runs)
+    except ClfbenchError as error:
+        fail(str(error))
+    typer.echo(f"engine started (pid {pid}); log: {engine_log_path(s.url)}")
+
+
+@engine_app.command("start")
+def engine_start(ctx: typer.Context) -> None:
+    """Start the engine detached: runs go on after you log out."""
+    options = ctx.obj or {}
+    start_engine(options.get("gpus"), options.get("max_cpu_runs", 1))
+
+
+@engine_app.command("stop")
+def engine_stop() -> None:
+    """Stop this host's engine for the store. Running workers finish on their own; the next engine adopts them."""
+    from engine.daemon import stop_engine
+
+    pid = stop_engine(store().url)
+    typer.echo(f"engine (pid {pid}) stopped" if pid else "no engine runs for this store on this host")
+
+
+@engine_app.command("status")
+def engine_status(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Is an engine running for this store here, and how long is the queue."""
+    data = engine_status_data(store())
+    if as_json:
+        print_json(data)
+        return
+    pid = data["engine_pid_on_this_host"]
+    typer.echo(f"store: {data['store']}")
+    typer.echo(f"engine on this host: {'running (pid %s)' % pid if pid else 'not running'}")
+    for e in data["live_engines"]:
+        typer.echo(f"  live engine: {e['host']} pid {e['pid']} gpus [{e['gpus']}]")
+    typer.echo(f"queued: {data['queued']}  running: {data['running']}")
+
+
+# ---- demo ---------------------------------------------------------------------------------------
+
+DEMO_RUNS = [
+    # A small real benchmark on the shipped samples: MiniLM fine-tuned on MASSIVE intent and 20NG 7-class.
+    {"method": "encoder-finetune", "model": "minilm", "task": "massive-intent",
+     "options": {"epochs": 10, "lr": 1e-4, "batch_size": 16, "eval_every": 100, "max_length": 64}},
+    {"method": "encoder-finetune", "model": "minilm", "task": "20ng-7class",
+     "options": {"epochs": 6, "lr": 1e-4, "batch_size": 16, "eval_every": 100, "max_length": 256}},
+]
+
+
+@app.command("demo")
+def demo_command(
+    run: bool = typer.Option(True, "--run/--no-run", help="run the engine until the demo runs finish"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="use this data folder instead of the samples"),
+) -> None:
+    """Queue a small real benchmark (MiniLM on samples of MASSIVE and 20NG), run it, print the results."""
+    from engine.tasks import sample_data_dir
+
+    folder = str(Path(data_dir).resolve()) if data_dir else str(sample_data_dir())
+    try:
+        specs = [parse_spec({**one, "data_dir": folder, "name": "demo"}) for one in DEMO_RUNS]
+        for spec in specs:
+            validate_for_queue(spec)
+    except ClfbenchError as error:
+        fail(str(error))
+    s = store()
+    ids = queue.enqueue(s, new_runs(specs, priority=0))
+    typer.echo(f"queued demo runs {', '.join(map(str, ids))} on {folder}")
+    if not run:
+        return
+    from engine.daemon import EngineConfig, engine_lock_holder, run_engine
+    from engine.gpus import discover_gpus
+
+    started = time.time()
+    if engine_lock_holder(s.url):
+        typer.echo("an engine already runs for this store; waiting for it to finish the demo runs", err=True)
+        while any(queries.get_run(s, i)["status"] in ("queued", "running") for i in ids):
+            time.sleep(1)
+    else:
+        try:
+            run_engine(EngineConfig(url=s.url, gpus=discover_gpus(None), until_idle=True))
+        except ClfbenchError as error:
+            fail(str(error))
+    typer.echo(f"demo finished in {time.time() - started:.0f} s")
+    for i in ids:
+        r = queries.get_run(s, i)
+        line = f"run {i}: {r['status']} {r['model']} {r['task']}"
+        if r["error"]:
+            line += f" — {r['error'].splitlines()[0]}"
+        typer.echo(line)
+    results_command(metric="auto", model=None, method=None, task=None, fmt="table", as_json=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Turning store query results into text: the results matrix in table/md/csv/latex/json, run lists.
+
+The TUI's export uses these same functions, so a file exported there has the numbers `clfbench results`
+prints.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+
+from storage.queries import Matrix
+
+FORMATS = ("table", "md", "csv", "latex", "json")
+
+
+def row_label(row: tuple[str, str, int]) -> str:
+    model, method, shots = row
+    return f"{model} · {method}" + (f" · {shots}-shot" if shots else "")
+
+
+def cell_text(matrix: Matrix, row, column, percent: bool = True) -> str:
+    cell = matrix.cells.get((row, column))
+    if cell is None or not cell.values:
+        return "–"
+    scale = 100.0 if percent else 1.0
+    text = f"{cell.mean * scale:.1f}"
+    if len(cell.values) > 1:
+        text += f" ± {cell.std * scale:.1f}"
+    return text
+
+
+def best_per_column(matrix: Matrix) -> dict[str, tuple]:
+    best = {}
+    for column in matrix.columns:
+        scored = [(matrix.cells[(r, column)].mean, r) for r in matrix.rows if (r, column) in matrix.cells]
+        scored = [(v, r) for v, r in scored if not math.isnan(v)]
+        if scored:
+            best[column] = max(scored)[1]
+    return best
+
+
+def is_percent_metric(metric: str) -> bool:
+    return metric in ("auto", "accuracy", "macro_f1", "slot_f1", "slot_precision", "slot_recall",
+                      "exact_match", "parse_failure_rate", "token_accuracy")
+
+
+def render_matrix(matrix: Matrix, fmt: str) -> str:
+    percent = is_percent_metric(matrix.metric)
+    header = ["model · method · shots"] + matrix.columns
+    body = [[row_label(r)] + [cell_text(matrix, r, c, percent) for c in matrix.columns] for r in matrix.rows]
+    if fmt == "json":
+        return json.dumps(
+            {
+                "metric": matrix.metric,
+                "columns": matrix.columns,
+                "rows": [
+                    {
+                        "model": r[0], "method": r[1], "shots": r[2],
+                        "cells": {
+                            c: {"mean": matrix.cells[(r, c)].mean, "std": matrix.cells[(r, c)].std,
+                                "n": len(matrix.cells[(r, c)].values), "runs": matrix.cells[(r, c)].run_ids}
+                            for c in matrix.columns if (r, c) in matrix.cells
+                        },
+                    }
+                    for r in matrix.rows
+                ],
+            },
+            indent=2,
+        )
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["model", "method", "shots"] + matrix.columns)
+        for r in matrix.rows:
+            writer.writerow(list(r) + [
+                (f"{matrix.cells[(r, c)].mean:.6g}" if (r, c) in matrix.cells else "") for c in matrix.columns
+            ])
+        return out.getvalue()
+    best = best_per_column(matrix)
+    if fmt == "md":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r, cells in zip(matrix.rows, body):
+            marked = [cells[0]] + [f"**{v}**" if best.get(c) == r else v for c, v in zip(matrix.columns, cells[1:])]
+            lines.append("| " + " | ".join(marked) + " |")
+        return "\n".join(lines)
+    if fmt == "latex":
+        def esc(text: str) -> str:
+            return text.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+
+        lines = ["\\begin{tabular}{l" + "r" * len(matrix.columns) + "}", "\\toprule",
+                 " & ".join(esc(h) for h in header).replace("·", "/") + " \\\\", "\\midrule"]
+        for r, cells in zip(matrix.rows, body):
+            marked = [esc(cells[0]).replace("·", "/")] + [
+                f"\\textbf{{{esc(v)}}}" if best.get(c) == r else esc(v) for c, v in zip(matrix.columns, cells[1:])
+            ]
+            lines.append(" & ".join(marked).replace("±", "$\\pm$") + " \\\\")
+        lines += ["\\bottomrule", "\\end{tabular}"]
+        return "\n".join(lines)
+    raise ValueError(f"unknown format {fmt}")
+
+
+def age(seconds_since_epoch: float | None, now: float | None = None) -> str:
+    if not seconds_since_epoch:
+        return "–"
+    delta = max(0, (now or time.time()) - seconds_since_epoch)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if delta >= size:
+            return f"{int(delta // size)}{unit}"
+    return f"{int(delta)}s"
+
+
+def duration(start: float | None, end: float | None, now: float | None = None) -> str:
+    if not start:
+        return "–"
+    seconds = (end or now or time.time()) - start
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

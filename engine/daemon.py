@@ -1,0 +1,518 @@
+"""The engine: claims queued runs that fit the free GPUs and supervises their worker processes.
+
+One engine per store per host (an flock on a lock file in the clfbench home; the OS drops it when the
+process dies, even under SIGKILL). Each run is launched as
+
+    torchrun --standalone --nproc-per-node=N -m engine.worker RUN_ID      (methods that train or infer)
+    python -m engine.worker RUN_ID                                        (API-only methods)
+
+in its own process group (so a cancel reaches every rank, and the run outlives an engine crash),
+with CUDA_VISIBLE_DEVICES set to its GPUs and output appended to a per-run log file.
+
+State rules (see storage.queue): the worker writes succeeded/failed itself; the engine writes only
+what a worker cannot say about itself: cancelled (after killing it) and interrupted (it died).
+On start the engine reconciles runs left `running` on this host: a worker still alive is adopted
+(found by the CLFBENCH_RUN_TAG its processes inherit), a dead one is marked interrupted and requeued
+while retries are left.
+
+No torch here: `clfbench engine --foreground` runs this loop inside the CLI process.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import insert, select, update
+
+from engine.gpus import discover_gpus
+from engine.types import ClfbenchError
+from storage import queue
+from storage.db import Store, clfbench_home, now, open_store
+from storage.models import EngineRow, Run
+
+RUNS = Run.__table__
+ENGINES = EngineRow.__table__
+
+HEARTBEAT_S = 5.0
+# A run on another host whose worker has not written a heartbeat for this long is taken as dead.
+STALE_AFTER_S = 180.0
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def store_key(url: str) -> str:
+    """A short stable key per store, so two stores under one home never share run folders or locks."""
+    return hashlib.sha256(url.encode()).hexdigest()[:10]
+
+
+def run_dir(url: str, run_id: int) -> Path:
+    return clfbench_home() / "runs" / store_key(url) / str(run_id)
+
+
+def engine_log_path(url: str) -> Path:
+    return clfbench_home() / "logs" / f"engine-{store_key(url)}.log"
+
+
+def lock_path(url: str) -> Path:
+    return clfbench_home() / "locks" / f"engine-{store_key(url)}.lock"
+
+
+def acquire_engine_lock(url: str):
+    """Hold an exclusive flock for this store on this host, or raise if another engine holds it."""
+    path = lock_path(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        handle.close()
+        if error.errno in (errno.EAGAIN, errno.EACCES):
+            raise ClfbenchError(f"an engine already runs for this store on this host (lock {path})") from None
+        raise
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def engine_lock_holder(url: str) -> int | None:
+    """The pid of the engine holding this store's lock on this host, or None."""
+    path = lock_path(url)
+    if not path.exists():
+        return None
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            text = handle.read().strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
+
+def run_tag(url: str, run_id: int, attempt: int) -> str:
+    """Marks every process of one attempt of one run, through an inherited environment variable.
+
+    torchrun starts each rank in a session of its own, so a process group does not reach the ranks, and
+    a rank outlives a killed torchrun as an orphan. The tag finds all of them, whoever their parent is.
+    """
+    return f"{store_key(url)}:{run_id}:{attempt}"
+
+
+def tagged_processes(tag: str) -> list[int]:
+    """Live (non-zombie) processes carrying CLFBENCH_RUN_TAG=tag. Linux /proc; elsewhere an empty list."""
+    needle = f"CLFBENCH_RUN_TAG={tag}".encode()
+    pids = []
+    try:
+        entries = os.scandir("/proc")
+    except OSError:
+        return pids
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as handle:
+                environ = handle.read()
+        except OSError:
+            continue  # gone, or not ours to read
+        if needle in environ.split(b"\0"):  # a zombie's environ is empty, so zombies never match
+            pids.append(int(entry.name))
+    return pids
+
+
+def process_alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0, ...) would signal our own process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def kill_processes(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def log_tail(path: str | None, lines: int = 20) -> str:
+    if not path or not Path(path).exists():
+        return ""
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - 16_000))
+        data = handle.read().decode("utf-8", errors="replace")
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "worker process disappeared"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = str(-returncode)
+        return f"worker killed by signal {name}"
+    if returncode == 0:
+        return "worker exited without reporting a result"
+    return f"worker exited with code {returncode}"
+
+
+@dataclass
+class Child:
+    """A run this engine supervises: launched by it (popen) or adopted from a previous engine (pid only)."""
+
+    run_id: int
+    attempt: int
+    pid: int
+    gpus: list[int]
+    launch: str
+    log_path: str
+    tag: str = ""
+    popen: subprocess.Popen | None = None
+    log_handle: object = None
+    term_sent_at: float | None = None
+
+    def poll(self) -> tuple[bool, int | None]:
+        """(exited, returncode); the return code is unknown (None) for adopted processes."""
+        if self.popen is not None:
+            code = self.popen.poll()
+            return code is not None, code
+        return not tagged_processes(self.tag), None
+
+    def processes(self) -> list[int]:
+        """Every live process of this attempt: the launcher and all ranks, orphaned or not."""
+        pids = set(tagged_processes(self.tag))
+        if process_alive(self.pid):
+            pids.add(self.pid)
+        return sorted(pids)
+
+
+@dataclass
+class EngineConfig:
+    url: str
+    gpus: list[int]
+    until_idle: bool = False
+    max_cpu_runs: int = 1
+    max_api_runs: int = 4
+    poll_s: float = 0.5
+    cancel_grace_s: float = 10.0
+
+
+@dataclass
+class Engine:
+    config: EngineConfig
+    store: Store
+    engine_id: int
+    host: str = field(default_factory=socket.gethostname)
+    children: dict[int, Child] = field(default_factory=dict)
+    stopping: bool = False
+
+    # ---- capacity ---------------------------------------------------------------------------
+    def busy_gpus(self) -> set[int]:
+        return {gpu for child in self.children.values() for gpu in child.gpus}
+
+    def free_gpus(self) -> list[int]:
+        busy = self.busy_gpus()
+        return [gpu for gpu in self.config.gpus if gpu not in busy]
+
+    def cpu_runs(self) -> int:
+        return sum(1 for c in self.children.values() if c.launch == "torchrun" and not c.gpus)
+
+    def api_runs(self) -> int:
+        return sum(1 for c in self.children.values() if c.launch == "process")
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def claim_and_launch(self) -> bool:
+        """Claim one run that fits and launch it. Returns True if one was launched."""
+        free = self.free_gpus()
+        run = queue.claim(
+            self.store,
+            host=self.host,
+            engine_id=self.engine_id,
+            default_gpus=1 if self.config.gpus else 0,
+            free_gpus=len(free),
+            cpu_free=self.cpu_runs() < self.config.max_cpu_runs,
+            api_free=self.api_runs() < self.config.max_api_runs,
+        )
+        if run is None:
+            return False
+        self.launch(run, free)
+        return True
+
+    def launch(self, run: dict, free: list[int]) -> None:
+        need = run["gpus_requested"]
+        if need is None:
+            need = 1 if self.config.gpus else 0
+        if run["launch"] == "process":
+            need = 0
+        gpus = free[:need]
+        folder = run_dir(self.config.url, run["id"])
+        folder.mkdir(parents=True, exist_ok=True)
+        log_path = folder / "log.txt"
+        if run["launch"] == "process":
+            command = [sys.executable, "-m", "engine.worker", str(run["id"])]
+        else:
+            nproc = len(gpus) if gpus else run["nproc"]
+            command = torchrun_command(nproc) + ["-m", "engine.worker", str(run["id"])]
+        env = dict(os.environ)
+        env.update(
+            CLFBENCH_DB=self.config.url,
+            CLFBENCH_RUN_ATTEMPT=str(run["attempt"]),
+            CLFBENCH_RUN_TAG=run_tag(self.config.url, run["id"], run["attempt"]),
+            CLFBENCH_RUN_DIR=str(folder),
+            CLFBENCH_HOME=str(clfbench_home()),
+            CUDA_VISIBLE_DEVICES=",".join(str(g) for g in gpus),  # "" hides every GPU from CPU runs
+            PYTHONUNBUFFERED="1",
+            PYTHONPATH=os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p),
+        )
+        log_handle = open(log_path, "ab")
+        log_handle.write(
+            f"\n===== clfbench: run {run['id']} attempt {run['attempt']} on {self.host} "
+            f"gpus [{','.join(map(str, gpus))}] at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n"
+            f"$ {' '.join(command)}\n".encode()
+        )
+        log_handle.flush()
+        try:
+            popen = subprocess.Popen(
+                command, cwd=folder, env=env, stdout=log_handle, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        except OSError as error:
+            log_handle.close()
+            queue.finish_failed(self.store, run["id"], run["attempt"], f"could not launch the worker: {error}")
+            return
+        self.children[run["id"]] = Child(
+            run_id=run["id"], attempt=run["attempt"], pid=popen.pid, gpus=gpus, launch=run["launch"],
+            log_path=str(log_path), tag=run_tag(self.config.url, run["id"], run["attempt"]), popen=popen,
+            log_handle=log_handle,
+        )
+        queue.set_launched(self.store, run["id"], run["attempt"], pid=popen.pid,
+                           gpus_assigned=",".join(map(str, gpus)), log_path=str(log_path),
+                           output_dir=str(folder))
+
+    def reap(self) -> None:
+        """Finalise children whose process ended."""
+        for run_id, child in list(self.children.items()):
+            exited, code = child.poll()
+            if not exited:
+                continue
+            del self.children[run_id]
+            # A rank left behind by a dead torchrun must not train beside the next attempt.
+            kill_processes(child.processes(), signal.SIGKILL)
+            if child.log_handle is not None:
+                child.log_handle.close()
+            reason = describe_exit(code)
+            new_status = queue.mark_ended_without_result(self.store, run_id, child.attempt, reason)
+            if new_status != "cancelled":
+                tail = log_tail(child.log_path)
+                if tail:  # only lands on a failed/interrupted/requeued run of this attempt
+                    queue.append_error_detail(self.store, run_id, child.attempt, f"--- log tail ---\n{tail}")
+
+    def handle_cancels(self) -> None:
+        if not self.children:
+            return
+        with self.store.read() as connection:
+            wanted = set(
+                connection.execute(
+                    select(RUNS.c.id).where(RUNS.c.id.in_(list(self.children)), RUNS.c.cancel_requested.is_(True))
+                ).scalars()
+            )
+        for run_id in wanted:
+            child = self.children[run_id]
+            if child.term_sent_at is None:
+                signal_group(child.pid, signal.SIGTERM)  # torchrun forwards it to its ranks
+                kill_processes(child.processes(), signal.SIGTERM)
+                child.term_sent_at = time.monotonic()
+            elif time.monotonic() - child.term_sent_at > self.config.cancel_grace_s:
+                kill_processes(child.processes(), signal.SIGKILL)
+
+    def heartbeat(self) -> None:
+        with self.store.write() as connection:
+            connection.execute(update(ENGINES).where(ENGINES.c.id == self.engine_id).values(heartbeat_at=now()))
+
+    def reconcile(self) -> None:
+        """Runs left `running` by a dead engine or worker: adopt the live, mark the dead.
+
+        A run is alive while any process carrying its attempt's tag lives (the launcher or any rank).
+        """
+        with self.store.read() as connection:
+            rows = [dict(r) for r in connection.execute(select(RUNS).where(RUNS.c.status == "running")).mappings()]
+        for run in rows:
+            if run["host"] == self.host:
+                tag = run_tag(self.config.url, run["id"], run["attempt"])
+                if tagged_processes(tag):
+                    gpus = [int(g) for g in (run["gpus_assigned"] or "").split(",") if g]
+                    self.children[run["id"]] = Child(
+                        run_id=run["id"], attempt=run["attempt"], pid=run["pid"] or 0, gpus=gpus,
+                        launch=run["launch"], log_path=run["log_path"] or "", tag=tag,
+                    )
+                    queue.log_event_standalone(self.store, "adopted", f"pid {run['pid']}", run["id"])
+                    continue
+                reason = "its worker was gone when the engine started (engine or worker died)"
+            else:
+                age = now() - (run["heartbeat_at"] or 0)
+                if age < STALE_AFTER_S:
+                    continue  # another host's live run
+                reason = f"no heartbeat from host {run['host']} for {age:.0f} s"
+            queue.mark_ended_without_result(self.store, run["id"], run["attempt"], reason)
+
+    def idle(self) -> bool:
+        return not self.children
+
+    def loop(self) -> None:
+        self.reconcile()
+        last_heartbeat = 0.0
+        while not self.stopping:
+            if time.monotonic() - last_heartbeat > HEARTBEAT_S:
+                self.heartbeat()
+                last_heartbeat = time.monotonic()
+            self.reap()
+            self.handle_cancels()
+            launched = False
+            while not self.stopping and self.claim_and_launch():
+                launched = True
+            if self.config.until_idle and self.idle() and not launched:
+                break
+            time.sleep(self.config.poll_s)
+
+
+def torchrun_command(nproc: int) -> list[str]:
+    """`torchrun` next to this Python if present, else the same entry point through `python -m`."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    base = [str(torchrun)] if torchrun.exists() else (
+        [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
+    )
+    return base + ["--standalone", f"--nproc-per-node={nproc}"]
+
+
+def signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        os.kill(pid, sig)
+
+
+def register_engine(store: Store, host: str, gpus: list[int]) -> int:
+    with store.write() as connection:
+        engine_id = connection.execute(
+            insert(ENGINES).values(host=host, pid=os.getpid(), started_at=now(), heartbeat_at=now(),
+                                   gpus=",".join(map(str, gpus))).returning(ENGINES.c.id)
+        ).scalar_one()
+        queue.log_event(connection, "engine_started", f"{host} pid {os.getpid()} gpus [{','.join(map(str, gpus))}]")
+    return engine_id
+
+
+def unregister_engine(store: Store, engine_id: int) -> None:
+    with store.write() as connection:
+        connection.execute(update(ENGINES).where(ENGINES.c.id == engine_id).values(stopped_at=now()))
+        queue.log_event(connection, "engine_stopped", f"pid {os.getpid()}")
+
+
+def run_engine(config: EngineConfig) -> None:
+    """Run the engine loop in this process until stopped (SIGTERM/SIGINT) or, with until_idle, idle.
+
+    Workers are left running when the engine stops: they finish and record their own result, and the
+    next engine adopts them.
+    """
+    store = open_store(config.url)
+    lock = acquire_engine_lock(config.url)
+    host = socket.gethostname()
+    engine = Engine(config=config, store=store, engine_id=register_engine(store, host, config.gpus), host=host)
+
+    def _stop(_signum, _frame):
+        engine.stopping = True
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        engine.loop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        unregister_engine(store, engine.engine_id)
+        lock.close()
+
+
+def start_detached(url: str, gpus: str | None, max_cpu_runs: int) -> int:
+    """Start the engine as a daemon (own session, output to the engine log). Returns its pid."""
+    holder = engine_lock_holder(url)
+    if holder:
+        raise ClfbenchError(f"an engine already runs for this store on this host (pid {holder})")
+    log = engine_log_path(url)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "engine.daemon", "--db", url, "--max-cpu-runs", str(max_cpu_runs)]
+    if gpus is not None:
+        command += ["--gpus", gpus]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
+    with open(log, "ab") as handle:
+        popen = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True, env=env, cwd=str(clfbench_home()))
+    # Wait until it holds the lock (or died) so `start` reports the truth.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise ClfbenchError(f"the engine exited at start (code {popen.returncode}); see {log}")
+        if engine_lock_holder(url) == popen.pid:
+            return popen.pid
+        time.sleep(0.1)
+    return popen.pid
+
+
+def stop_engine(url: str, timeout_s: float = 30) -> int | None:
+    """SIGTERM the engine of this store on this host and wait for it to let go. Returns its pid."""
+    pid = engine_lock_holder(url)
+    if not pid or pid < 0:
+        return None
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and engine_lock_holder(url):
+        time.sleep(0.1)
+    return pid
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m engine.daemon", description="clfbench engine (detached)")
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--gpus", default=None)
+    parser.add_argument("--max-cpu-runs", type=int, default=1)
+    parser.add_argument("--until-idle", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        gpus = discover_gpus(args.gpus)
+        run_engine(EngineConfig(url=args.db, gpus=gpus, until_idle=args.until_idle,
+                                max_cpu_runs=args.max_cpu_runs))
+    except ClfbenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Scores for predictions: classification reports, MASSIVE-style slot scores, exact match.
+
+Pure Python on purpose: the CLI imports this module at queue time, so it must not pull torch, and
+seqeval (which pulls scikit-learn) is imported only inside `slot_scores`.
+
+Conventions shared by every function here:
+- a `None` prediction is a parse failure: it is wrong, and it still counts in the denominator;
+- empty input gives 0.0 scores and n=0 instead of a division by zero;
+- gold and predicted lists of different lengths are a bug in the caller and raise `ClfbenchError`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from engine.types import ClfbenchError, Prediction
+
+# Confusion-matrix columns for predictions that are not a label of the label set.
+UNPARSED_COLUMN = "<unparsed>"  # a None prediction (the output could not be parsed)
+OTHER_COLUMN = "<other>"  # a parsed string outside the label set (accepted LLM outputs can be)
+
+# MASSIVE writes the outside tag as "Other"; seqeval and our BIO label sets use "O".
+MASSIVE_OUTSIDE_TAG = "Other"
+OUTSIDE_TAG = "O"
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence classification
+# --------------------------------------------------------------------------------------------
+
+
+def _require_same_length(gold: Sequence, predicted: Sequence, what: str) -> None:
+    """Scores over misaligned lists would be silently wrong, so refuse them."""
+    if len(gold) != len(predicted):
+        raise ClfbenchError(
+            f"{what}: {len(gold)} gold values but {len(predicted)} predictions; they must pair up"
+        )
+
+
+def _require_gold_in_label_set(gold: Sequence[str], labels: Sequence[str]) -> None:
+    """The task loader guarantees this; a gold label outside the set means a wrong label list."""
+    label_set = set(labels)
+    unknown = sorted({g for g in gold if g not in label_set})
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        raise ClfbenchError(f"gold labels not in the task's label set: {names}")
+
+
+def _safe_ratio(numerator: float, denominator: float) -> float:
+    """0.0 where a score is undefined, like sklearn with zero_division=0 but without the warning."""
+    return numerator / denominator if denominator else 0.0
+
+
+def _per_label_scores(
+    gold: Sequence[str], predicted: Sequence[str | None], labels: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support of every label of the label set.
+
+    F1 is computed as 2tp / (2tp + fp + fn): the same value as 2PR / (P + R), defined (as 0.0) when
+    P and R are both 0, and one rounding step only.
+    """
+    true_positives = dict.fromkeys(labels, 0)
+    predicted_counts = dict.fromkeys(labels, 0)
+    support = dict.fromkeys(labels, 0)
+    for gold_label, predicted_label in zip(gold, predicted):
+        support[gold_label] += 1
+        if predicted_label in predicted_counts:
+            predicted_counts[predicted_label] += 1
+            if predicted_label == gold_label:
+                true_positives[gold_label] += 1
+
+    scores: dict[str, dict[str, float]] = {}
+    for label in labels:
+        tp = true_positives[label]
+        false_positives = predicted_counts[label] - tp
+        false_negatives = support[label] - tp
+        scores[label] = {
+            "precision": _safe_ratio(tp, tp + false_positives),
+            "recall": _safe_ratio(tp, tp + false_negatives),
+            "f1": _safe_ratio(2 * tp, 2 * tp + false_positives + false_negatives),
+            "support": support[label],
+        }
+    return scores
+
+
+def _confusion_matrix(
+    gold: Sequence[str], predicted: Sequence[str | None], labels: Sequence[str]
+) -> dict:
+    """A square matrix over one label list, rows = gold, columns = predicted.
+
+    One list for both axes keeps rendering simple; the extra "<other>"/"<unparsed>" rows stay 0
+    because gold labels always come from the label set. The extra columns appear only when needed.
+    """
+    label_set = set(labels)
+    axis = list(labels)
+    if any(p is not None and p not in label_set for p in predicted):
+        axis.append(OTHER_COLUMN)
+    if any(p is None for p in predicted):
+        axis.append(UNPARSED_COLUMN)
+
+    index = {label: i for i, label in enumerate(axis)}
+    matrix = [[0] * len(axis) for _ in axis]
+    for gold_label, predicted_label in zip(gold, predicted):
+        if predicted_label is None:
+            column = index[UNPARSED_COLUMN]
+        elif predicted_label in label_set:
+            column = index[predicted_label]
+        else:
+            column = index[OTHER_COLUMN]
+        matrix[index[gold_label]][column] += 1
+    return {"labels": axis, "matrix": matrix}
+
+
+def _macro_f1(
+    per_label: dict[str, dict[str, float]], gold: Sequence[str], predicted: Sequence[str | None]
+) -> float:
+    """Mean F1 over the labels of the label set that occur in gold or in predictions.
+
+    Averaging over present labels only (not the whole label set) matches sklearn's
+    `f1_score(average="macro")`, which averages over the union of labels seen in y_true and y_pred;
+    a label no test example has and no prediction uses says nothing about the method.
+    Unlike sklearn, None and out-of-set predictions do not add a class of their own: they are
+    simply wrong.
+    """
+    present = set(gold) | {p for p in predicted if p is not None}
+    f1_values = [scores["f1"] for label, scores in per_label.items() if label in present]
+    return _safe_ratio(sum(f1_values), len(f1_values))
+
+
+def classification_report(
+    gold: list[str], predicted: list[str | None], labels: list[str]
+) -> dict:
+    """Accuracy, macro-F1, per-label scores and confusion matrix of a sequence-classification task.
+
+    Returns {"accuracy", "macro_f1", "per_label", "confusion", "n"}; see the module conventions for
+    None predictions and empty input.
+    """
+    _require_same_length(gold, predicted, "classification_report")
+    _require_gold_in_label_set(gold, labels)
+    per_label = _per_label_scores(gold, predicted, labels)
+    correct = sum(1 for g, p in zip(gold, predicted) if p is not None and p == g)
+    return {
+        "accuracy": _safe_ratio(correct, len(gold)),
+        "macro_f1": _macro_f1(per_label, gold, predicted),
+        "per_label": per_label,
+        "confusion": _confusion_matrix(gold, predicted, labels),
+        "n": len(gold),
+    }
+
+
+def per_label_report(
+    gold: list[str], predicted: list[str | None], labels: list[str]
+) -> dict[str, dict[str, float]]:
+    """{label: {"precision", "recall", "f1", "support"}} for every label of the label set."""
+    _require_same_length(gold, predicted, "per_label_report")
+    _require_gold_in_label_set(gold, labels)
+    return _per_label_scores(gold, predicted, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Token classification (slot filling), as in MASSIVE's official evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def normalise_tags(pred: Sequence[str] | None, gold_len: int) -> list[str]:
+    """Make a tag sequence comparable with a gold sequence of `gold_len` tags.
+
+    The one place for MASSIVE's rules (alexa/massive `eval_preds`): "Other" becomes "O"; a longer
+    prediction is cut to the gold length and a shorter one padded with "O", so an LLM that drops or
+    adds tokens loses only those positions; a parse failure (None) becomes all "O", i.e. no slots.
+    Also used on gold sequences (with their own length) for the "Other" mapping.
+    """
+    if pred is None:
+        return [OUTSIDE_TAG] * gold_len
+    tags = [OUTSIDE_TAG if tag == MASSIVE_OUTSIDE_TAG else tag for tag in pred[:gold_len]]
+    return tags + [OUTSIDE_TAG] * (gold_len - len(tags))
+
+
+def _normalised_pairs(
+    gold_tags: Sequence[Sequence[str]], predicted_tags: Sequence[Sequence[str] | None]
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Gold and predicted sequences after `normalise_tags`, same lengths pairwise."""
+    _require_same_length(gold_tags, predicted_tags, "slot scores")
+    gold_out = [normalise_tags(gold, len(gold)) for gold in gold_tags]
+    pred_out = [normalise_tags(pred, len(gold)) for gold, pred in zip(gold_tags, predicted_tags)]
+    return gold_out, pred_out
+
+
+def slot_scores(
+    gold_tags: list[list[str]], predicted_tags: list[list[str] | None]
+) -> dict[str, float]:
+    """Span-level micro precision/recall/F1 with seqeval, as MASSIVE's official evaluation does.
+
+    seqeval runs in its default (non-strict, conlleval-like) mode, as in MASSIVE. zero_division=0
+    gives the same numbers as seqeval's default ("warn") without the warning.
+    Returns {"slot_f1", "slot_precision", "slot_recall", "n"}.
+    """
+    gold_norm, pred_norm = _normalised_pairs(gold_tags, predicted_tags)
+    if not gold_norm:
+        return {"slot_f1": 0.0, "slot_precision": 0.0, "slot_recall": 0.0, "n": 0}
+
+    # Imported here: seqeval pulls scikit-learn, which the CLI must not pay for at import time.
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
+    return {
+        "slot_f1": float(f1_score(gold_norm, pred_norm, zero_division=0)),
+        "slot_precision": float(precision_score(gold_norm, pred_norm, zero_division=0)),
+        "slot_recall": float(recall_score(gold_norm, pred_norm, zero_division=0)),
+        "n": len(gold_norm),
+    }
+
+
+def token_accuracy(
+    gold_tags: list[list[str]], predicted_tags: list[list[str] | None]
+) -> float:
+    """Share of gold token positions whose normalised predicted tag equals the gold tag.
+
+    Counted over positions, not sentences (long sentences weigh more), the usual tagging accuracy.
+    """
+    gold_norm, pred_norm = _normalised_pairs(gold_tags, predicted_tags)
+    positions = sum(len(gold) for gold in gold_norm)
+    correct = sum(
+        1 for gold, pred in zip(gold_norm, pred_norm) for g, p in zip(gold, pred) if g == p
+    )
+    return _safe_ratio(correct, positions)
+
+
+def exact_match(
+    gold_labels: list[str],
+    predicted_labels: list[str | None],
+    gold_tags: list[list[str]],
+    predicted_tags: list[list[str] | None],
+) -> float:
+    """Share of examples whose intent is right AND whose whole normalised tag sequence equals gold.
+
+    MASSIVE's "exact match accuracy": one utterance is understood only if both parts are right.
+    """
+    _require_same_length(gold_labels, predicted_labels, "exact_match intents")
+    _require_same_length(gold_labels, gold_tags, "exact_match intents vs tags")
+    gold_norm, pred_norm = _normalised_pairs(gold_tags, predicted_tags)
+    matches = sum(
+        1
+        for gold_label, pred_label, gold_seq, pred_seq in zip(
+            gold_labels, predicted_labels, gold_norm, pred_norm
+        )
+        if pred_label is not None and pred_label == gold_label and pred_seq == gold_seq
+    )
+    return _safe_ratio(matches, len(gold_labels))
+
+
+# --------------------------------------------------------------------------------------------
+# Per-task result rows
+# --------------------------------------------------------------------------------------------
+
+
+def parse_failure_rate(statuses: list[str]) -> float:
+    """Share of predictions whose output did not parse (status other than "ok"); 0.0 if none."""
+    return _safe_ratio(sum(1 for status in statuses if status != "ok"), len(statuses))
+
+
+def _as_tags(value: str | Sequence[str] | None) -> list[str] | None:
+    """Token-task gold/predictions are tag lists; also accept the stored space-joined form."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.split()
+    return list(value)
+
+
+def task_results(kind: str, predictions: list[Prediction], labels: list[str]) -> dict[str, float]:
+    """The result rows the worker stores for one task.
+
+    "sequence": accuracy, macro_f1, parse_failure_rate, n.
+    "token": slot_f1, slot_precision, slot_recall, token_accuracy, parse_failure_rate, n.
+    `labels` is the task's label set (used by the sequence scores; tag sets need no list).
+    """
+    failure_rate = parse_failure_rate([p.parse_status for p in predictions])
+    if kind == "sequence":
+        report = classification_report(
+            [p.gold for p in predictions], [p.predicted for p in predictions], labels
+        )
+        return {
+            "accuracy": report["accuracy"],
+            "macro_f1": report["macro_f1"],
+            "parse_failure_rate": failure_rate,
+            "n": report["n"],
+        }
+    if kind == "token":
+        gold_tags = [_as_tags(p.gold) or [] for p in predictions]
+        predicted_tags = [_as_tags(p.predicted) for p in predictions]
+        slots = slot_scores(gold_tags, predicted_tags)
+        return {
+            "slot_f1": slots["slot_f1"],
+            "slot_precision": slots["slot_precision"],
+            "slot_recall": slots["slot_recall"],
+            "token_accuracy": token_accuracy(gold_tags, predicted_tags),
+            "parse_failure_rate": failure_rate,
+            "n": slots["n"],
+        }
+    raise ClfbenchError(f"unknown task kind {kind!r}: expected 'sequence' or 'token'")
+
+
+def joint_exact_match(
+    intent_predictions: list[Prediction], slot_predictions: list[Prediction]
+) -> float:
+    """MASSIVE's exact match for an intent task and a slot task over the same utterances.
+
+    Pairs predictions by example_id (only ids present in both, in the intent list's order), because
+    the two tasks may be run, filtered or ordered separately.
+    """
+    slots_by_id = {p.example_id: p for p in slot_predictions}
+    pairs = [
+        (intent, slots_by_id[intent.example_id])
+        for intent in intent_predictions
+        if intent.example_id in slots_by_id
+    ]
+    return exact_match(
+        [intent.gold for intent, _ in pairs],
+        [intent.predicted for intent, _ in pairs],
+        [_as_tags(slot.gold) or [] for _, slot in pairs],
+        [_as_tags(slot.predicted) for _, slot in pairs],
+    )

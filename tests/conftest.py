@@ -1,0 +1,77 @@
+"""Shared fixtures: an isolated clfbench home per test and a runner for the real CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "tests" / "data"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def gpu_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if gpu_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@dataclass
+class Cli:
+    """Runs `python -m app.cli ...` (the real command line) against one isolated home and store."""
+
+    home: Path
+    env: dict
+
+    def run(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=self.env,
+                                capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"clfbench {' '.join(args)} failed ({result.returncode}):\n"
+                                 f"{result.stdout}\n{result.stderr}")
+        return result
+
+    def json(self, *args: str) -> object:
+        return json.loads(self.run(*args, "--json").stdout)
+
+    def popen(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "home"
+    monkeypatch.setenv("CLFBENCH_HOME", str(folder))
+    monkeypatch.delenv("CLFBENCH_DB", raising=False)
+    monkeypatch.delenv("CLFBENCH_DATA", raising=False)
+    return folder
+
+
+@pytest.fixture
+def cli(home) -> Cli:
+    env = dict(os.environ)
+    env["CLFBENCH_HOME"] = str(home)
+    env["PYTHONPATH"] = str(ROOT)
+    # The model cache (tiny models, converted SmolLM2) is shared between tests so each builds once.
+    env["CLFBENCH_MODEL_CACHE"] = str(ROOT / ".pytest_cache" / "clfbench-models")
+    env.pop("CLFBENCH_DB", None)
+    env.pop("CLFBENCH_DATA", None)
+    return Cli(home=home, env=env)

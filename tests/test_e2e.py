@@ -1,0 +1,260 @@
+"""End to end through the real CLI: queue → engine → torchrun worker → store → results.
+
+Tiny random models on the shipped samples keep these fast; what is checked is what a user sees.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from storage.db import open_store
+from tests.conftest import SAMPLES
+
+TINY = ["--method", "encoder-finetune", "--model", "tiny-bert", "--data-dir", str(SAMPLES)]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def snapshot(store, exclude_run: int) -> dict:
+    """Every row of every table except what belongs to `exclude_run` (and the engine/event logs)."""
+    tables = {"runs": "id", "metric_points": "run_id", "predictions": "run_id", "results": "run_id"}
+    out = {}
+    with store.read() as connection:
+        for table, column in tables.items():
+            rows = connection.execute(text(f"SELECT * FROM {table} WHERE {column} != :r ORDER BY id"),
+                                      {"r": exclude_run}).all()
+            out[table] = [tuple(row) for row in rows]
+    return out
+
+
+def test_queue_run_results_errors(cli):
+    queued = cli.json("queue", *TINY, "--task", "massive-intent", "-o", "epochs=2", "-o", "test_limit=40",
+                      "-o", "eval_every=5")
+    run_id = queued[0]["id"]
+    engine = cli.run("engine", "--until-idle")
+    assert engine.returncode == 0
+    runs = cli.json("ls")
+    assert [(r["id"], r["status"]) for r in runs] == [(run_id, "succeeded")]
+    run = cli.json("show", str(run_id))
+    assert run["results"]["massive-intent"]["n"] == 40
+    assert 0.0 <= run["results"]["massive-intent"]["accuracy"] <= 1.0
+    assert run["progress_step"] == run["progress_total"] > 0
+    matrix = json.loads(cli.run("results", "--format", "json").stdout)
+    assert matrix["columns"] == ["massive-intent"]
+    cell = matrix["rows"][0]["cells"]["massive-intent"]
+    assert cell["runs"] == [run_id] and cell["mean"] == pytest.approx(run["results"]["massive-intent"]["accuracy"])
+    md = cli.run("results", "--format", "md").stdout
+    assert "| tiny-bert · encoder-finetune |" in md
+    store = open_store()
+    with store.read() as connection:
+        names = {row[0] for row in connection.execute(text("SELECT DISTINCT name FROM metric_points"))}
+        predictions = connection.execute(text("SELECT count(*) FROM predictions")).scalar()
+    assert {"train_loss", "eval_loss", "eval_accuracy", "lr"} <= names
+    assert predictions == 40
+    report = cli.json("errors", str(run_id), "--task", "massive-intent")
+    assert report["n"] == 40
+    some_label = next(iter(report["per_label"]))
+    assert "misclassified" in cli.run("errors", str(run_id), "--label", some_label).stdout
+    log = cli.run("logs", str(run_id)).stdout
+    assert f"run {run_id} attempt 1" in log
+
+
+def test_two_process_torchrun_logs_each_loss_once(cli):
+    (run,) = cli.json("queue", *TINY, "--task", "massive-intent", "--nproc", "2", "-o", "epochs=1",
+                      "-o", "test_limit=20", "-o", "batch_size=8")
+    cli.run("engine", "--until-idle")
+    shown = cli.json("show", str(run["id"]))
+    assert shown["status"] == "succeeded", shown["error"]
+    log = cli.run("logs", str(run["id"])).stdout
+    assert "rank 0/2" in log and "rank 1/2" in log  # two real processes
+    store = open_store()
+    with store.read() as connection:
+        duplicates = connection.execute(text(
+            "SELECT step, count(*) FROM metric_points WHERE name = 'train_loss' GROUP BY step HAVING count(*) > 1"
+        )).all()
+        points = connection.execute(text("SELECT count(*) FROM metric_points WHERE name='train_loss'")).scalar()
+    assert points > 0 and duplicates == []
+
+
+def _long_run(cli, *extra: str) -> int:
+    (run,) = cli.json("queue", *TINY, "--task", "massive-intent", "-o", "epochs=40", "-o", "batch_size=8",
+                      "-o", "train_limit=200", "-o", "test_limit=20", "-o", "checkpoint_every=20",
+                      "-o", "eval_every=0", *extra)
+    return run["id"]
+
+
+def _finished_neighbour(cli) -> int:
+    """A run that already finished, whose rows must not change while another run is killed."""
+    (run,) = cli.json("queue", *TINY, "--task", "massive-intent", "-o", "epochs=1", "-o", "test_limit=10")
+    cli.run("engine", "--until-idle")
+    assert cli.json("show", str(run["id"]))["status"] == "succeeded"
+    return run["id"]
+
+
+def _training(store, run_id: int) -> bool:
+    with store.read() as connection:
+        return connection.execute(
+            text("SELECT count(*) FROM metric_points WHERE run_id = :r AND name = 'train_loss'"), {"r": run_id}
+        ).scalar() >= 2
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def test_sigkill_of_the_worker_requeues_and_resumes(cli):
+    neighbour = _finished_neighbour(cli)
+    run_id = _long_run(cli)
+    store = open_store()
+    before = snapshot(store, exclude_run=run_id)
+    engine = cli.popen("engine", "--until-idle")
+    try:
+        wait_for(lambda: _training(store, run_id), 180, "training to start")
+        torchrun_pid = store_run(store, run_id)["pid"]
+        workers = _children(torchrun_pid)
+        assert workers, "torchrun has no worker child"
+        os.kill(workers[0], signal.SIGKILL)
+        engine.wait(timeout=300)
+    finally:
+        engine.kill()
+    run = store_run(store, run_id)
+    assert run["status"] == "succeeded" and run["attempt"] == 2
+    assert no_process_left(store, run_id, attempt=1)
+    assert attempts_did_not_overlap(store, run_id)
+    events = events_of(store, run_id)
+    assert "requeued" in events and events.count("launched") == 2
+    log = cli.run("logs", str(run_id)).stdout
+    assert "resum" in log.lower()  # the second attempt continued from the checkpoint
+    assert snapshot(store, exclude_run=run_id) == before
+    assert neighbour in [r["id"] for r in cli.json("ls")]
+
+
+def test_sigkill_of_the_engine_then_restart(cli):
+    _finished_neighbour(cli)
+    run_id = _long_run(cli)
+    store = open_store()
+    before = snapshot(store, exclude_run=run_id)
+    engine = cli.popen("engine", "--until-idle")
+    wait_for(lambda: _training(store, run_id), 180, "training to start")
+    torchrun_pid = store_run(store, run_id)["pid"]
+    workers = _children(torchrun_pid)
+    engine.send_signal(signal.SIGKILL)
+    engine.wait(timeout=30)
+    # The run is still marked running; now torchrun and its worker die too while no engine watches.
+    assert store_run(store, run_id)["status"] == "running"
+    for pid in [torchrun_pid, *workers]:
+        os.kill(pid, signal.SIGKILL)
+    for pid in [torchrun_pid, *workers]:
+        wait_for(lambda: not Path(f"/proc/{pid}").exists() or _is_zombie(pid), 30, "worker to die")
+    restarted = cli.run("engine", "--until-idle")
+    assert restarted.returncode == 0
+    run = store_run(store, run_id)
+    assert run["status"] == "succeeded" and run["attempt"] == 2
+    assert "requeued" in events_of(store, run_id)
+    assert no_process_left(store, run_id, attempt=1)
+    assert attempts_did_not_overlap(store, run_id)
+    assert snapshot(store, exclude_run=run_id) == before
+
+
+def test_engine_restart_adopts_a_live_worker(cli):
+    run_id = _long_run(cli)
+    store = open_store()
+    engine = cli.popen("engine", "--until-idle")
+    wait_for(lambda: _training(store, run_id), 180, "training to start")
+    engine.send_signal(signal.SIGKILL)
+    engine.wait(timeout=30)
+    restarted = cli.run("engine", "--until-idle")
+    assert restarted.returncode == 0
+    run = store_run(store, run_id)
+    # Still the first attempt: the worker kept training and the new engine supervised it to the end.
+    assert run["status"] == "succeeded" and run["attempt"] == 1
+    assert "adopted" in events_of(store, run_id) or "succeeded" in events_of(store, run_id)
+
+
+def test_cancel_a_running_run(cli):
+    run_id = _long_run(cli, "-o", "epochs=400")
+    store = open_store()
+    engine = cli.popen("engine", "--until-idle")
+    try:
+        wait_for(lambda: _training(store, run_id), 180, "training to start")
+        assert "cancel requested" in cli.run("cancel", str(run_id)).stdout
+        engine.wait(timeout=60)
+    finally:
+        engine.kill()
+    run = store_run(store, run_id)
+    assert run["status"] == "cancelled"
+    from engine.daemon import run_tag, tagged_processes
+
+    assert tagged_processes(run_tag(store.url, run_id, run["attempt"])) == []  # every rank is gone
+
+
+def test_failed_run_keeps_a_truthful_one_line_error(cli, tmp_path):
+    # A data folder whose test split has a label unseen in train: only the worker can find out.
+    data = tmp_path / "data" / "massive_en"
+    data.mkdir(parents=True)
+    rows = [json.loads(line) for line in (SAMPLES / "massive_en" / "train.jsonl").read_text().splitlines()]
+    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:50]) + "\n")
+    odd = dict(rows[0], intent="no_such_intent", id="odd")
+    (data / "test.jsonl").write_text(json.dumps(odd) + "\n")
+    (data / "dev.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    result = cli.run("queue", "--method", "encoder-finetune", "--model", "tiny-bert", "--task", "massive-intent",
+                     "--data-dir", str(tmp_path / "data"), check=False)
+    if result.returncode != 0:  # caught at queue time: even better, and nothing was queued
+        assert result.stderr.startswith("error: ") and "no_such_intent" in result.stderr
+        assert cli.json("ls") == []
+        return
+    cli.run("engine", "--until-idle")
+    (run,) = cli.json("ls")
+    assert run["status"] == "failed"
+    assert "no_such_intent" in run["error"].splitlines()[0]
+
+
+def no_process_left(store, run_id: int, attempt: int) -> bool:
+    from engine.daemon import run_tag, tagged_processes
+
+    return tagged_processes(run_tag(store.url, run_id, attempt)) == []
+
+
+def attempts_did_not_overlap(store, run_id: int) -> bool:
+    """The first attempt wrote its last metric point before the second attempt wrote its first."""
+    with store.read() as connection:
+        spans = dict(connection.execute(text(
+            "SELECT attempt, max(time) FROM metric_points WHERE run_id = :r AND attempt = 1 GROUP BY attempt"
+        ), {"r": run_id}).all())
+        first_of_second = connection.execute(text(
+            "SELECT min(time) FROM metric_points WHERE run_id = :r AND attempt = 2"), {"r": run_id}).scalar()
+    return first_of_second is not None and spans[1] < first_of_second
+
+
+def store_run(store, run_id: int) -> dict:
+    from storage import queries
+
+    return queries.get_run(store, run_id)
+
+
+def events_of(store, run_id: int) -> list[str]:
+    with store.read() as connection:
+        return [row[0] for row in connection.execute(
+            text("SELECT kind FROM events WHERE run_id = :r ORDER BY id"), {"r": run_id})]
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
