@@ -581,9 +581,9 @@ def engine_status(as_json: bool = typer.Option(False, "--json")) -> None:
 DEMO_RUNS = [
     # A small real benchmark on the shipped samples: MiniLM fine-tuned on MASSIVE intent and 20NG 7-class.
     {"method": "encoder-finetune", "model": "minilm", "task": "massive-intent",
-     "options": {"epochs": 10, "lr": 1e-4, "batch_size": 16, "eval_every": 100, "max_length": 64}},
+     "options": {"epochs": 8, "lr": 1e-4, "batch_size": 16, "eval_every": 100, "max_length": 64}},
     {"method": "encoder-finetune", "model": "minilm", "task": "20ng-7class",
-     "options": {"epochs": 6, "lr": 1e-4, "batch_size": 16, "eval_every": 100, "max_length": 256}},
+     "options": {"epochs": 4, "lr": 1e-4, "batch_size": 16, "eval_every": 50, "max_length": 128}},
 ]
 
 

@@ -1,0 +1,136 @@
+"""The command line: bad input gets one line that names the problem, and nothing half-written."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SAMPLES
+
+BASE = ["--method", "encoder-finetune", "--model", "tiny-bert", "--data-dir", str(SAMPLES)]
+
+
+def assert_one_line_error(result, *words: str) -> None:
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def write_spec(tmp_path: Path, text: str, name: str = "spec.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("spec_text, words", [
+    ("method: encoder-finetune\nmodel: tiny-bert\ntask: massive-intent\nepochs: 3\n", ["epochs", "unknown key"]),
+    ("method: encoder-finetune\nmodel: no-such-model\ntask: massive-intent\n", ["no-such-model"]),
+    ("method: encoder-finetune\nmodel: tiny-bert\ntask: massive-intnt\n", ["unknown task", "massive-intnt"]),
+    ("method: nope\nmodel: tiny-bert\ntask: massive-intent\n", ["unknown method", "nope"]),
+    ("method: encoder-finetune\nmodel: tiny-bert\ntask: massive-intent\noptions: {lr: -1}\n", ["lr"]),
+    ("method: encoder-finetune\nmodel: tiny-bert\ntask: massive-intent\noptions: {lrate: 1}\n", ["lrate", "unknown key"]),
+    ("method: encoder-finetune\nmodel: tiny-bert\ntask: massive-slots\n", ["massive-slots", "token task"]),
+    ("method: encoder-finetune\nmodel: tiny-bert\ntask: massive-intent\nseed: []\n", ["seed", "empty list"]),
+    ("- just\n- a list\n", ["mapping"]),
+    ("method: [unclosed\n", ["not valid YAML"]),
+])
+def test_bad_specs_are_refused_at_queue_time(cli, tmp_path, spec_text, words):
+    result = cli.run("queue", write_spec(tmp_path, spec_text), "--data-dir", str(SAMPLES), check=False)
+    assert_one_line_error(result, *words)
+    assert cli.json("ls") == []
+
+
+def test_non_utf8_spec_and_missing_files(cli, tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("method: encoder-finetune\nmodel: caf\xe9\n".encode("latin-1"))
+    assert_one_line_error(cli.run("queue", str(path), check=False), "not UTF-8")
+    assert_one_line_error(cli.run("queue", str(tmp_path / "nope.yaml"), check=False), "does not exist")
+    assert_one_line_error(cli.run("queue", *BASE[:4], "--task", "massive-intent", "--data-dir",
+                                  str(tmp_path / "no-data"), check=False), "no-data")
+
+
+def test_missing_store_directory(cli, tmp_path):
+    result = cli.run("--db", f"sqlite:///{tmp_path}/absent/x.db", "ls", check=False)
+    assert_one_line_error(result, "store directory", "does not exist")
+    assert not (tmp_path / "absent").exists()
+
+
+def test_user_task_with_an_unknown_column_and_an_empty_split(cli, tmp_path):
+    (tmp_path / "train.csv").write_text("utterance,label\nwake me up,alarm_set\n")
+    (tmp_path / "test.csv").write_text("utterance,label\n")
+    (tmp_path / "task.yaml").write_text(
+        "name: my-task\nkind: sequence\nfiles: {train: train.csv, test: test.csv}\n"
+        "text_column: text\nlabel_column: label\n"
+    )
+    result = cli.run("queue", *BASE, "--task", str(tmp_path / "task.yaml"), check=False)
+    assert_one_line_error(result, "text")
+    (tmp_path / "task.yaml").write_text(
+        "name: my-task\nkind: sequence\nfiles: {train: train.csv, test: test.csv}\n"
+        "text_column: utterance\nlabel_column: label\n"
+    )
+    assert_one_line_error(cli.run("queue", *BASE, "--task", str(tmp_path / "task.yaml"), check=False), "empty")
+    assert cli.json("ls") == []
+
+
+def test_a_label_outside_the_declared_label_set(cli, tmp_path):
+    data = tmp_path / "massive_en"
+    data.mkdir()
+    rows = [json.loads(line) for line in (SAMPLES / "massive_en" / "train.jsonl").read_text().splitlines()[:20]]
+    for split in ("train", "dev"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "test.jsonl").write_text(json.dumps(dict(rows[0], intent="order_pizza")) + "\n")
+    result = cli.run("queue", *BASE[:4], "--task", "massive-intent", "--data-dir", str(tmp_path), check=False)
+    assert_one_line_error(result, "order_pizza")
+
+
+def test_a_sweep_expands_and_is_queued_whole_or_not_at_all(cli, tmp_path):
+    spec = write_spec(tmp_path, "method: encoder-finetune\nmodel: tiny-bert\ntask: [massive-intent, 20ng-7class]\n"
+                                "seed: [0, 1, 2]\noptions: {lr: [1.0e-4, 5.0e-5]}\n")
+    dry = cli.json("queue", spec, "--data-dir", str(SAMPLES), "--dry-run")
+    assert len(dry) == 12 and {d["seed"] for d in dry} == {0, 1, 2}
+    assert {d["options"]["lr"] for d in dry} == {1e-4, 5e-5}
+    assert dry[0]["options"]["epochs"] == 3.0  # defaults are filled into the stored spec
+    assert cli.json("ls") == []  # dry run queued nothing
+    bad = write_spec(tmp_path, "method: encoder-finetune\nmodel: tiny-bert\ntask: [massive-intent, massive-slots]\n",
+                     "bad.yaml")
+    assert_one_line_error(cli.run("queue", bad, "--data-dir", str(SAMPLES), check=False), "sweep item 2")
+    assert cli.json("ls") == []
+    queued = cli.json("queue", spec, "--data-dir", str(SAMPLES))
+    assert len(queued) == 12 and len(cli.json("ls")) == 12
+
+
+def test_cancel_retry_show_and_rm(cli):
+    (run,) = cli.json("queue", *BASE, "--task", "massive-intent")
+    assert "cancelled" in cli.run("cancel", str(run["id"])).stdout
+    assert cli.json("show", str(run["id"]))["status"] == "cancelled"
+    assert "queued again" in cli.run("retry", str(run["id"])).stdout
+    assert cli.json("show", str(run["id"]))["status"] == "queued"
+    assert_one_line_error(cli.run("show", "999", check=False), "no run 999")
+    assert "deleted" in cli.run("rm", "-y", str(run["id"])).stdout
+    assert cli.json("ls") == []
+
+
+def test_listing_commands(cli):
+    tasks = {t["name"] for t in cli.json("tasks")}
+    assert {"20ng-20class", "20ng-7class", "massive-intent", "massive-slots"} <= tasks
+    models = {m["alias"] for m in cli.json("models")}
+    assert {"minilm", "smollm2-135m", "mpnet-base"} <= models
+    methods = cli.json("methods")
+    assert methods[0]["name"] == "encoder-finetune"
+    assert {"epochs", "lr", "batch_size"} <= {o["name"] for o in methods[0]["options"]}
+    assert cli.run("results").stdout.startswith("no results yet")
+    for fmt in ("md", "csv", "latex", "json"):
+        cli.run("results", "--format", fmt)
+    assert_one_line_error(cli.run("results", "--format", "xml", check=False), "unknown format")
+    status = cli.json("engine", "status")
+    assert status["engine_pid_on_this_host"] is None and status["queued"] == 0
+
+
+def test_every_command_has_help(cli):
+    for command in ("queue", "ls", "show", "logs", "cancel", "retry", "rm", "results", "errors", "tasks",
+                    "models", "methods", "demo", "engine", "engine start", "engine stop", "engine status"):
+        assert "Usage" in cli.run(*command.split(), "--help").stdout
