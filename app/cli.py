@@ -240,14 +240,24 @@ def list_command(
     if as_json:
         print_json(runs)
         return
-    table = Table(box=None, header_style="bold")
-    for column in ("id", "status", "method", "model", "task", "shots", "seed", "progress", "gpus", "age", "time"):
-        table.add_column(column)
     now = time.time()
+    columns = ["id", "status", "method", "model", "task"]
+    # Columns that say nothing for these runs (all zero-shot, all seed 0, no GPUs) are left out,
+    # so the list fits 80 columns.
+    columns += [c for c, used in (("shots", any(r["shots"] for r in runs)), ("seed", any(r["seed"] for r in runs)),
+                                  ("gpus", any(r["gpus_assigned"] for r in runs))) if used]
+    columns += ["progress", "age", "time"]
+    table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 1))
+    for column in columns:
+        wraps = column in ("method", "model", "task")  # long names wrap instead of losing their ends
+        table.add_column(column, overflow="fold" if wraps else "ellipsis", no_wrap=not wraps)
     for r in runs:
-        table.add_row(str(r["id"]), r["status"], r["method"], r["model"], r["task"], str(r["shots"]),
-                      str(r["seed"]), progress_text(r), r["gpus_assigned"] or "", render.age(r["created_at"], now),
-                      render.duration(r["started_at"], r["finished_at"], now))
+        values = {"id": str(r["id"]), "status": r["status"], "method": r["method"], "model": r["model"],
+                  "task": r["task"], "shots": str(r["shots"]), "seed": str(r["seed"]),
+                  "gpus": r["gpus_assigned"] or "", "progress": progress_text(r),
+                  "age": render.age(r["created_at"], now),
+                  "time": render.duration(r["started_at"], r["finished_at"], now)}
+        table.add_row(*(values[c] for c in columns))
     console.print(table)
 
 

@@ -258,3 +258,21 @@ def _is_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_detached_engine_start_status_stop(cli):
+    started = cli.run("engine", "start")
+    assert "engine started (pid" in started.stdout
+    try:
+        status = cli.json("engine", "status")
+        pid = status["engine_pid_on_this_host"]
+        assert pid and Path(f"/proc/{pid}").exists()
+        # It runs in a session of its own, so closing the terminal that started it does not stop it.
+        assert os.getsid(pid) == pid
+        assert "already runs" in cli.run("engine", "start", check=False).stderr
+        (run,) = cli.json("queue", *TINY, "--task", "massive-intent", "-o", "epochs=1", "-o", "test_limit=10")
+        wait_for(lambda: cli.json("show", str(run["id"]))["status"] == "succeeded", 180, "the detached engine to run it")
+    finally:
+        stopped = cli.run("engine", "stop")
+    assert "stopped" in stopped.stdout
+    assert cli.json("engine", "status")["engine_pid_on_this_host"] is None
