@@ -43,14 +43,9 @@ def synthetic_task(n_train: int = 160, n_test: int = 60, seed: int = 1, dev: int
                     dev=[example(i, "dev") for i in range(dev)])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from more threads, and OpenMP threads thrash badly on a busy machine
-    # (40x slower seen with 2 threads on 2 loaded cores).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+@pytest.fixture(autouse=True)
+def one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
@@ -194,10 +189,19 @@ def test_dev_hold_out_is_seeded_and_disjoint():
     assert encoder_finetune.split_dev(task, 0.0, seed=3) == (task.train, [])
 
 
-def test_rejects_token_tasks(tiny_bert, tmp_path):
+def test_rejects_tasks_it_cannot_handle(tiny_bert, tmp_path):
+    # Token tasks are handled now (tests/test_encoder_heads.py); other kinds, 3+ tasks, one label are not.
     task = synthetic_task()
-    task.kind = "token"
-    with pytest.raises(ClfbenchError, match="sequence"):
+    task.kind = "generation"
+    with pytest.raises(ClfbenchError, match="sequence and token tasks; synthetic is a generation task"):
+        encoder_finetune.run(make_ctx(tiny_bert, tmp_path, Recorder(), task=task))
+    ctx = make_ctx(tiny_bert, tmp_path, Recorder())
+    ctx.tasks = [synthetic_task() for _ in range(3)]
+    with pytest.raises(ClfbenchError, match="one task or two"):
+        encoder_finetune.run(ctx)
+    task = synthetic_task()
+    task.labels = ["alpha"]
+    with pytest.raises(ClfbenchError, match="fewer than two labels"):
         encoder_finetune.run(make_ctx(tiny_bert, tmp_path, Recorder(), task=task))
 
 
@@ -225,6 +229,7 @@ DDP_SCRIPT = textwrap.dedent("""
         result["accuracy"] = sum(p.predicted == p.gold for p in predictions) / len(predictions)
         result["n"] = len(predictions)
     Path({out!r}, f"rank{{rank}}.json").write_text(json.dumps(result))
+    dist.barrier()  # neither rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 """)
 
