@@ -113,6 +113,16 @@ def validate_for_queue(spec: RunSpec) -> None:
                 f"method {spec.method} handles {'/'.join(info.task_kinds)} tasks; {name} is a {task.kind} task"
             )
         check_task(task, spec.data_dir)
+    # Options that depend on the tasks: a preset must know them (encoder-finetune's paper preset), and
+    # some decisions only make sense for some task kinds (label scoring is undefined for slot filling).
+    options = spec.method_options()
+    try:
+        if hasattr(options, "resolved"):
+            options.resolved(names)
+        if hasattr(options, "check_task_kinds"):
+            options.check_task_kinds([get_task(name).kind for name in names])
+    except ValueError as error:
+        raise ClfbenchError(f"invalid options for {spec.method}: {error}") from None
     check_model(spec.model)
 
 

@@ -143,7 +143,8 @@ def run_worker(run_id: int) -> int:
             else:
                 print("clfbench worker: the run is no longer ours (cancelled or re-claimed); nothing written",
                       flush=True)
-        _barrier(world_size)
+        # No closing barrier: ranks with nothing left to do (e.g. while rank 0 alone predicts or prompts)
+        # simply exit; waiting would risk the process-group timeout on long rank-0-only work.
         return 0
     except Exception as error:
         recorder.close()

@@ -33,6 +33,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from more threads, and OpenMP threads thrash on a busy 2-core machine
+    (40x slower seen with 2 threads on 2 loaded cores). Modules opt in with an autouse fixture."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @dataclass
 class Cli:
     """Runs `python -m app.cli ...` (the real command line) against one isolated home and store."""

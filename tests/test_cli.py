@@ -33,7 +33,9 @@ def write_spec(tmp_path: Path, text: str, name: str = "spec.yaml") -> str:
     ("method: nope\nmodel: tiny-bert\ntask: massive-intent\n", ["unknown method", "nope"]),
     ("method: encoder-finetune\nmodel: tiny-bert\ntask: massive-intent\noptions: {lr: -1}\n", ["lr"]),
     ("method: encoder-finetune\nmodel: tiny-bert\ntask: massive-intent\noptions: {lrate: 1}\n", ["lrate", "unknown key"]),
-    ("method: encoder-finetune\nmodel: tiny-bert\ntask: massive-slots\n", ["massive-slots", "token task"]),
+    ("method: prompt\nmodel: tiny-llama\ntask: massive-slots\noptions: {decision: score}\n", ["score", "token"]),
+    ("method: encoder-finetune\nmodel: tiny-bert\ntask: massive-intent+massive-slots+massive-scenario\n",
+     ["at most 2 task"]),
     ("method: encoder-finetune\nmodel: tiny-bert\ntask: massive-intent\nseed: []\n", ["seed", "empty list"]),
     ("- just\n- a list\n", ["mapping"]),
     ("method: [unclosed\n", ["not valid YAML"]),
@@ -95,7 +97,7 @@ def test_a_sweep_expands_and_is_queued_whole_or_not_at_all(cli, tmp_path):
     assert {d["options"]["lr"] for d in dry} == {1e-4, 5e-5}
     assert dry[0]["options"]["epochs"] == 3.0  # defaults are filled into the stored spec
     assert cli.json("ls") == []  # dry run queued nothing
-    bad = write_spec(tmp_path, "method: encoder-finetune\nmodel: tiny-bert\ntask: [massive-intent, massive-slots]\n",
+    bad = write_spec(tmp_path, "method: encoder-finetune\nmodel: tiny-bert\ntask: [massive-intent, 20ng-7class+20ng-20class+massive-intent]\n",
                      "bad.yaml")
     assert_one_line_error(cli.run("queue", bad, "--data-dir", str(SAMPLES), check=False), "sweep item 2")
     assert cli.json("ls") == []

@@ -112,6 +112,11 @@ def _training(store, run_id: int) -> bool:
         ).scalar() >= 2
 
 
+def _checkpointed(store, run_id: int) -> bool:
+    run = store_run(store, run_id)
+    return bool(run["output_dir"]) and (Path(run["output_dir"]) / "checkpoint").is_dir() and _training(store, run_id)
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
@@ -124,7 +129,8 @@ def test_sigkill_of_the_worker_requeues_and_resumes(cli):
     before = snapshot(store, exclude_run=run_id)
     engine = cli.popen("engine", "--until-idle")
     try:
-        wait_for(lambda: _training(store, run_id), 180, "training to start")
+        # Kill only once a checkpoint exists, so that the retry has something to resume from.
+        wait_for(lambda: _checkpointed(store, run_id), 180, "the first checkpoint")
         torchrun_pid = store_run(store, run_id)["pid"]
         workers = _children(torchrun_pid)
         assert workers, "torchrun has no worker child"
