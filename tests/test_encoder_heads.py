@@ -38,40 +38,11 @@ def one_thread(one_torch_thread):
     yield
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> str:
-    home = tmp_path_factory.mktemp("clfbench-home")
-    previous = os.environ.get("CLFBENCH_HOME")
-    os.environ["CLFBENCH_HOME"] = str(home)
-    try:
-        return resolve_model("tiny-bert")
-    finally:
-        if previous is None:
-            os.environ.pop("CLFBENCH_HOME", None)
-        else:
-            os.environ["CLFBENCH_HOME"] = previous
+# The same tiny model and in-memory recorder as the sequence-head tests.
+from tests.test_encoder_finetune import Recorder as SequenceTestRecorder, tiny_bert  # noqa: E402,F401
 
 
-class Recorder:
-    def __init__(self, crash_at_step: int | None = None):
-        self.metrics: list[tuple[int, str, float]] = []
-        self.progress: list[tuple[int, int]] = []
-        self.crash_at_step = crash_at_step
-
-    def log_metric(self, step: int, name: str, value: float) -> None:
-        if self.crash_at_step is not None and step >= self.crash_at_step:
-            raise RuntimeError("simulated crash")
-        self.metrics.append((step, name, value))
-
-    def set_progress(self, step: int, total: int) -> None:
-        self.progress.append((step, total))
-
-    def steps(self, name: str) -> list[int]:
-        return [s for s, n, _ in self.metrics if n == name]
-
-    def values(self, name: str) -> list[float]:
-        return [v for _, n, v in self.metrics if n == name]
-
+class Recorder(SequenceTestRecorder):
     def names(self) -> set[str]:
         return {n for _, n, _ in self.metrics}
 
