@@ -45,6 +45,15 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+def build_tiny_model(alias: str, tmp_path_factory) -> str:
+    """Build a tiny random model (tiny-bert, tiny-llama) into a private home for a test session."""
+    from engine.models import resolve_model
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLFBENCH_HOME", str(tmp_path_factory.mktemp("clfbench-home")))
+        return resolve_model(alias)
+
+
 @dataclass
 class Cli:
     """Runs `python -m app.cli ...` (the real command line) against one isolated home and store."""

@@ -14,6 +14,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests.conftest import build_tiny_model
+
 torch = pytest.importorskip("torch")
 
 from engine.methods import encoder_finetune  # noqa: E402
@@ -50,16 +52,7 @@ def one_thread(one_torch_thread):
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> str:
-    home = tmp_path_factory.mktemp("clfbench-home")
-    previous = os.environ.get("CLFBENCH_HOME")
-    os.environ["CLFBENCH_HOME"] = str(home)
-    try:
-        return resolve_model("tiny-bert")
-    finally:
-        if previous is None:
-            os.environ.pop("CLFBENCH_HOME", None)
-        else:
-            os.environ["CLFBENCH_HOME"] = previous
+    return build_tiny_model("tiny-bert", tmp_path_factory)
 
 
 class Recorder:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import random
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from tests.conftest import build_tiny_model
 from sqlalchemy import text
 
 torch = pytest.importorskip("torch")
@@ -32,16 +33,7 @@ def one_thread(one_torch_thread):
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
-    home = tmp_path_factory.mktemp("clfbench-home")
-    previous = os.environ.get("CLFBENCH_HOME")
-    os.environ["CLFBENCH_HOME"] = str(home)
-    try:
-        return resolve_model("tiny-llama")
-    finally:
-        if previous is None:
-            os.environ.pop("CLFBENCH_HOME", None)
-        else:
-            os.environ["CLFBENCH_HOME"] = previous
+    return build_tiny_model("tiny-llama", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
