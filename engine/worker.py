@@ -42,9 +42,11 @@ def _setup_torch(world_size: int, local_rank: int, seed: int) -> str:
         device = f"cuda:{local_rank}"
     else:
         device = "cpu"
-        if world_size > 1:
-            # Share the cores between ranks instead of oversubscribing them.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        # Share the cores given to this run (by the engine: its slot of the host) between its ranks instead of
+        # oversubscribing them.
+        cores = int(os.environ.get("CLFBENCH_CPU_THREADS") or os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // world_size))
+        print(f"clfbench worker: cpu, {torch.get_num_threads()} thread(s) per rank", flush=True)
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
     random.seed(seed)
@@ -114,13 +116,19 @@ def run_worker(run_id: int) -> int:
         options = spec.method_options()
         print(f"clfbench worker: run {run_id} attempt {attempt} rank {rank}/{world_size}: "
               f"{spec.method} {spec.model} {spec.task}", flush=True)
-        device = _setup_torch(world_size, local_rank, spec.seed)
+        local_model = spec.method_info.local_model
+        if local_model:
+            device = _setup_torch(world_size, local_rank, spec.seed)
+        else:  # an API method: the model runs on a server; no torch to import, seed, or share cores with
+            device = "cpu"
+            random.seed(spec.seed)
         tasks = load_tasks(spec, options)
-        # Rank 0 resolves first: a conversion into the model cache then happens once, not per rank.
-        if rank == 0:
+        if not local_model:
+            model_path = spec.model  # the model's name on the server
+        elif rank == 0:  # rank 0 resolves first: a conversion into the model cache then happens once, not per rank
             model_path = resolve_model(spec.model)
         _barrier(world_size)
-        if rank != 0:
+        if local_model and rank != 0:
             model_path = resolve_model(spec.model)
         output_dir = Path(os.environ.get("CLFBENCH_RUN_DIR") or run["output_dir"] or ".")
         context = RunContext(
@@ -155,6 +163,8 @@ def run_worker(run_id: int) -> int:
         return 1
     finally:
         try:
+            if "torch" not in sys.modules:  # an API run never loaded torch: do not import it just to check
+                raise ImportError
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():

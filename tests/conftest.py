@@ -54,6 +54,17 @@ def build_tiny_model(alias: str, tmp_path_factory) -> str:
         return resolve_model(alias)
 
 
+# One tiny random model of each kind per test session, shared by every test file that needs it.
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    return build_tiny_model("tiny-llama", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    return build_tiny_model("tiny-bert", tmp_path_factory)
+
+
 @dataclass
 class Cli:
     """Runs `python -m app.cli ...` (the real command line) against one isolated home and store."""

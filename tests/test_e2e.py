@@ -81,6 +81,8 @@ def test_two_process_torchrun_logs_each_loss_once(cli):
     assert shown["status"] == "succeeded", shown["error"]
     log = cli.run("logs", str(run["id"])).stdout
     assert "rank 0/2" in log and "rank 1/2" in log  # two real processes
+    # The two ranks share the run's cores instead of each taking all of them.
+    assert f"cpu, {max(1, (os.cpu_count() or 1) // 2)} thread(s) per rank" in log
     store = open_store()
     with store.read() as connection:
         duplicates = connection.execute(text(
@@ -267,17 +269,22 @@ def _is_zombie(pid: int) -> bool:
 
 
 def test_detached_engine_start_status_stop(cli):
-    started = cli.run("engine", "start")
+    # Options after the subcommand are honoured (the natural spelling), not only before it.
+    started = cli.run("engine", "start", "--max-cpu-runs", "2")
     assert "engine started (pid" in started.stdout
     try:
         status = cli.json("engine", "status")
         pid = status["engine_pid_on_this_host"]
         assert pid and Path(f"/proc/{pid}").exists()
+        assert "--max-cpu-runs\x002\x00" in Path(f"/proc/{pid}/cmdline").read_text()
         # It runs in a session of its own, so closing the terminal that started it does not stop it.
         assert os.getsid(pid) == pid
         assert "already runs" in cli.run("engine", "start", check=False).stderr
         (run,) = cli.json("queue", *TINY, "--task", "massive-intent", "-o", "epochs=1", "-o", "test_limit=10")
         wait_for(lambda: cli.json("show", str(run["id"]))["status"] == "succeeded", 180, "the detached engine to run it")
+        # With 2 CPU slots, a run gets half of the host's cores.
+        log = cli.run("logs", str(run["id"])).stdout
+        assert f"cpu, {max(1, (os.cpu_count() or 1) // 2)} thread(s) per rank" in log
     finally:
         stopped = cli.run("engine", "stop")
     assert "stopped" in stopped.stdout

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import build_tiny_model
 
 torch = pytest.importorskip("torch")
 
@@ -48,11 +47,6 @@ def synthetic_task(n_train: int = 160, n_test: int = 60, seed: int = 1, dev: int
 @pytest.fixture(autouse=True)
 def one_thread(one_torch_thread):
     yield
-
-
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> str:
-    return build_tiny_model("tiny-bert", tmp_path_factory)
 
 
 class Recorder:

@@ -39,7 +39,7 @@ def one_thread(one_torch_thread):
 
 
 # The same tiny model and in-memory recorder as the sequence-head tests.
-from tests.test_encoder_finetune import Recorder as SequenceTestRecorder, tiny_bert  # noqa: E402,F401
+from tests.test_encoder_finetune import Recorder as SequenceTestRecorder  # noqa: E402
 
 
 class Recorder(SequenceTestRecorder):

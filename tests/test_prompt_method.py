@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import build_tiny_model
 from sqlalchemy import text
 
 torch = pytest.importorskip("torch")
@@ -29,11 +28,6 @@ OK_OR_FAILURE = {"ok", "empty", "not_in_label_set", "invalid_json", "missing_fie
 @pytest.fixture(autouse=True)
 def one_thread(one_torch_thread):
     yield
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> str:
-    return build_tiny_model("tiny-llama", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class MethodOptions(BaseModel):
@@ -108,6 +108,265 @@ class PromptOptions(MethodOptions):
                              "answers to score; use decision=constrained or generate")
 
 
+class OpenAIOptions(MethodOptions):
+    """Prompt a model behind an OpenAI-compatible chat-completions server (OpenAI, vLLM, llama.cpp, ...) with the
+    paper's prompts. The run's `model` is the model name on the server; no local weights, no GPU, no torch.
+
+    The API key is read from the environment variable named by `api_key_env` when the run starts, and is never
+    stored: not in the spec, the store, the logs or error messages. A local server without a key set gets a
+    placeholder key.
+
+    decision: `generate` (free text, parsed; failures counted by reason) or `structured` (the server's
+    `response_format` JSON schema with the label set as an enum per task: a one-field object for one task, one
+    field per task for a+b, an array of enums for slots).
+    """
+
+    base_url: str | None = Field(
+        None, pattern=r"^https?://\S+$",
+        description="the server's API root, e.g. http://127.0.0.1:8080/v1 (empty: OPENAI_BASE_URL, else OpenAI's)")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="name of the environment variable that holds the API key (the key itself is never stored)")
+    decision: Literal["generate", "structured"] = Field(
+        "generate", description="generate: free text, parsed; structured: a JSON schema with the labels as an enum")
+    schema_format: Literal["json_schema", "json_object"] = Field(
+        "json_schema", description="structured: how the schema is sent; json_schema: OpenAI's response_format "
+                                   "(OpenAI, vLLM, llama.cpp's llama-server); json_object: {type: json_object, "
+                                   "schema: ...} (llama-cpp-python's server)")
+    concurrency: int = Field(4, ge=1, le=256, description="requests in flight at most")
+    max_retries: int = Field(
+        6, ge=0, le=20, description="retries of one request after 429, 5xx, a timeout or a connection error "
+                                    "(exponential backoff with jitter, Retry-After honoured)")
+    timeout_s: float = Field(60.0, gt=0, description="seconds to wait for one response")
+    max_tokens: int | None = Field(
+        None, ge=1, description="token limit per answer (empty: 48 for a label, 16 per word + 64 for slots or JSON; "
+                                "structured adds 16 for the JSON wrapper)")
+    temperature: float = Field(0.0, ge=0, le=2, description="sampling temperature (0: greedy)")
+    test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
+    train_limit: int | None = Field(None, ge=1, description="draw few-shot examples from the first N training "
+                                                            "examples only (after a seeded shuffle)")
+    prompt_set: str = Field("paper", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                            description="folder of prompts/ with prompts.yaml (the paper's: 'paper')")
+    max_text_chars: int | None = Field(None, ge=1, description="cut each document (and few-shot example) to N characters")
+    price_input_per_1m: float = Field(0.0, ge=0, description="USD per million prompt tokens, for cost_usd")
+    price_output_per_1m: float = Field(0.0, ge=0, description="USD per million completion tokens, for cost_usd")
+
+
+class LlmEmbedOptions(MethodOptions):
+    """LLMEmbed (Liu et al., ACL 2024): pooled hidden states of frozen models, fused, fed to a trained MLP.
+
+    Features: the mask-aware mean over tokens of the hidden states of `layers` of the run's model, plus the last
+    layer (`extra_layers`) of each model in `extra_models`. They are cached on disk
+    (`$CLFBENCH_HOME/cache/features`), so a second run on the same texts and models extracts nothing.
+    `fusion: paper` projects every pooled vector (one per model and layer) with its own Linear+ReLU+Dropout to
+    `project_dim`, takes their co-occurrence (Gram) matrix, squashes it with 2*sigmoid(sigma*x)-1, and
+    concatenates it with the mean of the main model's layer vectors; `fusion: concat` concatenates the pooled
+    vectors. Both feed an MLP (hidden_size, then hidden_size/4, as the paper's 1024 -> 256).
+
+    Lists in a spec are sweeps, so the list-valued options are one string: `layers` joins indices or ranges
+    with '+' ("-5..-1", "6+12+-1"), `extra_models` joins aliases with '+' ("minilm+mpnet-base").
+    """
+
+    layers: str = Field(
+        "-5..-1", description="hidden states of the run's model to pool: indices (0 = embeddings, -1 = last "
+                              "layer) or ranges A..B, joined with '+'")
+    extra_models: str = Field(
+        "", description="more frozen models whose features are fused in: aliases, folders or hub ids joined "
+                        "with '+' (e.g. minilm)")
+    extra_layers: str = Field("-1", description="layers of each extra model to pool (same syntax as layers)")
+    fusion: Literal["paper", "concat"] = Field(
+        "paper", description="paper: per-vector projections, their Gram matrix and the main model's layer "
+                             "mean; concat: the pooled vectors concatenated")
+    max_length: int = Field(128, ge=1, description="tokens kept per text for extraction (longer texts are cut)")
+    extract_batch_size: int = Field(32, ge=1, description="texts per forward pass during extraction")
+    project_dim: int = Field(256, ge=1, description="fusion=paper: size of each per-layer/per-model projection")
+    sigma: float = Field(0.05, gt=0, description="fusion=paper: scale inside the Gram matrix's 2*sigmoid(sigma*x)-1")
+    standardize: bool = Field(
+        True, description="z-score every feature with the training set's mean and std (not in the paper; LLM "
+                          "hidden states have a few huge dimensions)")
+    hidden_size: int = Field(1024, ge=4, description="MLP width (the second hidden layer has a quarter of it)")
+    dropout: float = Field(0.5, ge=0, lt=1, description="dropout in the projections and the MLP")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the classifier")
+    epochs: int = Field(50, ge=1, description="classifier epochs at most (early stopping may end sooner)")
+    patience: int = Field(5, ge=0, description="epochs without a better dev accuracy before stopping (0: never)")
+    batch_size: int = Field(64, ge=1, description="classifier examples per step")
+    dev_fraction: float = Field(
+        0.1, ge=0, lt=0.5, description="share of train held out (seeded) for early stopping when the task has no "
+                                       "dev split")
+    train_limit: int | None = Field(None, ge=1, description="use only the first N training examples (after a seeded shuffle)")
+    test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
+
+    @field_validator("layers", "extra_layers", mode="before")
+    @classmethod
+    def _layers_text(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        elif isinstance(value, (list, tuple)):
+            value = "+".join(str(item) for item in value)
+        parse_layer_list(value)  # a ValueError names the bad part
+        return value
+
+    @field_validator("extra_models", mode="before")
+    @classmethod
+    def _extra_models_text(cls, value):
+        if isinstance(value, (list, tuple)):
+            value = "+".join(str(item) for item in value)
+        if value is None:
+            value = ""
+        from engine.models import check_model  # torch-free; an unknown name is a one-line error at queue time
+
+        for name in split_plus(value):
+            try:
+                check_model(name)
+            except Exception as error:
+                raise ValueError(f"extra model: {error}") from None
+        return value
+
+    @property
+    def layer_indices(self) -> tuple[int, ...]:
+        return parse_layer_list(self.layers)
+
+    @property
+    def extra_layer_indices(self) -> tuple[int, ...]:
+        return parse_layer_list(self.extra_layers)
+
+    @property
+    def extra_model_names(self) -> tuple[str, ...]:
+        return split_plus(self.extra_models)
+
+    def check_task_kinds(self, kinds: list[str]) -> None:
+        """Queue-time check: pooled text features describe a whole text, not each word."""
+        if "token" in kinds:
+            raise ValueError("llmembed classifies whole texts (sequence tasks); a token (slot) task has no "
+                             "text-level label: use encoder-finetune or prompt")
+
+
+class LsLlamaOptions(MethodOptions):
+    """LS-LLaMA (Li et al., seed 003): LoRA adapters on a decoder LLM plus a linear label head on its final hidden
+    states, trained with cross-entropy. A sequence task pools the real tokens' states (`pooling`); a token task
+    labels each word by its first sub-word. Defaults are the paper's reference code (LoRA r 12, alpha 32, dropout
+    0.1 on q_proj and v_proj; lr 1e-4, batch 8, max_length 64, weight decay 0.01, no warm-up), except epochs
+    (the reference trains 20 epochs for sequence tasks and 10 for token tasks on a GPU).
+
+    Lists in a spec are sweeps, so `lora_target_modules` is one string with '+' between module names.
+    """
+
+    pooling: Literal["last", "mean", "max"] = Field(
+        "last", description="sequence tasks: the last real token's state, or the mean / max over the real tokens "
+                            "(padding never counts)")
+    lora_r: int = Field(12, ge=1, description="LoRA rank")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the LoRA branch's input")
+    lora_target_modules: str = Field(
+        "q_proj+v_proj", pattern=r"^[A-Za-z0-9_.]+(\+[A-Za-z0-9_.]+)*$",
+        description="names of the linear layers that get adapters, joined with '+' (e.g. q_proj+k_proj+v_proj+o_proj)")
+    epochs: float = Field(3.0, gt=0, description="passes over the training set")
+    batch_size: int = Field(8, ge=1, description="examples per optimizer step, per process")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.01, ge=0, description="weight decay (not on biases)")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps with linear warm-up (then linear decay)")
+    max_length: int = Field(64, ge=8, description="tokens kept per text (longer texts are cut; cut words are tagged O)")
+    eval_every: int = Field(200, ge=0, description="optimizer steps between evaluations on dev (0: only at the end)")
+    checkpoint_every: int = Field(500, ge=0, description="optimizer steps between checkpoints of the LoRA and head "
+                                                         "weights (0: none)")
+    log_every: int = Field(10, ge=1, description="optimizer steps between train-loss points")
+    train_limit: int | None = Field(None, ge=1, description="use only the first N training examples (after a seeded shuffle)")
+    test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
+    dev_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of train held out for eval when the task has no dev split")
+    dev_limit: int | None = Field(None, ge=1, description="evaluate on only the first N dev examples (an LLM's "
+                                                         "forward passes over a full dev split can cost more than "
+                                                         "training)")
+    bf16: bool = Field(True, description="on GPUs that support it: the frozen base in bf16 and bf16 autocast (LoRA "
+                                         "and head weights stay float32); ignored on CPU")
+
+
+class LsUnllamaOptions(LsLlamaOptions):
+    """LS-unLLaMA: LS-LLaMA with the causal mask removed (every token attends to every real token; padding stays
+    masked). Max pooling by default: the paper found it best for the unmasked model."""
+
+    pooling: Literal["last", "mean", "max"] = Field(
+        "max", description="sequence tasks: the last real token's state, or the mean / max over the real tokens "
+                           "(padding never counts)")
+
+
+def split_plus(text: str) -> tuple[str, ...]:
+    """'a+b' -> ('a', 'b'); empty parts are dropped."""
+    return tuple(part.strip() for part in str(text).split("+") if part.strip())
+
+
+def parse_layer_list(text: str) -> tuple[int, ...]:
+    """'-5..-1' -> (-5, -4, -3, -2, -1); '6+12+-1' -> (6, 12, -1). Ranges include both ends; a repeated index
+    is an error. Whether an index exists depends on the model: checked when the run starts."""
+    layers: list[int] = []
+    parts = split_plus(text)
+    if not parts:
+        raise ValueError("no layer given (e.g. -1, -5..-1 or 6+12+-1)")
+    for part in parts:
+        start, dots, end = part.partition("..")
+        try:
+            first = int(start)
+            last = int(end) if dots else first
+        except ValueError:
+            raise ValueError(f"layer '{part}' is not an index or a range A..B (e.g. -5..-1)") from None
+        if last < first:
+            raise ValueError(f"layer range '{part}' is empty (write the smaller index first, e.g. -5..-1)")
+        layers.extend(range(first, last + 1))
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers '{text}' name a layer twice")
+    return tuple(layers)
+
+
+class LlmFinetuneOptions(MethodOptions):
+    """Full fine-tuning of a causal LM as a generative classifier, on the `prompt` method's prompts.
+
+    Each training example is the rendered chat prompt (zero- or `shots`-shot) followed by the target answer and
+    the model's stop token; only the answer tokens carry the loss. Two tasks ("a+b") train on the consolidated
+    JSON answer. After training, rank 0 predicts the test set with the prompt method's decision modes.
+    """
+
+    epochs: float = Field(1.0, gt=0, description="passes over the training set")
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch, per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(2e-5, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases and norms)")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps with linear warm-up (then linear decay)")
+    max_length: int = Field(1024, ge=16, description="tokens per training sequence (prompt + answer + stop token)")
+    cut_long: bool = Field(False, description="cut the documents of prompts longer than max_length until they fit "
+                                              "(false: such a prompt is an error)")
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: a full model copy per process; fsdp: parameters, gradients and optimizer state "
+                           "sharded over the GPUs (through accelerate; CUDA only)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory, "
+                                                            "~30% slower; turns share_prefix off)")
+    share_prefix: bool = Field(True, description="run the prompt text shared by every example (instruction, labels, "
+                                                 "shots) once per micro-batch instead of once per example")
+    bf16: bool = Field(True, description="bf16 autocast on GPUs that support it (ignored on CPU)")
+    eval_every: int = Field(200, ge=0, description="optimizer steps between dev evaluations (0: only at the end)")
+    checkpoint_every: int = Field(200, ge=0, description="optimizer steps between checkpoints (0: none)")
+    log_every: int = Field(10, ge=1, description="optimizer steps between train-loss points")
+    train_limit: int | None = Field(None, ge=1, description="use only the first N training examples (after a seeded shuffle)")
+    test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
+    dev_limit: int | None = Field(None, ge=1, description="compute eval_loss on the first N dev examples only")
+    dev_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of train held out for eval when the task has no dev split")
+    decision: Literal["generate", "constrained", "score"] = Field(
+        "constrained", description="test prediction: generate + parse, constrained decoding, or label scoring")
+    score_norm: Literal["sum", "mean", "calibrated"] = Field("sum", description="decision=score: as in `prompt`")
+    content_free: str = Field("N/A", description="score_norm=calibrated: the content-free document")
+    max_new_tokens: int | None = Field(None, ge=1, description="decision=generate: token limit per answer (as in `prompt`)")
+    eval_batch_size: int = Field(8, ge=1, description="examples decoded or scored together at test time")
+    chat_format: Literal["template", "raw"] = Field(
+        "template", description="the tokenizer's chat template, or the paper's [INST] ... [/INST] text as is")
+    prompt_set: str = Field("paper", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                            description="folder of prompts/ with prompts.yaml (the paper's: 'paper')")
+    max_text_chars: int | None = Field(None, ge=1, description="cut each document (and few-shot example) to N characters")
+
+    def check_task_kinds(self, kinds: list[str]) -> None:
+        """Queue-time check with the run's task kinds: scoring is defined for sequence tasks only."""
+        if self.decision == "score" and "token" in kinds:
+            raise ValueError("decision=score is not defined for token (slot) tasks: there is no closed list of "
+                             "answers to score; use decision=constrained or generate")
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
@@ -118,6 +377,8 @@ class MethodInfo:
     task_kinds: tuple[str, ...]  # which task kinds it can handle
     max_tasks: int  # 1, or more for joint/consolidated multi-task
     launch: Literal["torchrun", "process"]  # "process": API-only jobs, no GPU, no torchrun
+    # False for API methods: `model` is a name on a remote server, not an alias or folder to resolve locally.
+    local_model: bool = True
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -141,6 +402,62 @@ METHODS: dict[str, MethodInfo] = {
         options=PromptOptions,
         task_kinds=("sequence", "token"),
         max_tasks=2,
+        launch="torchrun",
+    ),
+    "llm-finetune": MethodInfo(
+        name="llm-finetune",
+        summary="Generative full fine-tuning of a causal LM on the paper's prompts (loss on the answer tokens only), "
+                "single or consolidated multi-task; predicts with the prompt method's decision modes",
+        paper="seed 002 (Zhao et al.), section 5.3 (LLM fine-tuning) and 5.5 (consolidated multi-task)",
+        module="engine.methods.llm_finetune",
+        options=LlmFinetuneOptions,
+        task_kinds=("sequence", "token"),
+        max_tasks=2,
+        launch="torchrun",
+    ),
+    "openai": MethodInfo(
+        name="openai",
+        summary="A model behind an OpenAI-compatible chat-completions server, prompted with the paper's prompts: "
+                "free generation + parse, or a JSON schema with the label enum (structured outputs)",
+        paper="seed 002 (Zhao et al.), section 5.2 and appendix Listings 1-12 (the prompts; the API is ours)",
+        module="engine.methods.openai_prompt",
+        options=OpenAIOptions,
+        task_kinds=("sequence", "token"),
+        max_tasks=2,
+        launch="process",
+        local_model=False,
+    ),
+    "llmembed": MethodInfo(
+        name="llmembed",
+        summary="LLMEmbed: mean-pooled hidden states of frozen models (several layers, several models), fused "
+                "(Gram matrix of projections, or concatenation), cached on disk, and an MLP trained on them",
+        paper="seed 001 (Liu et al., LLMEmbed, ACL 2024), section 3",
+        module="engine.methods.llmembed",
+        options=LlmEmbedOptions,
+        task_kinds=("sequence",),
+        max_tasks=1,
+        launch="torchrun",
+    ),
+    "ls-llama": MethodInfo(
+        name="ls-llama",
+        summary="Label-supervised LLM fine-tuning: LoRA on a decoder LLM plus a linear label head on its final "
+                "hidden states (pooled for sequence tasks, first sub-word per word for slots)",
+        paper="seed 003 (Li et al., Label Supervised LLaMA Finetuning)",
+        module="engine.methods.ls_llama",
+        options=LsLlamaOptions,
+        task_kinds=("sequence", "token"),
+        max_tasks=1,
+        launch="torchrun",
+    ),
+    "ls-unllama": MethodInfo(
+        name="ls-unllama",
+        summary="LS-LLaMA with the causal mask removed: the decoder attends bidirectionally (padding still "
+                "masked), LoRA plus a linear label head",
+        paper="seed 003 (Li et al., Label Supervised LLaMA Finetuning), LS-unLLaMA",
+        module="engine.methods.ls_llama",
+        options=LsUnllamaOptions,
+        task_kinds=("sequence", "token"),
+        max_tasks=1,
         launch="torchrun",
     ),
 }

@@ -61,11 +61,21 @@ def run(ctx: RunContext) -> MethodOutput | None:
     builder = PromptBuilder.create(prompt, ctx.tasks, shots, seed, opts.max_text_chars, chat.forbidden)
     decoder = Decoder(model, chat, device)
     load_time = time.perf_counter() - started
-    items = builder.items
-    print(f"{LOG} {prompt.describe()}, {len(items)} examples, {shots} shots, decision={opts.decision}"
+    print(f"{LOG} {prompt.describe()}, {len(builder.items)} examples, {shots} shots, decision={opts.decision}"
           + (f" ({opts.score_norm})" if opts.decision == "score" else "") + f", chat_format={opts.chat_format}, "
           f"stop tokens {chat.stop_ids}", flush=True)
+    output = decide(ctx, decoder, builder, opts)
+    for extra in output.extra_results.values():
+        extra.update({"load_time_s": load_time, "shots": float(shots)})
+    return output
 
+
+def decide(ctx: RunContext, decoder: "Decoder", builder: PromptBuilder, opts) -> MethodOutput:
+    """Answer every test example of `builder` with `decoder`'s model, as `opts` (PromptOptions fields: decision,
+    score_norm, content_free, max_new_tokens, batch_size, reuse_prefix) says; one Prediction per example and
+    task, and the decision's numbers as extra results. Shared by `prompt` and `llm-finetune` (a trained model)."""
+    chat, model = decoder.chat, decoder.model
+    items = builder.items
     started = time.perf_counter()
     texts = [chat.text(builder.render(item.text)) for item in items]
     ids = [chat.encode(text) for text in texts]
@@ -103,8 +113,6 @@ def run(ctx: RunContext) -> MethodOutput | None:
         "prefix_tokens": float(len(decoder.prefix_ids)),
         "prefix_reused_share": sum(1 for x in ids if decoder.prefix_length(x)) / n,
         "decision_time_s": decide_time,
-        "load_time_s": load_time,
-        "shots": float(shots),
     }
     if builder.neutralised:
         print(f"{LOG} {builder.neutralised} document(s) contained special-token text; neutralised", flush=True)

@@ -1,0 +1,466 @@
+"""Prompting a model behind an OpenAI-compatible chat-completions server: `run(ctx) -> MethodOutput`.
+
+The same prompts as the local `prompt` method (the paper's, from `engine.prompting`): each rendered
+`[INST] <<SYS>> ... <</SYS>> ... [/INST]` prompt is split into a system and a user message, and the server's own
+chat template does the rest. Two ways to decide (option `decision`):
+
+- ``generate``: free text, parsed by `engine.prompting.parse` (failures counted by reason; ``truncated`` when the
+  server stopped at `max_tokens`);
+- ``structured``: ``response_format`` with a strict JSON schema whose values are enums of the label set: one field
+  (``label``, or ``slots`` for a slot task) for one task, the prompt's own fields (``task1``, ``task2``) for a+b,
+  an array of enums for slots. The answer is read with the multi-task JSON parser, so a server that ignores the
+  schema still gets counted failures, not a crash.
+
+Requests run on `concurrency` threads, so at most that many are in flight. Our retry policy (not the client's:
+it gets `max_retries=0`, so every retry is ours and counted) retries 429, 408, 409, 5xx, timeouts and connection
+errors with exponential backoff and jitter, and waits at least what a Retry-After header asks. Any other error
+(a bad request, an unknown model, a refused key) ends the run at once with one line.
+
+The API key is read from the environment when the run starts and lives only in the client object. It never
+reaches the spec, the store, the log or an error message: every text that leaves this module on the way to the
+store or the log is scrubbed of it. This module imports no torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import os
+import random
+import re
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Callable
+
+from engine.prompting.chat import MARKERS, split_inst
+from engine.prompting.library import Item, PromptBuilder, load_prompt_set
+from engine.prompting.outputs import FieldSpec, OutputSpec
+from engine.prompting.parse import parse_answer, parse_json_answer
+from engine.types import ClfbenchError, MethodOutput, Prediction, RunContext
+
+LOG = "openai:"
+OPENAI_URL = "https://api.openai.com/v1"
+PLACEHOLDER_KEY = "sk-no-key-set"  # local servers without auth still need the header to be present
+REDACTED = "[redacted]"
+RETRYABLE_STATUS = {408, 409, 429}  # and every 5xx
+STRUCTURED_WRAPPER_TOKENS = 16  # '{"label": "' ... '"}' around the answer
+# 429s that waiting does not fix: retrying them only delays the same error.
+FATAL_429_CODES = {"insufficient_quota", "billing_hard_limit_reached"}
+
+
+# ------------------------------------------------------------------------------------------- secret handling
+
+
+def scrub(text: str, secret: str | None) -> str:
+    """`text` without the secret (and without any bearer token, whatever it is)."""
+    if secret and len(secret) >= 4:
+        text = text.replace(secret, REDACTED)
+    return re.sub(r"(?i)(bearer\s+)\S+", r"\1" + REDACTED, text)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------- retry policy
+
+
+@dataclass
+class RetryPolicy:
+    """Exponential backoff with jitter: the n-th retry (n = 0, 1, ...) waits uniform(0.5, 1) x min(cap,
+    base x 2^n) seconds, and at least the server's Retry-After (itself capped at `retry_after_cap_s`)."""
+
+    max_retries: int = 6
+    base_s: float = 0.5
+    cap_s: float = 30.0
+    retry_after_cap_s: float = 120.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def delay(self, retry: int, retry_after: float | None = None) -> float:
+        backoff = min(self.cap_s, self.base_s * 2 ** retry) * self.rng.uniform(0.5, 1.0)
+        if retry_after is not None:
+            return max(backoff, min(retry_after, self.retry_after_cap_s))
+        return backoff
+
+
+def _status(error: BaseException) -> int | None:
+    code = getattr(error, "status_code", None)
+    return code if isinstance(code, int) else None
+
+
+def _error_code(error: BaseException) -> str | None:
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error") if isinstance(body.get("error"), dict) else body
+        code = inner.get("code") or inner.get("type")
+        return str(code) if code else None
+    return None
+
+
+def is_connection_error(error: BaseException) -> bool:
+    import openai
+
+    return isinstance(error, openai.APIConnectionError)  # APITimeoutError is one too
+
+
+def is_retryable(error: BaseException) -> bool:
+    """429 (unless it says the quota is gone), 408, 409, 5xx, timeouts and connection errors."""
+    if is_connection_error(error):
+        return True
+    status = _status(error)
+    if status is None:
+        return False
+    if status == 429 and _error_code(error) in FATAL_429_CODES:
+        return False
+    return status in RETRYABLE_STATUS or status >= 500
+
+
+def retry_after_seconds(error: BaseException, now: float | None = None) -> float | None:
+    """The wait a response asks for: `retry-after-ms` (OpenAI's), else `Retry-After` in seconds or as an HTTP date."""
+    response = getattr(error, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms:
+        try:
+            return max(0.0, float(raw_ms) / 1000)
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def call_with_retries(send: Callable[[], object], policy: RetryPolicy, on_retry: Callable[[BaseException, float], None]
+                      = lambda error, wait_s: None, sleep: Callable[[float], None] = time.sleep,
+                      stop: threading.Event | None = None,
+                      retryable: Callable[[BaseException], bool] = is_retryable) -> object:
+    """`send()` until it succeeds, a non-retryable error, or `policy.max_retries` retries (then the last error is
+    raised). `on_retry(error, wait_s)` is called before each retry; `stop` set by another thread ends the waiting."""
+    retry = 0
+    while True:
+        try:
+            return send()
+        except Exception as error:
+            if not retryable(error) or retry >= policy.max_retries:
+                raise
+            wait_s = policy.delay(retry, retry_after_seconds(error))
+            on_retry(error, wait_s)
+            if stop is not None:
+                if stop.wait(wait_s):
+                    raise
+            else:
+                sleep(wait_s)
+            retry += 1
+
+
+# ----------------------------------------------------------------------------------------- error messages
+
+
+def _root_reason(error: BaseException) -> str:
+    """The innermost cause of a connection error in a few words: '[Errno 111] Connection refused' -> 'connection
+    refused'."""
+    import openai
+
+    if isinstance(error, openai.APITimeoutError):
+        return "timed out"
+    deepest: BaseException = error
+    seen = set()
+    while deepest.__cause__ is not None and id(deepest) not in seen:
+        seen.add(id(deepest))
+        deepest = deepest.__cause__
+    text = str(deepest) or type(deepest).__name__
+    text = re.sub(r"^\[Errno -?\d+\]\s*", "", text.strip())
+    return (text[:1].lower() + text[1:]) if text else "connection error"
+
+
+def _server_message(error: BaseException) -> str:
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error") if isinstance(body.get("error"), dict) else body
+        for key in ("message", "detail"):
+            if inner.get(key):
+                return str(inner[key])
+        if body.get("detail"):
+            return str(body["detail"])
+    return str(getattr(error, "message", "") or error)
+
+
+def describe_error(error: BaseException, url: str, model: str, key_env: str, retries: int | None = None) -> str:
+    """One line for the user (not yet scrubbed: `ApiClient.fail` scrubs)."""
+    gave_up = f" (gave up after {retries} retries)" if retries else ""
+    if is_connection_error(error):
+        return f"cannot reach {url}: {_root_reason(error)}{gave_up}"
+    status = _status(error)
+    message = one_line(_server_message(error), 200)
+    if status in (401, 403):
+        return f"{url} refused the API key in ${key_env} ({status}: {message})"
+    if status == 404:
+        return f"{url} answered 404 for model {model!r}: {message}"
+    if status is not None:
+        return f"{url} answered {status} for model {model!r}: {message}{gave_up}"
+    return f"{type(error).__name__}: {message}"
+
+
+# -------------------------------------------------------------------------------------------------- client
+
+
+@dataclass
+class Usage:
+    requests: int = 0  # HTTP requests sent, retries included
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + int(value or 0))
+
+
+class ApiClient:
+    """The openai client with our retry policy, usage counting, and the key kept out of every message."""
+
+    def __init__(self, opts, model: str):
+        import openai
+
+        self.model = model
+        self.key_env = opts.api_key_env
+        explicit_url = opts.base_url or os.environ.get("OPENAI_BASE_URL") or None
+        self.url = (explicit_url or OPENAI_URL).rstrip("/")
+        key = os.environ.get(opts.api_key_env) or None
+        if key is None:
+            if explicit_url is None:
+                raise ClfbenchError(f"${opts.api_key_env} is not set: the API key for {OPENAI_URL} comes from the "
+                                    f"environment of the engine (or set -o base_url=... for a local server)")
+            key = PLACEHOLDER_KEY
+        self.key_set = key != PLACEHOLDER_KEY
+        self.secret = key
+        self.client = openai.OpenAI(api_key=key, base_url=self.url, max_retries=0, timeout=opts.timeout_s)
+        self.policy = RetryPolicy(max_retries=opts.max_retries)
+        self.usage = Usage()
+        self.stop = threading.Event()
+
+    def fail(self, error: BaseException, retries: int | None = None, hint: str = "") -> ClfbenchError:
+        message = describe_error(error, self.url, self.model, self.key_env, retries)
+        if _status(error) in (401, 403) and not self.key_set:
+            message = f"{self.url} wants an API key: ${self.key_env} is not set in the engine's environment"
+        # llama-cpp-python answers a response_format it does not know with 500, not 400/422
+        if hint and _status(error) is not None and (_status(error) in (400, 422)
+                                                    or "response_format" in _server_message(error)):
+            message += f" ({hint})"
+        return ClfbenchError(scrub(message, self.secret))
+
+    def _counted(self, send: Callable[[], object], hint: str = "") -> tuple[object, int]:
+        retries = 0
+
+        def attempt():
+            self.usage.add(requests=1)
+            return send()
+
+        def count(error: BaseException, wait_s: float) -> None:
+            nonlocal retries
+            retries += 1
+            self.usage.add(retries=1)
+
+        try:
+            return call_with_retries(attempt, self.policy, count, stop=self.stop), retries
+        except Exception as error:
+            raise self.fail(error, retries, hint) from None
+
+    def check_model(self) -> list[str]:
+        """Fail early, with one line, when the server is unreachable, refuses the key or does not serve the model.
+        Returns the served model ids (empty when the server cannot list them). Its requests are not counted in
+        `usage`, which is about the examples."""
+        try:
+            # A server that is not there when the run starts is a wrong URL or a server not started: say so now
+            # rather than after a minute of backoff. Overload (429, 5xx) is still waited out.
+            listing = call_with_retries(self.client.models.list, self.policy, stop=self.stop,
+                                        retryable=lambda error: is_retryable(error) and not is_connection_error(error))
+        except Exception as error:
+            if _status(error) in (404, 405):  # a server without GET /models: the first request will tell
+                return []
+            raise self.fail(error) from None
+        ids = [m.id for m in getattr(listing, "data", []) or []]
+        if ids and self.model not in ids:
+            shown = ", ".join(sorted(ids)[:10]) + (", ..." if len(ids) > 10 else "")
+            raise ClfbenchError(scrub(f"model {self.model!r} is not served by {self.url} (it serves: {shown})",
+                                      self.secret))
+        return ids
+
+    def chat(self, messages: list[dict], max_tokens: int, temperature: float, seed: int,
+             response_format: dict | None) -> tuple[str, str | None, int]:
+        """(content, finish_reason, retries) of one chat completion."""
+        kwargs = dict(model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        if response_format is not None:
+            kwargs["response_format"] = response_format
+        hint = ""
+        if response_format is not None:
+            other = "json_object" if response_format["type"] == "json_schema" else "json_schema"
+            hint = f"if the server does not take this response_format, try -o schema_format={other}"
+        response, retries = self._counted(lambda: self.client.chat.completions.create(**kwargs), hint)
+        usage = getattr(response, "usage", None)
+        if usage is not None:
+            self.usage.add(prompt_tokens=usage.prompt_tokens or 0, completion_tokens=usage.completion_tokens or 0)
+        choice = response.choices[0] if response.choices else None
+        content = (choice.message.content or "") if choice is not None and choice.message is not None else ""
+        return scrub(content, self.secret), (choice.finish_reason if choice is not None else None), retries
+
+
+# --------------------------------------------------------------------------------------------- the answers
+
+
+def json_spec(spec: OutputSpec) -> OutputSpec:
+    """The answer spec with a JSON field for every task: a single task answers as {"label": ...} or
+    {"slots": [...]}, a multi-task prompt keeps its own fields."""
+    fields = tuple(f if f.json_field else dataclasses.replace(f, json_field="slots" if f.kind == "token" else "label")
+                   for f in spec.fields)
+    return OutputSpec(fields=fields)
+
+
+def _field_schema(f: FieldSpec) -> dict:
+    enum = {"type": "string", "enum": list(f.choices)}
+    return {"type": "array", "items": enum} if f.kind == "token" else enum
+
+
+def response_schema(spec: OutputSpec, schema_format: str = "json_schema") -> dict:
+    """`response_format` for structured decisions: a strict schema, one enum (or array of enums) per field.
+    No minItems/maxItems for slot arrays: not every server supports length keywords in strict mode; the parser
+    counts a wrong length instead. `json_object` wraps the same schema the way llama-cpp-python's server reads it."""
+    fields = json_spec(spec).fields
+    schema = {"type": "object", "properties": {f.json_field: _field_schema(f) for f in fields},
+              "required": [f.json_field for f in fields], "additionalProperties": False}
+    if schema_format == "json_object":
+        return {"type": "json_object", "schema": schema}
+    return {"type": "json_schema", "json_schema": {"name": "answer", "strict": True, "schema": schema}}
+
+
+def messages_for(prompt: str) -> list[dict]:
+    """The paper's [INST] prompt as chat messages (system message when the prompt has a <<SYS>> block)."""
+    system, user = split_inst(prompt)
+    return ([{"role": "system", "content": system}] if system is not None else []) + [{"role": "user", "content": user}]
+
+
+def token_limit(opts, spec: OutputSpec, item: Item) -> int:
+    if opts.max_tokens:
+        return opts.max_tokens
+    limit = 64 + 16 * (item.n_words or 0) if spec.has_token_task or spec.multi else 48
+    return limit + (STRUCTURED_WRAPPER_TOKENS if opts.decision == "structured" else 0)
+
+
+# ------------------------------------------------------------------------------------------------- entry
+
+
+def run(ctx: RunContext) -> MethodOutput | None:
+    if not ctx.is_main:
+        return None
+    client = ApiClient(ctx.options, ctx.model_path)
+    try:
+        return _run(ctx, client)
+    except ClfbenchError as error:
+        raise ClfbenchError(scrub(str(error), client.secret)) from None
+    except Exception as error:  # nothing unscrubbed reaches the worker's log or the store
+        raise ClfbenchError(scrub(f"{type(error).__name__}: {one_line(str(error))}", client.secret)) from None
+
+
+def _run(ctx: RunContext, client: ApiClient) -> MethodOutput:
+    opts = ctx.options
+    shots = int(getattr(ctx.spec, "shots", 0) or 0)
+    seed = int(getattr(ctx.spec, "seed", 0) or 0)
+    prompt = load_prompt_set(opts.prompt_set).select(ctx.tasks, shots)
+    builder = PromptBuilder.create(prompt, ctx.tasks, shots, seed, opts.max_text_chars, MARKERS)
+    spec = builder.spec
+    structured = opts.decision == "structured"
+    response_format = response_schema(spec, opts.schema_format) if structured else None
+    answer_spec = json_spec(spec)
+    items = builder.items
+
+    served = client.check_model()
+    print(f"{LOG} {prompt.describe()}, {len(items)} examples, {shots} shots, decision={opts.decision}, model "
+          f"{client.model!r} at {client.url}" + (f" (serves {len(served)} models)" if served else "")
+          + f", {opts.concurrency} requests in flight at most", flush=True)
+
+    def answer(index: int):
+        item = items[index]
+        content, finish, _ = client.chat(messages_for(builder.render(item.text)), token_limit(opts, spec, item),
+                                         opts.temperature, seed, response_format)
+        truncated = finish == "length"
+        if structured:
+            parsed = parse_json_answer(content, answer_spec, item.n_words, truncated=truncated)
+        else:
+            parsed = parse_answer(content, spec, item.n_words, truncated=truncated)
+        return content, parsed
+
+    started = time.perf_counter()
+    results: list = [None] * len(items)
+    done = 0
+    last_log = 0.0
+    ctx.set_progress(0, len(items))
+    with ThreadPoolExecutor(max_workers=opts.concurrency, thread_name_prefix="clfbench-api") as pool:
+        pending = {pool.submit(answer, i): i for i in range(len(items))}
+        try:
+            while pending:
+                finished, _ = wait(pending, timeout=5, return_when=FIRST_EXCEPTION)
+                for future in finished:
+                    index = pending.pop(future)
+                    results[index] = future.result()  # a failed request raises here and ends the run
+                    done += 1
+                ctx.set_progress(done, len(items))
+                now = time.perf_counter()
+                if finished and (now - last_log > 10 or done == len(items)):
+                    last_log = now
+                    rate = done / max(now - started, 1e-9)
+                    ctx.log_metric(done, "examples_per_s", rate)
+                    print(f"{LOG} {done}/{len(items)} examples ({rate:.2f} ex/s, {client.usage.retries} retries)",
+                          flush=True)
+        except BaseException:
+            client.stop.set()  # requests waiting to retry give up; queued ones never start
+            for future in pending:
+                future.cancel()
+            raise
+    decide_time = time.perf_counter() - started
+
+    predictions: dict[str, list[Prediction]] = {t.name: [] for t in builder.tasks}
+    for item, (content, parsed) in zip(items, results):
+        for task in builder.tasks:
+            example = item.by_task[task.name]
+            gold = list(example.tags or ()) if task.kind == "token" else example.label
+            result = parsed[task.name]
+            predictions[task.name].append(Prediction(example_id=example.id, text=example.text, gold=gold,
+                                                     predicted=result.value, raw_output=content,
+                                                     parse_status=result.status))
+    usage = client.usage
+    cost = (usage.prompt_tokens * opts.price_input_per_1m + usage.completion_tokens * opts.price_output_per_1m) / 1e6
+    extra = {
+        "examples_per_s": len(items) / decide_time if decide_time > 0 else 0.0,
+        "requests": float(usage.requests),
+        "retries": float(usage.retries),
+        "prompt_tokens": float(usage.prompt_tokens),
+        "completion_tokens": float(usage.completion_tokens),
+        "cost_usd": cost,
+        "decision_time_s": decide_time,
+        "shots": float(shots),
+    }
+    print(f"{LOG} {len(items)} examples in {decide_time:.1f} s ({extra['examples_per_s']:.2f} ex/s), "
+          f"{usage.requests} requests, {usage.retries} retries, {usage.prompt_tokens} prompt + "
+          f"{usage.completion_tokens} completion tokens, ${cost:.4f}", flush=True)
+    return MethodOutput(predictions=predictions, extra_results={t.name: dict(extra) for t in builder.tasks})
+
+
+__all__ = ["ApiClient", "RetryPolicy", "call_with_retries", "is_retryable", "json_spec", "messages_for",
+           "response_schema", "retry_after_seconds", "run", "scrub"]
