@@ -24,7 +24,7 @@ from engine.methods.catalog import METHODS, option_fields
 from engine.spec import RunSpec, expand_sweep, parse_spec
 from engine.types import ClfbenchError
 from storage import queries, queue
-from storage.db import Store, StoreError, open_store, resolve_url
+from storage.db import Store, StoreError, open_store
 
 app = typer.Typer(
     name="clfbench",
@@ -123,7 +123,8 @@ def validate_for_queue(spec: RunSpec) -> None:
             options.check_task_kinds([get_task(name).kind for name in names])
     except ValueError as error:
         raise ClfbenchError(f"invalid options for {spec.method}: {error}") from None
-    check_model(spec.model)
+    if info.local_model:  # an API method's model is a name on its server, checked when the run starts
+        check_model(spec.model)
 
 
 def load_spec_file(path: Path) -> dict:
@@ -363,8 +364,10 @@ def remove_command(run_ids: list[int] = typer.Argument(..., help="run ids"),
         get_run_or_fail(s, run_id)
     if not yes and not typer.confirm(f"delete {len(run_ids)} run(s) and everything they recorded?"):
         raise typer.Exit(1)
+    from engine.daemon import delete_run
+
     for run_id in run_ids:
-        typer.echo(f"run {run_id}: {'deleted' if queue.delete_run(s, run_id) else 'not deleted (running)'}")
+        typer.echo(f"run {run_id}: {'deleted' if delete_run(s.url, s, run_id) else 'not deleted (running)'}")
 
 
 @app.command("results")
@@ -411,7 +414,7 @@ def errors_command(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Per-label precision/recall/F1 of a run's task, or the misclassified examples of one label."""
-    from engine import metrics
+    from app.error_analysis import error_report, examples_for
 
     s = store()
     run = get_run_or_fail(s, run_id)
@@ -419,22 +422,14 @@ def errors_command(
     rows = queries.predictions(s, run_id, task)
     if not rows:
         fail(f"run {run_id} has no predictions for task '{task}' (tasks: {run['task']}, status {run['status']})")
-    token_task = " " in rows[0]["gold"] or any(" " in r["gold"] for r in rows[:50])
-    if token_task:
-        gold = [tag for r in rows for tag in r["gold"].split()]
-        predicted = [tag for r in rows for tag in metrics.normalise_tags(
-            r["predicted"].split() if r["predicted"] is not None else None, len(r["gold"].split()))]
-    else:
-        gold = [r["gold"] for r in rows]
-        predicted = [r["predicted"] for r in rows]
-    labels = sorted(set(gold) | {p for p in predicted if p is not None})
-    report = metrics.classification_report(gold, predicted, labels)
+    analysis = error_report(rows)
+    report = analysis.report
     if label is None:
         if as_json:
             print_json(report)
             return
         table = Table(title=f"run {run_id} · {task} · accuracy {report['accuracy']:.1%}"
-                      + (" (per tag)" if token_task else ""), header_style="bold")
+                      + (" (per tag)" if analysis.token_task else ""), header_style="bold")
         for column in ("label", "precision", "recall", "f1", "support"):
             table.add_column(column, justify="left" if column == "label" else "right")
         for name, values in sorted(report["per_label"].items(), key=lambda item: item[1]["f1"]):
@@ -442,10 +437,9 @@ def errors_command(
                           str(values["support"]))
         console.print(table)
         return
-    if label not in labels:
+    if label not in analysis.per_label:
         fail(f"label '{label}' does not occur in run {run_id} task {task}")
-    wrong = [r for r in rows if (label in r["gold"].split() if token_task else r["gold"] == label)
-             and r["predicted"] != r["gold"]]
+    wrong = examples_for(analysis, label)
     shown = wrong[:limit] if limit else wrong
     if as_json:
         print_json(shown)
@@ -566,10 +560,16 @@ def start_engine(gpus: Optional[str], max_cpu_runs: int) -> None:
 
 
 @engine_app.command("start")
-def engine_start(ctx: typer.Context) -> None:
+def engine_start(
+    ctx: typer.Context,
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU indices to use, e.g. 0,1 ('none': CPU only)"),
+    max_cpu_runs: Optional[int] = typer.Option(None, "--max-cpu-runs", help="CPU runs at once"),
+) -> None:
     """Start the engine detached: runs go on after you log out."""
+    # The options are accepted on either side of `start` (`engine --gpus 0 start` or `engine start --gpus 0`).
     options = ctx.obj or {}
-    start_engine(options.get("gpus"), options.get("max_cpu_runs", 1))
+    start_engine(gpus if gpus is not None else options.get("gpus"),
+                 max_cpu_runs if max_cpu_runs is not None else options.get("max_cpu_runs", 1))
 
 
 @engine_app.command("stop")
@@ -594,6 +594,23 @@ def engine_status(as_json: bool = typer.Option(False, "--json")) -> None:
     for e in data["live_engines"]:
         typer.echo(f"  live engine: {e['host']} pid {e['pid']} gpus [{e['gpus']}]")
     typer.echo(f"queued: {data['queued']}  running: {data['running']}")
+
+
+# ---- tui ----------------------------------------------------------------------------------------
+
+@app.command("tui")
+def tui_command(
+    engine: bool = typer.Option(True, "--engine/--no-engine",
+                                help="start the engine (detached) when none runs for the store"),
+) -> None:
+    """The terminal UI: queue, watch and compare runs (works over SSH and in tmux; ? lists the keys)."""
+    from app.tui.app import ClfbenchApp
+
+    try:
+        tui = ClfbenchApp(db=state.db, start_engine=engine)
+    except StoreError as error:
+        fail(str(error))
+    tui.run()
 
 
 # ---- demo ---------------------------------------------------------------------------------------

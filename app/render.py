@@ -16,9 +16,9 @@ from storage.queries import Matrix
 FORMATS = ("table", "md", "csv", "latex", "json")
 
 
-def row_label(row: tuple[str, str, int]) -> str:
-    model, method, shots = row
-    return f"{model} · {method}" + (f" · {shots}-shot" if shots else "")
+def row_label(row: tuple[str, str, int, str]) -> str:
+    model, method, shots, variant = row
+    return f"{model} · {method}" + (f" · {shots}-shot" if shots else "") + (f" · {variant}" if variant else "")
 
 
 def cell_text(matrix: Matrix, row, column, percent: bool = True) -> str:
@@ -32,13 +32,21 @@ def cell_text(matrix: Matrix, row, column, percent: bool = True) -> str:
     return text
 
 
+def lower_is_better(metric: str) -> bool:
+    """Failure rates, losses and times are best when smallest."""
+    return metric == "parse_failure_rate" or "loss" in metric or metric.endswith("_time_s")
+
+
 def best_per_column(matrix: Matrix) -> dict[str, tuple]:
+    """The best row of each column (the first one on a tie)."""
+    sign = -1.0 if lower_is_better(matrix.metric) else 1.0
     best = {}
     for column in matrix.columns:
-        scored = [(matrix.cells[(r, column)].mean, r) for r in matrix.rows if (r, column) in matrix.cells]
-        scored = [(v, r) for v, r in scored if not math.isnan(v)]
+        scored = [(sign * matrix.cells[(r, column)].mean, -i, r) for i, r in enumerate(matrix.rows)
+                  if (r, column) in matrix.cells]
+        scored = [item for item in scored if not math.isnan(item[0])]
         if scored:
-            best[column] = max(scored)[1]
+            best[column] = max(scored)[2]
     return best
 
 
@@ -58,7 +66,7 @@ def render_matrix(matrix: Matrix, fmt: str) -> str:
                 "columns": matrix.columns,
                 "rows": [
                     {
-                        "model": r[0], "method": r[1], "shots": r[2],
+                        "model": r[0], "method": r[1], "shots": r[2], "variant": r[3],
                         "cells": {
                             c: {"mean": matrix.cells[(r, c)].mean, "std": matrix.cells[(r, c)].std,
                                 "n": len(matrix.cells[(r, c)].values), "runs": matrix.cells[(r, c)].run_ids}
@@ -73,7 +81,7 @@ def render_matrix(matrix: Matrix, fmt: str) -> str:
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(["model", "method", "shots"] + matrix.columns)
+        writer.writerow(["model", "method", "shots", "variant"] + matrix.columns)
         for r in matrix.rows:
             writer.writerow(list(r) + [
                 (f"{matrix.cells[(r, c)].mean:.6g}" if (r, c) in matrix.cells else "") for c in matrix.columns

@@ -1,6 +1,7 @@
 """Read queries for the CLI and the TUI. Plain dicts out; no writes here."""
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -119,25 +120,53 @@ class Cell:
         return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
 
 
+# A results row: (model, method, shots, variant). `variant` names the options in which runs of the same
+# (model, method, shots) differ, e.g. "decision=score" (empty when they agree): runs that are different
+# experiments must not be averaged as if they were seeds of one.
+RowKey = tuple[str, str, int, str]
+
+
 @dataclass
 class Matrix:
     metric: str
-    rows: list[tuple[str, str, int]]  # (model, method, shots)
+    rows: list[RowKey]
     columns: list[str]  # task, with " (multi)" when measured inside a multi-task run
-    cells: dict[tuple[tuple[str, str, int], str], Cell]
+    cells: dict[tuple[RowKey, str], Cell]
+
+
+def _option_variants(specs: dict[int, tuple[tuple[str, str, int], dict]]) -> dict[int, str]:
+    """For each run, the options (of its spec) whose values differ between runs of its (model, method, shots)."""
+    by_group: dict[tuple[str, str, int], list[int]] = {}
+    for run_id, (group, _options) in specs.items():
+        by_group.setdefault(group, []).append(run_id)
+    variants: dict[int, str] = {}
+    for run_ids in by_group.values():
+        keys = sorted({key for run_id in run_ids for key in specs[run_id][1]})
+        varying = [key for key in keys
+                   if len({json.dumps(specs[run_id][1].get(key), sort_keys=True) for run_id in run_ids}) > 1]
+        for run_id in run_ids:
+            options = specs[run_id][1]
+            variants[run_id] = " ".join(f"{key}={_short(options.get(key))}" for key in varying)
+    return variants
+
+
+def _short(value) -> str:
+    return "–" if value is None else value if isinstance(value, str) else json.dumps(value)
 
 
 def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
                    method: str | None = None, task: str | None = None) -> Matrix:
-    """Succeeded runs' results as models × tasks; seeds of the same (model, method, shots) aggregate.
+    """Succeeded runs' results as models × tasks; seeds of the same experiment aggregate (mean ± std).
 
-    A task measured inside a multi-task run ("a+b") gets its own column "a (multi)", so single-task and
-    consolidated numbers sit side by side as in the main paper's Table 3.
+    An experiment is (model, method, shots) plus the options in which its runs differ (see RowKey), so only
+    runs that differ in nothing but the seed share a cell. A task measured inside a multi-task run ("a+b")
+    gets its own column "a (multi)", so single-task and consolidated numbers sit side by side as in the main
+    paper's Table 3.
     """
     wanted = PRIMARY_METRICS if metric == "auto" else (metric,)
     query = (
         select(RUNS.c.id, RUNS.c.model, RUNS.c.method, RUNS.c.shots, RUNS.c.task.label("run_task"),
-               RESULTS.c.task, RESULTS.c.metric, RESULTS.c.value)
+               RUNS.c.spec_json, RESULTS.c.task, RESULTS.c.metric, RESULTS.c.value)
         .join(RESULTS, RESULTS.c.run_id == RUNS.c.id)
         .where(RUNS.c.status == "succeeded", RESULTS.c.metric.in_(wanted))
         .order_by(RUNS.c.id)
@@ -150,11 +179,20 @@ def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
         query = query.where(RESULTS.c.task.contains(task))
     with store.read() as connection:
         rows = connection.execute(query).all()
-    cells: dict[tuple[tuple[str, str, int], str], Cell] = {}
-    row_keys: list[tuple[str, str, int]] = []
+    specs: dict[int, tuple[tuple[str, str, int], dict]] = {}
+    for run_id, run_model, run_method, shots, _run_task, spec_json, *_rest in rows:
+        if run_id not in specs:
+            try:
+                options = json.loads(spec_json).get("options") or {}
+            except (ValueError, AttributeError):
+                options = {}
+            specs[run_id] = ((run_model, run_method, shots), options)
+    variants = _option_variants(specs)
+    cells: dict[tuple[RowKey, str], Cell] = {}
+    row_keys: list[RowKey] = []
     columns: list[str] = []
-    for run_id, run_model, run_method, shots, run_task, result_task, _metric, value in rows:
-        row_key = (run_model, run_method, shots)
+    for run_id, run_model, run_method, shots, run_task, _spec, result_task, _metric, value in rows:
+        row_key = (run_model, run_method, shots, variants[run_id])
         column = f"{result_task} (multi)" if "+" in run_task else result_task
         if row_key not in row_keys:
             row_keys.append(row_key)
@@ -164,3 +202,32 @@ def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
         cell.values.append(value)
         cell.run_ids.append(run_id)
     return Matrix(metric=metric, rows=row_keys, columns=sorted(columns), cells=cells)
+
+
+# ---- TUI: results metric picker, errors run picker ---------------------------------------------
+
+def result_metric_names(store: Store) -> list[str]:
+    """Every metric some result row has, sorted (the Results screen's metric picker)."""
+    with store.read() as connection:
+        return list(connection.execute(select(RESULTS.c.metric).distinct().order_by(RESULTS.c.metric)).scalars())
+
+
+def runs_with_predictions(store: Store, limit: int = 500) -> list[dict]:
+    """Runs that stored predictions, newest first, with the tasks they have predictions for."""
+    query = (
+        select(RUNS.c.id, RUNS.c.model, RUNS.c.method, RUNS.c.shots, RUNS.c.seed, RUNS.c.task.label("run_task"),
+               PREDICTIONS.c.task)
+        .join(PREDICTIONS, PREDICTIONS.c.run_id == RUNS.c.id)
+        .group_by(RUNS.c.id, PREDICTIONS.c.task)
+        .order_by(RUNS.c.id.desc(), PREDICTIONS.c.task)
+    )
+    runs: dict[int, dict] = {}
+    with store.read() as connection:
+        for run_id, model, method, shots, seed, run_task, task in connection.execute(query):
+            if run_id not in runs:
+                if len(runs) == limit:
+                    break
+                runs[run_id] = {"id": run_id, "model": model, "method": method, "shots": shots, "seed": seed,
+                                "task": run_task, "tasks": []}
+            runs[run_id]["tasks"].append(task)
+    return list(runs.values())

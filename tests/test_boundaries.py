@@ -29,6 +29,12 @@ def test_app_cli_never_imports_ml_packages():
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
 
 
+def test_tui_never_imports_ml_packages():
+    # The TUI's screens, including the form that validates and queues runs through app.cli.
+    loaded = modules_after_import("import app.tui.app, app.tui.runs, app.tui.new_run, app.tui.detail, app.cli")
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+
+
 def test_queue_time_validation_stays_light():
     # What `clfbench queue` runs before a run exists: spec, tasks, models, methods catalog, metrics.
     loaded = modules_after_import(

@@ -112,8 +112,16 @@ def test_cancel_retry_show_and_rm(cli):
     assert "queued again" in cli.run("retry", str(run["id"])).stdout
     assert cli.json("show", str(run["id"]))["status"] == "queued"
     assert_one_line_error(cli.run("show", "999", check=False), "no run 999")
+    from engine.daemon import run_dir
+    from storage.db import open_store
+
+    folder = run_dir(open_store().url, run["id"])  # as if it had run: a log and a checkpoint
+    (folder / "checkpoint").mkdir(parents=True)
+    (folder / "log.txt").write_text("old log\n")
     assert "deleted" in cli.run("rm", "-y", str(run["id"])).stdout
     assert cli.json("ls") == []
+    # SQLite may hand the same id to the next run: it must not find the deleted run's log or checkpoint.
+    assert not folder.exists()
 
 
 def test_listing_commands(cli):

@@ -1,8 +1,8 @@
 """The store: file safety, schema versioning, and queue operations that never lose or double-hand a run."""
 from __future__ import annotations
 
+import json
 import multiprocessing
-import os
 import stat
 
 import pytest
@@ -189,9 +189,31 @@ def test_results_matrix_aggregates_seeds_and_separates_multi_task(store):
             results.append(dict(task="massive-slots", metric="slot_f1", value=0.6))
         queue.finish_succeeded(store, run["id"], run["attempt"], [], results)
     matrix = queries.results_matrix(store)
-    row = ("tiny-bert", "encoder-finetune", 0)
+    row = ("tiny-bert", "encoder-finetune", 0, "")
     assert matrix.rows == [row]
     assert matrix.columns == ["massive-intent", "massive-intent (multi)", "massive-slots (multi)"]
     cell = matrix.cells[(row, "massive-intent")]
     assert cell.mean == pytest.approx(0.85) and cell.std == pytest.approx(0.0707, abs=1e-3)
     assert matrix.cells[(row, "massive-slots (multi)")].mean == pytest.approx(0.6)
+
+
+def test_results_matrix_keeps_runs_with_different_options_apart(store):
+    """Runs that differ in an option are different experiments: one row each, named by the differing option;
+    runs that differ only in the seed share a row."""
+    def spec(decision: str, seed: int) -> str:
+        return json.dumps({"options": {"decision": decision, "batch_size": 8}, "seed": seed})
+
+    runs = [new_run(method="prompt", seed=s, spec_json=spec(d, s)) for d, s in
+            (("score", 0), ("score", 1), ("constrained", 0))]
+    ids = queue.enqueue(store, runs)
+    values = dict(zip(ids, (0.2, 0.3, 0.05)))
+    for _ in ids:
+        run = claim_cpu(store)
+        queue.finish_succeeded(store, run["id"], run["attempt"], [],
+                               [dict(task="massive-intent", metric="accuracy", value=values[run["id"]])])
+    matrix = queries.results_matrix(store)
+    score = ("tiny-bert", "prompt", 0, "decision=score")
+    constrained = ("tiny-bert", "prompt", 0, "decision=constrained")
+    assert matrix.rows == [score, constrained]
+    assert matrix.cells[(score, "massive-intent")].values == [0.2, 0.3]
+    assert matrix.cells[(constrained, "massive-intent")].values == [0.05]

@@ -1,0 +1,168 @@
+"""The app shell: the store, the engine, global keys (q, ?, m, ctrl+p) and the command palette.
+
+The TUI is one more client of the store: it reads through storage.queries and writes through the same
+queue functions as the CLI. Every store read and every engine start/stop runs in a thread worker, so the
+keyboard never waits on SQLite's writer lock or on a process starting.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+from sqlalchemy.engine import make_url
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
+
+from app.tui.dialogs import HelpScreen
+from app.tui.runs import RunsScreen
+from engine.types import ClfbenchError
+from storage.db import Store, open_store
+
+
+def store_label(store: Store) -> str:
+    """A short name for the store: the file name of a SQLite store, else the URL without password."""
+    url = make_url(store.url)
+    if url.get_backend_name() == "sqlite" and url.database:
+        return Path(url.database).name
+    return store.describe()
+
+
+class ClfbenchApp(App):
+    """`clfbench tui`: the runs list is home; other screens are pushed on top and popped with escape."""
+
+    TITLE = "clfbench"
+    # The palette keeps Textual's default ctrl+p; q quits from every screen that has no text field focused.
+    BINDINGS = [
+        Binding("q", "quit", "Quit"),
+        Binding("question_mark,f1", "help", "Help"),
+        Binding("m", "results", "Results"),
+    ]
+    CSS = """
+    Screen { background: $background; }
+    .title-bar { height: 1; background: $primary 30%; color: $text; padding: 0 1; text-style: bold; }
+    """
+
+    def __init__(self, db: str | None = None, now: Callable[[], float] = time.time,
+                 start_engine: bool = True) -> None:
+        super().__init__()
+        self.store = open_store(db)  # a StoreError here is one line, printed by the CLI
+        # The clock for ages and ETAs; tests freeze it so snapshots do not drift.
+        self.now = now
+        self.start_engine_on_mount = start_engine
+
+    def get_default_screen(self) -> Screen:
+        return RunsScreen(self.store)
+
+    def on_mount(self) -> None:
+        if self.start_engine_on_mount:
+            self.ensure_engine()
+
+    # ---- the engine ---------------------------------------------------------------------------
+    def notify_from_thread(self, message: str, severity: str = "information") -> None:
+        self.call_from_thread(self.notify, message, severity=severity)
+
+    def reload_screens(self) -> None:
+        """Ask every open screen that shows store data to read it again now (not at its next tick)."""
+        for screen in self.screen_stack:
+            reload = getattr(screen, "reload", None)
+            if reload is not None:
+                reload()
+
+    @work(thread=True, group="engine", exclusive=True)
+    def ensure_engine(self) -> None:
+        """Start the engine detached when none runs for this store on this host (as `clfbench tui` promises)."""
+        from engine.daemon import engine_lock_holder
+
+        if engine_lock_holder(self.store.url):
+            return
+        self._start_engine()
+
+    @work(thread=True, group="engine", exclusive=True)
+    def start_engine(self) -> None:
+        from engine.daemon import engine_lock_holder
+
+        holder = engine_lock_holder(self.store.url)
+        if holder:
+            self.notify_from_thread(f"an engine already runs for this store (pid {holder})")
+            return
+        self._start_engine()
+
+    def _start_engine(self) -> None:
+        from engine.daemon import start_detached
+
+        try:
+            pid = start_detached(self.store.url, None, 1)
+        except ClfbenchError as error:
+            self.notify_from_thread(f"engine not started: {error}", "error")
+            return
+        self.notify_from_thread(f"engine started (pid {pid})")
+        self.call_from_thread(self.reload_screens)
+
+    @work(thread=True, group="engine", exclusive=True)
+    def stop_engine(self) -> None:
+        from engine.daemon import stop_engine
+
+        pid = stop_engine(self.store.url)
+        self.notify_from_thread(f"engine (pid {pid}) stopped; running workers go on" if pid
+                                else "no engine runs for this store on this host")
+        self.call_from_thread(self.reload_screens)
+
+    def action_start_engine(self) -> None:
+        self.start_engine()
+
+    def action_stop_engine(self) -> None:
+        self.stop_engine()
+
+    # ---- screens ------------------------------------------------------------------------------
+    def action_results(self) -> None:
+        try:
+            from app.tui.results import ResultsScreen
+        except ImportError:
+            self.notify("the results screen is not installed", severity="error")
+            return
+        self.push_screen(ResultsScreen(self.store))
+
+    def open_errors(self, run_id: int | None) -> None:
+        try:
+            from app.tui.errors import ErrorsScreen
+        except ImportError:
+            self.notify("the errors screen is not installed", severity="error")
+            return
+        self.push_screen(ErrorsScreen(self.store, run_id, task=None))
+
+    def open_new_run(self, prefill: dict | None = None) -> None:
+        from app.tui.new_run import NewRunScreen
+
+        self.push_screen(NewRunScreen(self.store, prefill=prefill))
+
+    def action_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            return
+        # The screen's keys first, then the app's, then the focused widget's (cursor moves...); keys that do
+        # the same thing share a line ("q, ^q  Quit").
+        def rank(active) -> int:
+            return 0 if isinstance(active.node, Screen) else 1 if isinstance(active.node, App) else 2
+
+        by_action: dict[str, tuple[list[str], str]] = {}
+        for active in sorted(self.active_bindings.values(), key=rank):
+            binding = active.binding
+            if binding.description:
+                keys_of, _ = by_action.setdefault(binding.action, ([], binding.description))
+                keys_of.append(self.get_key_display(binding))
+        keys = [(", ".join(dict.fromkeys(keys_of)), description) for keys_of, description in by_action.values()]
+        keys.append(("ctrl+p", "command palette"))
+        title = getattr(self.screen, "HELP_TITLE", type(self.screen).__name__)
+        self.push_screen(HelpScreen(title, keys))
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield SystemCommand("New run", "Open the form that queues a run or a sweep", self.open_new_run)
+        yield SystemCommand("Results matrix", "Models × tasks, mean ± std over seeds", self.action_results)
+        selected = getattr(screen, "selected_run_id", lambda: None)()
+        yield SystemCommand("Errors", "Confusion matrix and misclassified examples of the selected run",
+                            lambda: self.open_errors(selected))
+        yield SystemCommand("Start engine", "Start the engine (detached) for this store", self.start_engine)
+        yield SystemCommand("Stop engine", "Stop this host's engine; running workers go on", self.stop_engine)
+        yield from super().get_system_commands(screen)  # Quit, Keys, Theme, Screenshot

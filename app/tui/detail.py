@@ -1,0 +1,255 @@
+"""Run detail: live loss and eval curves (plotext charts), throughput, parse failures, results, spec, log.
+
+Everything is read in thread workers on a timer. Metric points are fetched incrementally (only points newer
+than the last one seen) and the log is followed from the byte offset read so far, so a long run's detail view
+costs the same per tick as a short one's.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Log, Static, TabbedContent, TabPane
+from textual.worker import get_current_worker
+from textual_plotext import PlotextPlot
+
+from app import render
+from app.tui.runs import STATUS_STYLES, progress_text
+from storage import queries
+from storage.db import Store
+
+REFRESH_S = 1.5
+LOG_TAIL_BYTES = 64_000  # the first read of a log shows its last 64 kB; later reads follow from there
+TABS = ["curves", "eval", "results", "config", "log"]
+
+
+def is_loss(name: str) -> bool:
+    return "loss" in name
+
+
+def is_eval_curve(name: str) -> bool:
+    """Quality over time: eval metrics and, for generation jobs, the parse-failure rate."""
+    return (name.startswith("eval_") and not is_loss(name)) or name.startswith("parse_failure")
+
+
+def is_throughput(name: str) -> bool:
+    return name.endswith("examples_per_s")
+
+
+def read_log(path: str | None, offset: int) -> tuple[str, int]:
+    """New text of the log from `offset` (the last LOG_TAIL_BYTES on the first read), and the new offset."""
+    if not path or not os.path.exists(path):
+        return "", offset
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        if size < offset:  # the file was replaced (a retry rewrote it): start again
+            offset = 0
+        start = max(offset, size - LOG_TAIL_BYTES) if offset == 0 else offset
+        handle.seek(start)
+        data = handle.read(size - start)
+    return data.decode("utf-8", errors="replace"), size
+
+
+class DetailScreen(Screen):
+    HELP_TITLE = "run detail"
+    BINDINGS = [
+        Binding("escape,backspace", "close", "Back"),
+        Binding("1", "tab('curves')", "Curves"),
+        Binding("2", "tab('eval')", "Eval"),
+        Binding("3", "tab('results')", "Results"),
+        Binding("4", "tab('config')", "Config"),
+        Binding("5", "tab('log')", "Log"),
+        Binding("e", "errors", "Errors"),
+        Binding("d", "duplicate", "Dup+edit", show=False),
+        Binding("y", "copy_spec", "Copy spec", show=False),
+    ]
+    DEFAULT_CSS = """
+    DetailScreen #header { height: auto; max-height: 3; padding: 0 1; background: $panel; }
+    DetailScreen TabbedContent { height: 1fr; }
+    DetailScreen PlotextPlot { height: 1fr; }
+    DetailScreen .summary { height: auto; padding: 0 1; }
+    DetailScreen Log { height: 1fr; }
+    DetailScreen DataTable { height: 1fr; }
+    """
+
+    def __init__(self, store: Store, run_id: int) -> None:
+        super().__init__()
+        self.store = store
+        self.run_id = run_id
+        self.run: dict | None = None
+        self.points: dict[str, list[tuple[int, float]]] = {}  # metric name → (step, value), in order
+        self.last_point_id = 0
+        self.log_offset = 0
+        self.results: dict[str, dict[str, float]] = {}
+
+    def compose(self) -> ComposeResult:
+        yield Static(f"clfbench · run {self.run_id}", classes="title-bar", id="title")
+        yield Static("loading…", id="header")
+        with TabbedContent(initial="curves"):
+            with TabPane("1 Curves", id="curves"):
+                yield PlotextPlot(id="loss-plot")
+                yield Static("", classes="summary", id="throughput")
+            with TabPane("2 Eval", id="eval"):
+                yield PlotextPlot(id="eval-plot")
+                yield Static("", classes="summary", id="parse-failures")
+            with TabPane("3 Results", id="results"):
+                table = DataTable(cursor_type="row", zebra_stripes=True, id="results-table")
+                table.add_columns("task", "metric", "value")
+                yield table
+            with TabPane("4 Config", id="config"):
+                with VerticalScroll():
+                    yield Static("", id="spec")
+            with TabPane("5 Log", id="log"):
+                yield Log(id="log-view", max_lines=5000, auto_scroll=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.draw_charts()
+        self.reload()
+        self.set_interval(REFRESH_S, self.reload)
+
+    # ---- reading ------------------------------------------------------------------------------
+    @work(thread=True, group="detail-reload", exclusive=True)
+    def reload(self) -> None:
+        run = queries.get_run(self.store, self.run_id)
+        if run is None:
+            self.app.call_from_thread(self.gone)
+            return
+        new_points = queries.metric_series(self.store, self.run_id, after_id=self.last_point_id)
+        results = queries.run_results(self.store, self.run_id)
+        log_text, log_offset = read_log(run["log_path"], self.log_offset)
+        if not get_current_worker().is_cancelled:
+            self.app.call_from_thread(self.show, run, new_points, results, log_text, log_offset)
+
+    def gone(self) -> None:
+        self.notify(f"run {self.run_id} no longer exists", severity="warning")
+        self.dismiss()
+
+    def show(self, run: dict, new_points: list[dict], results: dict, log_text: str, log_offset: int) -> None:
+        spec_changed = self.run is None or self.run["spec_json"] != run["spec_json"] or \
+            self.run["error"] != run["error"]
+        if self.run is not None and run["attempt"] != self.run["attempt"]:
+            self.points.clear()  # a retry starts its curves again
+        self.run = run
+        self.update_header()
+        if new_points:
+            for point in new_points:
+                if point["attempt"] != run["attempt"]:
+                    continue
+                self.points.setdefault(point["name"], []).append((point["step"], point["value"]))
+            self.last_point_id = new_points[-1]["id"]
+            self.draw_charts()
+        if results != self.results:
+            self.results = results
+            self.fill_results()
+        self.update_summaries()
+        if spec_changed:
+            self.update_spec()
+        if log_text:
+            log = self.query_one("#log-view", Log)
+            if log_offset < self.log_offset:
+                log.clear()
+            log.write(log_text)
+        self.log_offset = log_offset
+
+    # ---- drawing ------------------------------------------------------------------------------
+    def update_header(self) -> None:
+        run = self.run
+        now = self.app.now()
+        line = Text()
+        line.append(run["status"], style=STATUS_STYLES.get(run["status"], ""))
+        line.append(f" · {run['method']} · {run['model']} · {run['task']} · shots {run['shots']} · seed {run['seed']}")
+        second = []
+        progress = progress_text(run, now)
+        if progress:
+            second.append(f"progress {progress}")
+        second.append(f"time {render.duration(run['started_at'], run['finished_at'], now)}")
+        second.append(f"attempt {run['attempt']}")
+        if run["gpus_assigned"]:
+            second.append(f"GPU {run['gpus_assigned']}")
+        if run["error"]:
+            second.append(run["error"].splitlines()[0])
+        line.append("\n" + " · ".join(second))
+        self.query_one("#header", Static).update(line)
+
+    def draw_charts(self) -> None:
+        # A run without a loss (prompting) charts its throughput in the first tab instead.
+        has_loss = any(is_loss(name) for name in self.points)
+        first = (is_loss, "loss") if has_loss or not self.points else (is_throughput, "examples/s")
+        for plot_id, (wanted, title) in (("#loss-plot", first), ("#eval-plot", (is_eval_curve, "eval"))):
+            plot = self.query_one(plot_id, PlotextPlot)
+            plt = plot.plt
+            plt.clear_figure()
+            names = sorted(name for name in self.points if wanted(name))
+            for name in names:
+                steps, values = zip(*self.points[name])
+                if len(steps) > 1:
+                    plt.plot(list(steps), list(values), label=name, marker="braille")
+                else:  # a lone point (the first evaluation) would be invisible as a line
+                    plt.scatter(list(steps), list(values), label=name, marker="dot")
+            plt.title(title if names else f"{title}: no points yet")
+            plt.xlabel("step")
+            plot.refresh()
+
+    def update_summaries(self) -> None:
+        parts = []
+        for name in sorted(n for n in self.points if is_throughput(n)):
+            values = [v for _, v in self.points[name]]
+            parts.append(f"{name} {values[-1]:.1f} now, {sum(values) / len(values):.1f} mean")
+        for task, values in sorted(self.results.items()):
+            for metric in sorted(m for m in values if is_throughput(m)):
+                parts.append(f"{task} {metric} {values[metric]:.1f}")
+        self.query_one("#throughput", Static).update("throughput: " + ("; ".join(parts) or "–"))
+        failures = [f"{task} {values['parse_failure_rate']:.1%}" for task, values in sorted(self.results.items())
+                    if "parse_failure_rate" in values]
+        self.query_one("#parse-failures", Static).update("parse failures: " + (", ".join(failures) or "–"))
+
+    def fill_results(self) -> None:
+        table = self.query_one("#results-table", DataTable)
+        table.clear()
+        for task, values in sorted(self.results.items()):
+            for metric, value in sorted(values.items()):
+                table.add_row(task, metric, f"{value:.4g}")
+
+    def update_spec(self) -> None:
+        try:
+            spec = json.dumps(json.loads(self.run["spec_json"]), indent=2, sort_keys=True)
+        except ValueError:
+            spec = self.run["spec_json"]
+        text = Text(spec)
+        if self.run["error"]:
+            text.append("\n\nerror:\n", style="bold red").append(self.run["error"])
+        if self.run["log_path"]:
+            text.append(f"\n\nlog: {Path(self.run['log_path']).name} · code {self.run['code_version']}",
+                        style="dim")
+        self.query_one("#spec", Static).update(text)
+
+    # ---- actions ------------------------------------------------------------------------------
+    def action_tab(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
+
+    def action_close(self) -> None:
+        self.dismiss()
+
+    def action_errors(self) -> None:
+        self.app.open_errors(self.run_id)
+
+    def action_duplicate(self) -> None:
+        if self.run is not None:
+            self.app.open_new_run(prefill=json.loads(self.run["spec_json"]))
+
+    def action_copy_spec(self) -> None:
+        if self.run is not None:
+            self.app.copy_to_clipboard(self.run["spec_json"])
+            self.notify(f"copied the spec of run {self.run_id}")
+
+    def selected_run_id(self) -> int:
+        return self.run_id

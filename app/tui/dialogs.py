@@ -1,0 +1,75 @@
+"""Small modal screens shared by every screen: a yes/no confirmation and the key help."""
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, DataTable, Static
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """Ask before doing something that cannot be undone; dismisses with True (y) or False (n / escape)."""
+
+    DEFAULT_CSS = """
+    ConfirmScreen { align: center middle; }
+    ConfirmScreen > Vertical { width: 60; height: auto; border: thick $error; background: $surface; padding: 1 2; }
+    ConfirmScreen Horizontal { height: auto; margin-top: 1; align-horizontal: right; }
+    ConfirmScreen Button { margin-left: 2; }
+    """
+    BINDINGS = [
+        Binding("y", "answer(True)", "Yes"),
+        Binding("n,escape", "answer(False)", "No"),
+    ]
+
+    def __init__(self, question: str) -> None:
+        super().__init__()
+        self.question = question
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(self.question, id="question")
+            with Horizontal():
+                yield Button("Yes (y)", variant="error", id="yes")
+                yield Button("No (n)", variant="primary", id="no")
+
+    def on_mount(self) -> None:
+        self.query_one("#no", Button).focus()  # the safe answer is the default
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id == "yes")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+
+class HelpScreen(ModalScreen[None]):
+    """The keys of the screen it was opened from (given as (key, description) pairs)."""
+
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > Vertical { width: 64; max-height: 90%; height: auto; border: thick $primary; background: $surface; }
+    HelpScreen #title { padding: 0 1; text-style: bold; }
+    HelpScreen DataTable { height: auto; max-height: 18; }
+    HelpScreen #hint { padding: 0 1; color: $text-muted; }
+    """
+    BINDINGS = [Binding("escape,q,question_mark,f1", "close", "Close")]
+
+    def __init__(self, title: str, keys: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.title_text = title
+        self.keys = keys
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(f"Keys · {self.title_text}", id="title")
+            with VerticalScroll():
+                table = DataTable(cursor_type="row", show_header=False, zebra_stripes=True)
+                table.add_columns("key", "what it does")
+                for key, description in self.keys:
+                    table.add_row(key, description)
+                yield table
+            yield Static("ctrl+p: command palette · escape: close", id="hint")
+
+    def action_close(self) -> None:
+        self.dismiss(None)

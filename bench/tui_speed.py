@@ -1,0 +1,203 @@
+"""TUI speed on a big store: cold start to first paint, and a filter keystroke in a 2k-row results matrix.
+
+    python bench/tui_speed.py [--runs 10000] [--points 1000000] [--repeat 3] [--keep DIR]
+
+1. Fills a fresh SQLite store (the real schema, through storage.db.open_store) with `--runs` runs and
+   `--points` metric points in bulk (executemany, one transaction): 2,000 distinct model × method × shots
+   rows for the results matrix, single-task and consolidated runs, results on every succeeded run.
+2. Cold start: starts `python -m app.cli --db URL tui --no-engine` in a pseudo-terminal (80×24, as over SSH)
+   and times, from the spawn, (a) the first frame (the title bar is on screen) and (b) the newest run's row
+   painted (its data read from the store).
+3. Filter keystroke: opens the Results screen in-process (Textual's pilot, headless), types a query one key at
+   a time and times each key from press to the repainted screen (the app idle again after the table rebuild).
+
+Prints the measured numbers next to the goals (first paint <= 1.0 s, filter keystroke <= 50 ms).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import os
+import pty
+import random
+import select
+import sqlite3
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import termios
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from storage.db import open_store  # noqa: E402
+
+GOAL_FIRST_PAINT_S = 1.0
+GOAL_KEYSTROKE_MS = 50.0
+NEWEST_MODEL = "zz-newest"  # the newest run's model and task: on screen means the run list was painted
+TITLE = "clfbench · runs".encode()
+METHODS = ["encoder-finetune", "prompt", "llm-finetune", "llmembed", "openai", "m5", "m6", "m7", "m8", "m9"]
+# Each (model, method, shots) row gets these runs: two seeds of one task, two single tasks, one consolidated.
+RUN_PLAN = [("20ng-20class", 0), ("20ng-20class", 1), ("massive-intent", 0), ("massive-slots", 0),
+            ("massive-intent+massive-slots", 0)]
+
+
+def fill_store(path: Path, runs: int, points: int) -> tuple[str, int]:
+    """Create the store and bulk-insert runs, results and metric points. Returns (URL, matrix rows)."""
+    url = f"sqlite:///{path}"
+    open_store(url).engine.dispose()  # the real schema and version
+    rng = random.Random(0)
+    row_keys = [(f"model-{m:03d}", method, shots) for m in range(100) for method in METHODS for shots in (0, 5)]
+    base = 1_750_000_000.0
+    run_rows, result_rows = [], []
+    for run_id in range(1, runs + 1):
+        model, method, shots = row_keys[(run_id - 1) // len(RUN_PLAN) % len(row_keys)]
+        task, seed = RUN_PLAN[(run_id - 1) % len(RUN_PLAN)]
+        if run_id == runs:  # the top row of the runs list; its task column is wide enough at 80 columns
+            model, task = NEWEST_MODEL, NEWEST_MODEL
+        status = "succeeded" if run_id < runs - 50 else rng.choice(["running", "queued", "failed"])
+        created = base + run_id * 30
+        run_rows.append((run_id, method, model, task, shots, seed, "{}", f"h{run_id}", "", status, 0, "process", 1,
+                         1, 0, 2, created, created + 5, created + 25 if status == "succeeded" else None, 0,
+                         100 if status != "queued" else None, 100 if status != "queued" else None))
+        if status == "succeeded":
+            for one_task in task.split("+"):
+                quality = rng.uniform(0.2, 0.95)
+                metrics = {"slot_f1": quality} if one_task == "massive-slots" else {
+                    "accuracy": quality, "macro_f1": quality * 0.95}
+                metrics["parse_failure_rate"] = rng.uniform(0, 0.2) if method != "encoder-finetune" else 0.0
+                result_rows += [(run_id, one_task, name, value) for name, value in metrics.items()]
+    per_run = max(1, points // runs)
+    connection = sqlite3.connect(path)
+    with connection:
+        connection.executemany(
+            "INSERT INTO runs (id, method, model, task, shots, seed, spec_json, spec_hash, code_version, status,"
+            " priority, launch, nproc, attempt, interruptions, max_interruptions, created_at, started_at,"
+            " finished_at, cancel_requested, progress_step, progress_total)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", run_rows)
+        connection.executemany("INSERT INTO results (run_id, task, metric, value) VALUES (?,?,?,?)", result_rows)
+        connection.executemany(
+            "INSERT INTO metric_points (run_id, attempt, step, name, value, time) VALUES (?,1,?,'train_loss',?,?)",
+            ((run_id, step, 3.0 / step, base + run_id * 30 + step)
+             for run_id in range(1, runs + 1) for step in range(1, per_run + 1)))
+    connection.close()
+    return url, len(row_keys)
+
+
+def cold_start(url: str, home: Path, timeout_s: float = 120.0) -> tuple[float, float]:
+    """Seconds from spawning `clfbench tui` in an 80×24 pty to the first frame and to the newest run painted."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = {**os.environ, "TERM": "xterm-256color", "CLFBENCH_HOME": str(home), "PYTHONPATH": str(ROOT),
+           "COLUMNS": "80", "LINES": "24"}
+    start = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", "--db", url, "tui", "--no-engine"],
+                               stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env, start_new_session=True)
+    os.close(slave)
+    seen = b""
+    first_paint = rows_painted = None
+    try:
+        while time.perf_counter() - start < timeout_s and rows_painted is None:
+            ready, _, _ = select.select([master], [], [], 0.05)
+            if not ready:
+                continue
+            try:
+                seen += os.read(master, 1 << 16)
+            except OSError:
+                break
+            now = time.perf_counter() - start
+            if first_paint is None and TITLE in seen:
+                first_paint = now
+            if first_paint is not None and NEWEST_MODEL.encode() in seen:
+                rows_painted = now
+        os.write(master, b"q")
+        process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(master)
+    if first_paint is None or rows_painted is None:
+        raise SystemExit(f"the TUI did not paint within {timeout_s} s; its output ended with: {seen[-400:]!r}")
+    return first_paint, rows_painted
+
+
+async def filter_keystrokes(url: str, query: str) -> tuple[list[float], list[float], float, int]:
+    """Per key typed into the results filter: milliseconds from press to idle after the repaint, and the UI
+    thread's CPU milliseconds for it; then the matrix load time in seconds and the matrix's row count."""
+    from app.tui.app import ClfbenchApp
+    from app.tui.results import ResultsScreen
+
+    app = ClfbenchApp(db=url, start_engine=False)
+    timings, cpu_timings = [], []
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        started = time.perf_counter()
+        await pilot.press("m")
+        screen = app.screen
+        assert isinstance(screen, ResultsScreen), screen
+        while screen.shown is None:  # the matrix is read in a thread worker
+            await pilot.pause(0.01)
+        await pilot.pause()
+        load_s = time.perf_counter() - started
+        rows = len(screen.matrix.rows)
+        await pilot.press("slash")
+        await pilot.pause()
+        for key in query:
+            started, cpu_started = time.perf_counter(), time.thread_time()
+            await pilot.press(key)
+            await pilot.pause()  # the Input.Changed handler has run and the screen has been refreshed
+            timings.append((time.perf_counter() - started) * 1000)
+            # CPU of the UI thread for the same key: what it costs without other processes competing.
+            cpu_timings.append((time.thread_time() - cpu_started) * 1000)
+        assert screen.query_text == query
+    return timings, cpu_timings, load_s, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10_000)
+    parser.add_argument("--points", type=int, default=1_000_000)
+    parser.add_argument("--repeat", type=int, default=3, help="cold starts to time")
+    parser.add_argument("--query", default="model:model-01 method:prompt", help="typed into the filter")
+    parser.add_argument("--keep", type=Path, help="folder for the store (default: a temporary one)")
+    args = parser.parse_args()
+
+    folder = args.keep or Path(tempfile.mkdtemp(prefix="clfbench-tui-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "bench.db"
+    path.unlink(missing_ok=True)
+    started = time.perf_counter()
+    url, matrix_rows = fill_store(path, args.runs, args.points)
+    print(f"store: {args.runs} runs, {args.points} metric points, {matrix_rows} matrix rows; "
+          f"filled in {time.perf_counter() - started:.1f} s ({path.stat().st_size / 1e6:.0f} MB)")
+    print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} on {os.cpu_count()} CPUs")
+
+    starts = [cold_start(url, folder / "home") for _ in range(args.repeat)]
+    paints = [s[0] for s in starts]
+    painted = [s[1] for s in starts]
+    timings, cpu_timings, load_s, rows = asyncio.run(filter_keystrokes(url, args.query))
+
+    first_paint = statistics.median(paints)
+    keystroke = statistics.median(timings)
+    print()
+    print(f"{'measure':52} {'measured':>12} {'goal':>10}")
+    print(f"{'cold start to first paint (median of ' + str(args.repeat) + ')':52} {first_paint:>10.2f} s "
+          f"{'<= ' + str(GOAL_FIRST_PAINT_S) + ' s':>10}  {'ok' if first_paint <= GOAL_FIRST_PAINT_S else 'MISSED'}")
+    print(f"{'  each start':52} {' '.join(f'{p:.2f}' for p in paints):>12}")
+    print(f"{'cold start to the newest run painted (median)':52} {statistics.median(painted):>10.2f} s")
+    print(f"{'results matrix load (' + str(rows) + ' rows, thread worker)':52} {load_s:>10.2f} s")
+    print(f"{'filter keystroke to repaint, ' + str(rows) + ' rows (median)':52} {keystroke:>9.1f} ms "
+          f"{'<= ' + str(int(GOAL_KEYSTROKE_MS)) + ' ms':>10}  {'ok' if keystroke <= GOAL_KEYSTROKE_MS else 'MISSED'}")
+    print(f"{'  slowest of ' + str(len(timings)) + ' keys':52} {max(timings):>9.1f} ms")
+    print(f"{'  UI-thread CPU per key (median; load-independent)':52} {statistics.median(cpu_timings):>9.1f} ms")
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
