@@ -21,6 +21,11 @@ def row_label(row: tuple[str, str, int, str]) -> str:
     return f"{model} · {method}" + (f" · {shots}-shot" if shots else "") + (f" · {variant}" if variant else "")
 
 
+def run_label(model: str, method: str, shots: int) -> str:
+    """One run's model · method · shots, as the results rows name it (without option variants)."""
+    return row_label((model, method, shots, ""))
+
+
 def cell_text(matrix: Matrix, row, column, percent: bool = True) -> str:
     cell = matrix.cells.get((row, column))
     if cell is None or not cell.values:

@@ -27,7 +27,7 @@ LABEL_WIDTH = 22  # characters of a label in the confusion matrix's row names
 
 
 def run_title(run: dict) -> str:
-    return f"#{run['id']} {render.row_label((run['model'], run['method'], run['shots'], ''))} · {run['task']}"
+    return f"#{run['id']} {render.run_label(run['model'], run['method'], run['shots'])} · {run['task']}"
 
 
 def top_labels(report: ErrorReport, k: int | None) -> list[str]:
@@ -254,7 +254,7 @@ class ErrorsScreen(Screen):
         for row in rows:
             right = row["predicted"] == row["gold"]
             marker = "▶" if row["run_id"] == self.run_id else ""
-            table.add_row(f"{marker}{row['run_id']}", render.row_label((row["model"], row["method"], row["shots"])),
+            table.add_row(f"{marker}{row['run_id']}", render.run_label(row["model"], row["method"], row["shots"]),
                           row["predicted"] if row["predicted"] is not None else "∅",
                           Text("✓", style="green") if right else Text("✗", style="red"))
         table.border_title = f"{len(rows)} runs on {task} for example {example_id}"
