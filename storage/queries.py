@@ -121,8 +121,9 @@ class Cell:
 
 
 # A results row: (model, method, shots, variant). `variant` names the options in which runs of the same
-# (model, method, shots) differ, e.g. "decision=score" (empty when they agree): runs that are different
-# experiments must not be averaged as if they were seeds of one.
+# (model, method, shots) on the same task differ, e.g. "decision=score" (empty when they agree): runs that are
+# different experiments must not be averaged as if they were seeds of one. Runs on different tasks never share
+# a cell, so their differences (max_length for 20NG vs MASSIVE) do not split rows.
 RowKey = tuple[str, str, int, str]
 
 
@@ -134,8 +135,9 @@ class Matrix:
     cells: dict[tuple[RowKey, str], Cell]
 
 
-def _option_variants(specs: dict[int, tuple[tuple[str, str, int], dict]]) -> dict[int, str]:
-    """For each run, the options (of its spec) whose values differ between runs of its (model, method, shots)."""
+def _option_variants(specs: dict[int, tuple[tuple[str, str, int, str], dict]]) -> dict[int, str]:
+    """For each run, the options (of its spec) whose values differ between runs of its (model, method, shots,
+    task)."""
     by_group: dict[tuple[str, str, int], list[int]] = {}
     for run_id, (group, _options) in specs.items():
         by_group.setdefault(group, []).append(run_id)
@@ -179,14 +181,14 @@ def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
         query = query.where(RESULTS.c.task.contains(task))
     with store.read() as connection:
         rows = connection.execute(query).all()
-    specs: dict[int, tuple[tuple[str, str, int], dict]] = {}
-    for run_id, run_model, run_method, shots, _run_task, spec_json, *_rest in rows:
+    specs: dict[int, tuple[tuple[str, str, int, str], dict]] = {}
+    for run_id, run_model, run_method, shots, run_task, spec_json, *_rest in rows:
         if run_id not in specs:
             try:
                 options = json.loads(spec_json).get("options") or {}
             except (ValueError, AttributeError):
                 options = {}
-            specs[run_id] = ((run_model, run_method, shots), options)
+            specs[run_id] = ((run_model, run_method, shots, run_task), options)
     variants = _option_variants(specs)
     cells: dict[tuple[RowKey, str], Cell] = {}
     row_keys: list[RowKey] = []

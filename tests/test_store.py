@@ -217,3 +217,10 @@ def test_results_matrix_keeps_runs_with_different_options_apart(store):
     assert matrix.rows == [score, constrained]
     assert matrix.cells[(score, "massive-intent")].values == [0.2, 0.3]
     assert matrix.cells[(constrained, "massive-intent")].values == [0.05]
+    # A run on another task with other options never shares a cell with these: it joins the plain row.
+    (other,) = queue.enqueue(store, [new_run(method="prompt", task="massive-slots",
+                                             spec_json=json.dumps({"options": {"decision": "generate"}}))])
+    run = claim_cpu(store)
+    queue.finish_succeeded(store, run["id"], run["attempt"], [], [dict(task="massive-slots", metric="slot_f1", value=0.1)])
+    matrix = queries.results_matrix(store)
+    assert ("tiny-bert", "prompt", 0, "") in matrix.rows and len(matrix.rows) == 3
