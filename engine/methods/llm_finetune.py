@@ -19,7 +19,8 @@
   cut into batches whose order is shuffled again; with several ranks a global batch of batch_size * world_size
   similar-length rows is dealt round-robin, so every rank has the same number of micro-batches;
 - dev: the tasks' dev split (or `dev_fraction` of train held out, seeded; `dev_limit` keeps the first N) gives
-  `eval_loss` every `eval_every` steps and at the end; `train_loss`, `lr`, `train_tokens_per_s` every `log_every`;
+  `eval_loss` every `eval_every` steps and at the end; `train_loss`, `lr`, `train_tokens_per_s` (tokens
+  computed: a shared prefix counts once per micro-batch) every `log_every`;
 - checkpoints every `checkpoint_every` steps into ctx.output_dir/checkpoint (model, optimizer, scheduler, step and
   every rank's RNG; `engine.methods.encoder_finetune.save_checkpoint`, atomic) and an interrupted run resumes
   from it: the batch order of an epoch depends on (seed, epoch) only, so the step says where to go on;
@@ -141,7 +142,8 @@ def run(ctx: RunContext) -> MethodOutput | None:
     step = start_step
     ctx.set_progress(step, total_steps)
     loop_started, paused, dev_time = time.perf_counter(), 0.0, 0.0
-    window = torch.zeros(3, dtype=torch.float64, device=device)  # summed loss, labelled tokens, all tokens
+    # summed loss, labelled tokens, tokens computed (a shared prefix counts once per micro-batch, as it runs)
+    window = torch.zeros(3, dtype=torch.float64, device=device)
     window_started, window_paused = time.perf_counter(), 0.0
     tokens_seen = 0
     while step < total_steps:
@@ -152,10 +154,13 @@ def run(ctx: RunContext) -> MethodOutput | None:
             dist.all_reduce(labelled)
         scale = ctx.world_size / max(float(labelled.item()), 1.0)
         for k, batch in enumerate(micro):
-            summed = trainer.backward(collate(batch, prefix, decoder.pad_id), scale, last=k == len(micro) - 1)
-            window += torch.tensor([summed, sum(s.n_labels for s in batch), sum(len(s.ids) for s in batch)],
+            inputs = collate(batch, prefix, decoder.pad_id)
+            summed = trainer.backward(inputs, scale, last=k == len(micro) - 1)
+            shared = inputs.prefix.shape[1] if inputs.prefix is not None else 0
+            computed = shared + sum(len(s.ids) - shared for s in batch)
+            window += torch.tensor([summed, sum(s.n_labels for s in batch), computed],
                                    dtype=torch.float64, device=device)
-            tokens_seen += sum(len(s.ids) for s in batch)
+            tokens_seen += computed
         trainer.optimizer_step()
         step += 1
 
