@@ -36,10 +36,15 @@ def make_app(url: str) -> ClfbenchApp:
 
 
 async def settle(pilot) -> None:
-    """Let the store reads in thread workers finish and their results paint."""
-    await pilot.pause()
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
+    """Let the store reads in thread workers finish and their results paint.
+
+    A worker's result arrives as a message that may start another read (the run list, then the report), and a
+    table measures its columns on a later refresh; a snapshot taken between the two has the wrong widths.
+    """
+    for _ in range(3):
+        await pilot.pause()
+        await pilot.app.workers.wait_for_complete()
+    await pilot.pause(0.2)
 
 
 def run_app(app: ClfbenchApp, scenario, size=(100, 30)) -> None:
