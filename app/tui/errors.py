@@ -120,7 +120,10 @@ class ErrorsScreen(Screen):
 
     def on_mount(self) -> None:
         per_label = self.query_one("#per-label", DataTable)
-        per_label.add_columns("label", "precision", "recall", "f1", "support", "wrong")
+        # Fixed widths: the table does not re-measure (and jump) as a report of another size arrives.
+        for name, width in (("label", LABEL_WIDTH + 2), ("precision", 9), ("recall", 6), ("f1", 5),
+                            ("support", 7), ("wrong", 5)):
+            per_label.add_column(name, width=width)
         self.query_one("#examples", DataTable).add_columns("id", "gold", "predicted", "parse", "text")
         self.query_one("#others", DataTable).add_columns("run", "model · method · shots", "predicted", "")
         per_label.focus()
