@@ -49,10 +49,11 @@ def main() -> int:
     parser.add_argument("--task", default="massive-intent")
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--n", type=int, default=200, help="test utterances (the fixed test_limit subset)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the dev box has 2 shared cores)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"])
+    parser.add_argument("--dtype", default="auto", choices=["float32", "bfloat16", "auto"],
+                        help="auto: what the prompt method picks (bfloat16 on a CPU with native bf16, else float32)")
     parser.add_argument("--chat-format", default="template", choices=["template", "raw"])
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--ablation-n", type=int, default=50, help="0: skip the reuse_prefix=false runs")

@@ -189,8 +189,9 @@ def test_calibrated_scores_differ_from_summed_ones(tiny_llama, loaded):
     decoder.set_prefix(template.partition(pm.SENTINEL)[0])
     content_free = pm._content_free_scores(decoder, chat.text(builder.render("N/A")), options, True)
     assert max(abs(c) for c in content_free) > 1.0
-    summed = pm.run(make_ctx(tiny_llama, "massive-intent", 8, decision="score", score_norm="sum"))
-    calibrated = pm.run(make_ctx(tiny_llama, "massive-intent", 8, decision="score", score_norm="calibrated"))
+    summed = pm.run(make_ctx(tiny_llama, "massive-intent", 8, decision="score", score_norm="sum", dtype="float32"))
+    calibrated = pm.run(make_ctx(tiny_llama, "massive-intent", 8, decision="score", score_norm="calibrated",
+                                 dtype="float32"))
     a = [p.predicted for p in summed.predictions["massive-intent"]]
     b = [p.predicted for p in calibrated.predictions["massive-intent"]]
     assert a != b
@@ -199,6 +200,56 @@ def test_calibrated_scores_differ_from_summed_ones(tiny_llama, loaded):
     for row, predicted in zip(pm.score_batch(decoder, trees, len(decoder.prefix_ids)), b):
         values = [s - c for (s, _), c in zip(row, content_free)]
         assert options[max(range(len(values)), key=values.__getitem__)] == predicted
+
+
+@pytest.mark.parametrize("norm", ["sum", "mean", "calibrated"])
+def test_the_exact_search_picks_the_argmax_of_scoring_every_label(loaded, norm):
+    """search_batch (branch and bound, several rounds) chooses what scoring every label in one pass chooses."""
+    chat, builder, decoder, texts, ids, template = setup(loaded, n=6)
+    options = groups(constraint_parts(builder.spec))[0].options
+    decoder.set_prefix(template.partition(pm.SENTINEL)[0])
+    P = len(decoder.prefix_ids)
+    trees = [pm._tree(decoder, t, i, options, True, P) for t, i in zip(texts, ids)]
+    offsets = [[0.0] * len(options)] * len(trees)
+    if norm == "calibrated":
+        offsets = [pm._content_free_scores(decoder, chat.text(builder.render("N/A")), options, True)] * len(trees)
+    expected = []
+    for row, offset in zip(pm.score_batch(decoder, trees, P), offsets):
+        values = [s / n if norm == "mean" else s - c for (s, n), c in zip(row, offset)]
+        expected.append(max(range(len(values)), key=values.__getitem__))
+    all_nodes = sum(len(t.nodes) for t in trees)
+    for width in (1, 3, 1000):
+        chosen, fed = pm.search_batch(decoder, trees, P, offsets, norm, width=width)
+        assert chosen == expected, (norm, width)
+        assert 0 < fed <= all_nodes
+    if norm == "sum":  # the bound prunes: not every label token is fed
+        assert pm.search_batch(decoder, trees, P, offsets, norm, width=1)[1] < all_nodes
+
+
+def test_the_prefix_attended_apart_gives_the_expanded_cache_scores(loaded):
+    """Split attention (the shared prefix held once, merged by log-sum-exp) equals the prefix copied to each row."""
+    chat, builder, decoder, texts, ids, template = setup(loaded, n=3)
+    options = groups(constraint_parts(builder.spec))[0].options
+    decoder.set_prefix(template.partition(pm.SENTINEL)[0])
+    assert decoder.split_attention  # a Llama switches to it
+    P = len(decoder.prefix_ids)
+    trees = [pm._tree(decoder, t, i, options, True, P) for t, i in zip(texts, ids)]
+    split = pm.score_batch(decoder, trees, P)
+    decoder.split_attention = False
+    try:
+        expanded = pm.score_batch(decoder, trees, P)
+    finally:
+        decoder.split_attention = True
+    assert torch.allclose(torch.tensor(split), torch.tensor(expanded), atol=1e-4)
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch):
+    cpu = torch.device("cpu")
+    assert pm.resolve_dtype("float32", cpu) == torch.float32
+    monkeypatch.setattr(pm, "_cpu_has_native_bf16", lambda: True)
+    assert pm.resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(pm, "_cpu_has_native_bf16", lambda: False)
+    assert pm.resolve_dtype("auto", cpu) == torch.float32
 
 
 def test_constrained_first_choice_is_the_argmax_over_first_label_tokens(loaded):

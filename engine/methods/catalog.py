@@ -88,14 +88,15 @@ class PromptOptions(MethodOptions):
     max_new_tokens: int | None = Field(
         None, ge=1, description="generate: token limit per answer (empty: 48 for a label, 16 per word + 64 for "
                                 "slots or JSON)")
-    batch_size: int = Field(8, ge=1, description="examples decoded or scored together")
+    batch_size: int = Field(16, ge=1, description="examples decoded or scored together")
     test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
     train_limit: int | None = Field(None, ge=1, description="draw few-shot examples from the first N training "
                                                             "examples only (after a seeded shuffle)")
     prompt_set: str = Field("paper", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                             description="folder of prompts/ with prompts.yaml (the paper's: 'paper')")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="model weights; auto: bfloat16 on a GPU that supports it, else float32")
+        "auto", description="model weights; auto: bfloat16 where the hardware computes it natively (a GPU that "
+                            "supports it, a CPU with AVX512-BF16 or AMX), else float32")
     reuse_prefix: bool = Field(
         True, description="compute the prompt text shared by all examples (instruction, labels, shots) once and "
                           "reuse its KV cache")

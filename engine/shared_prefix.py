@@ -1,0 +1,116 @@
+"""Attention for a batch whose rows all continue one shared prompt prefix, with that prefix's keys held ONCE.
+
+Every prompt of a run starts with the same text (instruction, label list, few-shot examples). Its KV cache is
+computed once (`PrefixKV.compute`), and is not copied into each row of a batch: the rows' cache holds only their
+own tokens. Each attention layer then works in two parts and merges them exactly (the log-sum-exp merge of
+cascade attention, as in Hydragen, Juravsky et al. 2024):
+
+- every query of the batch against the prefix keys: one matrix product per KV head, the batch folded into the
+  rows (no mask: every row may see the whole prefix). Large products are what a CPU (or GPU) is fast at; the
+  per-row attention of a plain KV cache reads the same prefix keys once per row with small products instead;
+- each row's queries against its own keys, under that row's mask (padding, causality, or a tree of answers).
+
+`softmax([a, b]) @ [Va; Vb]` equals `(ea @ Va + eb @ Vb) / (sum ea + sum eb)` with `ea = exp(a - m)`,
+`eb = exp(b - m)` for any shared shift `m`: the two parts are computed with their own maxima and rescaled.
+
+The model is switched to this attention (`enable`) under its own name in transformers' attention registry. A call
+without `shared_prefix=` runs transformers' own SDPA attention, so a model switched to it behaves as before
+everywhere else (training included).
+"""
+from __future__ import annotations
+
+import torch
+
+NAME = "clfbench_shared_prefix"
+_registered = False
+
+
+class PrefixKV:
+    """The shared prefix's keys and values per layer, [kv_heads, P, head_dim] each (positions 0..P-1)."""
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.layers = layers
+        self.length = layers[0][0].shape[-2] if layers else 0
+
+    @classmethod
+    @torch.no_grad()
+    def compute(cls, model, ids: list[int], device: torch.device) -> "PrefixKV":
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+        return cls([(layer.keys[0], layer.values[0]) for layer in out.past_key_values.layers])
+
+    def expanded(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prefix as a plain per-row KV cache (no copy until the cache grows), for models without `enable`."""
+        return [(k[None].expand(batch, -1, -1, -1), v[None].expand(batch, -1, -1, -1)) for k, v in self.layers]
+
+
+def enable(model) -> bool:
+    """Switch `model` to the split attention; False (model unchanged) when its architecture cannot switch."""
+    global _registered
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if not _registered:
+        AttentionInterface.register(NAME, attention)
+        AttentionMaskInterface.register(NAME, sdpa_mask)  # masks built by transformers: the same as for SDPA
+        _registered = True
+    current = getattr(model.config, "_attn_implementation", None)
+    if current == NAME:
+        return True
+    if current != "sdpa":  # eager or flash kernels: leave the model as it is
+        return False
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, ImportError, AttributeError):
+        return False
+    return getattr(model.config, "_attn_implementation", None) == NAME
+
+
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, shared_prefix=None,
+              **kwargs):
+    """transformers' attention signature: query [B, H, Q, D], key/value [B, KVH, S, D] (the rows' own tokens),
+    `attention_mask` a boolean [B, 1, Q, S] (True: may attend). Returns ([B, Q, H, D], None)."""
+    if shared_prefix is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    prefix_keys, prefix_values = shared_prefix.layers[module.layer_idx]
+    B, H, Q, D = query.shape
+    KVH, S = key.shape[1], key.shape[2]
+    group = H // KVH
+    scale = scaling if scaling is not None else D ** -0.5
+    part = _part_cpu if query.device.type == "cpu" else _part_math
+    # 1. The prefix: query heads h = kv * group + g share KV head kv (grouped-query attention), so the batch and
+    #    the group fold into the rows of one [B*group*Q, D] x [D, P] product per KV head.
+    folded = query.reshape(B, KVH, group, Q, D).permute(1, 0, 2, 3, 4).reshape(1, KVH, B * group * Q, D)
+    out_prefix, lse_prefix = part(folded, prefix_keys[None], prefix_values[None], None, scale)
+    out_prefix = out_prefix.reshape(KVH, B, group, Q, D).permute(1, 0, 2, 3, 4).reshape(B, H, Q, D)
+    lse_prefix = lse_prefix.reshape(KVH, B, group, Q).permute(1, 0, 2, 3).reshape(B, H, Q)
+    # 2. The rows' own tokens, under their masks.
+    out_own, lse_own = part(query, key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1),
+                            attention_mask, scale)
+    # 3. The exact merge: each part's softmax was normalised by its own sum, exp(lse); reweight by its share.
+    total = torch.logaddexp(lse_prefix, lse_own)
+    out = out_prefix.float() * torch.exp(lse_prefix - total)[..., None] \
+        + out_own.float() * torch.exp(lse_own - total)[..., None]
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _part_cpu(query, key, value, mask, scale):
+    """(softmax(q k^T) v, log-sum-exp of the scores) from PyTorch's fused CPU kernel."""
+    bias = None
+    if mask is not None:  # the kernel takes an additive mask of the query's dtype
+        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
+                                                                          attn_mask=bias, scale=scale)
+    return out, lse
+
+
+def _part_math(query, key, value, mask, scale):
+    """The same in plain operations, for any device."""
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.exp(scores - lse[..., None]).to(value.dtype), value)
+    return out, lse
