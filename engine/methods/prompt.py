@@ -7,17 +7,25 @@
   its grammar: a prefix tree over the label token sequences (labels tokenised after the prompt, as they appear),
   then the stop token; for slots one tag per word; for a multi-task prompt a JSON object with one enum per task.
   Every answer parses, by construction.
-- ``score``: the log-likelihood of every answer given the prompt. Prompt and answer are tokenised TOGETHER and
-  split afterwards (so a leading-space or merged token is the one the model would see), the answer ends with the
-  stop token (so "comp" cannot win over "comp.graphics" by stopping early), and all answers of one example are
-  scored in one forward pass over their prefix tree (a tree attention mask, no copy of the prompt per label).
-  `score_norm`: ``sum``, ``mean`` (per token) or ``calibrated`` (minus the answer's sum for the content-free
-  document "N/A", Zhao et al. 2021). Token tasks have no closed answer list: refused.
+- ``score``: the answer with the highest log-likelihood given the prompt. Prompt and answer are tokenised
+  TOGETHER and split afterwards (so a leading-space or merged token is the one the model would see), the answer
+  ends with the stop token (so "comp" cannot win over "comp.graphics" by stopping early), and the answers of one
+  example form a prefix tree fed with a tree attention mask (no copy of the prompt per label). `score_norm`:
+  ``sum``, ``mean`` (per token) or ``calibrated`` (minus the answer's sum for the content-free document "N/A",
+  Zhao et al. 2021). The argmax is found by an exact best-first branch and bound (`search_batch`): log-probs
+  are <= 0, so the part of an answer's sum known so far bounds it from above, and a subtree that cannot beat the
+  best complete answer is never fed (on SmolLM2 and MASSIVE, 40% of the tree's tokens are fed, calibrated). The
+  choice is the one scoring every label would make. Token tasks have no closed answer list: refused.
 
 What every example shares is computed once: the prompt text before the document (system prompt, instruction,
-label list, few-shot examples) is run through the model once, and its KV cache is expanded to each batch
-(`reuse_prefix`, default on). Rows of a batch sit behind that prefix, their own part left-padded, with explicit
-position ids and an explicit attention mask.
+label list, few-shot examples) is run through the model once (`reuse_prefix`, default on), and its KV cache is
+held ONCE, not copied to each row: `engine.shared_prefix` attends every query of a batch to it in one product
+per KV head and merges that with each row's attention to its own tokens (log-sum-exp). Rows of a batch sit
+behind that prefix, their own part left-padded, with explicit position ids and an explicit attention mask over
+their own tokens.
+
+Weights: `dtype=auto` is bfloat16 where the hardware multiplies it natively (a GPU that supports it, a CPU with
+AVX512-BF16 or AMX), else float32; the log-softmax normalisers are computed in float32 either way.
 
 Runs on rank 0 only (a run with several processes leaves the other ranks idle: they return None at once).
 """
@@ -91,8 +99,9 @@ def decide(ctx: RunContext, decoder: "Decoder", builder: PromptBuilder, opts) ->
     decoder.set_prefix(prefix_text)
     progress = Progress(ctx, len(items))
 
+    search: dict[str, float] = {}
     if opts.decision == "score":
-        answers = score_answers(decoder, builder, texts, ids, opts, progress)
+        answers, search = score_answers(decoder, builder, texts, ids, opts, progress)
     else:
         answers = decode_answers(decoder, builder, ids, template_text.partition(SENTINEL)[2], opts, progress)
     decide_time = time.perf_counter() - started
@@ -115,6 +124,7 @@ def decide(ctx: RunContext, decoder: "Decoder", builder: PromptBuilder, opts) ->
         "prefix_tokens": float(len(decoder.prefix_ids)),
         "prefix_reused_share": sum(1 for x in ids if decoder.prefix_length(x)) / n,
         "decision_time_s": decide_time,
+        **search,
     }
     if builder.neutralised:
         print(f"{LOG} {builder.neutralised} document(s) contained special-token text; neutralised", flush=True)
@@ -792,7 +802,9 @@ def token_log_probs(logits: torch.Tensor, rows: list[int], tokens: list[int], ch
 
 
 def score_answers(decoder: Decoder, builder: PromptBuilder, texts: list[str], ids: list[list[int]], opts,
-                  progress: Progress) -> list[Answer]:
+                  progress: Progress) -> tuple[list[Answer], dict[str, float]]:
+    """The best answer of every example, and {"answer_tokens_fed_share": the share of the answer trees' tokens
+    that the exact search had to feed}."""
     spec = builder.spec
     if spec.has_token_task:
         raise ClfbenchError("decision=score is not defined for token (slot) tasks; use constrained or generate")
@@ -851,7 +863,7 @@ def score_answers(decoder: Decoder, builder: PromptBuilder, texts: list[str], id
     for i, item in enumerate(builder.items):
         parsed = parse_answer(chosen[i], spec, item.n_words)
         answers.append(Answer(raw=chosen[i], parsed=parsed, generated=0))
-    return answers
+    return answers, ({"answer_tokens_fed_share": stats["fed"] / stats["all"]} if stats["all"] else {})
 
 
 def _content_free_scores(decoder: Decoder, text: str, options: tuple[str, ...], last: bool) -> list[float]:
