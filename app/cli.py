@@ -34,7 +34,8 @@ app = typer.Typer(
 )
 engine_app = typer.Typer(help="Start, stop or inspect the engine that runs queued experiments.")
 app.add_typer(engine_app, name="engine")
-console = Console()
+# Piped output (grep, a file) is not wrapped at rich's 80-column default: each run stays on one line.
+console = Console() if sys.stdout.isatty() else Console(width=int(os.environ.get("COLUMNS") or 200))
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 

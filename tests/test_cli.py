@@ -140,6 +140,14 @@ def test_listing_commands(cli):
     assert status["engine_pid_on_this_host"] is None and status["queued"] == 0
 
 
+def test_piped_ls_keeps_each_run_on_one_line(cli):
+    cli.env.pop("COLUMNS", None)
+    cli.json("queue", "--method", "encoder-finetune", "--model", "tiny-bert", "--task",
+             "massive-intent+massive-slots", "--data-dir", str(SAMPLES))
+    rows = [line for line in cli.run("ls").stdout.splitlines() if line.split()[:1] == ["1"]]
+    assert len(rows) == 1 and "encoder-finetune" in rows[0] and "massive-intent+massive-slots" in rows[0]
+
+
 def test_every_command_has_help(cli):
     for command in ("queue", "ls", "show", "logs", "cancel", "retry", "rm", "results", "errors", "tasks",
                     "models", "methods", "demo", "engine", "engine start", "engine stop", "engine status"):
