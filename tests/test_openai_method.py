@@ -362,8 +362,47 @@ def test_a_client_error_is_not_retried_and_gives_one_line(monkeypatch):
         client = client_for(proxy.url)
         with pytest.raises(ClfbenchError) as caught:
             client.chat([{"role": "user", "content": "hi"}], 8, 0.0, 0, None)
-    assert proxy.chat_requests == 1
+    assert proxy.chat_requests == 1 and client.token_param == "max_tokens" and not client.default_temperature
     assert str(caught.value) == f"{proxy.url} answered 400 for model '{SERVED_NAME}': injected 400"
+
+
+class NewerOpenAIModel(FaultProxy):
+    """Answers as OpenAI's reasoning models do: 400 for `max_tokens` and for a temperature other than 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.bodies: list[dict] = []
+
+    def handle(self, handler, body):
+        if not handler.path.endswith("/chat/completions"):
+            return super().handle(handler, body)
+        request = json.loads(body)
+        self.bodies.append(request)
+        if "max_tokens" in request:
+            message = ("Unsupported parameter: 'max_tokens' is not supported with this model. "
+                       "Use 'max_completion_tokens' instead.")
+        elif request.get("temperature", 1) != 1:
+            message = ("Unsupported value: 'temperature' does not support 0 with this model. "
+                       "Only the default (1) value is supported.")
+        else:
+            return super().handle(handler, body)
+        self.send(handler, 400, json.dumps({"error": {"message": message, "type": "invalid_request_error"}}).encode(),
+                  {})
+
+
+def test_a_model_that_refuses_max_tokens_and_temperature_gets_what_it_takes(monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    with NewerOpenAIModel() as proxy:
+        client = client_for(proxy.url)
+        for _ in range(2):
+            content, finish, retries = client.chat([{"role": "user", "content": "hi"}], 8, 0.0, 0, None)
+            assert (content, retries) == ("alarm_set", 0)
+    first, second, third, fourth = proxy.bodies  # two refusals, then each request is right the first time
+    assert first["max_tokens"] == 8 and second["max_completion_tokens"] == 8 and "max_tokens" not in second
+    assert second["temperature"] == 0 and "temperature" not in third and fourth == third
+    assert client.usage.requests == 4 and client.usage.retries == 0
+    assert client.token_param == "max_completion_tokens" and client.default_temperature
+    assert "not greedy" in capsys.readouterr().out
 
 
 def test_retries_give_up_after_max_retries(monkeypatch):

@@ -254,6 +254,11 @@ class ApiClient:
         self.client = openai.OpenAI(api_key=key, base_url=self.url, max_retries=0, timeout=opts.timeout_s)
         self.policy = RetryPolicy(max_retries=opts.max_retries)
         self.usage = Usage()
+        # What the model takes, learnt from its first refusal: OpenAI's newer models (o-series, gpt-5) refuse
+        # `max_tokens` for `max_completion_tokens`, and reasoning models refuse any temperature but their default.
+        self.token_param = "max_tokens"
+        self.default_temperature = False
+        self._adapt_lock = threading.Lock()
         self.stop = threading.Event()
 
     def fail(self, error: BaseException, retries: int | None = None, hint: str = "") -> ClfbenchError:
@@ -303,17 +308,58 @@ class ApiClient:
                                       self.secret))
         return ids
 
+    def _request(self, messages: list[dict], max_tokens: int, temperature: float, seed: int,
+                 response_format: dict | None) -> dict:
+        kwargs = dict(model=self.model, messages=messages, seed=seed)
+        kwargs[self.token_param] = max_tokens
+        if not self.default_temperature:
+            kwargs["temperature"] = temperature
+        if response_format is not None:
+            kwargs["response_format"] = response_format
+        return kwargs
+
+    def adapt(self, error: BaseException, sent: dict) -> bool:
+        """True when `error` is a 400 that names a parameter of the `sent` request that this model does not take,
+        and the next request avoids it: `max_tokens` (sent as `max_completion_tokens` from then on) or
+        `temperature` (left to the model's default, logged once: answers are then sampled, not greedy)."""
+        if _status(error) != 400:
+            return False
+        message = _server_message(error)
+        with self._adapt_lock:
+            if "max_tokens" in sent and "max_completion_tokens" in message and "max_tokens" in message:
+                if self.token_param == "max_tokens":
+                    self.token_param = "max_completion_tokens"
+                    print(f"{LOG} the model takes max_completion_tokens, not max_tokens: switched", flush=True)
+                return True
+            if "temperature" in sent and "temperature" in message and "support" in message:
+                if not self.default_temperature:
+                    self.default_temperature = True
+                    print(f"{LOG} warning: the model refuses temperature; it now samples at its default "
+                          f"temperature, so its answers are not greedy and may vary between runs", flush=True)
+                return True
+        return False
+
     def chat(self, messages: list[dict], max_tokens: int, temperature: float, seed: int,
              response_format: dict | None) -> tuple[str, str | None, int]:
         """(content, finish_reason, retries) of one chat completion."""
-        kwargs = dict(model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
-        if response_format is not None:
-            kwargs["response_format"] = response_format
         hint = ""
         if response_format is not None:
             other = "json_object" if response_format["type"] == "json_schema" else "json_schema"
             hint = f"if the server does not take this response_format, try -o schema_format={other}"
-        response, retries = self._counted(lambda: self.client.chat.completions.create(**kwargs), hint)
+
+        def send():
+            # A model refuses one parameter per answer (max_tokens, then temperature): adapt and send again at
+            # once, counted as a request but not as a retry (nothing transient happened).
+            for adaptations in range(3):
+                request = self._request(messages, max_tokens, temperature, seed, response_format)
+                try:
+                    return self.client.chat.completions.create(**request)
+                except Exception as error:
+                    if adaptations == 2 or not self.adapt(error, request):
+                        raise
+                    self.usage.add(requests=1)
+
+        response, retries = self._counted(send, hint)
         usage = getattr(response, "usage", None)
         if usage is not None:
             self.usage.add(prompt_tokens=usage.prompt_tokens or 0, completion_tokens=usage.completion_tokens or 0)
@@ -453,6 +499,7 @@ def _run(ctx: RunContext, client: ApiClient) -> MethodOutput:
         "prompt_tokens": float(usage.prompt_tokens),
         "completion_tokens": float(usage.completion_tokens),
         "cost_usd": cost,
+        "default_temperature": float(client.default_temperature),  # 1: the model refused temperature, sampled
         "decision_time_s": decide_time,
         "shots": float(shots),
     }
