@@ -214,6 +214,15 @@ def result_metric_names(store: Store) -> list[str]:
         return list(connection.execute(select(RESULTS.c.metric).distinct().order_by(RESULTS.c.metric)).scalars())
 
 
+def results_version(store: Store) -> tuple[int, int]:
+    """(number of result rows, highest result id): changes whenever a run adds results or is deleted, so the
+    Results screen can poll this cheaply and re-read the matrix only then."""
+    with store.read() as connection:
+        count, top = connection.execute(select(func.count(), func.coalesce(func.max(RESULTS.c.id), 0))
+                                        .select_from(RESULTS)).one()
+    return int(count), int(top)
+
+
 def runs_with_predictions(store: Store, limit: int = 500) -> list[dict]:
     """Runs that stored predictions, newest first, with the tasks they have predictions for."""
     query = (

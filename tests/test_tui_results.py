@@ -110,6 +110,32 @@ def test_results_show_the_cli_matrix_with_the_best_cell_of_each_column_highlight
     run_app(make_app(seeded), scenario)
 
 
+def test_the_open_matrix_follows_runs_that_finish_or_are_deleted(seeded, monkeypatch):
+    from app.tui import results as results_module
+    from storage import queue
+
+    monkeypatch.setattr(results_module, "POLL_S", 0.2)
+    store = open_store(seeded)
+    matrix = queries.results_matrix(store)
+    gone = "smollm2-135m · prompt · 5-shot"
+    row = next(r for r in matrix.rows if render.row_label(r) == gone)
+    run_ids = {run_id for (key, _), cell in matrix.cells.items() if key == row for run_id in cell.run_ids}
+
+    async def scenario(pilot):
+        screen = await open_results(pilot)
+        assert gone in shown_rows(screen)
+        for run_id in run_ids:  # as `clfbench rm` from another terminal would
+            assert queue.delete_run(store, run_id)
+        for _ in range(20):
+            await pilot.pause(0.1)
+            await settle(pilot)
+            if gone not in shown_rows(screen):
+                break
+        assert gone not in shown_rows(screen) and len(shown_rows(screen)) == len(matrix.rows) - 1
+
+    run_app(make_app(seeded), scenario)
+
+
 def test_filter_query_keeps_matching_rows_and_columns_without_reading_the_store(seeded, monkeypatch):
     def no_store_reads(*args, **kwargs):
         raise AssertionError("a filter keystroke read the store")

@@ -2,7 +2,9 @@
 
 The matrix is read once per metric in a thread worker (storage.queries.results_matrix, the query behind
 `clfbench results`); filtering, sorting and the paper layout then work on that matrix in memory, so a
-keystroke in the filter never touches the store. Cells and exports use app.render, the CLI's own formatting,
+keystroke in the filter never touches the store. While the screen is open it polls
+`queries.results_version` (a COUNT and a MAX over the results table) every POLL_S and re-reads the matrix only
+when runs added or lost results, so runs that finish appear without a keystroke. Cells and exports use app.render, the CLI's own formatting,
 so an exported file has exactly the numbers `clfbench results --format md/csv/latex` prints.
 
 Query syntax: `model:smollm method:prompt task:massive shots:5` (each key may repeat: any value matches,
@@ -37,6 +39,7 @@ EXPORT_FORMATS = {".md": "md", ".markdown": "md", ".csv": "csv", ".tex": "latex"
 PREFERRED_METRICS = ("auto", "accuracy", "macro_f1", "slot_f1", "exact_match", "parse_failure_rate",
                      "token_accuracy", "examples_per_s", "wall_time_s")
 ROW_NAME = "row"  # the sort key of the row-name column
+POLL_S = 3.0  # how often the open matrix checks whether results changed (one COUNT and MAX over results)
 
 
 class QueryError(ValueError):
@@ -277,6 +280,7 @@ class ResultsScreen(Screen):
         self.sort_reverse = False
         self.paper = False
         self.metric_options = list(PREFERRED_METRICS)
+        self.loaded_version: tuple[int, int] | None = None  # queries.results_version when last read
 
     def compose(self) -> ComposeResult:
         yield Static("clfbench · results", classes="title-bar", id="results-title")
@@ -290,6 +294,8 @@ class ResultsScreen(Screen):
     def on_mount(self) -> None:
         self.query_one("#matrix", MatrixView).focus()
         self.load()
+        # Runs finish while the matrix is open: a cheap poll, and the matrix is re-read only when results changed.
+        self.set_interval(POLL_S, self.poll)
 
     @property
     def matrix(self) -> Matrix | None:
@@ -310,9 +316,16 @@ class ResultsScreen(Screen):
     @work(thread=True, exclusive=True, group="results-load")
     def load(self) -> None:
         metric = self.metric
+        version = queries.results_version(self.store)
         prepared = PreparedMatrix(queries.results_matrix(self.store, metric=metric))
         names = queries.result_metric_names(self.store)
+        self.loaded_version = version
         self.app.call_from_thread(self.loaded, metric, prepared, names)
+
+    @work(thread=True, exclusive=True, group="results-poll")
+    def poll(self) -> None:
+        if self.loaded_version is not None and queries.results_version(self.store) != self.loaded_version:
+            self.app.call_from_thread(self.load)
 
     def loaded(self, metric: str, prepared: PreparedMatrix, names: list[str]) -> None:
         if metric != self.metric:  # the user switched metric again while this one was read
