@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app import render
-from engine.methods.catalog import METHODS, option_fields
+from engine.methods.catalog import METHODS, execution_options, option_fields
 from engine.spec import RunSpec, expand_sweep, parse_spec
 from engine.types import ClfbenchError
 from storage import queries, queue
@@ -384,7 +384,8 @@ def results_command(
     fmt = "json" if as_json else fmt
     if fmt not in render.FORMATS:
         fail(f"unknown format '{fmt}' (choose from {', '.join(render.FORMATS)})")
-    matrix = queries.results_matrix(store(), metric=metric, model=model, method=method, task=task)
+    matrix = queries.results_matrix(store(), metric=metric, model=model, method=method, task=task,
+                                    ignore=execution_options())
     if fmt != "table":
         typer.echo(render.render_matrix(matrix, fmt))
         return

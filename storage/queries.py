@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
@@ -135,15 +136,17 @@ class Matrix:
     cells: dict[tuple[RowKey, str], Cell]
 
 
-def _option_variants(specs: dict[int, tuple[tuple[str, str, int, str], dict]]) -> dict[int, str]:
+def _option_variants(specs: dict[int, tuple[tuple[str, str, int, str], dict]],
+                     ignore: Mapping[str, Collection[str]]) -> dict[int, str]:
     """For each run, the options (of its spec) whose values differ between runs of its (model, method, shots,
-    task)."""
+    task), leaving out `ignore[method]` (options that change how a run executes, not what it computes)."""
     by_group: dict[tuple[str, str, int], list[int]] = {}
     for run_id, (group, _options) in specs.items():
         by_group.setdefault(group, []).append(run_id)
     variants: dict[int, str] = {}
-    for run_ids in by_group.values():
-        keys = sorted({key for run_id in run_ids for key in specs[run_id][1]})
+    for group, run_ids in by_group.items():
+        skipped = ignore.get(group[1], ())
+        keys = sorted({key for run_id in run_ids for key in specs[run_id][1] if key not in skipped})
         varying = [key for key in keys
                    if len({json.dumps(specs[run_id][1].get(key), sort_keys=True) for run_id in run_ids}) > 1]
         for run_id in run_ids:
@@ -157,13 +160,15 @@ def _short(value) -> str:
 
 
 def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
-                   method: str | None = None, task: str | None = None) -> Matrix:
+                   method: str | None = None, task: str | None = None,
+                   ignore: Mapping[str, Collection[str]] | None = None) -> Matrix:
     """Succeeded runs' results as models × tasks; seeds of the same experiment aggregate (mean ± std).
 
     An experiment is (model, method, shots) plus the options in which its runs differ (see RowKey), so only
     runs that differ in nothing but the seed share a cell. A task measured inside a multi-task run ("a+b")
     gets its own column "a (multi)", so single-task and consolidated numbers sit side by side as in the main
-    paper's Table 3.
+    paper's Table 3. `ignore`: per method, options that never split rows (the CLI and the TUI pass the
+    catalog's execution-only options, such as the prompt method's batch_size).
     """
     wanted = PRIMARY_METRICS if metric == "auto" else (metric,)
     query = (
@@ -189,7 +194,7 @@ def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
             except (ValueError, AttributeError):
                 options = {}
             specs[run_id] = ((run_model, run_method, shots, run_task), options)
-    variants = _option_variants(specs)
+    variants = _option_variants(specs, ignore or {})
     cells: dict[tuple[RowKey, str], Cell] = {}
     row_keys: list[RowKey] = []
     columns: list[str] = []

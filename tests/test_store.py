@@ -224,3 +224,25 @@ def test_results_matrix_keeps_runs_with_different_options_apart(store):
     queue.finish_succeeded(store, run["id"], run["attempt"], [], [dict(task="massive-slots", metric="slot_f1", value=0.1)])
     matrix = queries.results_matrix(store)
     assert ("tiny-bert", "prompt", 0, "") in matrix.rows and len(matrix.rows) == 3
+
+
+def test_results_matrix_ignores_options_that_only_change_execution(store):
+    """Runs that differ only in how they ran (the prompt method's batch_size) are one experiment when the
+    caller passes the catalog's execution-only options, as `clfbench results` and the TUI do."""
+    from engine.methods.catalog import execution_options
+
+    def spec(decision: str, batch_size: int) -> str:
+        return json.dumps({"options": {"decision": decision, "batch_size": batch_size}, "seed": 0})
+
+    runs = [new_run(method="prompt", spec_json=spec(d, b)) for d, b in (("score", 8), ("score", 16), ("generate", 16))]
+    ids = queue.enqueue(store, runs)
+    for _ in ids:
+        run = claim_cpu(store)
+        queue.finish_succeeded(store, run["id"], run["attempt"], [],
+                               [dict(task="massive-intent", metric="accuracy", value=0.1)])
+    assert "batch_size" in execution_options()["prompt"] and "batch_size" not in execution_options()["encoder-finetune"]
+    assert len(queries.results_matrix(store).rows) == 3  # without: batch_size splits the score runs
+    matrix = queries.results_matrix(store, ignore=execution_options())
+    score = ("tiny-bert", "prompt", 0, "decision=score")
+    assert matrix.rows == [score, ("tiny-bert", "prompt", 0, "decision=generate")]
+    assert len(matrix.cells[(score, "massive-intent")].values) == 2

@@ -27,6 +27,7 @@ from textual.widgets import Footer, Input, Select, Static
 
 from app import render
 from app.tui.matrix_view import MatrixData, MatrixView
+from engine.methods.catalog import execution_options
 from storage import queries
 from storage.db import Store
 from storage.queries import Matrix
@@ -317,7 +318,7 @@ class ResultsScreen(Screen):
     def load(self) -> None:
         metric = self.metric
         version = queries.results_version(self.store)
-        prepared = PreparedMatrix(queries.results_matrix(self.store, metric=metric))
+        prepared = PreparedMatrix(queries.results_matrix(self.store, metric=metric, ignore=execution_options()))
         names = queries.result_metric_names(self.store)
         self.loaded_version = version
         self.app.call_from_thread(self.loaded, metric, prepared, names)

@@ -12,6 +12,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+# Options that change how a run is executed, never what it computes (up to floating-point rounding): runs that
+# differ only in these are the same experiment, so the results matrix does not split rows by them.
+EXECUTION = {"execution": True}
+
+
 class MethodOptions(BaseModel):
     """Base for every method's options: frozen, and an unknown key is an error that names it."""
 
@@ -42,8 +47,10 @@ class EncoderFinetuneOptions(MethodOptions):
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="fraction of steps with linear warm-up (then linear decay)")
     max_length: int = Field(128, ge=8, description="tokens kept per text (longer texts are cut; cut words are tagged O)")
     eval_every: int = Field(200, ge=0, description="optimizer steps between evaluations on dev (0: only at the end)")
-    checkpoint_every: int = Field(500, ge=0, description="optimizer steps between checkpoints (0: none)")
-    log_every: int = Field(10, ge=1, description="optimizer steps between train-loss points")
+    checkpoint_every: int = Field(500, ge=0, description="optimizer steps between checkpoints (0: none)",
+                                  json_schema_extra=EXECUTION)
+    log_every: int = Field(10, ge=1, description="optimizer steps between train-loss points",
+                           json_schema_extra=EXECUTION)
     train_limit: int | None = Field(None, ge=1, description="use only the first N training examples (after a seeded shuffle)")
     test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
     dev_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of train held out for eval when the task has no dev split")
@@ -88,7 +95,7 @@ class PromptOptions(MethodOptions):
     max_new_tokens: int | None = Field(
         None, ge=1, description="generate: token limit per answer (empty: 48 for a label, 16 per word + 64 for "
                                 "slots or JSON)")
-    batch_size: int = Field(16, ge=1, description="examples decoded or scored together")
+    batch_size: int = Field(16, ge=1, description="examples decoded or scored together", json_schema_extra=EXECUTION)
     test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
     train_limit: int | None = Field(None, ge=1, description="draw few-shot examples from the first N training "
                                                             "examples only (after a seeded shuffle)")
@@ -99,7 +106,7 @@ class PromptOptions(MethodOptions):
                             "supports it, a CPU with AVX512-BF16 or AMX), else float32")
     reuse_prefix: bool = Field(
         True, description="compute the prompt text shared by all examples (instruction, labels, shots) once and "
-                          "reuse its KV cache")
+                          "reuse its KV cache", json_schema_extra=EXECUTION)
     max_text_chars: int | None = Field(None, ge=1, description="cut each document (and few-shot example) to N characters")
 
     def check_task_kinds(self, kinds: list[str]) -> None:
@@ -134,11 +141,13 @@ class OpenAIOptions(MethodOptions):
         "json_schema", description="structured: how the schema is sent; json_schema: OpenAI's response_format "
                                    "(OpenAI, vLLM, llama.cpp's llama-server); json_object: {type: json_object, "
                                    "schema: ...} (llama-cpp-python's server)")
-    concurrency: int = Field(4, ge=1, le=256, description="requests in flight at most")
+    concurrency: int = Field(4, ge=1, le=256, description="requests in flight at most", json_schema_extra=EXECUTION)
     max_retries: int = Field(
         6, ge=0, le=20, description="retries of one request after 429, 5xx, a timeout or a connection error "
-                                    "(exponential backoff with jitter, Retry-After honoured)")
-    timeout_s: float = Field(60.0, gt=0, description="seconds to wait for one response")
+                                    "(exponential backoff with jitter, Retry-After honoured)",
+        json_schema_extra=EXECUTION)
+    timeout_s: float = Field(60.0, gt=0, description="seconds to wait for one response",
+                             json_schema_extra=EXECUTION)
     max_tokens: int | None = Field(
         None, ge=1, description="token limit per answer (empty: 48 for a label, 16 per word + 64 for slots or JSON; "
                                 "structured adds 16 for the JSON wrapper)")
@@ -179,7 +188,8 @@ class LlmEmbedOptions(MethodOptions):
         "paper", description="paper: per-vector projections, their Gram matrix and the main model's layer "
                              "mean; concat: the pooled vectors concatenated")
     max_length: int = Field(128, ge=1, description="tokens kept per text for extraction (longer texts are cut)")
-    extract_batch_size: int = Field(32, ge=1, description="texts per forward pass during extraction")
+    extract_batch_size: int = Field(32, ge=1, description="texts per forward pass during extraction",
+                                    json_schema_extra=EXECUTION)
     project_dim: int = Field(256, ge=1, description="fusion=paper: size of each per-layer/per-model projection")
     sigma: float = Field(0.05, gt=0, description="fusion=paper: scale inside the Gram matrix's 2*sigmoid(sigma*x)-1")
     standardize: bool = Field(
@@ -269,8 +279,9 @@ class LsLlamaOptions(MethodOptions):
     max_length: int = Field(64, ge=8, description="tokens kept per text (longer texts are cut; cut words are tagged O)")
     eval_every: int = Field(200, ge=0, description="optimizer steps between evaluations on dev (0: only at the end)")
     checkpoint_every: int = Field(500, ge=0, description="optimizer steps between checkpoints of the LoRA and head "
-                                                         "weights (0: none)")
-    log_every: int = Field(10, ge=1, description="optimizer steps between train-loss points")
+                                                         "weights (0: none)", json_schema_extra=EXECUTION)
+    log_every: int = Field(10, ge=1, description="optimizer steps between train-loss points",
+                           json_schema_extra=EXECUTION)
     train_limit: int | None = Field(None, ge=1, description="use only the first N training examples (after a seeded shuffle)")
     test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
     dev_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of train held out for eval when the task has no dev split")
@@ -343,8 +354,10 @@ class LlmFinetuneOptions(MethodOptions):
                                                  "shots) once per micro-batch instead of once per example")
     bf16: bool = Field(True, description="bf16 autocast on GPUs that support it (ignored on CPU)")
     eval_every: int = Field(200, ge=0, description="optimizer steps between dev evaluations (0: only at the end)")
-    checkpoint_every: int = Field(200, ge=0, description="optimizer steps between checkpoints (0: none)")
-    log_every: int = Field(10, ge=1, description="optimizer steps between train-loss points")
+    checkpoint_every: int = Field(200, ge=0, description="optimizer steps between checkpoints (0: none)",
+                                  json_schema_extra=EXECUTION)
+    log_every: int = Field(10, ge=1, description="optimizer steps between train-loss points",
+                           json_schema_extra=EXECUTION)
     train_limit: int | None = Field(None, ge=1, description="use only the first N training examples (after a seeded shuffle)")
     test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
     dev_limit: int | None = Field(None, ge=1, description="compute eval_loss on the first N dev examples only")
@@ -354,7 +367,8 @@ class LlmFinetuneOptions(MethodOptions):
     score_norm: Literal["sum", "mean", "calibrated"] = Field("sum", description="decision=score: as in `prompt`")
     content_free: str = Field("N/A", description="score_norm=calibrated: the content-free document")
     max_new_tokens: int | None = Field(None, ge=1, description="decision=generate: token limit per answer (as in `prompt`)")
-    eval_batch_size: int = Field(8, ge=1, description="examples decoded or scored together at test time")
+    eval_batch_size: int = Field(8, ge=1, description="examples decoded or scored together at test time",
+                                 json_schema_extra=EXECUTION)
     chat_format: Literal["template", "raw"] = Field(
         "template", description="the tokenizer's chat template, or the paper's [INST] ... [/INST] text as is")
     prompt_set: str = Field("paper", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
@@ -474,6 +488,19 @@ def option_fields(options: type[MethodOptions]) -> list[dict]:
                 "type": getattr(info.annotation, "__name__", str(info.annotation)),
                 "default": info.default,
                 "description": info.description or "",
+                "execution": is_execution_option(info),
             }
         )
     return fields
+
+
+def is_execution_option(info) -> bool:
+    extra = info.json_schema_extra
+    return bool(isinstance(extra, dict) and extra.get("execution"))
+
+
+def execution_options() -> dict[str, frozenset[str]]:
+    """Per method, the options that do not change what a run computes (see EXECUTION); the results matrix
+    ignores them when it tells experiments apart."""
+    return {name: frozenset(field for field, info in method.options.model_fields.items() if is_execution_option(info))
+            for name, method in METHODS.items()}
