@@ -53,10 +53,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.metrics import slot_scores
+from engine.training import train_loop
 from engine.types import ClfbenchError, Example, MethodOutput, Prediction, RunContext, TaskData
 
 CHECKPOINT_DIR = "checkpoint"
-MAX_GRAD_NORM = 1.0
 LOG_PREFIX = "encoder-finetune:"
 IGNORE_INDEX = -100  # cross-entropy skips these positions (special tokens, non-first sub-words, padding)
 MODEL_FORMAT = 2  # in the checkpoint fingerprint: 2 = AutoModel + HeadsModel (1 was AutoModelForSequenceClassification)
@@ -166,84 +166,34 @@ def run(ctx: RunContext) -> MethodOutput | None:
         return time.perf_counter() - started
 
     # ------------------------------------------------------------------------------- training loop
-    step = start_step
-    ctx.set_progress(step, total_steps)
-    loop_started = time.perf_counter()
-    paused = 0.0  # dev evaluation and checkpoint time, not training
-    dev_eval_time = 0.0
-    examples_seen = 0  # this rank, this attempt
-    window_loss = torch.zeros(1 + len(heads), dtype=torch.float64, device=device)  # total, then per head
-    window_steps = window_examples = 0
-    window_started, window_paused = time.perf_counter(), 0.0
-
-    while step < total_steps:
-        rows = [train_rows[i] for i in batches.at(step)]
+    def losses_of(indices):
+        rows = [train_rows[i] for i in indices]
         encoding = codec.encode([row.inputs for row in rows])
         targets = batch_targets(heads, rows, encoding, device)
         inputs = {key: value.to(device) for key, value in encoding.items()}
         with autocast:
             logits = wrapped(**inputs)
         losses = head_losses(heads, logits, targets)
-        loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        examples_seen += len(rows)
-        window_loss += torch.stack([loss.detach(), *(part.detach() for part in losses)]).double()
-        window_steps += 1
-        window_examples += len(rows)
+        if not joint:
+            return losses[0], []
+        return torch.stack(losses).sum(), losses  # equally weighted heads
 
-        if step % opts.log_every == 0 or step == total_steps:
-            totals = torch.cat([window_loss, torch.tensor([window_steps, window_examples], dtype=torch.float64,
-                                                          device=device)])
-            if distributed:
-                dist.all_reduce(totals)  # sums over ranks: global mean loss, global examples
-            totals = totals.tolist()
-            steps_sum, examples_sum = totals[-2], totals[-1]
-            elapsed = max(time.perf_counter() - window_started - window_paused, 1e-9)
-            ctx.log_metric(step, "train_loss", totals[0] / steps_sum)
-            if joint:
-                for k, head in enumerate(heads):
-                    ctx.log_metric(step, f"train_loss/{head.name}", totals[1 + k] / steps_sum)
-            ctx.log_metric(step, "lr", float(scheduler.get_last_lr()[0]))
-            ctx.log_metric(step, "train_examples_per_s", examples_sum / elapsed)
-            ctx.set_progress(step, total_steps)
-            window_loss.zero_()
-            window_steps = window_examples = 0
-            window_started, window_paused = time.perf_counter(), 0.0
-
-        if dev_rows and opts.eval_every and step % opts.eval_every == 0 and step < total_steps:
-            spent = evaluate_dev(step)
-            dev_eval_time += spent
-            paused += spent
-            window_paused += spent
-
-        if opts.checkpoint_every and (step % opts.checkpoint_every == 0 or step == total_steps):
-            started = time.perf_counter()
-            save_checkpoint(ctx, model, optimizer, scheduler, step, steps_per_epoch, fingerprint)
-            spent = time.perf_counter() - started
-            paused += spent
-            window_paused += spent
-
-    train_time = time.perf_counter() - loop_started - paused
-    ctx.set_progress(total_steps, total_steps)
-
-    if dev_rows:
-        dev_eval_time += evaluate_dev(total_steps)
+    times = train_loop(
+        ctx, device=device, distributed=distributed, start_step=start_step, total_steps=total_steps,
+        batch_at=batches.at, losses_of=losses_of, parameters=list(model.parameters()), optimizer=optimizer,
+        scheduler=scheduler, opts=opts, evaluate_dev=evaluate_dev if dev_rows else None,
+        save_checkpoint=lambda step: save_checkpoint(ctx, model, optimizer, scheduler, step, steps_per_epoch,
+                                                     fingerprint),
+        part_names=[f"train_loss/{head.name}" for head in heads] if joint else [])
+    train_time, dev_eval_time = times.train_time_s, times.dev_eval_time_s
 
     # ------------------------------------------------------------------------------ test prediction
-    global_examples = torch.tensor([examples_seen], dtype=torch.float64, device=device)
-    if distributed:
-        dist.all_reduce(global_examples)
     output = None
     if ctx.is_main:
         started = time.perf_counter()
         predicted, truncated = predict(model, codec, heads, test_rows, device, autocast, batch_size * 2)
         test_time = time.perf_counter() - started
-        trained = float(global_examples.item())
+        trained = times.examples
         common = {
             "train_time_s": train_time,
             "eval_time_s": test_time,

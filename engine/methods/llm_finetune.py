@@ -49,12 +49,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.methods.catalog import PromptOptions
-from engine.methods.encoder_finetune import (CHECKPOINT_DIR, MAX_GRAD_NORM, _autocast, _set_rng_state,
-                                             load_checkpoint, make_optimizer, make_scheduler, save_checkpoint,
-                                             split_dev_rows)
+from engine.methods.encoder_finetune import (CHECKPOINT_DIR, _autocast, _set_rng_state, load_checkpoint,
+                                             make_optimizer, make_scheduler, save_checkpoint, split_dev_rows)
 from engine.methods.prompt import SENTINEL, Decoder, decide, load_model
 from engine.prompting.chat import ChatFormat
 from engine.prompting.library import Item, PromptBuilder, _paired, load_prompt_set
+from engine.training import MAX_GRAD_NORM
 from engine.types import ClfbenchError, MethodOutput, RunContext
 
 LOG = "llm-finetune:"

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from engine.methods import encoder_finetune as ef
 from engine.methods.catalog import split_plus
+from engine.training import train_loop
 from engine.types import ClfbenchError, MethodOutput, Prediction, RunContext, TaskData
 
 LOG_PREFIX = "ls-llama:"
@@ -246,64 +247,25 @@ def run(ctx: RunContext) -> MethodOutput | None:
         return time.perf_counter() - started
 
     # ------------------------------------------------------------------------------- training loop
-    step = start_step
-    ctx.set_progress(step, total_steps)
-    loop_started = time.perf_counter()
-    paused = dev_eval_time = 0.0  # dev evaluation and checkpoints are not training time
-    examples_seen = 0
-    window = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, steps, examples since the last log
-    window_started, window_paused = time.perf_counter(), 0.0
-    while step < total_steps:
-        rows = [train_rows[i] for i in batches.at(step)]
+    def losses_of(indices):
+        rows = [train_rows[i] for i in indices]
         encoding = codec.encode([row.inputs for row in rows])
         targets = ef.batch_targets([head], rows, encoding, device)
         with autocast:
             logits = wrapped(input_ids=encoding["input_ids"].to(device),
                              attention_mask=encoding["attention_mask"].to(device))
         (loss,) = ef.head_losses([head], logits, targets)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], ef.MAX_GRAD_NORM)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        examples_seen += len(rows)
-        window += torch.tensor([loss.item(), 1.0, len(rows)], dtype=torch.float64, device=device)
+        return loss, []
 
-        if step % opts.log_every == 0 or step == total_steps:
-            totals = window.clone()
-            if distributed:
-                dist.all_reduce(totals)  # every rank logs the global mean loss and examples
-            loss_sum, steps_sum, examples_sum = totals.tolist()
-            elapsed = max(time.perf_counter() - window_started - window_paused, 1e-9)
-            ctx.log_metric(step, "train_loss", loss_sum / steps_sum)
-            ctx.log_metric(step, "lr", float(scheduler.get_last_lr()[0]))
-            ctx.log_metric(step, "train_examples_per_s", examples_sum / elapsed)
-            ctx.set_progress(step, total_steps)
-            window.zero_()
-            window_started, window_paused = time.perf_counter(), 0.0
-
-        spent = 0.0
-        if dev_rows and opts.eval_every and step % opts.eval_every == 0 and step < total_steps:
-            evaluated = evaluate_dev(step)
-            dev_eval_time += evaluated
-            spent += evaluated
-        if opts.checkpoint_every and (step % opts.checkpoint_every == 0 or step == total_steps):
-            started = time.perf_counter()
-            ef.save_checkpoint(ctx, _TrainableOnly(model), optimizer, scheduler, step, steps_per_epoch, fingerprint)
-            spent += time.perf_counter() - started
-        paused += spent
-        window_paused += spent
-
-    train_time = time.perf_counter() - loop_started - paused
-    ctx.set_progress(total_steps, total_steps)
-    if dev_rows:
-        dev_eval_time += evaluate_dev(total_steps)
+    times = train_loop(
+        ctx, device=device, distributed=distributed, start_step=start_step, total_steps=total_steps,
+        batch_at=batches.at, losses_of=losses_of, parameters=[p for p in model.parameters() if p.requires_grad],
+        optimizer=optimizer, scheduler=scheduler, opts=opts, evaluate_dev=evaluate_dev if dev_rows else None,
+        save_checkpoint=lambda step: ef.save_checkpoint(ctx, _TrainableOnly(model), optimizer, scheduler, step,
+                                                        steps_per_epoch, fingerprint))
+    train_time, dev_eval_time = times.train_time_s, times.dev_eval_time_s
 
     # ------------------------------------------------------------------------------ test prediction
-    trained = torch.tensor([examples_seen], dtype=torch.float64, device=device)
-    if distributed:
-        dist.all_reduce(trained)
     output = None
     if ctx.is_main:
         started = time.perf_counter()
@@ -311,7 +273,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
         test_time = time.perf_counter() - started
         extra = {
             "train_time_s": train_time, "eval_time_s": test_time, "dev_eval_time_s": dev_eval_time,
-            "train_examples_per_s": float(trained.item()) / train_time if train_time > 0 else 0.0,
+            "train_examples_per_s": times.examples / train_time if train_time > 0 else 0.0,
             "test_examples_per_s": len(test_rows) / test_time if test_rows and test_time > 0 else 0.0,
             "train_steps": float(total_steps), "resumed_from_step": float(start_step),
             "trainable_params": float(n_trainable),
