@@ -76,7 +76,7 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
                                       **kwargs)
     prefix_keys, prefix_values = shared_prefix.layers[module.layer_idx]
     B, H, Q, D = query.shape
-    KVH, S = key.shape[1], key.shape[2]
+    KVH = key.shape[1]
     group = H // KVH
     scale = scaling if scaling is not None else D ** -0.5
     part = _part_cpu if query.device.type == "cpu" else _part_math

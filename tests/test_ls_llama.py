@@ -17,6 +17,7 @@ from engine.methods import encoder_finetune as ef  # noqa: E402
 from engine.methods import ls_llama  # noqa: E402
 from engine.methods.catalog import METHODS, LsLlamaOptions, LsUnllamaOptions  # noqa: E402
 from engine.metrics import slot_scores  # noqa: E402
+from engine.training import make_optimizer  # noqa: E402
 from engine.types import ClfbenchError, RunContext  # noqa: E402
 from tests.test_encoder_finetune import Recorder  # noqa: E402
 from tests.test_encoder_heads import SLOT_TAGS, synthetic_tasks  # noqa: E402
@@ -154,7 +155,7 @@ def test_only_lora_and_head_parameters_train(tiny_llama):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
 
     model.train()
-    optimizer = ef.make_optimizer(model, 1e-2, 0.01, torch.device("cpu"))
+    optimizer = make_optimizer(model, 1e-2, 0.01, torch.device("cpu"))
     encoding = tokenizer(WORDS, is_split_into_words=True, padding=True, return_tensors="pt")
     (logits,) = model(input_ids=encoding["input_ids"], attention_mask=encoding["attention_mask"])
     logits.float().logsumexp(-1).mean().backward()

@@ -36,15 +36,10 @@ the checkpoint was taken (bit for bit on CPU).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -53,10 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.metrics import slot_scores
-from engine.training import train_loop
+from engine.training import (CHECKPOINT_DIR, autocast_for, load_checkpoint, make_optimizer, make_scheduler,
+                             save_checkpoint, set_rng_state, train_loop)
 from engine.types import ClfbenchError, Example, MethodOutput, Prediction, RunContext, TaskData
 
-CHECKPOINT_DIR = "checkpoint"
 LOG_PREFIX = "encoder-finetune:"
 IGNORE_INDEX = -100  # cross-entropy skips these positions (special tokens, non-first sub-words, padding)
 MODEL_FORMAT = 2  # in the checkpoint fingerprint: 2 = AutoModel + HeadsModel (1 was AutoModelForSequenceClassification)
@@ -93,7 +88,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
     codec = Codec(tokenizer, words=word_source is not None, max_length=opts.max_length)
     model.to(device)
     model.train()
-    autocast = _autocast(device, opts.bf16)
+    autocast = autocast_for(device, opts.bf16)
     if ctx.is_main and word_source is not None:
         cut = sum(codec.truncated_words(train_rows))
         if cut:
@@ -139,7 +134,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
         scheduler.load_state_dict(checkpoint["scheduler"])
         start_step = int(checkpoint["step"])
         rng = checkpoint["rng"]
-        _set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
+        set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
         if ctx.is_main:
             print(f"{LOG_PREFIX} resuming from {ctx.output_dir / CHECKPOINT_DIR} at step {start_step}/{total_steps} "
                   f"(epoch {start_step // steps_per_epoch})", flush=True)
@@ -517,37 +512,6 @@ def load_model(model_path: str, heads: list[Head], words: bool = False):
     return tokenizer, HeadsModel(encoder, heads, pooling)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, device: torch.device,
-                   kind: str = "adamw"):
-    """AdamW (or plain Adam); no weight decay on biases and normalisation weights (parameters with < 2 dims)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    extra = {"fused": True} if device.type == "cuda" else {}
-    optimizer_class = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[kind]
-    return optimizer_class(groups, lr=lr, **extra)
-
-
-def make_scheduler(optimizer, warmup_steps: int, total_steps: int):
-    """Linear warm-up from 0 to the peak lr over `warmup_steps`, then linear decay to 0 at `total_steps`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _autocast(device: torch.device, bf16: bool):
-    if device.type == "cuda" and bf16 and torch.cuda.is_bf16_supported():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # ------------------------------------------------------------------------------- evaluate, predict
 
 
@@ -639,75 +603,3 @@ def predict(model, codec: Codec, heads: list[Head], rows: list[Row], device: tor
 # ------------------------------------------------------------------------------------ checkpoints
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
-
-
-def save_checkpoint(ctx: RunContext, model, optimizer, scheduler, step: int, steps_per_epoch: int,
-                    fingerprint: dict) -> None:
-    """Write `output_dir/checkpoint` atomically on rank 0 (temp folder + rename); all ranks must call."""
-    rng = [_rng_state()]
-    if ctx.world_size > 1:
-        rng = [None] * ctx.world_size
-        dist.all_gather_object(rng, _rng_state())
-    if ctx.is_main:
-        output_dir = Path(ctx.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = output_dir / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"
-        final, old = output_dir / CHECKPOINT_DIR, output_dir / f".{CHECKPOINT_DIR}.old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        epoch, position = divmod(step, steps_per_epoch)
-        torch.save({
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step, "epoch": epoch, "position": position,
-            "rng": rng,
-            "fingerprint": fingerprint,
-        }, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps(
-            {"step": step, "epoch": epoch, "position_in_epoch": position, "saved_at": time.time(),
-             "fingerprint": fingerprint}, indent=2) + "\n")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.rename(final, old)  # a crash right here leaves .checkpoint.old, which load_checkpoint reads
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    if ctx.world_size > 1:
-        dist.barrier()
-
-
-def load_checkpoint(output_dir: Path, fingerprint: dict, verbose: bool) -> dict | None:
-    """The checkpoint left by an earlier attempt of this run, or None (missing, unreadable, other setup)."""
-    output_dir = Path(output_dir)
-    for folder in (output_dir / CHECKPOINT_DIR, output_dir / f".{CHECKPOINT_DIR}.old"):
-        path = folder / "state.pt"
-        if not path.is_file():
-            continue
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # a torn file cannot happen (atomic rename), an old format can
-            if verbose:
-                print(f"{LOG_PREFIX} ignoring unreadable checkpoint {path}: {error}", flush=True)
-            continue
-        if state.get("fingerprint") != fingerprint:
-            if verbose:
-                print(f"{LOG_PREFIX} ignoring checkpoint {path}: made for another setup "
-                      f"({state.get('fingerprint')} != {fingerprint})", flush=True)
-            continue
-        return state
-    return None

@@ -49,12 +49,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.methods.catalog import PromptOptions
-from engine.methods.encoder_finetune import (CHECKPOINT_DIR, _autocast, _set_rng_state, load_checkpoint,
-                                             make_optimizer, make_scheduler, save_checkpoint, split_dev_rows)
+from engine.methods.encoder_finetune import split_dev_rows
 from engine.methods.prompt import SENTINEL, Decoder, decide, load_model
 from engine.prompting.chat import ChatFormat
 from engine.prompting.library import Item, PromptBuilder, _paired, load_prompt_set
-from engine.training import MAX_GRAD_NORM
+from engine.training import (CHECKPOINT_DIR, MAX_GRAD_NORM, autocast_for, load_checkpoint, make_optimizer,
+                             make_scheduler, save_checkpoint, set_rng_state)
 from engine.types import ClfbenchError, MethodOutput, RunContext
 
 LOG = "llm-finetune:"
@@ -402,7 +402,7 @@ class DdpTrainer:
         self.ctx, self.loss_model, self.opts, self.device = ctx, loss_model, opts, device
         self.model = loss_model.model
         self.model.to(device)
-        self.autocast = _autocast(device, opts.bf16)
+        self.autocast = autocast_for(device, opts.bf16)
         self.wrapped: nn.Module = loss_model
 
     def setup(self, warmup_steps: int, total_steps: int) -> None:
@@ -425,7 +425,7 @@ class DdpTrainer:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             step = int(checkpoint["step"])
             rng = checkpoint["rng"]
-            _set_rng_state(rng[self.ctx.rank] if self.ctx.rank < len(rng) else rng[0])
+            set_rng_state(rng[self.ctx.rank] if self.ctx.rank < len(rng) else rng[0])
         if self.ctx.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -499,7 +499,7 @@ class FsdpTrainer(DdpTrainer):
             activation_checkpointing=False)  # HF gradient checkpointing already recomputes the layers
         bf16 = opts.bf16 and torch.cuda.is_bf16_supported()
         self.accelerator = Accelerator(fsdp_plugin=plugin, mixed_precision="bf16" if bf16 else "no")
-        self.autocast = _autocast(device, opts.bf16)  # for prediction on the gathered copy
+        self.autocast = autocast_for(device, opts.bf16)  # for prediction on the gathered copy
         # Weight decay by the original names and shapes: sharded flat parameters keep the names only.
         self._no_decay = {name for name, p in self.model.named_parameters() if p.ndim < 2 or "norm" in name.lower()}
         self.wrapped = self.accelerator.prepare(loss_model)

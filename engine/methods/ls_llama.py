@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 from engine.methods import encoder_finetune as ef
 from engine.methods.catalog import split_plus
-from engine.training import train_loop
+from engine.training import (autocast_for, load_checkpoint, make_optimizer, make_scheduler, save_checkpoint,
+                             set_rng_state, train_loop)
 from engine.types import ClfbenchError, MethodOutput, Prediction, RunContext, TaskData
 
 LOG_PREFIX = "ls-llama:"
@@ -132,7 +133,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class _TrainableOnly:
-    """What `ef.save_checkpoint` saves as "model": only the trainable parameters, not the frozen base."""
+    """What `save_checkpoint` saves as "model": only the trainable parameters, not the frozen base."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -184,7 +185,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
     codec = ef.Codec(tokenizer, words=words is not None, max_length=opts.max_length)
     model.to(device)
     model.train()
-    autocast = ef._autocast(device, opts.bf16)
+    autocast = autocast_for(device, opts.bf16)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     if ctx.is_main:
@@ -203,7 +204,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
         "total_steps": total_steps, "seed": seed, "trainable_params": n_trainable,
         "lora": [opts.lora_r, opts.lora_alpha, opts.lora_dropout, opts.lora_target_modules], "pooling": opts.pooling,
     }
-    checkpoint = ef.load_checkpoint(ctx.output_dir, fingerprint, ctx.is_main)
+    checkpoint = load_checkpoint(ctx.output_dir, fingerprint, ctx.is_main)
     if distributed:  # resume only when every rank found the same step (e.g. output_dir not shared between nodes)
         found: list = [None] * ctx.world_size
         dist.all_gather_object(found, None if checkpoint is None else int(checkpoint["step"]))
@@ -219,15 +220,15 @@ def run(ctx: RunContext) -> MethodOutput | None:
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = ef.make_optimizer(model, opts.lr, opts.weight_decay, device)
-    scheduler = ef.make_scheduler(optimizer, warmup_steps, total_steps)
+    optimizer = make_optimizer(model, opts.lr, opts.weight_decay, device)
+    scheduler = make_scheduler(optimizer, warmup_steps, total_steps)
     start_step = 0
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         start_step = int(checkpoint["step"])
         rng = checkpoint["rng"]
-        ef._set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
+        set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
         if ctx.is_main:
             print(f"{LOG_PREFIX} resuming at step {start_step}/{total_steps}", flush=True)
         del checkpoint
@@ -261,7 +262,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
         ctx, device=device, distributed=distributed, start_step=start_step, total_steps=total_steps,
         batch_at=batches.at, losses_of=losses_of, parameters=[p for p in model.parameters() if p.requires_grad],
         optimizer=optimizer, scheduler=scheduler, opts=opts, evaluate_dev=evaluate_dev if dev_rows else None,
-        save_checkpoint=lambda step: ef.save_checkpoint(ctx, _TrainableOnly(model), optimizer, scheduler, step,
+        save_checkpoint=lambda step: save_checkpoint(ctx, _TrainableOnly(model), optimizer, scheduler, step,
                                                         steps_per_epoch, fingerprint))
     train_time, dev_eval_time = times.train_time_s, times.dev_eval_time_s
 
