@@ -202,6 +202,16 @@ def save_checkpoint(ctx: RunContext, model, optimizer, scheduler, step: int, ste
         dist.barrier()
 
 
+def restore(checkpoint: dict, optimizer, scheduler, rank: int) -> int:
+    """Put a loaded checkpoint's optimizer, schedule and this rank's random state back; the step to go on from.
+    (The model's weights are the caller's: each method loads them its own way, e.g. only LoRA and the head.)"""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    rng = checkpoint["rng"]
+    set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+    return int(checkpoint["step"])
+
+
 def load_checkpoint(output_dir: Path, fingerprint: dict, verbose: bool) -> dict | None:
     """The checkpoint left by an earlier attempt of this run, or None (missing, unreadable, other setup)."""
     output_dir = Path(output_dir)

@@ -49,7 +49,7 @@ from torch import nn
 
 from engine.metrics import slot_scores
 from engine.training import (CHECKPOINT_DIR, autocast_for, load_checkpoint, make_optimizer, make_scheduler,
-                             save_checkpoint, set_rng_state, train_loop)
+                             restore, save_checkpoint, train_loop)
 from engine.types import ClfbenchError, Example, MethodOutput, Prediction, RunContext, TaskData
 
 LOG_PREFIX = "encoder-finetune:"
@@ -130,11 +130,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
     scheduler = make_scheduler(optimizer, warmup_steps, total_steps)
     start_step = 0
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        start_step = int(checkpoint["step"])
-        rng = checkpoint["rng"]
-        set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
+        start_step = restore(checkpoint, optimizer, scheduler, ctx.rank)
         if ctx.is_main:
             print(f"{LOG_PREFIX} resuming from {ctx.output_dir / CHECKPOINT_DIR} at step {start_step}/{total_steps} "
                   f"(epoch {start_step // steps_per_epoch})", flush=True)

@@ -54,7 +54,7 @@ from engine.methods.prompt import SENTINEL, Decoder, decide, load_model
 from engine.prompting.chat import ChatFormat
 from engine.prompting.library import Item, PromptBuilder, _paired, load_prompt_set
 from engine.training import (CHECKPOINT_DIR, MAX_GRAD_NORM, autocast_for, load_checkpoint, make_optimizer,
-                             make_scheduler, save_checkpoint, set_rng_state)
+                             make_scheduler, restore, save_checkpoint)
 from engine.types import ClfbenchError, MethodOutput, RunContext
 
 LOG = "llm-finetune:"
@@ -421,11 +421,7 @@ class DdpTrainer:
         step = 0
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint["model"])
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            self.scheduler.load_state_dict(checkpoint["scheduler"])
-            step = int(checkpoint["step"])
-            rng = checkpoint["rng"]
-            set_rng_state(rng[self.ctx.rank] if self.ctx.rank < len(rng) else rng[0])
+            step = restore(checkpoint, self.optimizer, self.scheduler, self.ctx.rank)
         if self.ctx.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 

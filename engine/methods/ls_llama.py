@@ -33,7 +33,7 @@ import torch.distributed as dist
 from engine.methods import encoder_finetune as ef
 from engine.methods.catalog import split_plus
 from engine.training import (autocast_for, load_checkpoint, make_optimizer, make_scheduler, save_checkpoint,
-                             set_rng_state, train_loop)
+                             restore, train_loop)
 from engine.types import ClfbenchError, MethodOutput, Prediction, RunContext, TaskData
 
 LOG_PREFIX = "ls-llama:"
@@ -224,11 +224,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
     scheduler = make_scheduler(optimizer, warmup_steps, total_steps)
     start_step = 0
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        start_step = int(checkpoint["step"])
-        rng = checkpoint["rng"]
-        set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
+        start_step = restore(checkpoint, optimizer, scheduler, ctx.rank)
         if ctx.is_main:
             print(f"{LOG_PREFIX} resuming at step {start_step}/{total_steps}", flush=True)
         del checkpoint
