@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import stat
+import time
 
 import pytest
 from sqlalchemy import text
@@ -96,6 +97,9 @@ def _claim_all(url: str, worker: int, results, ready, go) -> None:
         if run is None:
             break
         claimed.append(run["id"])
+        # A real engine launches what it claimed before it claims again. Without this pause one process
+        # could drain all 200 runs before the other three are scheduled on a 2-core machine (seen in CI).
+        time.sleep(0.01)
     results.put((worker, claimed))
 
 
