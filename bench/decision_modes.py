@@ -49,7 +49,7 @@ def main() -> int:
     parser.add_argument("--task", default="massive-intent")
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--n", type=int, default=200, help="test utterances (the fixed test_limit subset)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the prompt method's own")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the dev box has 2 shared cores)")
     parser.add_argument("--dtype", default="auto", choices=["float32", "bfloat16", "auto"],
@@ -76,12 +76,14 @@ def main() -> int:
     model_path = resolve_model(args.model)
     task = load_task(get_task(args.task), data_dir=args.data_dir, test_limit=args.n, seed=0)
     print(f"{args.model} on {len(task.test)} {args.task} test examples (fixed subset), zero-shot, "
-          f"{args.chat_format} chat format, {args.dtype}, batch {args.batch_size}, {args.threads} thread(s); "
+          f"{args.chat_format} chat format, {args.dtype}, batch {args.batch_size or PromptOptions().batch_size}, "
+          f"{args.threads} thread(s); "
           f"load average {os.getloadavg()[0]:.2f} at start", flush=True)
 
     def run(options: dict, n: int | None = None) -> dict:
         data = task if n is None else dataclasses.replace(task, test=task.test[:n])
-        opts = PromptOptions(batch_size=args.batch_size, dtype=args.dtype, chat_format=args.chat_format,
+        sized = {"batch_size": args.batch_size} if args.batch_size else {}
+        opts = PromptOptions(**sized, dtype=args.dtype, chat_format=args.chat_format,
                              max_new_tokens=args.max_new_tokens, test_limit=args.n, **options)
         ctx = RunContext(run_id=0, attempt=1, spec=SimpleNamespace(seed=0, shots=0), options=opts, tasks=[data],
                          model_path=model_path, output_dir=Path("."), rank=0, world_size=1, local_rank=0,

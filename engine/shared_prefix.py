@@ -13,11 +13,19 @@ cascade attention, as in Hydragen, Juravsky et al. 2024):
 `softmax([a, b]) @ [Va; Vb]` equals `(ea @ Va + eb @ Vb) / (sum ea + sum eb)` with `ea = exp(a - m)`,
 `eb = exp(b - m)` for any shared shift `m`: the two parts are computed with their own maxima and rescaled.
 
+Padding is left out of everything but the second part (`PackedCall`): the batch's real tokens go through the
+model packed into ONE row, so the linear layers and the prefix part never compute a pad. Only the small per-row
+part puts them back into the padded [rows, width] layout that the rows' masks and cache (`RowCache`) use. A batch
+of answer trees is far from rectangular (rows finish their search early, frontiers differ in width): packing
+removed 40% of the tokens the linear layers computed when scoring labels.
+
 The model is switched to this attention (`enable`) under its own name in transformers' attention registry. A call
 without `shared_prefix=` runs transformers' own SDPA attention, so a model switched to it behaves as before
 everywhere else (training included).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +51,50 @@ class PrefixKV:
         return [(k[None].expand(batch, -1, -1, -1), v[None].expand(batch, -1, -1, -1)) for k, v in self.layers]
 
 
+class RowCache:
+    """The rows' own keys and values per layer, [rows, kv_heads, W, head_dim] in the padded row layout: everything
+    the rows fed after the shared prefix, pads included (their masks hide them)."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.layers:
+            old_keys, old_values = self.layers[layer]
+            keys, values = torch.cat([old_keys, keys], dim=2), torch.cat([old_values, values], dim=2)
+        self.layers[layer] = (keys, values)
+        return keys, values
+
+    def batch_select_indices(self, index: torch.Tensor) -> None:
+        """Keep only these rows (the name and meaning of transformers' cache method)."""
+        self.layers = {layer: (k[index], v[index]) for layer, (k, v) in self.layers.items()}
+
+
+@dataclass
+class PackedCall:
+    """One forward pass whose real tokens are packed into one row. `real` [rows, width] marks the slots of the
+    padded row layout that hold them (packed in row-major order); `bias` [rows, 1, width, W] is the additive mask
+    of each slot over its row's own keys (the cache's, then this call's), made once per call, not per layer."""
+
+    cache: RowCache
+    real: torch.Tensor
+    bias: torch.Tensor
+    slots: torch.Tensor  # flat indices of the real slots in [rows * width]
+    _grouped: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def make(cls, cache: RowCache, real: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype) -> "PackedCall":
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+        return cls(cache=cache, real=real, bias=bias[:, None], slots=real.reshape(-1).nonzero()[:, 0])
+
+    def grouped_bias(self, group: int) -> torch.Tensor:
+        """The mask for queries folded by KV head, [rows, 1, group * width, W]: the `group` query heads that share
+        a KV head attend as one block of rows (half the time of one small product per query head on CPU)."""
+        if group not in self._grouped:
+            self._grouped[group] = self.bias.repeat(1, 1, group, 1)
+        return self._grouped[group]
+
+
 def enable(model) -> bool:
     """Switch `model` to the split attention; False (model unchanged) when its architecture cannot switch."""
     global _registered
@@ -66,14 +118,17 @@ def enable(model) -> bool:
 
 
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, shared_prefix=None,
-              **kwargs):
+              packed=None, **kwargs):
     """transformers' attention signature: query [B, H, Q, D], key/value [B, KVH, S, D] (the rows' own tokens),
-    `attention_mask` a boolean [B, 1, Q, S] (True: may attend). Returns ([B, Q, H, D], None)."""
+    `attention_mask` a boolean [B, 1, Q, S] (True: may attend). Returns ([B, Q, H, D], None). With `packed`, the
+    batch is one packed row: query [1, H, N, D], key/value this call's [1, KVH, N, D] (see `PackedCall`)."""
     if shared_prefix is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if packed is not None:
+        return _packed_attention(module, query, key, value, scaling, shared_prefix, packed)
     prefix_keys, prefix_values = shared_prefix.layers[module.layer_idx]
     B, H, Q, D = query.shape
     KVH = key.shape[1]
@@ -96,20 +151,55 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-def _part_cpu(query, key, value, mask, scale):
+def _packed_attention(module, query, key, value, scaling, shared_prefix: PrefixKV, packed: PackedCall):
+    prefix_keys, prefix_values = shared_prefix.layers[module.layer_idx]
+    _, H, N, D = query.shape
+    KVH = key.shape[1]
+    group = H // KVH
+    scale = scaling if scaling is not None else D ** -0.5
+    part = _part_cpu if query.device.type == "cpu" else _part_math
+    rows, width = packed.real.shape
+
+    def to_rows(x: torch.Tensor) -> torch.Tensor:  # [1, heads, N, D] -> [rows, heads, width, D], zeros at pads
+        heads = x.shape[1]
+        out = x.new_zeros(heads, rows * width, D)
+        out[:, packed.slots] = x[0]
+        return out.view(heads, rows, width, D).transpose(0, 1)
+
+    # 1. The prefix: query heads h = kv * group + g share KV head kv, so the group and the packed tokens fold into
+    #    the rows of one product per KV head.
+    out_prefix, lse_prefix = part(query.reshape(1, KVH, group * N, D), prefix_keys[None], prefix_values[None], None,
+                                  scale)
+    out_prefix, lse_prefix = out_prefix.reshape(H, N, D), lse_prefix.reshape(H, N)
+    # 2. The rows' own tokens, in the padded row layout, under their masks; then back to the packed order.
+    keys, values = packed.cache.append(module.layer_idx, to_rows(key), to_rows(value))
+    folded = to_rows(query).reshape(rows, KVH, group * width, D)
+    out_own, lse_own = part(folded, keys, values, packed.grouped_bias(group), scale, additive=True)
+    out_own = out_own.reshape(rows, H, width, D).transpose(0, 1).reshape(H, rows * width, D)[:, packed.slots]
+    lse_own = lse_own.reshape(rows, H, width).transpose(0, 1).reshape(H, rows * width)[:, packed.slots]
+    # 3. The exact merge, as in `attention`.
+    total = torch.logaddexp(lse_prefix, lse_own)
+    out = out_prefix.float() * torch.exp(lse_prefix - total)[..., None] \
+        + out_own.float() * torch.exp(lse_own - total)[..., None]
+    return out.to(query.dtype).transpose(0, 1)[None].contiguous(), None
+
+
+def _part_cpu(query, key, value, mask, scale, additive=False):
     """(softmax(q k^T) v, log-sum-exp of the scores) from PyTorch's fused CPU kernel."""
-    bias = None
-    if mask is not None:  # the kernel takes an additive mask of the query's dtype
+    bias = mask if additive else None
+    if mask is not None and not additive:  # the kernel takes an additive mask of the query's dtype
         bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
                                                                           attn_mask=bias, scale=scale)
     return out, lse
 
 
-def _part_math(query, key, value, mask, scale):
+def _part_math(query, key, value, mask, scale, additive=False):
     """The same in plain operations, for any device."""
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
-    if mask is not None:
+    if mask is not None and additive:
+        scores = scores + mask.float()
+    elif mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul(torch.exp(scores - lse[..., None]).to(value.dtype), value)

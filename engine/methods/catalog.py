@@ -95,7 +95,7 @@ class PromptOptions(MethodOptions):
     max_new_tokens: int | None = Field(
         None, ge=1, description="generate: token limit per answer (empty: 48 for a label, 16 per word + 64 for "
                                 "slots or JSON)")
-    batch_size: int = Field(16, ge=1, description="examples decoded or scored together", json_schema_extra=EXECUTION)
+    batch_size: int = Field(32, ge=1, description="examples decoded or scored together", json_schema_extra=EXECUTION)
     test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
     train_limit: int | None = Field(None, ge=1, description="draw few-shot examples from the first N training "
                                                             "examples only (after a seeded shuffle)")

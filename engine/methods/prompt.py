@@ -199,6 +199,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
+# A 4D mask is passed through by transformers as it is; the packed attention builds its own (`PackedCall`).
+_UNUSED_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)
+
+
 class Decoder:
     """The model with a shared-prefix KV cache, batched forward passes with explicit masks and positions."""
 
@@ -244,7 +248,9 @@ class Decoder:
         the prefix expanded to every row first."""
         from transformers import DynamicCache
 
-        if not with_prefix or self.prefix is None or self.split_attention:
+        if with_prefix and self.prefix is not None and self.split_attention:
+            return shared_prefix.RowCache()
+        if not with_prefix or self.prefix is None:
             return DynamicCache(config=self.model.config)
         return DynamicCache(ddp_cache_data=self.prefix.expanded(batch), config=self.model.config)
 
@@ -258,14 +264,21 @@ class Decoder:
         return torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(~mask, torch.finfo(dtype).min)
 
     def forward(self, cache, input_ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
-                keep: torch.Tensor, with_prefix: bool) -> torch.Tensor:
+                keep: torch.Tensor, with_prefix: bool, real: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (the model's dtype) at the `keep` positions, flattened row by row. `allowed[b, q, k]`: query q
         of row b may attend key k of its OWN tokens (what the cache holds of them, then this call's); with
-        `with_prefix` every query also sees the whole shared prefix."""
-        extra = {}
+        `with_prefix` every query also sees the whole shared prefix. `real` (default: all) marks the slots that
+        hold tokens rather than padding; `keep` must lie within it. With the prefix attended apart, only the real
+        tokens are computed (`shared_prefix.PackedCall`)."""
         if with_prefix and self.split_attention:
-            extra["shared_prefix"] = self.prefix
-        elif with_prefix:
+            real = torch.ones_like(keep) if real is None else real
+            call = shared_prefix.PackedCall.make(cache, real, allowed, self.model.dtype)
+            out = self.model(input_ids=input_ids[real][None], position_ids=positions[real][None],
+                             attention_mask=_UNUSED_MASK.to(self.device), use_cache=False,
+                             logits_to_keep=keep[real][None], shared_prefix=self.prefix, packed=call)
+            return out.logits
+        extra = {}
+        if with_prefix:
             B, Q, _ = allowed.shape
             allowed = torch.cat([allowed.new_ones((B, Q, self.prefix.length)), allowed], dim=2)
         out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=self._mask(allowed),
@@ -422,7 +435,7 @@ def greedy(decoder: Decoder, ids_list: list[list[int]], grammars: list[Grammar |
     keep[:, -1] = True
     cache = decoder.new_cache(B, use_prefix)
     scores = decoder.forward(cache, input_ids.to(device), positions.to(device), allowed.to(device), keep.to(device),
-                             use_prefix)
+                             use_prefix, valid.to(device))
     next_pos = torch.tensor([P + len(c) for c in chains], dtype=torch.long)
 
     rows = [_Row(index=i, grammar=g, limit=lim) for i, (g, lim) in enumerate(zip(grammars, limits))]
@@ -456,7 +469,7 @@ def greedy(decoder: Decoder, ids_list: list[list[int]], grammars: list[Grammar |
         step_causal |= torch.eye(L, dtype=torch.bool)[None]
         allowed = torch.cat([valid[:, None, :].expand(A, L, valid.shape[1]), step_causal], dim=2)
         scores = decoder.forward(cache, tokens.to(device), step_positions.to(device), allowed.to(device),
-                                 keep.to(device), use_prefix)
+                                 keep.to(device), use_prefix, new_valid.to(device))
         valid = torch.cat([valid, new_valid], dim=1)
         next_pos = next_pos + torch.tensor(lengths, dtype=torch.long)
     return rows
@@ -609,10 +622,12 @@ def score_batch(decoder: Decoder, trees: list[_Tree], P: int) -> list[list[tuple
     positions = torch.zeros((B, Q), dtype=torch.long)
     allowed = torch.zeros((B, Q, Q), dtype=torch.bool)  # over the rows' own tokens (the prefix is always seen)
     keep = torch.zeros((B, Q), dtype=torch.bool)
+    real = torch.zeros((B, Q), dtype=torch.bool)
     allowed |= torch.eye(Q, dtype=torch.bool)[None]  # every query sees itself (pads too)
     for b, tree in enumerate(trees):
         c = len(tree.chain)
         start = C - c
+        real[b, start:C + len(tree.nodes)] = True
         if c:
             input_ids[b, start:C] = torch.tensor(tree.chain)
             positions[b, start:C] = torch.arange(P, P + c)
@@ -630,7 +645,7 @@ def score_batch(decoder: Decoder, trees: list[_Tree], P: int) -> list[list[tuple
             keep[b, C:C + n] = True
     cache = decoder.new_cache(B, P > 0)
     logits = decoder.forward(cache, input_ids.to(device), positions.to(device), allowed.to(device),
-                             keep.to(device), P > 0)
+                             keep.to(device), P > 0, real.to(device))
     rows, tokens = [], []
     offset = 0
     for tree in trees:
@@ -704,7 +719,7 @@ def search_batch(decoder: Decoder, trees: list[_Tree], P: int, offsets: list[lis
     keep[:, -1] = True
     cache = decoder.new_cache(B, P > 0)
     logits = decoder.forward(cache, input_ids.to(device), positions.to(device), allowed.to(device),
-                             keep.to(device), P > 0)
+                             keep.to(device), P > 0, valid.to(device))
     _learn(searches, [(b, 0) for b in range(B)], logits)
     ancestors = [valid[b].clone() for b in range(B)]  # per row: its chain's valid slots (the base of every node)
     width_so_far = C
@@ -738,7 +753,7 @@ def search_batch(decoder: Decoder, trees: list[_Tree], P: int, offsets: list[lis
                 learned.append((b, node + 1))
             fed_total += len(nodes)
         logits = decoder.forward(cache, tokens.to(device), step_positions.to(device), allowed.to(device),
-                                 keep.to(device), P > 0)
+                                 keep.to(device), P > 0, keep.to(device))  # every fed node is kept, pads are not
         width_so_far += L
         for b in range(B):
             ancestors[b] = torch.cat([ancestors[b], torch.zeros(L, dtype=torch.bool)])
@@ -792,7 +807,7 @@ def _frontier(search: _Search, norm: str, width: int) -> list[int]:
     return sorted(candidates, key=candidates.__getitem__, reverse=True)[:width]
 
 
-def token_log_probs(logits: torch.Tensor, rows: list[int], tokens: list[int], chunk: int = 256) -> list[float]:
+def token_log_probs(logits: torch.Tensor, rows: list[int], tokens: list[int], chunk: int = 16) -> list[float]:
     """log p(tokens[i]) under the distribution of logits[rows[i]]: the normaliser (log-sum-exp over the
     vocabulary, in float32) is computed once per row and in chunks, never a [rows, vocabulary] float32 copy."""
     norms = torch.cat([torch.logsumexp(logits[s:s + chunk].float(), dim=-1) for s in range(0, logits.shape[0], chunk)])
