@@ -119,36 +119,15 @@ def enable(model) -> bool:
 
 def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, shared_prefix=None,
               packed=None, **kwargs):
-    """transformers' attention signature: query [B, H, Q, D], key/value [B, KVH, S, D] (the rows' own tokens),
-    `attention_mask` a boolean [B, 1, Q, S] (True: may attend). Returns ([B, Q, H, D], None). With `packed`, the
-    batch is one packed row: query [1, H, N, D], key/value this call's [1, KVH, N, D] (see `PackedCall`)."""
+    """transformers' attention signature, returning ([B, Q, H, D], None). Without `shared_prefix`: SDPA. With it
+    (and `packed`), the batch is one packed row: query [1, H, N, D], key/value this call's [1, KVH, N, D]; the
+    rows' masks and cache are in `packed` (`PackedCall`), `attention_mask` is unused."""
     if shared_prefix is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if packed is not None:
-        return _packed_attention(module, query, key, value, scaling, shared_prefix, packed)
-    prefix_keys, prefix_values = shared_prefix.layers[module.layer_idx]
-    B, H, Q, D = query.shape
-    KVH = key.shape[1]
-    group = H // KVH
-    scale = scaling if scaling is not None else D ** -0.5
-    part = _part_cpu if query.device.type == "cpu" else _part_math
-    # 1. The prefix: query heads h = kv * group + g share KV head kv (grouped-query attention), so the batch and
-    #    the group fold into the rows of one [B*group*Q, D] x [D, P] product per KV head.
-    folded = query.reshape(B, KVH, group, Q, D).permute(1, 0, 2, 3, 4).reshape(1, KVH, B * group * Q, D)
-    out_prefix, lse_prefix = part(folded, prefix_keys[None], prefix_values[None], None, scale)
-    out_prefix = out_prefix.reshape(KVH, B, group, Q, D).permute(1, 0, 2, 3, 4).reshape(B, H, Q, D)
-    lse_prefix = lse_prefix.reshape(KVH, B, group, Q).permute(1, 0, 2, 3).reshape(B, H, Q)
-    # 2. The rows' own tokens, under their masks.
-    out_own, lse_own = part(query, key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1),
-                            attention_mask, scale)
-    # 3. The exact merge: each part's softmax was normalised by its own sum, exp(lse); reweight by its share.
-    total = torch.logaddexp(lse_prefix, lse_own)
-    out = out_prefix.float() * torch.exp(lse_prefix - total)[..., None] \
-        + out_own.float() * torch.exp(lse_own - total)[..., None]
-    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+    return _packed_attention(module, query, key, value, scaling, shared_prefix, packed)
 
 
 def _packed_attention(module, query, key, value, scaling, shared_prefix: PrefixKV, packed: PackedCall):
@@ -174,33 +153,29 @@ def _packed_attention(module, query, key, value, scaling, shared_prefix: PrefixK
     # 2. The rows' own tokens, in the padded row layout, under their masks; then back to the packed order.
     keys, values = packed.cache.append(module.layer_idx, to_rows(key), to_rows(value))
     folded = to_rows(query).reshape(rows, KVH, group * width, D)
-    out_own, lse_own = part(folded, keys, values, packed.grouped_bias(group), scale, additive=True)
+    out_own, lse_own = part(folded, keys, values, packed.grouped_bias(group), scale)
     out_own = out_own.reshape(rows, H, width, D).transpose(0, 1).reshape(H, rows * width, D)[:, packed.slots]
     lse_own = lse_own.reshape(rows, H, width).transpose(0, 1).reshape(H, rows * width)[:, packed.slots]
-    # 3. The exact merge, as in `attention`.
+    # 3. The exact merge: each part's softmax was normalised by its own sum, exp(lse); reweight by its share.
     total = torch.logaddexp(lse_prefix, lse_own)
     out = out_prefix.float() * torch.exp(lse_prefix - total)[..., None] \
         + out_own.float() * torch.exp(lse_own - total)[..., None]
     return out.to(query.dtype).transpose(0, 1)[None].contiguous(), None
 
 
-def _part_cpu(query, key, value, mask, scale, additive=False):
-    """(softmax(q k^T) v, log-sum-exp of the scores) from PyTorch's fused CPU kernel."""
-    bias = mask if additive else None
-    if mask is not None and not additive:  # the kernel takes an additive mask of the query's dtype
-        bias = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, float("-inf"))
+def _part_cpu(query, key, value, bias, scale):
+    """(softmax(q k^T + bias) v, log-sum-exp of the scores) from PyTorch's fused CPU kernel; `bias` is additive
+    (-inf: masked) in the query's dtype, or None."""
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False,
                                                                           attn_mask=bias, scale=scale)
     return out, lse
 
 
-def _part_math(query, key, value, mask, scale, additive=False):
+def _part_math(query, key, value, bias, scale):
     """The same in plain operations, for any device."""
     scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
-    if mask is not None and additive:
-        scores = scores + mask.float()
-    elif mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    if bias is not None:
+        scores = scores + bias.float()
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul(torch.exp(scores - lse[..., None]).to(value.dtype), value)
     return out, lse

@@ -226,8 +226,14 @@ def test_the_exact_search_picks_the_argmax_of_scoring_every_label(loaded, norm):
         assert pm.search_batch(decoder, trees, P, offsets, norm, width=1)[1] < all_nodes
 
 
-def test_the_prefix_attended_apart_gives_the_expanded_cache_scores(loaded):
-    """Split attention (the shared prefix held once, merged by log-sum-exp) equals the prefix copied to each row."""
+@pytest.mark.parametrize("kernel", ["cpu", "math"])
+def test_the_prefix_attended_apart_gives_the_expanded_cache_scores(loaded, kernel, monkeypatch):
+    """Split attention (the shared prefix held once, merged by log-sum-exp; the batch packed without its pads)
+    equals the prefix copied to each row. `math` is the plain-operations attention that GPUs run."""
+    from engine import shared_prefix
+
+    if kernel == "math":
+        monkeypatch.setattr(shared_prefix, "_part_cpu", shared_prefix._part_math)
     chat, builder, decoder, texts, ids, template = setup(loaded, n=3)
     options = groups(constraint_parts(builder.spec))[0].options
     decoder.set_prefix(template.partition(pm.SENTINEL)[0])
