@@ -16,8 +16,8 @@ cascade attention, as in Hydragen, Juravsky et al. 2024):
 Padding is left out of everything but the second part (`PackedCall`): the batch's real tokens go through the
 model packed into ONE row, so the linear layers and the prefix part never compute a pad. Only the small per-row
 part puts them back into the padded [rows, width] layout that the rows' masks and cache (`RowCache`) use. A batch
-of answer trees is far from rectangular (rows finish their search early, frontiers differ in width): packing
-removed 40% of the tokens the linear layers computed when scoring labels.
+of answer trees is far from rectangular (rows finish their search early, frontiers differ in width): in the
+search rounds of 200 MASSIVE utterances at batch 32, 32% of the padded layout's slots were pads.
 
 The model is switched to this attention (`enable`) under its own name in transformers' attention registry. A call
 without `shared_prefix=` runs transformers' own SDPA attention, so a model switched to it behaves as before

@@ -14,7 +14,7 @@
   ``sum``, ``mean`` (per token) or ``calibrated`` (minus the answer's sum for the content-free document "N/A",
   Zhao et al. 2021). The argmax is found by an exact best-first branch and bound (`search_batch`): log-probs
   are <= 0, so the part of an answer's sum known so far bounds it from above, and a subtree that cannot beat the
-  best complete answer is never fed (SmolLM2, MASSIVE, calibrated: 39% of the tree's tokens zero-shot). The
+  best complete answer is never fed (SmolLM2, MASSIVE, calibrated: 38% of the tree's tokens zero-shot). The
   choice is the one scoring every label would make. Token tasks have no closed answer list: refused.
 
 What every example shares is computed once: the prompt text before the document (system prompt, instruction,
