@@ -199,15 +199,13 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-# A 4D mask is passed through by transformers as it is; the packed attention builds its own (`PackedCall`).
-_UNUSED_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)
-
-
 class Decoder:
     """The model with a shared-prefix KV cache, batched forward passes with explicit masks and positions."""
 
     def __init__(self, model, chat: ChatFormat, device: torch.device):
         self.model, self.chat, self.device = model, chat, device
+        # transformers passes a 4D mask through as it is; the packed attention builds its own (`PackedCall`)
+        self.unused_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
         tok = chat.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else chat.stop_id
         self.pad_id = int(pad)
@@ -274,7 +272,7 @@ class Decoder:
             real = torch.ones_like(keep) if real is None else real
             call = shared_prefix.PackedCall.make(cache, real, allowed, self.model.dtype)
             out = self.model(input_ids=input_ids[real][None], position_ids=positions[real][None],
-                             attention_mask=_UNUSED_MASK.to(self.device), use_cache=False,
+                             attention_mask=self.unused_mask, use_cache=False,
                              logits_to_keep=keep[real][None], shared_prefix=self.prefix, packed=call)
             return out.logits
         extra = {}
