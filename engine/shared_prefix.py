@@ -25,7 +25,7 @@ everywhere else (training included).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -80,7 +80,7 @@ class PackedCall:
     real: torch.Tensor
     bias: torch.Tensor
     slots: torch.Tensor  # flat indices of the real slots in [rows * width]
-    _grouped: dict[int, torch.Tensor] = field(default_factory=dict)
+    _grouped: torch.Tensor | None = None
 
     @classmethod
     def make(cls, cache: RowCache, real: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype) -> "PackedCall":
@@ -89,10 +89,11 @@ class PackedCall:
 
     def grouped_bias(self, group: int) -> torch.Tensor:
         """The mask for queries folded by KV head, [rows, 1, group * width, W]: the `group` query heads that share
-        a KV head attend as one block of rows (half the time of one small product per query head on CPU)."""
-        if group not in self._grouped:
-            self._grouped[group] = self.bias.repeat(1, 1, group, 1)
-        return self._grouped[group]
+        a KV head attend as one block of rows (half the time of one small product per query head on CPU). Made
+        by the first layer, reused by the others (every layer of a model has the same group)."""
+        if self._grouped is None:
+            self._grouped = self.bias.repeat(1, 1, group, 1)
+        return self._grouped
 
 
 def enable(model) -> bool:
