@@ -40,7 +40,11 @@ MODES = {
     "constrained": dict(decision="constrained"),
     "score-sum": dict(decision="score", score_norm="sum"),
     "score-calibrated": dict(decision="score", score_norm="calibrated"),
+    # lm-evaluation-harness's convention: the label's tokens only, not the end of the answer (score_end=false)
+    "score-sum-no-end": dict(decision="score", score_norm="sum", score_end=False),
+    "score-calibrated-no-end": dict(decision="score", score_norm="calibrated", score_end=False),
 }
+DEFAULT_MODES = ("constrained", "score-sum", "score-calibrated", "generate")
 
 
 def main() -> int:
@@ -55,7 +59,8 @@ def main() -> int:
     parser.add_argument("--dtype", default="auto", choices=["float32", "bfloat16", "auto"],
                         help="auto: what the prompt method picks (bfloat16 on a CPU with native bf16, else float32)")
     parser.add_argument("--chat-format", default="template", choices=["template", "raw"])
-    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                        help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--ablation-n", type=int, default=50, help="0: skip the reuse_prefix=false runs")
     parser.add_argument("--json", default=None, help="write the numbers here too")
     parser.add_argument("--peer-modes", default=",".join(PEER_MODES),
@@ -147,7 +152,7 @@ def main() -> int:
         print()
         print("| ours | peer | ex/s ratio | accuracy ours - peer | goal (>= 3x, accuracy not lower) |")
         print("|---|---|---|---|---|")
-        for ours in ("constrained", "score-sum", "score-calibrated", "generate"):
+        for ours in MODES:
             for peer in peers:
                 if ours not in results:
                     continue

@@ -155,18 +155,21 @@ def test_left_padded_batches_generate_what_unbatched_generation_does(loaded):
         assert [r.out for r in rows] == expected
 
 
-def _naive_scores(model, chat, text_, ids_, options):
+def _naive_scores(model, chat, text_, ids_, options, end=True):
     out = []
     with torch.no_grad():
         for option in options:
-            joint = chat.encode(text_ + option) + [chat.stop_id]
+            joint = chat.encode(text_ + option) + ([chat.stop_id] if end else [])
             k = pm._common_prefix(ids_, joint)
             logprobs = torch.log_softmax(model(torch.tensor([joint])).logits[0].float(), dim=-1)
             out.append(sum(float(logprobs[p - 1, joint[p]]) for p in range(k, len(joint))))
     return out
 
 
-def test_prefix_reuse_and_the_label_tree_give_the_naive_scores(loaded):
+@pytest.mark.parametrize("end", [True, False])
+def test_prefix_reuse_and_the_label_tree_give_the_naive_scores(loaded, end):
+    """Each label's score is log p(label tokens [+ the stop token when `end`] | prompt), computed one label at a
+    time with a plain forward pass."""
     tokenizer, model = loaded
     chat, builder, decoder, texts, ids, template = setup(loaded, n=3)
     options = groups(constraint_parts(builder.spec))[0].options
@@ -175,11 +178,11 @@ def test_prefix_reuse_and_the_label_tree_give_the_naive_scores(loaded):
         decoder.set_prefix(template.partition(pm.SENTINEL)[0] if reuse else "")
         P = len(decoder.prefix_ids)
         assert (P > 100) == reuse
-        trees = [pm._tree(decoder, t, i, options, True, P) for t, i in zip(texts, ids)]
+        trees = [pm._tree(decoder, t, i, options, end, P) for t, i in zip(texts, ids)]
         assert len(trees[0].nodes) < sum(len(p) for p in trees[0].paths)  # shared label prefixes are fed once
         scores[reuse] = [[s for s, _ in row] for row in pm.score_batch(decoder, trees, P)]
     assert torch.allclose(torch.tensor(scores[True]), torch.tensor(scores[False]), atol=1e-4)
-    naive = [_naive_scores(model, chat, t, i, options[:8]) for t, i in zip(texts[:2], ids[:2])]
+    naive = [_naive_scores(model, chat, t, i, options[:8], end) for t, i in zip(texts[:2], ids[:2])]
     assert torch.allclose(torch.tensor([row[:8] for row in scores[True][:2]]), torch.tensor(naive), atol=1e-4)
 
 
@@ -202,17 +205,18 @@ def test_calibrated_scores_differ_from_summed_ones(tiny_llama, loaded):
         assert options[max(range(len(values)), key=values.__getitem__)] == predicted
 
 
-@pytest.mark.parametrize("norm", ["sum", "mean", "calibrated"])
-def test_the_exact_search_picks_the_argmax_of_scoring_every_label(loaded, norm):
+@pytest.mark.parametrize("norm,end", [("sum", True), ("mean", True), ("calibrated", True), ("sum", False),
+                                      ("calibrated", False)])
+def test_the_exact_search_picks_the_argmax_of_scoring_every_label(loaded, norm, end):
     """search_batch (branch and bound, several rounds) chooses what scoring every label in one pass chooses."""
     chat, builder, decoder, texts, ids, template = setup(loaded, n=6)
     options = groups(constraint_parts(builder.spec))[0].options
     decoder.set_prefix(template.partition(pm.SENTINEL)[0])
     P = len(decoder.prefix_ids)
-    trees = [pm._tree(decoder, t, i, options, True, P) for t, i in zip(texts, ids)]
+    trees = [pm._tree(decoder, t, i, options, end, P) for t, i in zip(texts, ids)]
     offsets = [[0.0] * len(options)] * len(trees)
     if norm == "calibrated":
-        offsets = [pm._content_free_scores(decoder, chat.text(builder.render("N/A")), options, True)] * len(trees)
+        offsets = [pm._content_free_scores(decoder, chat.text(builder.render("N/A")), options, end)] * len(trees)
     expected = []
     for row, offset in zip(pm.score_batch(decoder, trees, P), offsets):
         values = [s / n if norm == "mean" else s - c for (s, n), c in zip(row, offset)]

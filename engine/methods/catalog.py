@@ -90,6 +90,12 @@ class PromptOptions(MethodOptions):
         "sum", description="score: sum of label-token log-probs, their mean per token, or the sum minus the same "
                            "label's sum for a content-free input (Zhao et al. 2021)")
     content_free: str = Field("N/A", description="score_norm=calibrated: the content-free document")
+    score_end: bool = Field(
+        True, description="score: each label's score includes the end of the answer (the model's stop token "
+                          "after it): the probability that the answer IS the label. false: the label's own tokens "
+                          "only (lm-evaluation-harness's convention): a label's last token is never fed, so it is "
+                          "faster, but under score_norm=sum a label never beats a longer one that extends it "
+                          "(email_query vs email_querycontact)")
     chat_format: Literal["template", "raw"] = Field(
         "template", description="the tokenizer's chat template, or the paper's [INST] ... [/INST] text as is")
     max_new_tokens: int | None = Field(
@@ -366,6 +372,7 @@ class LlmFinetuneOptions(MethodOptions):
         "constrained", description="test prediction: generate + parse, constrained decoding, or label scoring")
     score_norm: Literal["sum", "mean", "calibrated"] = Field("sum", description="decision=score: as in `prompt`")
     content_free: str = Field("N/A", description="score_norm=calibrated: the content-free document")
+    score_end: bool = Field(True, description="decision=score: as in `prompt`")
     max_new_tokens: int | None = Field(None, ge=1, description="decision=generate: token limit per answer (as in `prompt`)")
     eval_batch_size: int = Field(8, ge=1, description="examples decoded or scored together at test time",
                                  json_schema_extra=EXECUTION)

@@ -203,9 +203,9 @@ def run(ctx: RunContext) -> MethodOutput | None:
     if opts.gradient_checkpointing:
         predict_model.gradient_checkpointing_disable()
     decide_options = PromptOptions(
-        decision=opts.decision, score_norm=opts.score_norm, content_free=opts.content_free,
-        max_new_tokens=opts.max_new_tokens, batch_size=opts.eval_batch_size, chat_format=opts.chat_format,
-        prompt_set=opts.prompt_set, max_text_chars=opts.max_text_chars)
+        decision=opts.decision, score_norm=opts.score_norm, score_end=opts.score_end,
+        content_free=opts.content_free, max_new_tokens=opts.max_new_tokens, batch_size=opts.eval_batch_size,
+        chat_format=opts.chat_format, prompt_set=opts.prompt_set, max_text_chars=opts.max_text_chars)
     with torch.no_grad(), trainer.autocast:
         output = decide(ctx, Decoder(predict_model, chat, device), builder, decide_options)
     trained_tokens = float(global_tokens.item())

@@ -9,7 +9,8 @@
   Every answer parses, by construction.
 - ``score``: the answer with the highest log-likelihood given the prompt. Prompt and answer are tokenised
   TOGETHER and split afterwards (so a leading-space or merged token is the one the model would see), the answer
-  ends with the stop token (so "comp" cannot win over "comp.graphics" by stopping early), and the answers of one
+  ends with the stop token (so "comp" cannot win over "comp.graphics" by stopping early; `score_end=false` leaves
+  it out, lm-evaluation-harness's convention, which never feeds a label's last token), and the answers of one
   example form a prefix tree fed with a tree attention mask (no copy of the prompt per label). `score_norm`:
   ``sum``, ``mean`` (per token) or ``calibrated`` (minus the answer's sum for the content-free document "N/A",
   Zhao et al. 2021). The argmax is found by an exact best-first branch and bound (`search_batch`): log-probs
@@ -72,7 +73,8 @@ def run(ctx: RunContext) -> MethodOutput | None:
     decoder = Decoder(model, chat, device)
     load_time = time.perf_counter() - started
     print(f"{LOG} {prompt.describe()}, {len(builder.items)} examples, {shots} shots, decision={opts.decision}"
-          + (f" ({opts.score_norm})" if opts.decision == "score" else "") + f", chat_format={opts.chat_format}, "
+          + (f" ({opts.score_norm}{'' if opts.score_end else ', without the end token'})"
+             if opts.decision == "score" else "") + f", chat_format={opts.chat_format}, "
           f"stop tokens {chat.stop_ids}, {str(model.dtype).removeprefix('torch.')} weights", flush=True)
     output = decide(ctx, decoder, builder, opts)
     for extra in output.extra_results.values():
@@ -82,7 +84,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
 
 def decide(ctx: RunContext, decoder: "Decoder", builder: PromptBuilder, opts) -> MethodOutput:
     """Answer every test example of `builder` with `decoder`'s model, as `opts` (PromptOptions fields: decision,
-    score_norm, content_free, max_new_tokens, batch_size, reuse_prefix) says; one Prediction per example and
+    score_norm, score_end, content_free, max_new_tokens, batch_size, reuse_prefix) says; one Prediction per example and
     task, and the decision's numbers as extra results. Shared by `prompt` and `llm-finetune` (a trained model)."""
     chat, model = decoder.chat, decoder.model
     items = builder.items
@@ -575,10 +577,11 @@ class _Tree:
     paths: list[list[tuple[int, int]]]
 
 
-def _tree(decoder: Decoder, ctx_text: str, ctx_ids: list[int], options: tuple[str, ...], last: bool,
+def _tree(decoder: Decoder, ctx_text: str, ctx_ids: list[int], options: tuple[str, ...], end: bool,
           P: int) -> _Tree:
+    """`end`: each option ends with the stop token (scored like the option's own tokens)."""
     splits = [decoder.joint_split(ctx_text, ctx_ids, option) for option in options]
-    stop = [decoder.chat.stop_id] if last else []
+    stop = [decoder.chat.stop_id] if end else []
     root = min(k for k, _ in splits)
     if root <= P:
         raise ValueError("the answers re-tokenise into the shared prefix")
@@ -834,6 +837,7 @@ def score_answers(decoder: Decoder, builder: PromptBuilder, texts: list[str], id
 
     for g, group in enumerate(answer_groups):
         last = g == len(answer_groups) - 1
+        end = last and opts.score_end  # only the last group's answer is followed by the stop token
         if len(group.options) == 1:
             for i in range(n):
                 chosen[i] += group.options[0]
@@ -845,7 +849,7 @@ def score_answers(decoder: Decoder, builder: PromptBuilder, texts: list[str], id
             trees = []
             for i in batch:
                 try:
-                    trees.append(_tree(decoder, contexts[i], context_ids[i], group.options, last, P))
+                    trees.append(_tree(decoder, contexts[i], context_ids[i], group.options, end, P))
                 except ValueError:
                     raise ClfbenchError("scoring: an answer merges with the shared prompt text; "
                                         "use -o reuse_prefix=false") from None
@@ -854,7 +858,7 @@ def score_answers(decoder: Decoder, builder: PromptBuilder, texts: list[str], id
                 if opts.score_norm == "calibrated":
                     cf_text = content_free + chosen[i]
                     if cf_text not in calibration:
-                        calibration[cf_text] = _content_free_scores(decoder, cf_text, group.options, last)
+                        calibration[cf_text] = _content_free_scores(decoder, cf_text, group.options, end)
                     offsets.append(calibration[cf_text])
                 else:
                     offsets.append([0.0] * len(group.options))
@@ -879,8 +883,8 @@ def score_answers(decoder: Decoder, builder: PromptBuilder, texts: list[str], id
     return answers, ({"answer_tokens_fed_share": stats["fed"] / stats["all"]} if stats["all"] else {})
 
 
-def _content_free_scores(decoder: Decoder, text: str, options: tuple[str, ...], last: bool) -> list[float]:
+def _content_free_scores(decoder: Decoder, text: str, options: tuple[str, ...], end: bool) -> list[float]:
     ids = decoder.chat.encode(text)
     P = len(decoder.prefix_ids) if decoder.prefix_length(ids) else 0
-    tree = _tree(decoder, text, ids, options, last, P)
+    tree = _tree(decoder, text, ids, options, end, P)
     return [s for s, _ in score_batch(decoder, [tree], P)[0]]
