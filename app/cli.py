@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app import render
-from engine.methods.catalog import METHODS, execution_options, option_fields
+from engine.methods.catalog import METHODS, execution_options, option_defaults, option_fields
 from engine.spec import RunSpec, expand_sweep, parse_spec
 from engine.types import ClfbenchError
 from storage import queries, queue
@@ -385,7 +385,7 @@ def results_command(
     if fmt not in render.FORMATS:
         fail(f"unknown format '{fmt}' (choose from {', '.join(render.FORMATS)})")
     matrix = queries.results_matrix(store(), metric=metric, model=model, method=method, task=task,
-                                    ignore=execution_options())
+                                    ignore=execution_options(), defaults=option_defaults())
     if fmt != "table":
         typer.echo(render.render_matrix(matrix, fmt))
         return

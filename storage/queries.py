@@ -6,6 +6,7 @@ import math
 import statistics
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -137,21 +138,27 @@ class Matrix:
 
 
 def _option_variants(specs: dict[int, tuple[tuple[str, str, int, str], dict]],
-                     ignore: Mapping[str, Collection[str]]) -> dict[int, str]:
+                     ignore: Mapping[str, Collection[str]],
+                     defaults: Mapping[str, Mapping[str, Any]]) -> dict[int, str]:
     """For each run, the options (of its spec) whose values differ between runs of its (model, method, shots,
-    task), leaving out `ignore[method]` (options that change how a run executes, not what it computes)."""
+    task), leaving out `ignore[method]` (options that change how a run executes, not what it computes). An
+    option missing from a spec (the run predates it) counts as `defaults[method][option]`."""
     by_group: dict[tuple[str, str, int], list[int]] = {}
     for run_id, (group, _options) in specs.items():
         by_group.setdefault(group, []).append(run_id)
     variants: dict[int, str] = {}
     for group, run_ids in by_group.items():
         skipped = ignore.get(group[1], ())
+        default = defaults.get(group[1], {})
         keys = sorted({key for run_id in run_ids for key in specs[run_id][1] if key not in skipped})
+
+        def value(run_id: int, key: str):
+            return specs[run_id][1].get(key, default.get(key))
+
         varying = [key for key in keys
-                   if len({json.dumps(specs[run_id][1].get(key), sort_keys=True) for run_id in run_ids}) > 1]
+                   if len({json.dumps(value(run_id, key), sort_keys=True) for run_id in run_ids}) > 1]
         for run_id in run_ids:
-            options = specs[run_id][1]
-            variants[run_id] = " ".join(f"{key}={_short(options.get(key))}" for key in varying)
+            variants[run_id] = " ".join(f"{key}={_short(value(run_id, key))}" for key in varying)
     return variants
 
 
@@ -161,14 +168,16 @@ def _short(value) -> str:
 
 def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
                    method: str | None = None, task: str | None = None,
-                   ignore: Mapping[str, Collection[str]] | None = None) -> Matrix:
+                   ignore: Mapping[str, Collection[str]] | None = None,
+                   defaults: Mapping[str, Mapping[str, Any]] | None = None) -> Matrix:
     """Succeeded runs' results as models × tasks; seeds of the same experiment aggregate (mean ± std).
 
     An experiment is (model, method, shots) plus the options in which its runs differ (see RowKey), so only
     runs that differ in nothing but the seed share a cell. A task measured inside a multi-task run ("a+b")
     gets its own column "a (multi)", so single-task and consolidated numbers sit side by side as in the main
     paper's Table 3. `ignore`: per method, options that never split rows (the CLI and the TUI pass the
-    catalog's execution-only options, such as the prompt method's batch_size).
+    catalog's execution-only options, such as the prompt method's batch_size); `defaults`: per method, the
+    value of an option that a run's spec lacks (the CLI and the TUI pass the catalog's defaults).
     """
     wanted = PRIMARY_METRICS if metric == "auto" else (metric,)
     query = (
@@ -194,7 +203,7 @@ def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
             except (ValueError, AttributeError):
                 options = {}
             specs[run_id] = ((run_model, run_method, shots, run_task), options)
-    variants = _option_variants(specs, ignore or {})
+    variants = _option_variants(specs, ignore or {}, defaults or {})
     cells: dict[tuple[RowKey, str], Cell] = {}
     row_keys: list[RowKey] = []
     columns: list[str] = []

@@ -250,3 +250,24 @@ def test_results_matrix_ignores_options_that_only_change_execution(store):
     score = ("tiny-bert", "prompt", 0, "decision=score")
     assert matrix.rows == [score, ("tiny-bert", "prompt", 0, "decision=generate")]
     assert len(matrix.cells[(score, "massive-intent")].values) == 2
+
+
+def test_an_option_added_later_does_not_split_old_runs_from_new_ones_at_its_default(store):
+    """A run stored before `score_end` existed ran with what is now its default: the matrix puts it in one row
+    with a new run that has score_end=true, and apart from one with score_end=false."""
+    from engine.methods.catalog import execution_options, option_defaults
+
+    def spec(options: dict) -> str:
+        return json.dumps({"options": {"decision": "score", **options}, "seed": 0})
+
+    specs = [spec({}), spec({"score_end": True}), spec({"score_end": False})]
+    ids = queue.enqueue(store, [new_run(method="prompt", spec_json=s) for s in specs])
+    for _ in ids:
+        run = claim_cpu(store)
+        queue.finish_succeeded(store, run["id"], run["attempt"], [],
+                               [dict(task="massive-intent", metric="accuracy", value=0.1)])
+    assert option_defaults()["prompt"]["score_end"] is True
+    matrix = queries.results_matrix(store, ignore=execution_options(), defaults=option_defaults())
+    with_end, without = ("tiny-bert", "prompt", 0, "score_end=true"), ("tiny-bert", "prompt", 0, "score_end=false")
+    assert matrix.rows == [with_end, without]
+    assert len(matrix.cells[(with_end, "massive-intent")].values) == 2

@@ -27,7 +27,7 @@ from textual.widgets import Footer, Input, Select, Static
 
 from app import render
 from app.tui.matrix_view import MatrixData, MatrixView
-from engine.methods.catalog import execution_options
+from engine.methods.catalog import execution_options, option_defaults
 from storage import queries
 from storage.db import Store
 from storage.queries import Matrix
@@ -318,7 +318,8 @@ class ResultsScreen(Screen):
     def load(self) -> None:
         metric = self.metric
         version = queries.results_version(self.store)
-        prepared = PreparedMatrix(queries.results_matrix(self.store, metric=metric, ignore=execution_options()))
+        prepared = PreparedMatrix(queries.results_matrix(self.store, metric=metric, ignore=execution_options(),
+                                                          defaults=option_defaults()))
         names = queries.result_metric_names(self.store)
         self.loaded_version = version
         self.app.call_from_thread(self.loaded, metric, prepared, names)

@@ -511,3 +511,12 @@ def execution_options() -> dict[str, frozenset[str]]:
     ignores them when it tells experiments apart."""
     return {name: frozenset(field for field, info in method.options.model_fields.items() if is_execution_option(info))
             for name, method in METHODS.items()}
+
+
+def option_defaults() -> dict[str, dict[str, object]]:
+    """Per method, each option's default. A run stored before an option existed ran with what is now its default
+    (options are added with the old behaviour as the default), so the results matrix reads a missing option as
+    its default rather than as a different value."""
+    return {name: {field: info.default for field, info in method.options.model_fields.items()
+                   if not info.is_required()}
+            for name, method in METHODS.items()}
