@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections import Counter
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,7 +143,10 @@ def _option_variants(specs: dict[int, tuple[tuple[str, str, int, str], dict]],
                      defaults: Mapping[str, Mapping[str, Any]]) -> dict[int, str]:
     """For each run, the options (of its spec) whose values differ between runs of its (model, method, shots,
     task), leaving out `ignore[method]` (options that change how a run executes, not what it computes). An
-    option missing from a spec (the run predates it) counts as `defaults[method][option]`."""
+    option missing from a spec (the run predates it) counts as `defaults[method][option]`. An option at its
+    default is left out of a run's label when the rest of the label still tells the run apart: a constrained
+    run reads `decision=constrained`, not `decision=constrained score_end=true`, beside two score runs that
+    differ in score_end."""
     by_group: dict[tuple[str, str, int], list[int]] = {}
     for run_id, (group, _options) in specs.items():
         by_group.setdefault(group, []).append(run_id)
@@ -157,8 +161,28 @@ def _option_variants(specs: dict[int, tuple[tuple[str, str, int, str], dict]],
 
         varying = [key for key in keys
                    if len({json.dumps(value(run_id, key), sort_keys=True) for run_id in run_ids}) > 1]
+        full = {run_id: tuple(json.dumps(value(run_id, key), sort_keys=True) for key in varying)
+                for run_id in run_ids}
+        distinct = set(full.values())
+        counts: dict[tuple[int, ...], Counter] = {}  # kept options -> how many variants share each projection
+
+        def unique(variant: tuple[str, ...], kept: tuple[int, ...]) -> bool:  # do these options tell it apart?
+            if kept not in counts:
+                counts[kept] = Counter(tuple(other[i] for i in kept) for other in distinct)
+            return bool(kept) and counts[kept][tuple(variant[i] for i in kept)] == 1
+
+        labels: dict[tuple[str, ...], str] = {}
         for run_id in run_ids:
-            variants[run_id] = " ".join(f"{key}={_short(value(run_id, key))}" for key in varying)
+            variant = full[run_id]
+            if variant not in labels:
+                kept = tuple(range(len(varying)))
+                for k in reversed(range(len(varying))):
+                    key = varying[k]
+                    at_default = key in default and value(run_id, key) == default[key]
+                    if at_default and unique(variant, tuple(i for i in kept if i != k)):
+                        kept = tuple(i for i in kept if i != k)
+                labels[variant] = " ".join(f"{varying[i]}={_short(value(run_id, varying[i]))}" for i in kept)
+            variants[run_id] = labels[variant]
     return variants
 
 

@@ -254,13 +254,15 @@ def test_results_matrix_ignores_options_that_only_change_execution(store):
 
 def test_an_option_added_later_does_not_split_old_runs_from_new_ones_at_its_default(store):
     """A run stored before `score_end` existed ran with what is now its default: the matrix puts it in one row
-    with a new run that has score_end=true, and apart from one with score_end=false."""
+    with a new run that has score_end=true, and apart from one with score_end=false. A run's label leaves out
+    an option at its default when the rest tells the run apart."""
     from engine.methods.catalog import execution_options, option_defaults
 
     def spec(options: dict) -> str:
         return json.dumps({"options": {"decision": "score", **options}, "seed": 0})
 
     specs = [spec({}), spec({"score_end": True}), spec({"score_end": False})]
+    specs.append(json.dumps({"options": {"decision": "constrained"}, "seed": 0}))
     ids = queue.enqueue(store, [new_run(method="prompt", spec_json=s) for s in specs])
     for _ in ids:
         run = claim_cpu(store)
@@ -268,6 +270,9 @@ def test_an_option_added_later_does_not_split_old_runs_from_new_ones_at_its_defa
                                [dict(task="massive-intent", metric="accuracy", value=0.1)])
     assert option_defaults()["prompt"]["score_end"] is True
     matrix = queries.results_matrix(store, ignore=execution_options(), defaults=option_defaults())
-    with_end, without = ("tiny-bert", "prompt", 0, "score_end=true"), ("tiny-bert", "prompt", 0, "score_end=false")
-    assert matrix.rows == [with_end, without]
+    with_end = ("tiny-bert", "prompt", 0, "decision=score score_end=true")
+    without = ("tiny-bert", "prompt", 0, "decision=score score_end=false")
+    # the constrained run's score_end is its default, and decision alone tells it apart: left out of its label
+    constrained = ("tiny-bert", "prompt", 0, "decision=constrained")
+    assert matrix.rows == [with_end, without, constrained]
     assert len(matrix.cells[(with_end, "massive-intent")].values) == 2
