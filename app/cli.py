@@ -120,8 +120,7 @@ def validate_for_queue(spec: RunSpec) -> None:
     try:
         if hasattr(options, "resolved"):
             options.resolved(names)
-        if hasattr(options, "check_task_kinds"):
-            options.check_task_kinds([get_task(name).kind for name in names])
+        options.check_task_kinds([get_task(name).kind for name in names])
     except ValueError as error:
         raise ClfbenchError(f"invalid options for {spec.method}: {error}") from None
     if info.local_model:  # an API method's model is a name on its server, checked when the run starts

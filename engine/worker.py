@@ -123,6 +123,10 @@ def run_worker(run_id: int) -> int:
             device = "cpu"
             random.seed(spec.seed)
         tasks = load_tasks(spec, options)
+        try:  # before any model loads: a slot task with decision=score fails at once, with the queue's message
+            options.check_task_kinds([task.kind for task in tasks])
+        except ValueError as error:
+            raise ClfbenchError(f"invalid options for {spec.method}: {error}") from None
         if not local_model:
             model_path = spec.model  # the model's name on the server
         elif rank == 0:  # rank 0 resolves first: a conversion into the model cache then happens once, not per rank

@@ -232,6 +232,27 @@ def test_failed_run_keeps_a_truthful_one_line_error(cli, tmp_path):
     assert "no_such_intent" in run["error"].splitlines()[0]
 
 
+def test_a_spec_that_skipped_the_queue_check_fails_before_loading_a_model(cli):
+    """Label scoring is undefined for slot filling. `clfbench queue` refuses it; a spec that reaches the store
+    another way (here written straight into it) fails in the worker with the same one-line message, before any
+    model loads (the model named here does not even exist)."""
+    from app.cli import new_runs
+    from engine.spec import RunSpec
+    from storage import queue
+
+    refused = cli.run("queue", "--method", "prompt", "--model", "tiny-llama", "--task", "massive-slots",
+                      "--data-dir", str(SAMPLES), "-o", "decision=score", check=False)
+    assert refused.returncode == 1 and "not defined for token" in refused.stderr
+    spec = RunSpec(method="prompt", model="no-such-model", task="massive-slots", data_dir=str(SAMPLES),
+                   options={"decision": "score"})
+    queue.enqueue(open_store(), new_runs([spec], priority=0))
+    cli.run("engine", "--until-idle")
+    (run,) = cli.json("ls")
+    assert run["status"] == "failed"
+    assert run["error"].splitlines()[0].startswith("invalid options for prompt: decision=score is not defined "
+                                                   "for token (slot) tasks")
+
+
 def no_process_left(store, run_id: int, attempt: int) -> bool:
     from engine.daemon import run_tag, tagged_processes
 

@@ -22,6 +22,11 @@ class MethodOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def check_task_kinds(self, kinds: list[str]) -> None:
+        """Raise ValueError when these options do not fit the run's task kinds ("sequence", "token"); checked
+        when a run is queued (`clfbench queue`, the TUI form) and again by the worker before the run starts
+        (a spec can reach the store by other ways). Every kind fits unless a method says otherwise."""
+
 
 class EncoderFinetuneOptions(MethodOptions):
     """Fine-tune an encoder with one linear head per task on one shared encoder.

@@ -68,10 +68,6 @@ FORMAT = 1  # in the checkpoint fingerprint
 
 def run(ctx: RunContext) -> MethodOutput | None:
     opts = ctx.options
-    try:
-        opts.check_task_kinds([t.kind for t in ctx.tasks])
-    except ValueError as error:
-        raise ClfbenchError(str(error)) from None
     device = torch.device(ctx.device)
     if opts.strategy == "fsdp" and device.type != "cuda":
         raise ClfbenchError("llm-finetune: strategy=fsdp needs CUDA GPUs (FSDP shards the model over NCCL); "

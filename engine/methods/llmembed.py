@@ -80,10 +80,6 @@ def run(ctx: RunContext) -> MethodOutput | None:
     if not ctx.is_main:
         return None
     opts = ctx.options
-    try:
-        opts.check_task_kinds([t.kind for t in ctx.tasks])
-    except ValueError as error:
-        raise ClfbenchError(str(error)) from None
     if len(ctx.tasks) != 1:
         raise ClfbenchError(f"llmembed takes one task, got {'+'.join(t.name for t in ctx.tasks)}")
     task = ctx.tasks[0]

@@ -57,10 +57,6 @@ def run(ctx: RunContext) -> MethodOutput | None:
     if not ctx.is_main:
         return None
     opts = ctx.options
-    try:
-        opts.check_task_kinds([t.kind for t in ctx.tasks])
-    except ValueError as error:
-        raise ClfbenchError(str(error)) from None
     shots = int(getattr(ctx.spec, "shots", 0) or 0)
     seed = int(getattr(ctx.spec, "seed", 0) or 0)
     prompt = load_prompt_set(opts.prompt_set).select(ctx.tasks, shots)
