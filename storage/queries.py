@@ -178,7 +178,8 @@ def _option_variants(specs: dict[int, tuple[tuple[str, str, int, str], dict]],
                 kept = tuple(range(len(varying)))
                 for k in reversed(range(len(varying))):
                     key = varying[k]
-                    at_default = key in default and value(run_id, key) == default[key]
+                    # compared as JSON, as the variants are: a tuple default equals the list a spec stores
+                    at_default = key in default and variant[k] == json.dumps(default[key], sort_keys=True)
                     if at_default and unique(variant, tuple(i for i in kept if i != k)):
                         kept = tuple(i for i in kept if i != k)
                 labels[variant] = " ".join(f"{varying[i]}={_short(value(run_id, varying[i]))}" for i in kept)
