@@ -19,12 +19,12 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from app import render
-from engine.methods.catalog import METHODS, execution_options, option_defaults, option_fields
-from engine.spec import RunSpec, expand_sweep, parse_spec
-from engine.types import ClfbenchError
-from storage import queries, queue
-from storage.db import Store, StoreError, open_store
+from clfbench.app import render
+from clfbench.engine.methods.catalog import METHODS, execution_options, option_defaults, option_fields
+from clfbench.engine.spec import RunSpec, expand_sweep, parse_spec
+from clfbench.engine.types import ClfbenchError
+from clfbench.storage import queries, queue
+from clfbench.storage.db import Store, StoreError, open_store
 
 app = typer.Typer(
     name="clfbench",
@@ -73,7 +73,12 @@ def main_options(
 
 def code_version() -> str:
     """clfbench's version plus the git commit when running from a checkout (stored with every run)."""
-    version = "0.1.0"
+    from importlib.metadata import PackageNotFoundError, version as installed_version
+
+    try:
+        version = installed_version("clfbench")
+    except PackageNotFoundError:
+        version = "unknown"
     try:
         commit = subprocess.run(["git", "-C", str(PACKAGE_ROOT), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, timeout=5).stdout.strip()
@@ -96,8 +101,8 @@ def parse_option_pairs(pairs: list[str]) -> dict[str, Any]:
 
 def validate_for_queue(spec: RunSpec) -> None:
     """Everything the CLI can know before a run starts: tasks exist and fit the method, data, model."""
-    from engine.models import check_model
-    from engine.tasks import check_task, get_task
+    from clfbench.engine.models import check_model
+    from clfbench.engine.tasks import check_task, get_task
 
     info = spec.method_info
     names = spec.task_names
@@ -364,7 +369,7 @@ def remove_command(run_ids: list[int] = typer.Argument(..., help="run ids"),
         get_run_or_fail(s, run_id)
     if not yes and not typer.confirm(f"delete {len(run_ids)} run(s) and everything they recorded?"):
         raise typer.Exit(1)
-    from engine.daemon import delete_run
+    from clfbench.engine.daemon import delete_run
 
     for run_id in run_ids:
         typer.echo(f"run {run_id}: {'deleted' if delete_run(s.url, s, run_id) else 'not deleted (running)'}")
@@ -415,7 +420,7 @@ def errors_command(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Per-label precision/recall/F1 of a run's task, or the misclassified examples of one label."""
-    from app.error_analysis import error_report, examples_for
+    from clfbench.app.error_analysis import error_report, examples_for
 
     s = store()
     run = get_run_or_fail(s, run_id)
@@ -456,7 +461,7 @@ def errors_command(
 @app.command("tasks")
 def tasks_command(as_json: bool = typer.Option(False, "--json")) -> None:
     """List the tasks: built-in ones and your own (YAML files in CLFBENCH_HOME/tasks)."""
-    from engine.tasks import list_tasks
+    from clfbench.engine.tasks import list_tasks
 
     try:
         tasks = list_tasks()
@@ -477,7 +482,7 @@ def tasks_command(as_json: bool = typer.Option(False, "--json")) -> None:
 @app.command("models")
 def models_command(as_json: bool = typer.Option(False, "--json")) -> None:
     """List model aliases and whether their weights are available locally."""
-    from engine.models import list_models
+    from clfbench.engine.models import list_models
 
     models = list_models()
     if as_json:
@@ -512,7 +517,7 @@ def methods_command(as_json: bool = typer.Option(False, "--json")) -> None:
 # ---- engine -------------------------------------------------------------------------------------
 
 def engine_status_data(s: Store) -> dict:
-    from engine.daemon import engine_lock_holder
+    from clfbench.engine.daemon import engine_lock_holder
 
     pid = engine_lock_holder(s.url)
     counts = queries.count_by_status(s)
@@ -536,8 +541,8 @@ def engine_command(
     if not (foreground or until_idle):
         start_engine(gpus, max_cpu_runs)
         return
-    from engine.daemon import EngineConfig, run_engine
-    from engine.gpus import discover_gpus
+    from clfbench.engine.daemon import EngineConfig, run_engine
+    from clfbench.engine.gpus import discover_gpus
 
     s = store()
     try:
@@ -550,7 +555,8 @@ def engine_command(
 
 
 def start_engine(gpus: Optional[str], max_cpu_runs: int) -> None:
-    from engine.daemon import engine_log_path, start_detached
+    from clfbench.engine.daemon import start_detached
+    from clfbench.storage.paths import engine_log_path
 
     s = store()
     try:
@@ -576,7 +582,7 @@ def engine_start(
 @engine_app.command("stop")
 def engine_stop() -> None:
     """Stop this host's engine for the store. Running workers finish on their own; the next engine adopts them."""
-    from engine.daemon import stop_engine
+    from clfbench.engine.daemon import stop_engine
 
     pid = stop_engine(store().url)
     typer.echo(f"engine (pid {pid}) stopped" if pid else "no engine runs for this store on this host")
@@ -605,7 +611,7 @@ def tui_command(
                                 help="start the engine (detached) when none runs for the store"),
 ) -> None:
     """The terminal UI: queue, watch and compare runs (works over SSH and in tmux; ? lists the keys)."""
-    from app.tui.app import ClfbenchApp
+    from clfbench.app.tui.app import ClfbenchApp
 
     try:
         tui = ClfbenchApp(db=state.db, start_engine=engine)
@@ -631,7 +637,7 @@ def demo_command(
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="use this data folder instead of the samples"),
 ) -> None:
     """Queue a small real benchmark (MiniLM on samples of MASSIVE and 20NG), run it, print the results."""
-    from engine.tasks import sample_data_dir
+    from clfbench.engine.tasks import sample_data_dir
 
     folder = str(Path(data_dir).resolve()) if data_dir else str(sample_data_dir())
     try:
@@ -645,8 +651,8 @@ def demo_command(
     typer.echo(f"queued demo runs {', '.join(map(str, ids))} on {folder}")
     if not run:
         return
-    from engine.daemon import EngineConfig, engine_lock_holder, run_engine
-    from engine.gpus import discover_gpus
+    from clfbench.engine.daemon import EngineConfig, engine_lock_holder, run_engine
+    from clfbench.engine.gpus import discover_gpus
 
     started = time.time()
     if engine_lock_holder(s.url):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine import metrics
+from clfbench.engine import metrics
 
 # Confusion-matrix columns that are not labels (engine.metrics names them).
 OTHER_COLUMN = metrics.OTHER_COLUMN

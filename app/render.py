@@ -11,7 +11,7 @@ import json
 import math
 import time
 
-from storage.queries import Matrix
+from clfbench.storage.queries import Matrix
 
 FORMATS = ("table", "md", "csv", "latex", "json")
 

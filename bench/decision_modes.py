@@ -70,12 +70,12 @@ def main() -> int:
 
     import torch
 
-    from engine import metrics
-    from engine.methods import prompt
-    from engine.methods.catalog import PromptOptions
-    from engine.models import resolve_model
-    from engine.tasks import get_task, load_task
-    from engine.types import RunContext
+    from clfbench.engine import metrics
+    from clfbench.engine.methods import prompt
+    from clfbench.engine.methods.catalog import PromptOptions
+    from clfbench.engine.models import resolve_model
+    from clfbench.engine.tasks import get_task, load_task
+    from clfbench.engine.types import RunContext
 
     torch.set_num_threads(args.threads)
     model_path = resolve_model(args.model)
@@ -196,11 +196,11 @@ def run_peer(task, args, modes: list[str]) -> dict[str, dict]:
 
     import openai
 
-    from engine import metrics
-    from engine.methods.openai_prompt import json_spec, messages_for, response_schema
-    from engine.prompting.chat import MARKERS
-    from engine.prompting.library import PromptBuilder, load_prompt_set
-    from engine.prompting.parse import parse_answer, parse_json_answer
+    from clfbench.engine import metrics
+    from clfbench.engine.methods.openai_prompt import json_spec, messages_for, response_schema
+    from clfbench.engine.prompting.chat import MARKERS
+    from clfbench.engine.prompting.library import PromptBuilder, load_prompt_set
+    from clfbench.engine.prompting.parse import parse_answer, parse_json_answer
 
     gguf = args.gguf or _smollm2_gguf()
     port = _free_port()
@@ -284,7 +284,7 @@ def run_peer(task, args, modes: list[str]) -> dict[str, dict]:
 
 
 def _prediction(example, predicted, raw, status):
-    from engine.types import Prediction
+    from clfbench.engine.types import Prediction
 
     return Prediction(example_id=example.id, text=example.text, gold=example.label, predicted=predicted,
                       raw_output=raw, parse_status=status)

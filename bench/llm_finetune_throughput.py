@@ -68,8 +68,8 @@ def main() -> int:
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.methods import llm_finetune as lf
-    from engine.types import RunContext
+    from clfbench.engine.methods import llm_finetune as lf
+    from clfbench.engine.types import RunContext
 
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     torch.cuda.set_device(local_rank)

@@ -5,7 +5,7 @@
 1. Fills a fresh SQLite store (the real schema, through storage.db.open_store) with `--runs` runs and
    `--points` metric points in bulk (executemany, one transaction): 2,000 distinct model × method × shots
    rows for the results matrix, single-task and consolidated runs, results on every succeeded run.
-2. Cold start: starts `python -m app.cli --db URL tui --no-engine` in a pseudo-terminal (80×24, as over SSH)
+2. Cold start: starts `python -m clfbench.app.cli --db URL tui --no-engine` in a pseudo-terminal (80×24, as over SSH)
    and times, from the spawn, (a) the first frame (the title bar is on screen) and (b) the newest run's row
    painted (its data read from the store).
 3. Filter keystroke: opens the Results screen in-process (Textual's pilot, headless), types a query one key at
@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from storage.db import open_store  # noqa: E402
+from clfbench.storage.db import open_store  # noqa: E402
 
 GOAL_FIRST_PAINT_S = 1.0
 GOAL_KEYSTROKE_MS = 50.0
@@ -96,7 +96,7 @@ def cold_start(url: str, home: Path, timeout_s: float = 120.0) -> tuple[float, f
     env = {**os.environ, "TERM": "xterm-256color", "CLFBENCH_HOME": str(home), "PYTHONPATH": str(ROOT),
            "COLUMNS": "80", "LINES": "24"}
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "app.cli", "--db", url, "tui", "--no-engine"],
+    process = subprocess.Popen([sys.executable, "-m", "clfbench.app.cli", "--db", url, "tui", "--no-engine"],
                                stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env, start_new_session=True)
     os.close(slave)
     seen = b""
@@ -130,8 +130,8 @@ def cold_start(url: str, home: Path, timeout_s: float = 120.0) -> tuple[float, f
 async def filter_keystrokes(url: str, query: str) -> tuple[list[float], list[float], float, int]:
     """Per key typed into the results filter: milliseconds from press to idle after the repaint, and the UI
     thread's CPU milliseconds for it; then the matrix load time in seconds and the matrix's row count."""
-    from app.tui.app import ClfbenchApp
-    from app.tui.results import ResultsScreen
+    from clfbench.app.tui.app import ClfbenchApp
+    from clfbench.app.tui.results import ResultsScreen
 
     app = ClfbenchApp(db=url, start_engine=False)
     timings, cpu_timings = [], []

@@ -15,8 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.tui.app import ClfbenchApp  # noqa: E402
-from storage import queries  # noqa: E402
+from clfbench.app.tui.app import ClfbenchApp  # noqa: E402
+from clfbench.storage import queries  # noqa: E402
 
 OUT = ROOT / "docs" / "screenshots"
 
@@ -42,7 +42,7 @@ async def shoot(db: str, run_id: int | None, size: tuple[int, int], out: Path) -
             done = queries.list_runs(app.store, status="succeeded", limit=1)
             run_id = done[0]["id"] if done else None
         if run_id is not None:
-            from app.tui.detail import DetailScreen
+            from clfbench.app.tui.detail import DetailScreen
 
             await app.push_screen(DetailScreen(app.store, run_id))
             await settle(pilot)
@@ -62,7 +62,7 @@ async def shoot(db: str, run_id: int | None, size: tuple[int, int], out: Path) -
         await pilot.press("escape")
         await settle(pilot)
         try:
-            from app.tui.results import ResultsScreen
+            from clfbench.app.tui.results import ResultsScreen
 
             await app.push_screen(ResultsScreen(app.store))
             await settle(pilot)
@@ -72,7 +72,7 @@ async def shoot(db: str, run_id: int | None, size: tuple[int, int], out: Path) -
             print("results screen not installed: skipped", file=sys.stderr)
         if run_id is not None:
             try:
-                from app.tui.errors import ErrorsScreen
+                from clfbench.app.tui.errors import ErrorsScreen
 
                 await app.push_screen(ErrorsScreen(app.store, run_id))
                 await settle(pilot)

@@ -3,8 +3,8 @@
 One engine per store per host (an flock on a lock file in the clfbench home; the OS drops it when the
 process dies, even under SIGKILL). Each run is launched as
 
-    torchrun --standalone --nproc-per-node=N -m engine.worker RUN_ID      (methods that train or infer)
-    python -m engine.worker RUN_ID                                        (API-only methods)
+    torchrun --standalone --nproc-per-node=N -m clfbench.engine.worker RUN_ID      (methods that train or infer)
+    python -m clfbench.engine.worker RUN_ID                                        (API-only methods)
 
 in its own process group (so a cancel reaches every rank, and the run outlives an engine crash),
 with CUDA_VISIBLE_DEVICES set to its GPUs and output appended to a per-run log file.
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import shutil
 import signal
@@ -34,11 +33,13 @@ from pathlib import Path
 
 from sqlalchemy import insert, select, update
 
-from engine.gpus import discover_gpus
-from engine.types import ClfbenchError
-from storage import queue
-from storage.db import Store, clfbench_home, now, open_store
-from storage.models import EngineRow, Run
+from clfbench.engine.gpus import discover_gpus
+from clfbench.engine.types import ClfbenchError
+from clfbench.storage import queue
+from clfbench.storage import paths
+from clfbench.storage.db import Store, now, open_store
+from clfbench.storage.paths import engine_log_path, run_dir, store_key
+from clfbench.storage.models import EngineRow, Run
 
 RUNS = Run.__table__
 ENGINES = EngineRow.__table__
@@ -46,16 +47,6 @@ ENGINES = EngineRow.__table__
 HEARTBEAT_S = 5.0
 # A run on another host whose worker has not written a heartbeat for this long is taken as dead.
 STALE_AFTER_S = 180.0
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-
-
-def store_key(url: str) -> str:
-    """A short stable key per store, so two stores under one home never share run folders or locks."""
-    return hashlib.sha256(url.encode()).hexdigest()[:10]
-
-
-def run_dir(url: str, run_id: int) -> Path:
-    return clfbench_home() / "runs" / store_key(url) / str(run_id)
 
 
 def delete_run(url: str, store: Store, run_id: int) -> bool:
@@ -70,17 +61,9 @@ def delete_run(url: str, store: Store, run_id: int) -> bool:
     return True
 
 
-def engine_log_path(url: str) -> Path:
-    return clfbench_home() / "logs" / f"engine-{store_key(url)}.log"
-
-
-def lock_path(url: str) -> Path:
-    return clfbench_home() / "locks" / f"engine-{store_key(url)}.lock"
-
-
 def acquire_engine_lock(url: str):
     """Hold an exclusive flock for this store on this host, or raise if another engine holds it."""
-    path = lock_path(url)
+    path = paths.engine_lock_path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")
     try:
@@ -99,7 +82,7 @@ def acquire_engine_lock(url: str):
 
 def engine_lock_holder(url: str) -> int | None:
     """The pid of the engine holding this store's lock on this host, or None."""
-    path = lock_path(url)
+    path = paths.engine_lock_path(url)
     if not path.exists():
         return None
     with open(path, "a+") as handle:
@@ -285,20 +268,19 @@ class Engine:
         folder.mkdir(parents=True, exist_ok=True)
         log_path = folder / "log.txt"
         if run["launch"] == "process":
-            command = [sys.executable, "-m", "engine.worker", str(run["id"])]
+            command = [sys.executable, "-m", "clfbench.engine.worker", str(run["id"])]
         else:
             nproc = len(gpus) if gpus else run["nproc"]
-            command = torchrun_command(nproc) + ["-m", "engine.worker", str(run["id"])]
+            command = torchrun_command(nproc) + ["-m", "clfbench.engine.worker", str(run["id"])]
         env = dict(os.environ)
         env.update(
             CLFBENCH_DB=self.config.url,
             CLFBENCH_RUN_ATTEMPT=str(run["attempt"]),
             CLFBENCH_RUN_TAG=run_tag(self.config.url, run["id"], run["attempt"]),
             CLFBENCH_RUN_DIR=str(folder),
-            CLFBENCH_HOME=str(clfbench_home()),
+            CLFBENCH_HOME=str(paths.home()),
             CUDA_VISIBLE_DEVICES=",".join(str(g) for g in gpus),  # "" hides every GPU from CPU runs
             PYTHONUNBUFFERED="1",
-            PYTHONPATH=os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p),
         )
         if not gpus:
             # CPU runs share this host's cores: each of the max_cpu_runs slots gets its share (the worker splits
@@ -481,14 +463,13 @@ def start_detached(url: str, gpus: str | None, max_cpu_runs: int) -> int:
         raise ClfbenchError(f"an engine already runs for this store on this host (pid {holder})")
     log = engine_log_path(url)
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "engine.daemon", "--db", url, "--max-cpu-runs", str(max_cpu_runs)]
+    command = [sys.executable, "-m", "clfbench.engine.daemon", "--db", url, "--max-cpu-runs", str(max_cpu_runs)]
     if gpus is not None:
         command += ["--gpus", gpus]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_ROOT), env.get("PYTHONPATH", "")) if p)
     with open(log, "ab") as handle:
         popen = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                 start_new_session=True, env=env, cwd=str(clfbench_home()))
+                                 start_new_session=True, env=env, cwd=str(paths.home()))
     # Wait until it holds the lock (or died) so `start` reports the truth.
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -515,7 +496,7 @@ def stop_engine(url: str, timeout_s: float = 30) -> int | None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m engine.daemon", description="clfbench engine (detached)")
+    parser = argparse.ArgumentParser(prog="python -m clfbench.engine.daemon", description="clfbench engine (detached)")
     parser.add_argument("--db", required=True)
     parser.add_argument("--gpus", default=None)
     parser.add_argument("--max-cpu-runs", type=int, default=1)

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 
-from engine.types import ClfbenchError
+from clfbench.engine.types import ClfbenchError
 
 
 def parse_gpu_list(text: str) -> list[int]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.types import ClfbenchError, Prediction
+from clfbench.engine.types import ClfbenchError, Prediction
 
 # Confusion-matrix columns for predictions that are not a label of the label set.
 UNPARSED_COLUMN = "<unparsed>"  # a None prediction (the output could not be parsed)

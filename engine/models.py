@@ -36,7 +36,8 @@ from typing import Callable, Iterator, Literal
 
 import yaml
 
-from engine.types import ClfbenchError
+from clfbench.engine.types import ClfbenchError
+from clfbench.storage.paths import model_cache_dir
 
 ALIASES_FILE = Path(__file__).resolve().parent / "model_defs" / "aliases.yaml"
 
@@ -112,15 +113,6 @@ def find_alias(name: str) -> ModelAlias | None:
         if alias.hub_id and alias.hub_id.lower() == key:
             return alias
     return None
-
-
-def clfbench_home() -> Path:
-    return Path(os.environ.get("CLFBENCH_HOME") or "~/.clfbench").expanduser()
-
-
-def model_cache_dir() -> Path:
-    """Where converted, unpacked and built models live: `$CLFBENCH_HOME/cache/models`."""
-    return clfbench_home() / "cache" / "models"
 
 
 # ------------------------------------------------------------------------------------- local sources
@@ -436,7 +428,7 @@ def unzip_parts(parts: list[Path], out: Path) -> None:
 
 
 def _build_tiny(builder: str, out: Path) -> None:
-    from engine import tiny_models
+    from clfbench.engine import tiny_models
 
     if builder not in tiny_models.BUILDERS:
         raise ClfbenchError(f"unknown tiny model builder {builder!r}")
@@ -444,7 +436,7 @@ def _build_tiny(builder: str, out: Path) -> None:
     _write_source(out, built_by=f"engine.tiny_models.{tiny_models.BUILDERS[builder].__name__}", seed=0)
 
 
-if __name__ == "__main__":  # python -m engine.models NAME...: check and resolve
+if __name__ == "__main__":  # python -m clfbench.engine.models NAME...: check and resolve
     for arg in sys.argv[1:]:
         print(check_model(arg))
         print(resolve_model(arg))

@@ -10,8 +10,8 @@ import math
 import threading
 import time
 
-from storage import queue
-from storage.db import Store
+from clfbench.storage import queue
+from clfbench.storage.db import Store
 
 
 class Recorder:

@@ -22,8 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from engine.methods.catalog import METHODS, MethodInfo, MethodOptions
-from engine.types import ClfbenchError
+from clfbench.engine.methods.catalog import METHODS, MethodInfo, MethodOptions
+from clfbench.engine.types import ClfbenchError
 
 SPEC_VERSION = 1
 

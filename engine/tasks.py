@@ -48,7 +48,8 @@ from pydantic import (
     model_validator,
 )
 
-from engine.types import ClfbenchError, Example, TaskData, TaskKind
+from clfbench.engine.types import ClfbenchError, Example, TaskData, TaskKind
+from clfbench.storage import paths
 
 __all__ = [
     "DERIVE_FUNCTIONS",
@@ -61,7 +62,6 @@ __all__ = [
     "check_task",
     "get_dataset",
     "get_task",
-    "home_dir",
     "label_root",
     "list_datasets",
     "list_tasks",
@@ -74,6 +74,7 @@ __all__ = [
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 BUILTIN_DIR = Path(__file__).resolve().parent / "task_defs"
+SAMPLE_DATA_DIR = Path(__file__).resolve().parent / "sample_data"  # package data: the demo runs on it
 DATASET_SUFFIXES = (".dataset.yaml", ".dataset.yml")
 TEST_SUBSET_SEED = 0  # test_limit always takes the same subset, whatever the run's seed
 
@@ -465,16 +466,8 @@ def _builtins() -> tuple[dict[str, DatasetDef], dict[str, TaskDef]]:
     return datasets, tasks
 
 
-def home_dir(home: Path | str | None = None) -> Path:
-    """The clfbench home: ``home``, else ``$CLFBENCH_HOME``, else ``~/.clfbench``."""
-    if home is not None:
-        return Path(home).expanduser()
-    env = os.environ.get("CLFBENCH_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".clfbench"
-
-
 def _user(home: Path | str | None) -> tuple[dict[str, DatasetDef], dict[str, TaskDef]]:
-    datasets, tasks = _scan(home_dir(home) / "tasks")
+    datasets, tasks = _scan(Path(home).expanduser() / "tasks" if home is not None else paths.user_tasks_dir())
     b_datasets, b_tasks = _builtins()
     for name, d in datasets.items():
         if name in b_datasets:
@@ -530,11 +523,8 @@ def resolve_data_dir(explicit: str | Path | None = None) -> Path | None:
 
 
 def sample_data_dir() -> Path:
-    """The small real samples shipped in the source tree (``tests/data``), laid out like the real data dir."""
-    path = Path(__file__).resolve().parents[1] / "tests" / "data"
-    if not path.is_dir():
-        raise _err(f"sample data not found at {path} (the samples ship with the source checkout, not the wheel)")
-    return path
+    """The small real samples shipped in the package (``engine/sample_data``), laid out like the real data dir."""
+    return SAMPLE_DATA_DIR
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -914,9 +904,8 @@ def _choose_source(task: TaskDef, ds: DatasetDef, data_dir: Path | None) -> str:
     if ds.hub is not None:
         return "hub"
     if ds.local is not None:
-        samples = Path(__file__).resolve().parents[1] / "tests" / "data"
         raise _err(f"task {task.name}: dataset {ds.name} has no hub source; set CLFBENCH_DATA or --data-dir to a "
-                   f"folder with {ds.local.dir}/ (the shipped samples: {samples})")
+                   f"folder with {ds.local.dir}/ (the shipped samples: {SAMPLE_DATA_DIR})")
     raise _err(f"task {task.name}: dataset {ds.name} has no usable source")
 
 

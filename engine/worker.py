@@ -1,4 +1,4 @@
-"""The worker: `torchrun ... -m engine.worker RUN_ID` (or `python -m engine.worker RUN_ID` for API jobs).
+"""The worker: `torchrun ... -m clfbench.engine.worker RUN_ID` (or `python -m clfbench.engine.worker RUN_ID` for API jobs).
 
 It loads the run's spec from the store, resolves data and model, runs the method module, and on
 rank 0 writes metric points (batched), one prediction row per test example and task, and result rows.
@@ -17,14 +17,14 @@ import time
 import traceback
 from pathlib import Path
 
-from engine import metrics
-from engine.models import resolve_model
-from engine.recorder import Recorder
-from engine.spec import spec_from_json
-from engine.tasks import get_task, load_task, resolve_data_dir
-from engine.types import ClfbenchError, MethodOutput, RunContext, TaskData
-from storage import queue, queries
-from storage.db import open_store
+from clfbench.engine import metrics
+from clfbench.engine.models import resolve_model
+from clfbench.engine.recorder import Recorder
+from clfbench.engine.spec import spec_from_json
+from clfbench.engine.tasks import get_task, load_task, resolve_data_dir
+from clfbench.engine.types import ClfbenchError, MethodOutput, RunContext, TaskData
+from clfbench.storage import queue, queries
+from clfbench.storage.db import open_store
 
 
 def _distributed_env() -> tuple[int, int, int]:
@@ -179,7 +179,7 @@ def run_worker(run_id: int) -> int:
 
 def main() -> int:
     if len(sys.argv) != 2 or not sys.argv[1].isdigit():
-        print("usage: python -m engine.worker RUN_ID", file=sys.stderr)
+        print("usage: python -m clfbench.engine.worker RUN_ID", file=sys.stderr)
         return 2
     return run_worker(int(sys.argv[1]))
 

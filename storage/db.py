@@ -17,20 +17,16 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlmodel import SQLModel
 
-from storage import dialect
-from storage import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from clfbench.storage import dialect, paths
+from clfbench.storage import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 
 class StoreError(Exception):
     """A one-line, user-facing problem with the store."""
 
 
-def clfbench_home() -> Path:
-    return Path(os.environ.get("CLFBENCH_HOME") or Path.home() / ".clfbench").expanduser()
-
-
 def default_url() -> str:
-    return f"sqlite:///{clfbench_home() / 'clfbench.db'}"
+    return f"sqlite:///{paths.default_store_file()}"
 
 
 def resolve_url(explicit: str | None = None) -> str:
@@ -49,7 +45,7 @@ def _prepare_sqlite_file(url: str) -> None:
     path = Path(database).expanduser()
     folder = path.parent
     if not folder.exists():
-        if folder.resolve() == clfbench_home().resolve():
+        if folder.resolve() == paths.home().resolve():
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         else:
             raise StoreError(f"store directory {folder} does not exist")

@@ -11,8 +11,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from storage.db import Store
-from storage.models import EngineRow, Event, MetricPoint, PredictionRow, Result, Run
+from clfbench.storage.db import Store
+from clfbench.storage.models import EngineRow, Event, MetricPoint, PredictionRow, Result, Run
 
 RUNS = Run.__table__
 RESULTS = Result.__table__

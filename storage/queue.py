@@ -11,9 +11,9 @@ from typing import Iterable
 from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.engine import Connection
 
-from storage import dialect
-from storage.db import Store, now
-from storage.models import Event, MetricPoint, PredictionRow, Result, Run, RunStatus
+from clfbench.storage import dialect
+from clfbench.storage.db import Store, now
+from clfbench.storage.models import Event, MetricPoint, PredictionRow, Result, Run, RunStatus
 
 RUNS = Run.__table__
 EVENTS = Event.__table__

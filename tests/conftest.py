@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "tests" / "data"
+SAMPLES = ROOT / "engine" / "sample_data"  # the package data the demo runs on
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
@@ -47,7 +47,7 @@ def one_torch_thread():
 
 def build_tiny_model(alias: str, tmp_path_factory) -> str:
     """Build a tiny random model (tiny-bert, tiny-llama) into a private home for a test session."""
-    from engine.models import resolve_model
+    from clfbench.engine.models import resolve_model
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CLFBENCH_HOME", str(tmp_path_factory.mktemp("clfbench-home")))
@@ -67,13 +67,13 @@ def tiny_bert(tmp_path_factory) -> str:
 
 @dataclass
 class Cli:
-    """Runs `python -m app.cli ...` (the real command line) against one isolated home and store."""
+    """Runs `python -m clfbench.app.cli ...` (the real command line) against one isolated home and store."""
 
     home: Path
     env: dict
 
     def run(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        result = subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=self.env,
+        result = subprocess.run([sys.executable, "-m", "clfbench.app.cli", *args], cwd=ROOT, env=self.env,
                                 capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"clfbench {' '.join(args)} failed ({result.returncode}):\n"
@@ -84,7 +84,7 @@ class Cli:
         return json.loads(self.run(*args, "--json").stdout)
 
     def popen(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=ROOT, env=self.env,
+        return subprocess.Popen([sys.executable, "-m", "clfbench.app.cli", *args], cwd=ROOT, env=self.env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -101,7 +101,6 @@ def home(tmp_path, monkeypatch) -> Path:
 def cli(home) -> Cli:
     env = dict(os.environ)
     env["CLFBENCH_HOME"] = str(home)
-    env["PYTHONPATH"] = str(ROOT)
     # The model cache (tiny models, converted SmolLM2) is shared between tests so each builds once.
     env["CLFBENCH_MODEL_CACHE"] = str(ROOT / ".pytest_cache" / "clfbench-models")
     env.pop("CLFBENCH_DB", None)

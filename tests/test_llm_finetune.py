@@ -10,20 +10,20 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import text
 
-from storage.db import open_store
+from clfbench.storage.db import open_store
 from tests.conftest import SAMPLES
 from tests.test_e2e import (_children, attempts_did_not_overlap, events_of, no_process_left, store_run,
                             wait_for)
 
 torch = pytest.importorskip("torch")
 
-from engine.methods import llm_finetune as lf  # noqa: E402
-from engine.methods.catalog import LlmFinetuneOptions  # noqa: E402
-from engine.methods.prompt import Decoder, load_model  # noqa: E402
-from engine.prompting.chat import ChatFormat  # noqa: E402
-from engine.prompting.library import PromptBuilder, _paired, load_prompt_set  # noqa: E402
-from engine.tasks import get_task, load_task  # noqa: E402
-from engine.types import ClfbenchError, RunContext  # noqa: E402
+from clfbench.engine.methods import llm_finetune as lf  # noqa: E402
+from clfbench.engine.methods.catalog import LlmFinetuneOptions  # noqa: E402
+from clfbench.engine.methods.prompt import Decoder, load_model  # noqa: E402
+from clfbench.engine.prompting.chat import ChatFormat  # noqa: E402
+from clfbench.engine.prompting.library import PromptBuilder, _paired, load_prompt_set  # noqa: E402
+from clfbench.engine.tasks import get_task, load_task  # noqa: E402
+from clfbench.engine.types import ClfbenchError, RunContext  # noqa: E402
 from tests.test_encoder_finetune import Recorder  # noqa: E402  (the shared test recorder)
 
 TINY = ["--method", "llm-finetune", "--model", "tiny-llama", "--data-dir", str(SAMPLES)]

@@ -11,10 +11,10 @@ from tests.conftest import SAMPLES, build_tiny_model
 
 torch = pytest.importorskip("torch")
 
-from engine.methods import llmembed as lm  # noqa: E402
-from engine.methods.catalog import LlmEmbedOptions  # noqa: E402
-from engine.tasks import get_task, load_task  # noqa: E402
-from engine.types import ClfbenchError, RunContext  # noqa: E402
+from clfbench.engine.methods import llmembed as lm  # noqa: E402
+from clfbench.engine.methods.catalog import LlmEmbedOptions  # noqa: E402
+from clfbench.engine.tasks import get_task, load_task  # noqa: E402
+from clfbench.engine.types import ClfbenchError, RunContext  # noqa: E402
 from tests.test_encoder_finetune import Recorder  # noqa: E402  (the shared test recorder)
 
 

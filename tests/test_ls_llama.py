@@ -13,12 +13,12 @@ from tests.conftest import SAMPLES, build_tiny_model
 
 torch = pytest.importorskip("torch")
 
-from engine.methods import encoder_finetune as ef  # noqa: E402
-from engine.methods import ls_llama  # noqa: E402
-from engine.methods.catalog import METHODS, LsLlamaOptions, LsUnllamaOptions  # noqa: E402
-from engine.metrics import slot_scores  # noqa: E402
-from engine.training import make_optimizer  # noqa: E402
-from engine.types import ClfbenchError, RunContext  # noqa: E402
+from clfbench.engine.methods import encoder_finetune as ef  # noqa: E402
+from clfbench.engine.methods import ls_llama  # noqa: E402
+from clfbench.engine.methods.catalog import METHODS, LsLlamaOptions, LsUnllamaOptions  # noqa: E402
+from clfbench.engine.metrics import slot_scores  # noqa: E402
+from clfbench.engine.training import make_optimizer  # noqa: E402
+from clfbench.engine.types import ClfbenchError, RunContext  # noqa: E402
 from tests.test_encoder_finetune import Recorder  # noqa: E402
 from tests.test_encoder_heads import SLOT_TAGS, synthetic_tasks  # noqa: E402
 
@@ -252,7 +252,7 @@ def test_rejects_what_it_cannot_run(tiny_llama, tmp_path):
 
 
 def test_catalog_entries_and_defaults():
-    assert METHODS["ls-llama"].module == METHODS["ls-unllama"].module == "engine.methods.ls_llama"
+    assert METHODS["ls-llama"].module == METHODS["ls-unllama"].module == "clfbench.engine.methods.ls_llama"
     assert LsLlamaOptions().pooling == "last" and LsUnllamaOptions().pooling == "max"
     reference = LsLlamaOptions()
     assert (reference.lora_r, reference.lora_alpha, reference.lora_dropout, reference.lora_target_modules) == \

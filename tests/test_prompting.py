@@ -9,19 +9,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from engine.methods.catalog import METHODS, PromptOptions
-from engine.prompting.chat import ChatFormat, split_inst
-from engine.prompting.library import PromptBuilder, draw_shots, label_list, load_prompt_set, neutralise
-from engine.prompting.outputs import (Choice, Fixed, bio_from_types, constraint_parts, groups, output_spec,
+from clfbench.engine.methods.catalog import METHODS, PromptOptions
+from clfbench.engine.prompting.chat import ChatFormat, split_inst
+from clfbench.engine.prompting.library import PromptBuilder, draw_shots, label_list, load_prompt_set, neutralise
+from clfbench.engine.prompting.outputs import (Choice, Fixed, bio_from_types, constraint_parts, groups, output_spec,
                                       slot_types, target_text, types_from_bio)
-from engine.prompting.parse import parse_answer, parse_json_answer, parse_label, parse_slots
-from engine.prompting.render import TemplateError, parse_template, render
-from engine.spec import parse_spec
-from engine.tasks import get_task, load_task
-from engine.types import ClfbenchError, TaskData
+from clfbench.engine.prompting.parse import parse_answer, parse_json_answer, parse_label, parse_slots
+from clfbench.engine.prompting.render import TemplateError, parse_template, render
+from clfbench.engine.spec import parse_spec
+from clfbench.engine.tasks import get_task, load_task
+from clfbench.engine.types import ClfbenchError, TaskData
+from tests.conftest import SAMPLES
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "tests" / "data"
 
 
 def task(name: str, test_limit: int | None = 5) -> TaskData:

@@ -9,8 +9,8 @@ import time
 import pytest
 from sqlalchemy import text
 
-from storage import queries, queue
-from storage.db import SCHEMA_VERSION, StoreError, open_store
+from clfbench.storage import queries, queue
+from clfbench.storage.db import SCHEMA_VERSION, StoreError, open_store
 
 
 def new_run(**overrides) -> queue.NewRun:
@@ -233,7 +233,7 @@ def test_results_matrix_keeps_runs_with_different_options_apart(store):
 def test_results_matrix_ignores_options_that_only_change_execution(store):
     """Runs that differ only in how they ran (the prompt method's batch_size) are one experiment when the
     caller passes the catalog's execution-only options, as `clfbench results` and the TUI do."""
-    from engine.methods.catalog import execution_options
+    from clfbench.engine.methods.catalog import execution_options
 
     def spec(decision: str, batch_size: int) -> str:
         return json.dumps({"options": {"decision": decision, "batch_size": batch_size}, "seed": 0})
@@ -256,7 +256,7 @@ def test_an_option_added_later_does_not_split_old_runs_from_new_ones_at_its_defa
     """A run stored before `score_end` existed ran with what is now its default: the matrix puts it in one row
     with a new run that has score_end=true, and apart from one with score_end=false. A run's label leaves out
     an option at its default when the rest tells the run apart."""
-    from engine.methods.catalog import execution_options, option_defaults
+    from clfbench.engine.methods.catalog import execution_options, option_defaults
 
     def spec(options: dict) -> str:
         return json.dumps({"options": {"decision": "score", **options}, "seed": 0})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.tasks import (
+from clfbench.engine.tasks import (
     check_task,
     get_task,
     list_tasks,
@@ -21,7 +21,7 @@ from engine.tasks import (
     resolve_data_dir,
     sample_data_dir,
 )
-from engine.types import ClfbenchError
+from clfbench.engine.types import ClfbenchError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -13,13 +13,13 @@ import time
 import pytest
 from textual.widgets import DataTable, Input, Log
 
-from app.tui.app import ClfbenchApp
-from app.tui.detail import DetailScreen
-from app.tui.dialogs import ConfirmScreen, HelpScreen
-from app.tui.new_run import NewRunScreen, parse_value, sweep_size
-from app.tui.runs import RunsScreen
-from storage import queries, queue
-from storage.db import open_store
+from clfbench.app.tui.app import ClfbenchApp
+from clfbench.app.tui.detail import DetailScreen
+from clfbench.app.tui.dialogs import ConfirmScreen, HelpScreen
+from clfbench.app.tui.new_run import NewRunScreen, parse_value, sweep_size
+from clfbench.app.tui.runs import RunsScreen
+from clfbench.storage import queries, queue
+from clfbench.storage.db import open_store
 from tests.conftest import SAMPLES
 from tests.tui_seed import SEED_NOW, seed_store
 
@@ -361,10 +361,10 @@ def test_q_quits(seeded):
 
 
 def test_m_and_e_open_the_results_and_errors_screens(seeded):
-    pytest.importorskip("app.tui.results")
-    pytest.importorskip("app.tui.errors")
-    from app.tui.errors import ErrorsScreen
-    from app.tui.results import ResultsScreen
+    pytest.importorskip("clfbench.app.tui.results")
+    pytest.importorskip("clfbench.app.tui.errors")
+    from clfbench.app.tui.errors import ErrorsScreen
+    from clfbench.app.tui.results import ResultsScreen
 
     async def scenario(pilot):
         await pilot.press("m")
@@ -383,7 +383,7 @@ def test_m_and_e_open_the_results_and_errors_screens(seeded):
 # ---- the engine (a real detached engine on a private store) --------------------------------------
 
 def test_tui_starts_the_engine_and_its_keys_stop_and_start_it(home):
-    from engine.daemon import engine_lock_holder, stop_engine
+    from clfbench.engine.daemon import engine_lock_holder, stop_engine
 
     url = f"sqlite:///{home / 'clfbench.db'}"
     open_store(url)

@@ -10,14 +10,14 @@ import asyncio
 import pytest
 from textual.widgets import DataTable, Input, Select, Static, TabbedContent
 
-from app import render
-from app.error_analysis import UNPARSED_COLUMN, error_report, examples_for
-from app.tui.app import ClfbenchApp
-from app.tui.errors import ErrorsScreen
-from app.tui.matrix_view import MatrixView
-from app.tui.results import ExportScreen, ResultsScreen, parse_query, QueryError
-from storage import queries
-from storage.db import open_store
+from clfbench.app import render
+from clfbench.app.error_analysis import UNPARSED_COLUMN, error_report, examples_for
+from clfbench.app.tui.app import ClfbenchApp
+from clfbench.app.tui.errors import ErrorsScreen
+from clfbench.app.tui.matrix_view import MatrixView
+from clfbench.app.tui.results import ExportScreen, ResultsScreen, parse_query, QueryError
+from clfbench.storage import queries
+from clfbench.storage.db import open_store
 from tests.tui_seed import SEED_NOW, seed_store
 
 PROMPT_INTENT_0SHOT = 11  # smollm2-135m prompt, zero-shot, massive-intent: many errors and parse failures
@@ -111,8 +111,8 @@ def test_results_show_the_cli_matrix_with_the_best_cell_of_each_column_highlight
 
 
 def test_the_open_matrix_follows_runs_that_finish_or_are_deleted(seeded, monkeypatch):
-    from app.tui import results as results_module
-    from storage import queue
+    from clfbench.app.tui import results as results_module
+    from clfbench.storage import queue
 
     monkeypatch.setattr(results_module, "POLL_S", 0.2)
     store = open_store(seeded)

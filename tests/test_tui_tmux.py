@@ -46,7 +46,7 @@ class Pane:
 
 
 def test_queue_a_run_in_the_tui_and_see_it_succeed(home):
-    from engine.daemon import engine_lock_holder, stop_engine
+    from clfbench.engine.daemon import engine_lock_holder, stop_engine
 
     home.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{home / 'clfbench.db'}"
@@ -54,7 +54,7 @@ def test_queue_a_run_in_the_tui_and_see_it_succeed(home):
            "CLFBENCH_MODEL_CACHE": str(ROOT / ".pytest_cache" / "clfbench-models"), "TERM": "xterm-256color"}
     exports = " ".join(f"{key}={value}" for key, value in env.items())
     name = f"clfbench-tui-{uuid.uuid4().hex[:8]}"
-    command = f"cd {ROOT} && env {exports} {sys.executable} -m app.cli tui; sleep 5"
+    command = f"cd {ROOT} && env {exports} {sys.executable} -m clfbench.app.cli tui; sleep 5"
     subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "100", "-y", "30", command], check=True)
     pane = Pane(name)
     try:

@@ -2,7 +2,7 @@
 
 `seed_store(path)` writes the same store every time: runs in every status, the three methods on MiniLM and
 SmolLM2-135M, 0 and 5 shots, two seeds for some rows, single-task and consolidated (multi-task) runs on
-20NG 20/7-class and MASSIVE intent/slots, loss curves, predictions (texts from tests/data, some LLM parse
+20NG 20/7-class and MASSIVE intent/slots, loss curves, predictions (texts from engine/sample_data, some LLM parse
 failures) and the result rows the worker would have written for those predictions (engine.metrics, the
 scorer the worker uses, so results and predictions agree). Every timestamp derives from BASE_TIME and every
 random draw from one seeded generator, so snapshots do not drift.
@@ -19,13 +19,13 @@ from pathlib import Path
 import yaml
 from sqlalchemy import insert
 
-from engine import metrics
-from engine.types import Prediction
-from storage.db import open_store
-from storage.models import Event, MetricPoint, PredictionRow, Result, Run
+from clfbench.engine import metrics
+from clfbench.engine.types import Prediction
+from clfbench.storage.db import open_store
+from clfbench.storage.models import Event, MetricPoint, PredictionRow, Result, Run
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "tests" / "data"
+SAMPLES = ROOT / "engine" / "sample_data"
 TASK_DEFS = ROOT / "engine" / "task_defs"
 
 # 2025-06-15 12:00:00 UTC. Freeze the TUI's clock at SEED_NOW so ages read the same in every snapshot.
@@ -101,7 +101,7 @@ def _labels(task: str) -> list[str]:
 
 
 def _test_examples(task: str) -> list[tuple[str, str, str | list[str]]]:
-    """(example_id, text, gold) of the task's test split in tests/data."""
+    """(example_id, text, gold) of the task's test split in engine/sample_data."""
     if task.startswith("20ng"):
         rows = _read_jsonl(SAMPLES / "20ng" / "test.jsonl")
         root = task == NG7  # the 7-class task is the newsgroup's root, as engine/task_defs says

@@ -16,10 +16,10 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
-from app.tui.dialogs import HelpScreen
-from app.tui.runs import RunsScreen
-from engine.types import ClfbenchError
-from storage.db import Store, open_store
+from clfbench.app.tui.dialogs import HelpScreen
+from clfbench.app.tui.runs import RunsScreen
+from clfbench.engine.types import ClfbenchError
+from clfbench.storage.db import Store, open_store
 
 
 def store_label(store: Store) -> str:
@@ -74,7 +74,7 @@ class ClfbenchApp(App):
     @work(thread=True, group="engine", exclusive=True)
     def ensure_engine(self) -> None:
         """Start the engine detached when none runs for this store on this host (as `clfbench tui` promises)."""
-        from engine.daemon import engine_lock_holder
+        from clfbench.engine.daemon import engine_lock_holder
 
         if engine_lock_holder(self.store.url):
             return
@@ -82,7 +82,7 @@ class ClfbenchApp(App):
 
     @work(thread=True, group="engine", exclusive=True)
     def start_engine(self) -> None:
-        from engine.daemon import engine_lock_holder
+        from clfbench.engine.daemon import engine_lock_holder
 
         holder = engine_lock_holder(self.store.url)
         if holder:
@@ -91,7 +91,7 @@ class ClfbenchApp(App):
         self._start_engine()
 
     def _start_engine(self) -> None:
-        from engine.daemon import start_detached
+        from clfbench.engine.daemon import start_detached
 
         try:
             pid = start_detached(self.store.url, None, 1)
@@ -103,7 +103,7 @@ class ClfbenchApp(App):
 
     @work(thread=True, group="engine", exclusive=True)
     def stop_engine(self) -> None:
-        from engine.daemon import stop_engine
+        from clfbench.engine.daemon import stop_engine
 
         pid = stop_engine(self.store.url)
         self.notify_from_thread(f"engine (pid {pid}) stopped; running workers go on" if pid
@@ -119,7 +119,7 @@ class ClfbenchApp(App):
     # ---- screens ------------------------------------------------------------------------------
     def action_results(self) -> None:
         try:
-            from app.tui.results import ResultsScreen
+            from clfbench.app.tui.results import ResultsScreen
         except ImportError:
             self.notify("the results screen is not installed", severity="error")
             return
@@ -127,14 +127,14 @@ class ClfbenchApp(App):
 
     def open_errors(self, run_id: int | None) -> None:
         try:
-            from app.tui.errors import ErrorsScreen
+            from clfbench.app.tui.errors import ErrorsScreen
         except ImportError:
             self.notify("the errors screen is not installed", severity="error")
             return
         self.push_screen(ErrorsScreen(self.store, run_id, task=None))
 
     def open_new_run(self, prefill: dict | None = None) -> None:
-        from app.tui.new_run import NewRunScreen
+        from clfbench.app.tui.new_run import NewRunScreen
 
         self.push_screen(NewRunScreen(self.store, prefill=prefill))
 

@@ -20,10 +20,10 @@ from textual.widgets import DataTable, Footer, Log, Static, TabbedContent, TabPa
 from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
-from app import render
-from app.tui.runs import STATUS_STYLES, progress_text
-from storage import queries
-from storage.db import Store
+from clfbench.app import render
+from clfbench.app.tui.runs import STATUS_STYLES, progress_text
+from clfbench.storage import queries
+from clfbench.storage.db import Store
 
 REFRESH_S = 1.5
 LOG_TAIL_BYTES = 64_000  # the first read of a log shows its last 64 kB; later reads follow from there

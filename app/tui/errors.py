@@ -17,10 +17,10 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Select, Static, TabbedContent, TabPane
 
-from app import render
-from app.error_analysis import UNPARSED_COLUMN, ErrorReport, error_report, examples_for
-from storage import queries
-from storage.db import Store
+from clfbench.app import render
+from clfbench.app.error_analysis import UNPARSED_COLUMN, ErrorReport, error_report, examples_for
+from clfbench.storage import queries
+from clfbench.storage.db import Store
 
 TOP_K = 12
 LABEL_WIDTH = 22  # characters of a label in the confusion matrix's row names

@@ -21,10 +21,10 @@ from textual.screen import Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, Footer, Input, Label, Select, Static
 
-from engine.methods.catalog import METHODS, option_fields
-from engine.types import ClfbenchError
-from storage import queue
-from storage.db import Store
+from clfbench.engine.methods.catalog import METHODS, option_fields
+from clfbench.engine.types import ClfbenchError
+from clfbench.storage import queue
+from clfbench.storage.db import Store
 
 # The spec's own fields, in form order: (field, label, hint).
 SPEC_FIELDS = [
@@ -172,8 +172,8 @@ class NewRunScreen(Screen):
     @work(thread=True, group="suggestions")
     def load_suggestions(self) -> None:
         """Model aliases and task names for completion (reading user task files can take a moment)."""
-        from engine.models import list_models
-        from engine.tasks import list_tasks
+        from clfbench.engine.models import list_models
+        from clfbench.engine.tasks import list_tasks
 
         models = [m["alias"] for m in list_models()]
         try:
@@ -242,7 +242,7 @@ class NewRunScreen(Screen):
     @work(thread=True, group="queue", exclusive=True)
     def queue_runs(self, flags: dict[str, Any], options: dict[str, Any]) -> None:
         """Validate (tasks, data files, model) and queue in one transaction, like `clfbench queue`."""
-        from app.cli import build_specs, new_runs
+        from clfbench.app.cli import build_specs, new_runs
 
         try:
             specs = build_specs(None, flags, options)

@@ -25,12 +25,12 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input, Select, Static
 
-from app import render
-from app.tui.matrix_view import MatrixData, MatrixView
-from engine.methods.catalog import execution_options, option_defaults
-from storage import queries
-from storage.db import Store
-from storage.queries import Matrix
+from clfbench.app import render
+from clfbench.app.tui.matrix_view import MatrixData, MatrixView
+from clfbench.engine.methods.catalog import execution_options, option_defaults
+from clfbench.storage import queries
+from clfbench.storage.db import Store
+from clfbench.storage.queries import Matrix
 
 MULTI_SUFFIX = " (multi)"  # how results_matrix names a task measured inside a multi-task run
 QUERY_KEYS = ("model", "method", "task", "shots")
@@ -463,7 +463,7 @@ class ResultsScreen(Screen):
         if values is None:
             self.notify("no run in this cell")
             return
-        from app.tui.errors import ErrorsScreen
+        from clfbench.app.tui.errors import ErrorsScreen
 
         self.app.push_screen(ErrorsScreen(self.store, run_id=values.run_ids[0], task=base_task(column)))
 

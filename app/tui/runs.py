@@ -17,10 +17,10 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Static
 from textual.worker import get_current_worker
 
-from app import render
-from app.tui.dialogs import ConfirmScreen
-from storage import queries, queue
-from storage.db import Store
+from clfbench.app import render
+from clfbench.app.tui.dialogs import ConfirmScreen
+from clfbench.storage import queries, queue
+from clfbench.storage.db import Store
 
 REFRESH_S = 1.5
 # Rows shown at once: the newest runs; the filter searches all of them. A 10k-run store stays responsive.
@@ -100,7 +100,7 @@ class EngineInfo:
 
 
 def read_engine_info(store: Store, now: float, running: list[dict]) -> EngineInfo:
-    from engine.daemon import engine_lock_holder
+    from clfbench.engine.daemon import engine_lock_holder
 
     engines = queries.live_engines(store, stale_after_s=30, now=now)
     gpus = sorted({g for e in engines for g in (e["gpus"] or "").split(",") if g})
@@ -143,7 +143,7 @@ class RunsScreen(Screen):
         self.filter_terms: list[str] = []
 
     def compose(self) -> ComposeResult:
-        from app.tui.app import store_label
+        from clfbench.app.tui.app import store_label
 
         yield Static(f"clfbench · runs · {store_label(self.store)}", classes="title-bar")
         yield Input(placeholder="filter: text, or field:text (status:running model:minilm)", id="filter",
@@ -253,7 +253,7 @@ class RunsScreen(Screen):
     def action_open(self) -> None:
         run = self.selected_run()
         if run is not None:
-            from app.tui.detail import DetailScreen
+            from clfbench.app.tui.detail import DetailScreen
 
             self.app.push_screen(DetailScreen(self.store, run["id"]))
 
@@ -303,7 +303,7 @@ class RunsScreen(Screen):
         elif what == "retry":
             message = "queued again" if queue.requeue(self.store, run_id) else "not retried (it is queued or running)"
         else:
-            from engine.daemon import delete_run
+            from clfbench.engine.daemon import delete_run
 
             message = "deleted" if delete_run(self.store.url, self.store, run_id) else "not deleted (it is running)"
         self.app.notify_from_thread(f"run {run_id}: {message}")

@@ -235,7 +235,7 @@ class LlmEmbedOptions(MethodOptions):
             value = "+".join(str(item) for item in value)
         if value is None:
             value = ""
-        from engine.models import check_model  # torch-free; an unknown name is a one-line error at queue time
+        from clfbench.engine.models import check_model  # torch-free; an unknown name is a one-line error at queue time
 
         for name in split_plus(value):
             try:
@@ -414,7 +414,7 @@ METHODS: dict[str, MethodInfo] = {
         summary="Encoder (BERT/RoBERTa-style) fine-tuning: a linear head per task (sequence or BIO token), "
                 "one task or two trained jointly on a shared encoder",
         paper="seed 002 (Zhao et al.), section 5.4",
-        module="engine.methods.encoder_finetune",
+        module="clfbench.engine.methods.encoder_finetune",
         options=EncoderFinetuneOptions,
         task_kinds=("sequence", "token"),
         max_tasks=2,
@@ -425,7 +425,7 @@ METHODS: dict[str, MethodInfo] = {
         summary="Prompted causal LM (the paper's prompts, zero/few-shot, single or consolidated multi-task): "
                 "generate + parse, constrained decoding, or label scoring",
         paper="seed 002 (Zhao et al.), section 5.2 and appendix Listings 1-12",
-        module="engine.methods.prompt",
+        module="clfbench.engine.methods.prompt",
         options=PromptOptions,
         task_kinds=("sequence", "token"),
         max_tasks=2,
@@ -436,7 +436,7 @@ METHODS: dict[str, MethodInfo] = {
         summary="Generative full fine-tuning of a causal LM on the paper's prompts (loss on the answer tokens only), "
                 "single or consolidated multi-task; predicts with the prompt method's decision modes",
         paper="seed 002 (Zhao et al.), section 5.3 (LLM fine-tuning) and 5.5 (consolidated multi-task)",
-        module="engine.methods.llm_finetune",
+        module="clfbench.engine.methods.llm_finetune",
         options=LlmFinetuneOptions,
         task_kinds=("sequence", "token"),
         max_tasks=2,
@@ -447,7 +447,7 @@ METHODS: dict[str, MethodInfo] = {
         summary="A model behind an OpenAI-compatible chat-completions server, prompted with the paper's prompts: "
                 "free generation + parse, or a JSON schema with the label enum (structured outputs)",
         paper="seed 002 (Zhao et al.), section 5.2 and appendix Listings 1-12 (the prompts; the API is ours)",
-        module="engine.methods.openai_prompt",
+        module="clfbench.engine.methods.openai_prompt",
         options=OpenAIOptions,
         task_kinds=("sequence", "token"),
         max_tasks=2,
@@ -459,7 +459,7 @@ METHODS: dict[str, MethodInfo] = {
         summary="LLMEmbed: mean-pooled hidden states of frozen models (several layers, several models), fused "
                 "(Gram matrix of projections, or concatenation), cached on disk, and an MLP trained on them",
         paper="seed 001 (Liu et al., LLMEmbed, ACL 2024), section 3",
-        module="engine.methods.llmembed",
+        module="clfbench.engine.methods.llmembed",
         options=LlmEmbedOptions,
         task_kinds=("sequence",),
         max_tasks=1,
@@ -470,7 +470,7 @@ METHODS: dict[str, MethodInfo] = {
         summary="Label-supervised LLM fine-tuning: LoRA on a decoder LLM plus a linear label head on its final "
                 "hidden states (pooled for sequence tasks, first sub-word per word for slots)",
         paper="seed 003 (Li et al., Label Supervised LLaMA Finetuning)",
-        module="engine.methods.ls_llama",
+        module="clfbench.engine.methods.ls_llama",
         options=LsLlamaOptions,
         task_kinds=("sequence", "token"),
         max_tasks=1,
@@ -481,7 +481,7 @@ METHODS: dict[str, MethodInfo] = {
         summary="LS-LLaMA with the causal mask removed: the decoder attends bidirectionally (padding still "
                 "masked), LoRA plus a linear label head",
         paper="seed 003 (Li et al., Label Supervised LLaMA Finetuning), LS-unLLaMA",
-        module="engine.methods.ls_llama",
+        module="clfbench.engine.methods.ls_llama",
         options=LsUnllamaOptions,
         task_kinds=("sequence", "token"),
         max_tasks=1,

@@ -47,10 +47,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.metrics import slot_scores
-from engine.training import (CHECKPOINT_DIR, autocast_for, load_checkpoint, make_optimizer, make_scheduler,
+from clfbench.engine.metrics import slot_scores
+from clfbench.engine.training import (CHECKPOINT_DIR, autocast_for, load_checkpoint, make_optimizer, make_scheduler,
                              restore, save_checkpoint, train_loop)
-from engine.types import ClfbenchError, Example, MethodOutput, Prediction, RunContext, TaskData
+from clfbench.engine.types import ClfbenchError, Example, MethodOutput, Prediction, RunContext, TaskData
 
 LOG_PREFIX = "encoder-finetune:"
 IGNORE_INDEX = -100  # cross-entropy skips these positions (special tokens, non-first sub-words, padding)

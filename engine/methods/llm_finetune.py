@@ -48,14 +48,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine.methods.catalog import PromptOptions
-from engine.methods.encoder_finetune import split_dev_rows
-from engine.methods.prompt import SENTINEL, Decoder, decide, load_model
-from engine.prompting.chat import ChatFormat
-from engine.prompting.library import Item, PromptBuilder, _paired, load_prompt_set
-from engine.training import (CHECKPOINT_DIR, MAX_GRAD_NORM, autocast_for, load_checkpoint, make_optimizer,
+from clfbench.engine.methods.catalog import PromptOptions
+from clfbench.engine.methods.encoder_finetune import split_dev_rows
+from clfbench.engine.methods.prompt import SENTINEL, Decoder, decide, load_model
+from clfbench.engine.prompting.chat import ChatFormat
+from clfbench.engine.prompting.library import Item, PromptBuilder, _paired, load_prompt_set
+from clfbench.engine.training import (CHECKPOINT_DIR, MAX_GRAD_NORM, autocast_for, load_checkpoint, make_optimizer,
                              make_scheduler, restore, save_checkpoint)
-from engine.types import ClfbenchError, MethodOutput, RunContext
+from clfbench.engine.types import ClfbenchError, MethodOutput, RunContext
 
 LOG = "llm-finetune:"
 IGNORE_INDEX = -100  # cross-entropy skips these positions: the prompt and the padding

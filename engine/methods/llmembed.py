@@ -49,9 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.methods.encoder_finetune import _held_out
-from engine.models import clfbench_home, resolve_model
-from engine.types import ClfbenchError, MethodOutput, Prediction, RunContext
+from clfbench.engine.methods.encoder_finetune import _held_out
+from clfbench.engine.models import resolve_model
+from clfbench.storage.paths import feature_cache_dir
+from clfbench.engine.types import ClfbenchError, MethodOutput, Prediction, RunContext
 
 LOG = "llmembed:"
 FEATURE_FORMAT = 1  # part of every cache key: bump when the meaning of a cached file changes
@@ -96,7 +97,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
         check_layers(source)
 
     splits = {"train": task.train, "dev": task.dev, "test": task.test}
-    cache = FeatureCache(clfbench_home() / "cache" / "features")
+    cache = FeatureCache(feature_cache_dir())
     progress = Progress(ctx)
 
     # ---------------------------------------------------------------------------------- extraction

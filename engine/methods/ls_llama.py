@@ -30,11 +30,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from engine.methods import encoder_finetune as ef
-from engine.methods.catalog import split_plus
-from engine.training import (autocast_for, load_checkpoint, make_optimizer, make_scheduler, save_checkpoint,
+from clfbench.engine.methods import encoder_finetune as ef
+from clfbench.engine.methods.catalog import split_plus
+from clfbench.engine.training import (autocast_for, load_checkpoint, make_optimizer, make_scheduler, save_checkpoint,
                              restore, train_loop)
-from engine.types import ClfbenchError, MethodOutput, Prediction, RunContext, TaskData
+from clfbench.engine.types import ClfbenchError, MethodOutput, Prediction, RunContext, TaskData
 
 LOG_PREFIX = "ls-llama:"
 # Method name -> whether the causal mask is removed.

@@ -33,11 +33,11 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
-from engine.prompting.chat import MARKERS, split_inst
-from engine.prompting.library import Item, PromptBuilder, load_prompt_set
-from engine.prompting.outputs import FieldSpec, OutputSpec
-from engine.prompting.parse import parse_answer, parse_json_answer
-from engine.types import ClfbenchError, MethodOutput, Prediction, RunContext
+from clfbench.engine.prompting.chat import MARKERS, split_inst
+from clfbench.engine.prompting.library import Item, PromptBuilder, load_prompt_set
+from clfbench.engine.prompting.outputs import FieldSpec, OutputSpec
+from clfbench.engine.prompting.parse import parse_answer, parse_json_answer
+from clfbench.engine.types import ClfbenchError, MethodOutput, Prediction, RunContext
 
 LOG = "openai:"
 OPENAI_URL = "https://api.openai.com/v1"

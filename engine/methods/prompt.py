@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import shared_prefix
-from engine.prompting.chat import ChatFormat
-from engine.prompting.library import Item, PromptBuilder, load_prompt_set
-from engine.prompting.outputs import Group, OutputSpec, constraint_parts, groups
-from engine.prompting.parse import Parsed, parse_answer
-from engine.shared_prefix import PrefixKV
-from engine.types import ClfbenchError, MethodOutput, Prediction, RunContext
+from clfbench.engine import shared_prefix
+from clfbench.engine.prompting.chat import ChatFormat
+from clfbench.engine.prompting.library import Item, PromptBuilder, load_prompt_set
+from clfbench.engine.prompting.outputs import Group, OutputSpec, constraint_parts, groups
+from clfbench.engine.prompting.parse import Parsed, parse_answer
+from clfbench.engine.shared_prefix import PrefixKV
+from clfbench.engine.types import ClfbenchError, MethodOutput, Prediction, RunContext
 
 LOG = "prompt:"
 SENTINEL = "\ue000clfbench-document\ue000"

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from engine.types import ClfbenchError
+from clfbench.engine.types import ClfbenchError
 
 ChatFormatName = Literal["template", "raw"]
 INST_OPEN, INST_CLOSE = "[INST]", "[/INST]"

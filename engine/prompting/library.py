@@ -17,10 +17,10 @@ from typing import Literal, Sequence
 
 import yaml
 
-from engine.prompting.outputs import OutputSpec, output_spec, slot_types, target_text
-from engine.prompting.render import Template, TemplateError, parse_template
-from engine.types import ClfbenchError, Example, TaskData
-from prompts import PROMPTS_DIR
+from clfbench.engine.prompting.outputs import OutputSpec, output_spec, slot_types, target_text
+from clfbench.engine.prompting.render import Template, TemplateError, parse_template
+from clfbench.engine.types import ClfbenchError, Example, TaskData
+from clfbench.prompts import PROMPTS_DIR
 
 ShotKey = Literal["zero", "five"]
 LabelStyle = Literal["python", "json"]

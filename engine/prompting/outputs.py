@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Sequence, Union
 
-from engine.types import ClfbenchError, Example, TaskData
+from clfbench.engine.types import ClfbenchError, Example, TaskData
 
 OTHER = "Other"  # MASSIVE's (and the paper's) name for a word outside every slot
 OUTSIDE = "O"

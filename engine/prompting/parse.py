@@ -36,8 +36,8 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from engine.prompting.outputs import OTHER, OUTSIDE, OutputSpec, bio_from_types
-from engine.types import ParseStatus
+from clfbench.engine.prompting.outputs import OTHER, OUTSIDE, OutputSpec, bio_from_types
+from clfbench.engine.types import ParseStatus
 
 ANSWER_WORDS = ("label", "labels", "output", "slots", "answer")
 _ANSWER_PREFIX = re.compile(r"^(?:%s)\s*:\s*" % "|".join(ANSWER_WORDS), re.IGNORECASE)

@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from engine.types import ClfbenchError
+from clfbench.engine.types import ClfbenchError
 
 _OPEN, _CLOSE = "{{", "}}"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -1,6 +1,6 @@
-"""Draw the small samples committed under tests/data from the real data (run once; the output is committed).
+"""Draw the small samples shipped in engine/sample_data from the real data (run once; the output is committed).
 
-    python tests/data/make_samples.py [--source ../shared/data] [--out tests/data]
+    python docs/make_samples.py [--source ../shared/data] [--out engine/sample_data]
 
 Every sampled row is copied byte-for-byte (the original JSON line), and the rows of each file keep the order
 they have in the source file. With the same source files the output is identical on every run.
@@ -108,10 +108,10 @@ def user_task(out: Path, train: list[dict], test: list[dict]) -> None:
 
 
 def main() -> None:
-    here = Path(__file__).resolve().parent
+    repo = Path(__file__).resolve().parents[1]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--source", type=Path, default=here.parents[2] / "shared" / "data")
-    ap.add_argument("--out", type=Path, default=here)
+    ap.add_argument("--source", type=Path, default=repo.parent / "shared" / "data")
+    ap.add_argument("--out", type=Path, default=repo / "engine" / "sample_data")
     args = ap.parse_args()
     rng = random.Random(SEED)
     train, test = massive(args.source, args.out, rng)
