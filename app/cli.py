@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
 from clfbench.app import render
 from clfbench.engine.methods.catalog import METHODS, execution_options, option_defaults, option_fields
-from clfbench.engine.spec import RunSpec, expand_sweep, parse_spec
+from clfbench.engine.spec import parse_spec
+from clfbench.engine.submit import build_specs, new_runs, parse_option_pairs, validate_for_queue
 from clfbench.engine.types import ClfbenchError
 from clfbench.storage import queries, queue
 from clfbench.storage.db import Store, StoreError, open_store
@@ -36,7 +35,6 @@ engine_app = typer.Typer(help="Start, stop or inspect the engine that runs queue
 app.add_typer(engine_app, name="engine")
 # Piped output (grep, a file) is not wrapped at rich's 80-column default: each run stays on one line.
 console = Console() if sys.stdout.isatty() else Console(width=int(os.environ.get("COLUMNS") or 200))
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
 class State:
@@ -70,134 +68,6 @@ def main_options(
 
 
 # ---- queue -------------------------------------------------------------------------------------
-
-def code_version() -> str:
-    """clfbench's version plus the git commit when running from a checkout (stored with every run)."""
-    from importlib.metadata import PackageNotFoundError, version as installed_version
-
-    try:
-        version = installed_version("clfbench")
-    except PackageNotFoundError:
-        version = "unknown"
-    try:
-        commit = subprocess.run(["git", "-C", str(PACKAGE_ROOT), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{version}+{commit}" if commit else version
-
-
-def parse_option_pairs(pairs: list[str]) -> dict[str, Any]:
-    """`-o lr=1e-4 -o epochs=3,5` → {"lr": 1e-4, "epochs": [3, 5]} (a comma list sweeps)."""
-    options: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ClfbenchError(f"option '{pair}' is not KEY=VALUE")
-        key, raw = pair.split("=", 1)
-        values = [yaml.safe_load(part) for part in raw.split(",")] if "," in raw else yaml.safe_load(raw)
-        options[key.strip()] = values
-    return options
-
-
-def validate_for_queue(spec: RunSpec) -> None:
-    """Everything the CLI can know before a run starts: tasks exist and fit the method, data, model."""
-    from clfbench.engine.models import check_model
-    from clfbench.engine.tasks import check_task, get_task
-
-    info = spec.method_info
-    names = spec.task_names
-    if not names:
-        raise ClfbenchError("invalid spec: task is empty")
-    if len(names) > info.max_tasks:
-        raise ClfbenchError(f"method {spec.method} takes at most {info.max_tasks} task(s), got '{spec.task}'")
-    if spec.data_dir and not Path(spec.data_dir).is_dir():
-        raise ClfbenchError(f"data_dir {spec.data_dir} does not exist")
-    for name in names:
-        task = get_task(name)
-        if task.kind not in info.task_kinds:
-            raise ClfbenchError(
-                f"method {spec.method} handles {'/'.join(info.task_kinds)} tasks; {name} is a {task.kind} task"
-            )
-        check_task(task, spec.data_dir)
-    # Options that depend on the tasks: a preset must know them (encoder-finetune's paper preset), and
-    # some decisions only make sense for some task kinds (label scoring is undefined for slot filling).
-    options = spec.method_options()
-    try:
-        if hasattr(options, "resolved"):
-            options.resolved(names)
-        options.check_task_kinds([get_task(name).kind for name in names])
-    except ValueError as error:
-        raise ClfbenchError(f"invalid options for {spec.method}: {error}") from None
-    if info.local_model:  # an API method's model is a name on its server, checked when the run starts
-        check_model(spec.model)
-
-
-def load_spec_file(path: Path) -> dict:
-    if not path.exists():
-        raise ClfbenchError(f"spec file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ClfbenchError(f"spec file {path} is not UTF-8 text") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ClfbenchError(f"spec file {path} is not valid YAML{where}") from None
-    if not isinstance(data, dict):
-        raise ClfbenchError(f"spec file {path} must hold a mapping (method:, model:, task:, ...)")
-    return data
-
-
-def absolute_task_path(name: str) -> str:
-    """A task given as a YAML path is stored absolute, so the engine finds it from any folder."""
-    name = name.strip()
-    if name.endswith((".yaml", ".yml")):
-        return str(Path(name).expanduser().resolve())
-    return name
-
-
-def build_specs(spec_file: Optional[Path], flags: dict[str, Any], options: dict[str, Any]) -> list[RunSpec]:
-    data = load_spec_file(spec_file) if spec_file else {}
-    for key, value in flags.items():
-        if value is not None and value != []:
-            data[key] = value[0] if isinstance(value, list) and len(value) == 1 else value
-    # Freeze where the data and task files are into the spec: a detached engine started earlier may have
-    # another environment and working directory than this shell.
-    if not data.get("data_dir") and os.environ.get("CLFBENCH_DATA"):
-        data["data_dir"] = os.environ["CLFBENCH_DATA"]
-    if isinstance(data.get("data_dir"), str):
-        data["data_dir"] = str(Path(data["data_dir"]).expanduser().resolve())
-    for key in ("task",):
-        values = data.get(key) if isinstance(data.get(key), list) else [data.get(key)]
-        resolved = ["+".join(absolute_task_path(part) for part in v.split("+")) if isinstance(v, str) else v
-                    for v in values]
-        if data.get(key) is not None:
-            data[key] = resolved if isinstance(data.get(key), list) else resolved[0]
-    if options:
-        data["options"] = {**(data.get("options") or {}), **options}
-    specs = []
-    for index, one in enumerate(expand_sweep(data)):
-        try:
-            spec = parse_spec(one)
-            validate_for_queue(spec)
-        except ClfbenchError as error:
-            prefix = f"sweep item {index + 1}: " if len(specs) or index else ""
-            raise ClfbenchError(f"{prefix}{error}") from None
-        specs.append(spec)
-    return specs
-
-
-def new_runs(specs: list[RunSpec], priority: int) -> list[queue.NewRun]:
-    version = code_version()
-    return [
-        queue.NewRun(
-            method=s.method, model=s.model, task=s.task, shots=s.shots, seed=s.seed,
-            spec_json=s.canonical_json(), spec_hash=s.spec_hash(), launch=s.method_info.launch,
-            gpus_requested=s.gpus_needed(), nproc=s.nproc, code_version=version, name=s.name, priority=priority,
-        )
-        for s in specs
-    ]
-
 
 @app.command("queue")
 def queue_command(

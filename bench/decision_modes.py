@@ -1,9 +1,9 @@
 """Decision modes of the prompt method side by side: same model, same utterances, one process.
 
-    PYTHONPATH=. python bench/decision_modes.py                        # smollm2-135m, 200 MASSIVE test utterances
-    PYTHONPATH=. python bench/decision_modes.py --n 40 --threads 2 --dtype bfloat16 --json out.json
+    python bench/decision_modes.py                        # smollm2-135m, 200 MASSIVE test utterances
+    python bench/decision_modes.py --n 40 --threads 2 --dtype bfloat16 --json out.json
 
-Each mode runs `engine.methods.prompt.run` exactly as the worker calls it (zero-shot, the paper's Listing 7, the
+Each mode runs `clfbench.engine.methods.prompt.run` exactly as the worker calls it (zero-shot, the paper's Listing 7, the
 chat template), on the fixed `test_limit` subset of MASSIVE intent from the real data folder. Reported per mode:
 examples/s (decision time only; model loading is excluded and printed apart), accuracy, parse-failure rate, and
 ratios to the generate mode. With `--ablation-n N` (default 50) the score and constrained modes also run on the
@@ -29,7 +29,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -75,7 +74,9 @@ def main() -> int:
     from clfbench.engine.methods.catalog import PromptOptions
     from clfbench.engine.models import resolve_model
     from clfbench.engine.tasks import get_task, load_task
-    from clfbench.engine.types import RunContext
+    from clfbench.engine.context import RunContext
+    from clfbench.engine.spec import parse_spec
+    from clfbench.engine.worker import join_predictions
 
     torch.set_num_threads(args.threads)
     model_path = resolve_model(args.model)
@@ -88,15 +89,16 @@ def main() -> int:
     def run(options: dict, n: int | None = None) -> dict:
         data = task if n is None else dataclasses.replace(task, test=task.test[:n])
         sized = {"batch_size": args.batch_size} if args.batch_size else {}
-        opts = PromptOptions(**sized, dtype=args.dtype, chat_format=args.chat_format,
-                             max_new_tokens=args.max_new_tokens, test_limit=args.n, **options)
-        ctx = RunContext(run_id=0, attempt=1, spec=SimpleNamespace(seed=0, shots=0), options=opts, tasks=[data],
+        spec = parse_spec({"method": "prompt", "model": args.model, "task": task.name, "options": dict(
+            **sized, dtype=args.dtype, chat_format=args.chat_format, max_new_tokens=args.max_new_tokens,
+            test_limit=args.n, **options)})
+        ctx = RunContext(run_id=0, attempt=1, spec=spec, options=spec.options, tasks=[data],
                          model_path=model_path, output_dir=Path("."), rank=0, world_size=1, local_rank=0,
                          device="cpu", log_metric=lambda *a: None, set_progress=lambda *a: None)
         started = time.perf_counter()
         output = prompt.run(ctx)
         wall = time.perf_counter() - started
-        predictions = output.predictions[task.name]
+        predictions = join_predictions([data], output)[task.name]  # as the worker stores them
         scores = metrics.task_results(task.kind, predictions, task.labels)
         extra = output.extra_results[task.name]
         statuses: dict[str, int] = {}

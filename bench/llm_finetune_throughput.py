@@ -69,7 +69,7 @@ def main() -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from clfbench.engine.methods import llm_finetune as lf
-    from clfbench.engine.types import RunContext
+    from clfbench.engine.context import RunContext
 
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     torch.cuda.set_device(local_rank)

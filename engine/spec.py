@@ -20,7 +20,7 @@ import itertools
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator
 
 from clfbench.engine.methods.catalog import METHODS, MethodInfo, MethodOptions
 from clfbench.engine.types import ClfbenchError
@@ -44,13 +44,31 @@ class RunSpec(BaseModel):
     nproc: int = Field(1, ge=1, description="processes when running on CPU (torchrun --nproc-per-node)")
     data_dir: str | None = Field(None, description="folder with the dataset files (else CLFBENCH_DATA, else the hub)")
     name: str | None = Field(None, description="a label for this run shown in lists")
-    options: dict[str, Any] = Field(default_factory=dict, description="method options (see `clfbench methods`)")
+    # The method's own options model (validated against it: an unknown option is an error), not a dict: a method
+    # reads typed options, and nothing validates them a second time. SerializeAsAny: dumped with every field of
+    # the method's options class, not only the base class's (none).
+    options: SerializeAsAny[MethodOptions] = Field(
+        default_factory=MethodOptions, description="method options (see `clfbench methods`)")
 
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
         if value not in METHODS:
             raise ValueError(f"unknown method '{value}' (known: {', '.join(sorted(METHODS))})")
+        return value
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _method_options(cls, value: Any, info: ValidationInfo) -> Any:
+        method = METHODS.get(info.data.get("method", ""))
+        if method is None:  # the method's own error says what is wrong
+            return MethodOptions()
+        if value is None:
+            value = {}
+        if isinstance(value, dict):
+            return method.options(**value)
+        if type(value) is not method.options:
+            raise ValueError(f"options for {method.name} must be a mapping")
         return value
 
     @property
@@ -61,30 +79,24 @@ class RunSpec(BaseModel):
     def method_info(self) -> MethodInfo:
         return METHODS[self.method]
 
-    def method_options(self) -> MethodOptions:
-        """The options validated against the method's option model (unknown option = error)."""
-        return self.method_info.options(**self.options)
-
     def gpus_needed(self) -> int | None:
-        """GPUs the run asks for; API-only methods never need one."""
-        if self.method_info.launch == "process":
+        """GPUs the run asks for; API-only and CPU-only methods never need one (a CPU-only run takes a CPU slot)."""
+        if self.method_info.launch == "process" or self.method_info.cpu_only:
             return 0
         return self.gpus
 
     def canonical_json(self) -> str:
         """The resolved spec (option defaults filled in) as stable JSON: what is stored and hashed."""
-        data = self.model_dump()
-        data["options"] = self.method_options().model_dump()
-        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
 
     def spec_hash(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
 
 
-def _one_line(error: ValidationError) -> str:
+def _one_line(items: list[dict]) -> str:
     """Pydantic's multi-line report as one line that names the field."""
     parts = []
-    for item in error.errors():
+    for item in items:
         where = ".".join(str(p) for p in item["loc"]) or "spec"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
@@ -94,16 +106,17 @@ def _one_line(error: ValidationError) -> str:
 
 
 def parse_spec(data: dict[str, Any]) -> RunSpec:
-    """Validate one (already expanded) spec dict, including the method options. Raises ClfbenchError."""
+    """Validate one (already expanded) spec dict, including the method options. Raises ClfbenchError: the spec's
+    own fields first ("invalid spec: ..."), then the options ("invalid options for <method>: ...")."""
     try:
-        spec = RunSpec(**data)
+        return RunSpec(**data)
     except ValidationError as error:
-        raise ClfbenchError(f"invalid spec: {_one_line(error)}") from None
-    try:
-        spec.method_options()
-    except ValidationError as error:
-        raise ClfbenchError(f"invalid options for {spec.method}: {_one_line(error)}") from None
-    return spec
+        errors = error.errors()
+    spec_errors = [e for e in errors if e["loc"][:1] != ("options",)]
+    if spec_errors:
+        raise ClfbenchError(f"invalid spec: {_one_line(spec_errors)}") from None
+    options_errors = [{**e, "loc": e["loc"][1:]} for e in errors]
+    raise ClfbenchError(f"invalid options for {data.get('method')}: {_one_line(options_errors)}") from None
 
 
 def expand_sweep(data: dict[str, Any]) -> list[dict[str, Any]]:

@@ -267,6 +267,9 @@ class TaskDef(_Strict):
     tags_column: str | None = None  # token tasks
     label_transform: str | None = None
     labels: list[str] | None = None  # declared label set; token tasks may list slot types or full BIO tags
+    # Metrics over this task and the other task of a joint run (a sequence task with a token task), e.g.
+    # exact_match: the label and every tag of the same text right (MASSIVE's official exact match).
+    joint_metrics: list[Literal["exact_match"]] = Field(default_factory=list)
 
     _origin: str = PrivateAttr(default="built-in")
 
@@ -970,7 +973,8 @@ def load_task(task: TaskDef, data_dir: Path | str | None = None, train_limit: in
     if test_limit is not None:
         test = _shuffled(test, TEST_SUBSET_SEED)[:test_limit]
     return TaskData(name=task.name, kind=task.kind, labels=labels, train=train, test=test,
-                    dev=splits.get("dev", []) if need_train else [], description=task.description)
+                    dev=splits.get("dev", []) if need_train else [], description=task.description,
+                    joint_metrics=tuple(task.joint_metrics))
 
 
 def check_task(task: TaskDef, data_dir: Path | str | None = None) -> None:

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from clfbench.engine.types import RunContext
+from clfbench.engine.context import RunContext
 
 MAX_GRAD_NORM = 1.0
 CHECKPOINT_DIR = "checkpoint"  # under the run's output_dir

@@ -5,8 +5,7 @@ No torch here: the CLI imports this module at queue time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 # A task either labels a whole text ("sequence") or each whitespace token of it ("token", BIO tags).
 TaskKind = Literal["sequence", "token"]
@@ -48,11 +47,24 @@ class TaskData:
     dev: list[Example] = field(default_factory=list)
     # Short human description of the label field (used by prompts), e.g. "news category".
     description: str = ""
+    # Metrics over this task and another one of the same run, declared by the task definition (`joint_metrics:`),
+    # e.g. MASSIVE intent's exact match with the slots: the intent and every slot tag right.
+    joint_metrics: tuple[str, ...] = ()
+
+
+@dataclass
+class Predicted:
+    """What a method predicted for one test example of one task: a label (sequence) or one tag per word (token),
+    and for LLMs the raw output and whether it parsed. None: no usable answer (a parse failure)."""
+
+    value: str | list[str] | None
+    raw_output: str | None = None
+    parse_status: ParseStatus = "ok"
 
 
 @dataclass
 class Prediction:
-    """What a method predicted for one test example of one task.
+    """One stored prediction row: the worker joins a method's `Predicted` with the example's gold and text.
 
     For token tasks `gold` and `predicted` are lists of tags; the worker stores them space-joined.
     """
@@ -69,36 +81,10 @@ class Prediction:
 class MethodOutput:
     """What a method returns to the worker (on rank 0; other ranks may return None).
 
-    `predictions[task_name]` holds one Prediction per test example of that task.
-    `extra_results[task_name]` holds method-specific numbers (throughput, times) stored as result rows.
+    `predictions[task_name][example_id]` holds one `Predicted` per test example of that task (the worker checks
+    that none is missing and joins the gold labels and texts). `extra_results[task_name]` holds method-specific
+    numbers (throughput, times) stored as result rows.
     """
 
-    predictions: dict[str, list[Prediction]]
+    predictions: dict[str, dict[str, Predicted]]
     extra_results: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
-@dataclass
-class RunContext:
-    """Everything a method needs to run, built by the worker. Methods are plain `run(ctx) -> MethodOutput`.
-
-    `log_metric` and `set_progress` are safe to call on every rank: only rank 0 writes to the store,
-    in batches.
-    """
-
-    run_id: int
-    attempt: int
-    spec: "object"  # engine.spec.RunSpec (kept loose here to avoid an import cycle)
-    options: "object"  # the method's validated options model (engine.methods.catalog)
-    tasks: list[TaskData]
-    model_path: str  # a local folder, or a hub id on machines with internet
-    output_dir: Path  # per-run folder for checkpoints and caches; survives retries
-    rank: int
-    world_size: int
-    local_rank: int
-    device: str  # "cuda:N" or "cpu"
-    log_metric: Callable[[int, str, float], None]
-    set_progress: Callable[[int, int], None]
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0

@@ -1,9 +1,11 @@
-"""The worker: `torchrun ... -m clfbench.engine.worker RUN_ID` (or `python -m clfbench.engine.worker RUN_ID` for API jobs).
+"""The worker: `torchrun ... -m clfbench.engine.worker RUN_ID` (`python -m clfbench.engine.worker RUN_ID` for API
+jobs).
 
-It loads the run's spec from the store, resolves data and model, runs the method module, and on
-rank 0 writes metric points (batched), one prediction row per test example and task, and result rows.
-It ends the run truthfully: `succeeded` with everything written in one transaction, or `failed` with a
-one-line error (the engine appends the log tail). Any rank that raises records the failure; the first
+It loads the run's spec from the store, loads the tasks and checks them against the method's catalog entry,
+resolves the model, runs the method module, and on rank 0 writes metric points (batched), one prediction row per
+test example and task (the method's answers joined with the gold labels and texts here, once for every method),
+and result rows. It ends the run truthfully: `succeeded` with everything written in one transaction, or `failed`
+with a one-line error (the engine appends the log tail). Any rank that raises records the failure; the first
 writer wins because every write is guarded by the run's attempt.
 """
 from __future__ import annotations
@@ -18,12 +20,14 @@ import traceback
 from pathlib import Path
 
 from clfbench.engine import metrics
+from clfbench.engine.context import RunContext
+from clfbench.engine.methods.catalog import check_task_fit
 from clfbench.engine.models import resolve_model
 from clfbench.engine.recorder import Recorder
-from clfbench.engine.spec import spec_from_json
+from clfbench.engine.spec import RunSpec, spec_from_json
 from clfbench.engine.tasks import get_task, load_task, resolve_data_dir
-from clfbench.engine.types import ClfbenchError, MethodOutput, RunContext, TaskData
-from clfbench.storage import queue, queries
+from clfbench.engine.types import ClfbenchError, MethodOutput, Prediction, TaskData
+from clfbench.storage import queries, queue
 from clfbench.storage.db import open_store
 
 
@@ -63,19 +67,59 @@ def _barrier(world_size: int) -> None:
             dist.barrier()
 
 
-def load_tasks(spec, options) -> list[TaskData]:
-    train_limit = getattr(options, "train_limit", None)
-    test_limit = getattr(options, "test_limit", None)
+def load_tasks(spec: RunSpec) -> list[TaskData]:
+    """The run's tasks with the options' train_limit / test_limit applied (every method that has them)."""
+    options = spec.options
     return [
-        load_task(get_task(name), data_dir=resolve_data_dir(spec.data_dir), train_limit=train_limit, test_limit=test_limit,
+        load_task(get_task(name), data_dir=resolve_data_dir(spec.data_dir),
+                  train_limit=getattr(options, "train_limit", None), test_limit=getattr(options, "test_limit", None),
                   seed=spec.seed)
         for name in spec.task_names
     ]
 
 
-def _prediction_rows(task: str, output: MethodOutput) -> list[dict]:
+def check_tasks(spec: RunSpec, tasks: list[TaskData]) -> None:
+    """Before any model loads: the tasks fit the method (its catalog entry), hold data it can use, and the
+    options fit the task kinds (the same checks as at queue time, for specs that reached the store other ways)."""
+    info = spec.method_info
+    check_task_fit(info, [(task.name, task.kind) for task in tasks])
+    for task in tasks:
+        if len(task.labels) < 2:
+            raise ClfbenchError(f"{spec.method}: task {task.name} has fewer than two labels")
+        if info.needs_train and not task.train:
+            raise ClfbenchError(f"{spec.method}: task {task.name} has no training examples")
+    try:
+        spec.options.check_task_kinds([task.kind for task in tasks])
+    except ValueError as error:
+        raise ClfbenchError(f"invalid options for {spec.method}: {error}") from None
+
+
+def join_predictions(tasks: list[TaskData], output: MethodOutput) -> dict[str, list[Prediction]]:
+    """Per task, one row per test example in the test set's order: the method's answer with the gold label (or
+    tags) and the text. A test example without an answer, or an answer for no test example, is an error."""
+    joined = {}
+    for task in tasks:
+        answers = output.predictions.get(task.name, {})
+        ids = [example.id for example in task.test]
+        missing = [i for i in ids if i not in answers]
+        unknown = sorted(set(answers) - set(ids))
+        if missing or unknown:
+            problem = (f"no prediction for {len(missing)} of {len(ids)} test examples (first: {missing[0]})" if missing
+                       else f"predictions for {len(unknown)} ids not in the test set (first: {unknown[0]})")
+            raise RuntimeError(f"the method returned {problem} of task {task.name}")
+        joined[task.name] = [
+            Prediction(example_id=example.id, text=example.text,
+                       gold=list(example.tags or ()) if task.kind == "token" else example.label,
+                       predicted=answers[example.id].value, raw_output=answers[example.id].raw_output,
+                       parse_status=answers[example.id].parse_status)
+            for example in task.test
+        ]
+    return joined
+
+
+def _prediction_rows(task: str, predictions: list[Prediction]) -> list[dict]:
     rows = []
-    for p in output.predictions.get(task, []):
+    for p in predictions:
         gold = " ".join(p.gold) if isinstance(p.gold, list) else p.gold
         predicted = " ".join(p.predicted) if isinstance(p.predicted, list) else p.predicted
         rows.append({"task": task, "example_id": p.example_id, "text": p.text, "gold": gold,
@@ -83,25 +127,98 @@ def _prediction_rows(task: str, output: MethodOutput) -> list[dict]:
     return rows
 
 
-def result_rows(tasks: list[TaskData], output: MethodOutput, wall_time_s: float) -> list[dict]:
+def result_rows(tasks: list[TaskData], predictions: dict[str, list[Prediction]], extra: dict[str, dict[str, float]],
+                wall_time_s: float) -> list[dict]:
     rows = []
-    by_name = {task.name: task for task in tasks}
     for task in tasks:
-        values = metrics.task_results(task.kind, output.predictions.get(task.name, []), task.labels)
-        values.update(output.extra_results.get(task.name, {}))
+        values = metrics.task_results(task.kind, predictions[task.name], task.labels)
+        values.update(extra.get(task.name, {}))
         values["wall_time_s"] = wall_time_s
         rows += [{"task": task.name, "metric": name, "value": float(value)} for name, value in values.items()]
-    # Intent + slots in one run: the official MASSIVE exact match (both right for the same utterance).
-    sequence = [t for t in tasks if t.kind == "sequence" and t.name.startswith("massive-intent")]
+    return rows + joint_result_rows(tasks, predictions)
+
+
+def joint_result_rows(tasks: list[TaskData], predictions: dict[str, list[Prediction]]) -> list[dict]:
+    """Metrics that a task definition declares over itself and the run's other task (`joint_metrics:`): for
+    MASSIVE intent + slots, exact match (the intent and every slot tag right), stored under the token task."""
+    sequence = [t for t in tasks if t.kind == "sequence"]
     token = [t for t in tasks if t.kind == "token"]
-    if sequence and token and sequence[0].name in by_name:
-        value = metrics.joint_exact_match(output.predictions[sequence[0].name], output.predictions[token[0].name])
+    if len(sequence) != 1 or len(token) != 1:
+        return []
+    declared = set(sequence[0].joint_metrics) | set(token[0].joint_metrics)
+    rows = []
+    if "exact_match" in declared:
+        value = metrics.joint_exact_match(predictions[sequence[0].name], predictions[token[0].name])
         rows.append({"task": token[0].name, "metric": "exact_match", "value": value})
     return rows
 
 
-def run_worker(run_id: int) -> int:
+def _prepare(run: dict, recorder: Recorder, attempt: int) -> RunContext:
+    """Everything up to the method's call: spec, device, tasks and their checks, model, the context."""
     rank, world_size, local_rank = _distributed_env()
+    spec = spec_from_json(run["spec_json"])
+    print(f"clfbench worker: run {run['id']} attempt {attempt} rank {rank}/{world_size}: "
+          f"{spec.method} {spec.model} {spec.task}", flush=True)
+    local_model = spec.method_info.local_model
+    if local_model:
+        device = _setup_torch(world_size, local_rank, spec.seed)
+    else:  # an API method: the model runs on a server; no torch to import, seed, or share cores with
+        device = "cpu"
+        random.seed(spec.seed)
+    tasks = load_tasks(spec)
+    check_tasks(spec, tasks)  # before any model loads: a slot task with decision=score fails at once
+    try:
+        options = spec.options.resolved(spec.task_names)
+    except ValueError as error:
+        raise ClfbenchError(f"{spec.method}: {error}") from None
+    model_path = spec.model  # an API method: the model's name on the server
+    if local_model and rank == 0:  # rank 0 resolves first: a conversion into the model cache then happens once
+        model_path = resolve_model(spec.model)
+    _barrier(world_size)
+    if local_model and rank != 0:
+        model_path = resolve_model(spec.model)
+    output_dir = Path(os.environ.get("CLFBENCH_RUN_DIR") or run["output_dir"] or ".")
+    return RunContext(
+        run_id=run["id"], attempt=attempt, spec=spec, options=options, tasks=tasks, model_path=model_path,
+        output_dir=output_dir, rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+        log_metric=recorder.log_metric, set_progress=recorder.set_progress,
+    )
+
+
+def _finish(store, ctx: RunContext, output: MethodOutput | None, started: float) -> None:
+    """Rank 0: join and score the predictions, then write them, the results and `succeeded` in one transaction."""
+    if output is None:
+        raise RuntimeError(f"method {ctx.method} returned no output on rank 0")
+    predictions = join_predictions(ctx.tasks, output)
+    rows = [row for task in ctx.tasks for row in _prediction_rows(task.name, predictions[task.name])]
+    results = result_rows(ctx.tasks, predictions, output.extra_results, wall_time_s=time.time() - started)
+    if queue.finish_succeeded(store, ctx.run_id, ctx.attempt, rows, results):
+        # The resume checkpoint (weights + optimizer state, ~3x the model) has served its purpose;
+        # a retry of a finished run should train again, not skip to the end.
+        shutil.rmtree(ctx.output_dir / "checkpoint", ignore_errors=True)
+    else:
+        print("clfbench worker: the run is no longer ours (cancelled or re-claimed); nothing written", flush=True)
+
+
+def _one_line(error: Exception) -> str:
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return message if isinstance(error, ClfbenchError) else f"{type(error).__name__}: {message}"
+
+
+def _destroy_process_group() -> None:
+    if "torch" not in sys.modules:  # an API run never loaded torch: do not import it just to check
+        return
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:
+        pass
+
+
+def run_worker(run_id: int) -> int:
+    rank = _distributed_env()[0]
     store = open_store(os.environ.get("CLFBENCH_DB"), create=False)
     run = queries.get_run(store, run_id)
     if run is None:
@@ -112,69 +229,21 @@ def run_worker(run_id: int) -> int:
     recorder.start_heartbeat()
     started = time.time()
     try:
-        spec = spec_from_json(run["spec_json"])
-        options = spec.method_options()
-        print(f"clfbench worker: run {run_id} attempt {attempt} rank {rank}/{world_size}: "
-              f"{spec.method} {spec.model} {spec.task}", flush=True)
-        local_model = spec.method_info.local_model
-        if local_model:
-            device = _setup_torch(world_size, local_rank, spec.seed)
-        else:  # an API method: the model runs on a server; no torch to import, seed, or share cores with
-            device = "cpu"
-            random.seed(spec.seed)
-        tasks = load_tasks(spec, options)
-        try:  # before any model loads: a slot task with decision=score fails at once, with the queue's message
-            options.check_task_kinds([task.kind for task in tasks])
-        except ValueError as error:
-            raise ClfbenchError(f"invalid options for {spec.method}: {error}") from None
-        if not local_model:
-            model_path = spec.model  # the model's name on the server
-        elif rank == 0:  # rank 0 resolves first: a conversion into the model cache then happens once, not per rank
-            model_path = resolve_model(spec.model)
-        _barrier(world_size)
-        if local_model and rank != 0:
-            model_path = resolve_model(spec.model)
-        output_dir = Path(os.environ.get("CLFBENCH_RUN_DIR") or run["output_dir"] or ".")
-        context = RunContext(
-            run_id=run_id, attempt=attempt, spec=spec, options=options, tasks=tasks, model_path=model_path,
-            output_dir=output_dir, rank=rank, world_size=world_size, local_rank=local_rank, device=device,
-            log_metric=recorder.log_metric, set_progress=recorder.set_progress,
-        )
-        method = importlib.import_module(spec.method_info.module)
-        output = method.run(context)
+        ctx = _prepare(run, recorder, attempt)
+        output = importlib.import_module(ctx.spec.method_info.module).run(ctx)
         recorder.close()
         if rank == 0:
-            if output is None:
-                raise RuntimeError(f"method {spec.method} returned no output on rank 0")
-            predictions = [row for task in tasks for row in _prediction_rows(task.name, output)]
-            results = result_rows(tasks, output, wall_time_s=time.time() - started)
-            if queue.finish_succeeded(store, run_id, attempt, predictions, results):
-                # The resume checkpoint (weights + optimizer state, ~3x the model) has served its purpose;
-                # a retry of a finished run should train again, not skip to the end.
-                shutil.rmtree(output_dir / "checkpoint", ignore_errors=True)
-            else:
-                print("clfbench worker: the run is no longer ours (cancelled or re-claimed); nothing written",
-                      flush=True)
+            _finish(store, ctx, output, started)
         # No closing barrier: ranks with nothing left to do (e.g. while rank 0 alone predicts or prompts)
         # simply exit; waiting would risk the process-group timeout on long rank-0-only work.
         return 0
     except Exception as error:
         recorder.close()
         traceback.print_exc()
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        one_line = message if isinstance(error, ClfbenchError) else f"{type(error).__name__}: {message}"
-        queue.finish_failed(store, run_id, attempt, one_line)
+        queue.finish_failed(store, run_id, attempt, _one_line(error))
         return 1
     finally:
-        try:
-            if "torch" not in sys.modules:  # an API run never loaded torch: do not import it just to check
-                raise ImportError
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-        except Exception:
-            pass
+        _destroy_process_group()
 
 
 def main() -> int:

@@ -90,6 +90,13 @@ class Store:
     def describe(self) -> str:
         return make_url(self.url).render_as_string(hide_password=True)
 
+    def label(self) -> str:
+        """A short name for the store: the file name of a SQLite store, else the URL without password."""
+        url = make_url(self.url)
+        if url.get_backend_name() == "sqlite" and url.database:
+            return Path(url.database).name
+        return self.describe()
+
 
 def _schema_version(connection: Connection) -> int:
     if not inspect(connection).has_table("schema_info"):

@@ -1,6 +1,7 @@
 """Shared fixtures: an isolated clfbench home per test and a runner for the real CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -43,6 +44,31 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def method_context(method: str, model_path: str, tasks, output_dir: Path = Path("."), *, seed: int = 0,
+                   shots: int = 0, log_metric=lambda *args: None, set_progress=lambda *args: None, **options):
+    """A RunContext as the worker builds it: a real spec (validated with the method's options, which the worker
+    then resolves for the tasks) on one CPU process."""
+    from clfbench.engine.context import RunContext
+    from clfbench.engine.spec import parse_spec
+
+    spec = parse_spec({"method": method, "model": model_path, "task": "+".join(t.name for t in tasks),
+                       "seed": seed, "shots": shots, "options": options})
+    return RunContext(run_id=1, attempt=1, spec=spec, options=spec.options.resolved(spec.task_names),
+                      tasks=list(tasks), model_path=model_path, output_dir=Path(output_dir), rank=0, world_size=1,
+                      local_rank=0, device="cpu", log_metric=log_metric, set_progress=set_progress)
+
+
+def run_method(module, ctx):
+    """Run a method module as the worker does and join its answers with the tasks' gold labels and texts
+    (`engine.worker.join_predictions`, which also checks that every test example got exactly one answer)."""
+    from clfbench.engine.worker import join_predictions
+
+    output = module.run(ctx)
+    if output is None:
+        return None
+    return dataclasses.replace(output, predictions=join_predictions(ctx.tasks, output))
 
 
 def build_tiny_model(alias: str, tmp_path_factory) -> str:

@@ -236,7 +236,7 @@ def test_a_spec_that_skipped_the_queue_check_fails_before_loading_a_model(cli):
     """Label scoring is undefined for slot filling. `clfbench queue` refuses it; a spec that reaches the store
     another way (here written straight into it) fails in the worker with the same one-line message, before any
     model loads (the model named here does not even exist)."""
-    from clfbench.app.cli import new_runs
+    from clfbench.engine.submit import new_runs
     from clfbench.engine.spec import RunSpec
     from clfbench.storage import queue
 

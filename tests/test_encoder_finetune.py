@@ -20,7 +20,9 @@ torch = pytest.importorskip("torch")
 from clfbench.engine.methods import encoder_finetune  # noqa: E402
 from clfbench.engine.methods.catalog import EncoderFinetuneOptions  # noqa: E402
 from clfbench.engine.models import resolve_model  # noqa: E402
-from clfbench.engine.types import ClfbenchError, Example, RunContext, TaskData  # noqa: E402
+from clfbench.engine.context import RunContext  # noqa: E402
+from clfbench.engine.types import Example, TaskData  # noqa: E402
+from tests.conftest import run_method  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MASSIVE = ROOT / "engine" / "sample_data" / "massive_en"
@@ -90,7 +92,7 @@ def accuracy(output) -> float:
 
 def test_learns_a_separable_task_and_logs(tiny_bert, tmp_path):
     recorder = Recorder()
-    output = encoder_finetune.run(make_ctx(tiny_bert, tmp_path, recorder))
+    output = run_method(encoder_finetune, make_ctx(tiny_bert, tmp_path, recorder))
 
     predictions = output.predictions["synthetic"]
     assert len(predictions) == 60 and [p.example_id for p in predictions] == [f"test-{i}" for i in range(60)]
@@ -118,12 +120,12 @@ def test_resume_after_a_crash_continues_exactly(tiny_bert, tmp_path, capsys):
     options = dict(checkpoint_every=8, log_every=1, eval_every=20)
     # Reference: one uninterrupted run.
     reference = Recorder()
-    expected = encoder_finetune.run(make_ctx(tiny_bert, tmp_path / "reference", reference, **options))
+    expected = run_method(encoder_finetune, make_ctx(tiny_bert, tmp_path / "reference", reference, **options))
 
     # A run that crashes at step 13; the last checkpoint is at step 8.
     crashed = Recorder(crash_at_step=13)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        encoder_finetune.run(make_ctx(tiny_bert, tmp_path / "retried", crashed, **options))
+        run_method(encoder_finetune, make_ctx(tiny_bert, tmp_path / "retried", crashed, **options))
     meta = json.loads((tmp_path / "retried" / "checkpoint" / "meta.json").read_text())
     assert meta["step"] == 8
     assert not list((tmp_path / "retried").glob(".checkpoint.*"))  # no temp folders left
@@ -131,7 +133,7 @@ def test_resume_after_a_crash_continues_exactly(tiny_bert, tmp_path, capsys):
     # The retry resumes at step 8 and ends exactly where the uninterrupted run ended.
     capsys.readouterr()
     retried = Recorder()
-    output = encoder_finetune.run(make_ctx(tiny_bert, tmp_path / "retried", retried, **options))
+    output = run_method(encoder_finetune, make_ctx(tiny_bert, tmp_path / "retried", retried, **options))
     assert "resuming" in capsys.readouterr().out
     assert retried.steps("train_loss")[0] == 9 and retried.steps("train_loss")[-1] == 60
     assert len(retried.steps("train_loss")) < len(reference.steps("train_loss"))
@@ -143,26 +145,28 @@ def test_resume_after_a_crash_continues_exactly(tiny_bert, tmp_path, capsys):
 
     # A finished run keeps its final checkpoint: running it again trains no step.
     again = Recorder()
-    encoder_finetune.run(make_ctx(tiny_bert, tmp_path / "retried", again, **options))
+    run_method(encoder_finetune, make_ctx(tiny_bert, tmp_path / "retried", again, **options))
     assert again.steps("train_loss") == [] and again.progress[-1] == (60, 60)
 
 
 def test_checkpoint_of_another_setup_is_ignored(tiny_bert, tmp_path, capsys):
-    encoder_finetune.run(make_ctx(tiny_bert, tmp_path, Recorder(), epochs=1, checkpoint_every=5))
+    run_method(encoder_finetune, make_ctx(tiny_bert, tmp_path, Recorder(), epochs=1, checkpoint_every=5))
     assert (tmp_path / "checkpoint" / "state.pt").is_file()
     recorder = Recorder()
-    encoder_finetune.run(make_ctx(tiny_bert, tmp_path, recorder, epochs=1, checkpoint_every=5, batch_size=8))
+    run_method(encoder_finetune, make_ctx(tiny_bert, tmp_path, recorder, epochs=1, checkpoint_every=5, batch_size=8))
     assert "ignoring checkpoint" in capsys.readouterr().out
     assert recorder.steps("train_loss")[0] == 5
 
 
-def test_uses_the_task_dev_split_and_test_limit(tiny_bert, tmp_path):
+def test_uses_the_task_dev_split(tiny_bert, tmp_path):
+    # test_limit is applied when the worker loads the task (tests/test_tasks.py): the method predicts every test
+    # example it is given, and run_method checks that each got exactly one answer.
     task = synthetic_task(n_train=64, n_test=30, dev=12)
     train, dev = encoder_finetune.split_dev(task, 0.05, seed=0)
     assert len(train) == 64 and len(dev) == 12
     recorder = Recorder()
-    output = encoder_finetune.run(make_ctx(tiny_bert, tmp_path, recorder, task=task, epochs=1, test_limit=10))
-    assert len(output.predictions["synthetic"]) == 10
+    output = run_method(encoder_finetune, make_ctx(tiny_bert, tmp_path, recorder, task=task, epochs=1))
+    assert len(output.predictions["synthetic"]) == 30
     assert recorder.steps("eval_accuracy") == [4]  # only at the end: 64 / 16 = 4 steps
 
 
@@ -176,22 +180,6 @@ def test_dev_hold_out_is_seeded_and_disjoint():
     assert encoder_finetune.split_dev(task, 0.0, seed=3) == (task.train, [])
 
 
-def test_rejects_tasks_it_cannot_handle(tiny_bert, tmp_path):
-    # Token tasks are handled now (tests/test_encoder_heads.py); other kinds, 3+ tasks, one label are not.
-    task = synthetic_task()
-    task.kind = "generation"
-    with pytest.raises(ClfbenchError, match="sequence and token tasks; synthetic is a generation task"):
-        encoder_finetune.run(make_ctx(tiny_bert, tmp_path, Recorder(), task=task))
-    ctx = make_ctx(tiny_bert, tmp_path, Recorder())
-    ctx.tasks = [synthetic_task() for _ in range(3)]
-    with pytest.raises(ClfbenchError, match="one task or two"):
-        encoder_finetune.run(ctx)
-    task = synthetic_task()
-    task.labels = ["alpha"]
-    with pytest.raises(ClfbenchError, match="fewer than two labels"):
-        encoder_finetune.run(make_ctx(tiny_bert, tmp_path, Recorder(), task=task))
-
-
 DDP_SCRIPT = textwrap.dedent("""
     import json, os, random, sys
     from pathlib import Path
@@ -200,6 +188,7 @@ DDP_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {tests!r})
     from test_encoder_finetune import make_ctx, Recorder
+    from conftest import run_method
     from clfbench.engine.methods import encoder_finetune
 
     torch.set_num_threads(1)
@@ -208,7 +197,7 @@ DDP_SCRIPT = textwrap.dedent("""
     recorder = Recorder()
     ctx = make_ctx({model!r}, Path({out!r}), recorder, batch_size=8, checkpoint_every=20)
     ctx.rank, ctx.world_size, ctx.local_rank = rank, world, rank
-    output = encoder_finetune.run(ctx)
+    output = run_method(encoder_finetune, ctx)
     result = {{"rank": rank, "output": output is not None, "metrics": recorder.metrics,
                "progress": recorder.progress}}
     if output is not None:
@@ -267,7 +256,7 @@ def test_minilm_on_massive_rows(tmp_path):
     recorder = Recorder()
     ctx = make_ctx(resolve_model("minilm"), tmp_path, recorder, task=task, epochs=4, lr=1e-4, batch_size=16,
                    max_length=48, log_every=2, eval_every=0, checkpoint_every=0)
-    output = encoder_finetune.run(ctx)
+    output = run_method(encoder_finetune, ctx)
     predictions = output.predictions["synthetic"]
     assert len(predictions) == 50 and all(p.predicted in labels for p in predictions)
     losses = recorder.values("train_loss")

@@ -19,8 +19,9 @@ torch = pytest.importorskip("torch")
 from clfbench.engine.methods import encoder_finetune as ef  # noqa: E402
 from clfbench.engine.methods.catalog import METHODS, EncoderFinetuneOptions  # noqa: E402
 from clfbench.engine.metrics import slot_scores  # noqa: E402
-from clfbench.engine.types import ClfbenchError, Example, RunContext, TaskData  # noqa: E402
-from tests.conftest import SAMPLES  # noqa: E402
+from clfbench.engine.context import RunContext  # noqa: E402
+from clfbench.engine.types import ClfbenchError, Example, TaskData  # noqa: E402
+from tests.conftest import SAMPLES, run_method  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 FILLER = "the a weather music alarm play set tomorrow lights email news train pizza please morning kitchen jazz".split()
@@ -94,7 +95,8 @@ def make_ctx(model_path: str, output_dir: Path, recorder: Recorder, tasks: list[
     torch.manual_seed(seed)  # the worker seeds every RNG before the method runs
     random.seed(seed)
     return RunContext(
-        run_id=1, attempt=1, spec=SimpleNamespace(seed=seed), options=EncoderFinetuneOptions(**defaults),
+        run_id=1, attempt=1, spec=SimpleNamespace(seed=seed),
+        options=EncoderFinetuneOptions(**defaults).resolved([task.name for task in tasks]),  # as the worker does
         tasks=tasks, model_path=model_path, output_dir=output_dir, rank=0, world_size=1, local_rank=0,
         device="cpu", log_metric=recorder.log_metric, set_progress=recorder.set_progress,
     )
@@ -172,7 +174,7 @@ def test_truncated_words_are_tagged_o_and_counted(tiny_bert):
 def test_token_head_learns_slot_filling(tiny_bert, tmp_path):
     tasks = synthetic_tasks()
     recorder = Recorder()
-    output = ef.run(make_ctx(tiny_bert, tmp_path, recorder, [tasks["syn-slots"]], log_every=5))
+    output = run_method(ef, make_ctx(tiny_bert, tmp_path, recorder, [tasks["syn-slots"]], log_every=5))
     predictions = output.predictions["syn-slots"]
     test = tasks["syn-slots"].test
     assert [p.example_id for p in predictions] == [ex.id for ex in test]
@@ -191,7 +193,7 @@ def test_token_head_learns_slot_filling(tiny_bert, tmp_path):
 def test_token_head_with_cut_off_test_words(tiny_bert, tmp_path):
     tasks = synthetic_tasks(n_train=64, n_test=12, long_test=True)
     task = tasks["syn-slots"]
-    output = ef.run(make_ctx(tiny_bert, tmp_path, Recorder(), [task], epochs=1, max_length=12, eval_every=0))
+    output = run_method(ef, make_ctx(tiny_bert, tmp_path, Recorder(), [task], epochs=1, max_length=12, eval_every=0))
     predictions = output.predictions["syn-slots"]
     # Independently: how many words of each test utterance keep a sub-word within 12 tokens.
     from transformers import AutoTokenizer
@@ -214,7 +216,7 @@ def test_joint_sequence_and_token_heads_learn_on_one_encoder(tiny_bert, tmp_path
     # 20 epochs: in a 32-wide random model the slot head's gradients dominate early and slow the intent head
     # (intent accuracy 0.3 after 6 epochs, 1.0 after 20 for seeds 0-2; with the slot loss weighted 0 it learns
     # in 6, so this is the joint objective, not the word-split encoding).
-    output = ef.run(make_ctx(tiny_bert, tmp_path, recorder, [tasks["syn-intent"], tasks["syn-slots"]], epochs=20,
+    output = run_method(ef, make_ctx(tiny_bert, tmp_path, recorder, [tasks["syn-intent"], tasks["syn-slots"]], epochs=20,
                              eval_every=40))
     ids = [ex.id for ex in tasks["syn-intent"].test]
     intents, slots = output.predictions["syn-intent"], output.predictions["syn-slots"]
@@ -239,7 +241,7 @@ def test_joint_sequence_and_token_heads_learn_on_one_encoder(tiny_bert, tmp_path
 def test_joint_two_sequence_heads(tiny_bert, tmp_path):
     tasks = synthetic_tasks()
     recorder = Recorder()
-    output = ef.run(make_ctx(tiny_bert, tmp_path, recorder, [tasks["syn-intent"], tasks["syn-coarse"]]))
+    output = run_method(ef, make_ctx(tiny_bert, tmp_path, recorder, [tasks["syn-intent"], tasks["syn-coarse"]]))
     fine, coarse = output.predictions["syn-intent"], output.predictions["syn-coarse"]
     assert [p.example_id for p in fine] == [p.example_id for p in coarse] == [e.id for e in tasks["syn-intent"].test]
     assert {p.predicted for p in fine} <= set(KEYS) and {p.predicted for p in coarse} <= {"ab", "gd"}
@@ -258,7 +260,7 @@ def test_joint_tasks_must_pair_by_id(tiny_bert, tmp_path):
     renamed = Example(id="train-odd", text=slots.train[3].text, tokens=slots.train[3].tokens, tags=slots.train[3].tags)
     slots.train[3] = renamed
     with pytest.raises(ClfbenchError, match="train example id 'train-3' of syn-intent is not in syn-slots"):
-        ef.run(make_ctx(tiny_bert, tmp_path, Recorder(), [tasks["syn-intent"], slots]))
+        run_method(ef, make_ctx(tiny_bert, tmp_path, Recorder(), [tasks["syn-intent"], slots]))
     # Ids that pair but in another order are fine: rows follow the first task's order.
     tasks = synthetic_tasks(n_train=30, n_test=10)
     tasks["syn-slots"].train.reverse()
@@ -286,11 +288,11 @@ def test_joint_resume_after_a_crash_continues_exactly(tiny_bert, tmp_path):
     pair = [tasks["syn-intent"], tasks["syn-slots"]]
     options = dict(epochs=2, checkpoint_every=4, eval_every=0)
     reference = Recorder()
-    expected = ef.run(make_ctx(tiny_bert, tmp_path / "reference", reference, pair, **options))
+    expected = run_method(ef, make_ctx(tiny_bert, tmp_path / "reference", reference, pair, **options))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        ef.run(make_ctx(tiny_bert, tmp_path / "retried", Recorder(crash_at_step=7), pair, **options))
+        run_method(ef, make_ctx(tiny_bert, tmp_path / "retried", Recorder(crash_at_step=7), pair, **options))
     retried = Recorder()
-    output = ef.run(make_ctx(tiny_bert, tmp_path / "retried", retried, pair, **options))
+    output = run_method(ef, make_ctx(tiny_bert, tmp_path / "retried", retried, pair, **options))
     assert output.extra_results["syn-slots"]["resumed_from_step"] == 4
     assert retried.steps("train_loss")[0] == 5
     assert retried.values("train_loss") == pytest.approx(reference.values("train_loss")[4:], rel=1e-5)
@@ -304,6 +306,7 @@ DDP_SCRIPT = textwrap.dedent("""
     import torch, torch.distributed as dist
     sys.path.insert(0, {root!r})
     from tests.test_encoder_heads import make_ctx, Recorder, synthetic_tasks, slot_f1
+    from tests.conftest import run_method
     from clfbench.engine.methods import encoder_finetune
 
     torch.set_num_threads(1)
@@ -314,7 +317,7 @@ DDP_SCRIPT = textwrap.dedent("""
     ctx = make_ctx({model!r}, Path({out!r}), recorder, [tasks["syn-intent"], tasks["syn-slots"]], batch_size=8,
                    eval_every=0, log_every=5)
     ctx.rank, ctx.world_size, ctx.local_rank = rank, 2, rank
-    output = encoder_finetune.run(ctx)
+    output = run_method(encoder_finetune, ctx)
     result = {{"rank": rank, "metrics": recorder.metrics, "output": output is not None}}
     if output is not None:
         result["n"] = [len(output.predictions[k]) for k in ("syn-intent", "syn-slots")]
@@ -380,7 +383,7 @@ def test_paper_preset_is_what_the_run_uses(tiny_bert, tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(ef, "make_optimizer", spy)
     recorder = Recorder()
-    output = ef.run(make_ctx(tiny_bert, tmp_path, recorder, [intent], preset="paper", epochs=1, batch_size=4,
+    output = run_method(ef, make_ctx(tiny_bert, tmp_path, recorder, [intent], preset="paper", epochs=1, batch_size=4,
                              lr=0.5, weight_decay=0.3, warmup_ratio=0.0, eval_every=0, log_every=1))
     assert "preset paper: batch_size=32 lr=1e-05 optimizer=adam weight_decay=0.0 epochs=20" in capsys.readouterr().out
     (optimizer,) = made

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import text
 
 from clfbench.storage.db import open_store
-from tests.conftest import SAMPLES
+from tests.conftest import SAMPLES, run_method
 from tests.test_e2e import (_children, attempts_did_not_overlap, events_of, no_process_left, store_run,
                             wait_for)
 
@@ -19,11 +19,12 @@ torch = pytest.importorskip("torch")
 
 from clfbench.engine.methods import llm_finetune as lf  # noqa: E402
 from clfbench.engine.methods.catalog import LlmFinetuneOptions  # noqa: E402
-from clfbench.engine.methods.prompt import Decoder, load_model  # noqa: E402
+from clfbench.engine.decoding import Decoder, load_model  # noqa: E402
 from clfbench.engine.prompting.chat import ChatFormat  # noqa: E402
-from clfbench.engine.prompting.library import PromptBuilder, _paired, load_prompt_set  # noqa: E402
+from clfbench.engine.prompting.library import PromptBuilder, load_prompt_set, paired_items  # noqa: E402
 from clfbench.engine.tasks import get_task, load_task  # noqa: E402
-from clfbench.engine.types import ClfbenchError, RunContext  # noqa: E402
+from clfbench.engine.context import RunContext  # noqa: E402
+from clfbench.engine.types import ClfbenchError  # noqa: E402
 from tests.test_encoder_finetune import Recorder  # noqa: E402  (the shared test recorder)
 
 TINY = ["--method", "llm-finetune", "--model", "tiny-llama", "--data-dir", str(SAMPLES)]
@@ -73,7 +74,7 @@ def make_ctx(model_path: str, task: str, output_dir: Path, recorder: Recorder, d
 def test_only_the_answer_and_the_stop_token_carry_labels(loaded, task, shots):
     chat, builder, decoder = setup(loaded, task, shots)
     tokenizer = chat.tokenizer
-    for item in _paired(builder.tasks, "train")[:6]:
+    for item in paired_items(builder.tasks, "train")[:6]:
         encoded = lf.encode_item(decoder, builder, item)
         # The prompt is exactly what the prompt method feeds at test time, and none of it is labelled.
         prompt_ids = chat.encode(chat.text(builder.render(item.text)))
@@ -93,7 +94,7 @@ def test_the_loss_reads_only_answer_positions(loaded):
     in the reference (as a mask that leaked would) gives a different number."""
     chat, builder, decoder = setup(loaded, "massive-intent")
     _, model = loaded
-    rows = [lf.encode_item(decoder, builder, item) for item in _paired(builder.tasks, "train")[:4]]
+    rows = [lf.encode_item(decoder, builder, item) for item in paired_items(builder.tasks, "train")[:4]]
     loss = lf.AnswerLoss(model, decoder)
     with torch.no_grad():
         batched = float(loss(**lf._inputs(lf.collate(rows, [], decoder.pad_id), torch.device("cpu"))))
@@ -112,7 +113,7 @@ def test_the_loss_reads_only_answer_positions(loaded):
 def test_shared_prefix_gives_the_same_loss_and_gradients(loaded, task):
     chat, builder, decoder = setup(loaded, task)
     _, model = loaded
-    rows = [lf.encode_item(decoder, builder, item) for item in _paired(builder.tasks, "train")[:5]]
+    rows = [lf.encode_item(decoder, builder, item) for item in paired_items(builder.tasks, "train")[:5]]
     prefix = lf.shared_prefix_ids(chat, builder)
     assert len(prefix) > 0.8 * min(len(r.ids) for r in rows)  # the label list is most of the prompt
     loss = lf.AnswerLoss(model, decoder)
@@ -150,7 +151,7 @@ def test_length_batches_are_seeded_and_dealt_evenly():
 
 def test_training_lowers_the_loss_and_predicts_every_example(tiny_llama, tmp_path):
     recorder = Recorder()
-    output = lf.run(make_ctx(tiny_llama, "massive-intent", tmp_path, recorder, epochs=4, lr=5e-3))
+    output = run_method(lf, make_ctx(tiny_llama, "massive-intent", tmp_path, recorder, epochs=4, lr=5e-3))
     losses, evals = recorder.values("train_loss"), recorder.values("eval_loss")
     assert losses[-1] < 0.75 * losses[0] and evals[-1] < 0.9 * evals[0]
     predictions = output.predictions["massive-intent"]
@@ -162,7 +163,7 @@ def test_training_lowers_the_loss_and_predicts_every_example(tiny_llama, tmp_pat
 
 def test_multi_task_trains_on_the_json_answer(tiny_llama, tmp_path):
     recorder = Recorder()
-    output = lf.run(make_ctx(tiny_llama, "massive-intent+massive-slots", tmp_path, recorder, epochs=1, train=24,
+    output = run_method(lf, make_ctx(tiny_llama, "massive-intent+massive-slots", tmp_path, recorder, epochs=1, train=24,
                              test=4, decision="generate", max_new_tokens=8, max_length=2048))
     assert set(output.predictions) == {"massive-intent", "massive-slots"}
     assert all(len(v) == 4 for v in output.predictions.values())
@@ -171,7 +172,7 @@ def test_multi_task_trains_on_the_json_answer(tiny_llama, tmp_path):
 
 def test_resume_from_a_checkpoint_continues_where_it_stopped(tiny_llama, tmp_path, capsys):
     full = Recorder()
-    lf.run(make_ctx(tiny_llama, "massive-intent", tmp_path / "full", full, epochs=2, checkpoint_every=4))
+    run_method(lf, make_ctx(tiny_llama, "massive-intent", tmp_path / "full", full, epochs=2, checkpoint_every=4))
 
     class Crash(Exception):
         pass
@@ -186,9 +187,9 @@ def test_resume_from_a_checkpoint_continues_where_it_stopped(tiny_llama, tmp_pat
 
     crashing.log_metric = log_metric
     with pytest.raises(Crash):
-        lf.run(make_ctx(tiny_llama, "massive-intent", tmp_path / "resumed", crashing, epochs=2, checkpoint_every=4))
+        run_method(lf, make_ctx(tiny_llama, "massive-intent", tmp_path / "resumed", crashing, epochs=2, checkpoint_every=4))
     resumed = Recorder()
-    output = lf.run(make_ctx(tiny_llama, "massive-intent", tmp_path / "resumed", resumed, epochs=2,
+    output = run_method(lf, make_ctx(tiny_llama, "massive-intent", tmp_path / "resumed", resumed, epochs=2,
                              checkpoint_every=4))
     assert "resuming from" in capsys.readouterr().out
     assert output.extra_results["massive-intent"]["resumed_from_step"] == 8
@@ -199,18 +200,18 @@ def test_resume_from_a_checkpoint_continues_where_it_stopped(tiny_llama, tmp_pat
 
 def test_long_prompts_are_refused_or_cut(tiny_llama, tmp_path, capsys):
     with pytest.raises(ClfbenchError, match="longer than max_length=850"):
-        lf.run(make_ctx(tiny_llama, "massive-intent", tmp_path, Recorder(), max_length=850, epochs=1))
-    output = lf.run(make_ctx(tiny_llama, "massive-intent", tmp_path / "cut", Recorder(), max_length=850, epochs=1,
+        run_method(lf, make_ctx(tiny_llama, "massive-intent", tmp_path, Recorder(), max_length=850, epochs=1))
+    output = run_method(lf, make_ctx(tiny_llama, "massive-intent", tmp_path / "cut", Recorder(), max_length=850, epochs=1,
                              cut_long=True, train=16))
     assert "cut the documents of" in capsys.readouterr().out
     assert len(output.predictions["massive-intent"]) == 8
     with pytest.raises(ClfbenchError, match="the prompt alone"):
-        lf.run(make_ctx(tiny_llama, "massive-intent", tmp_path, Recorder(), max_length=100, cut_long=True))
+        run_method(lf, make_ctx(tiny_llama, "massive-intent", tmp_path, Recorder(), max_length=100, cut_long=True))
 
 
 def test_fsdp_is_refused_on_cpu(tiny_llama, tmp_path):
     with pytest.raises(ClfbenchError, match="strategy=fsdp needs CUDA"):
-        lf.run(make_ctx(tiny_llama, "massive-intent", tmp_path, Recorder(), strategy="fsdp"))
+        run_method(lf, make_ctx(tiny_llama, "massive-intent", tmp_path, Recorder(), strategy="fsdp"))
 
 
 @pytest.mark.gpu
@@ -218,7 +219,7 @@ def test_bf16_on_a_gpu_learns(tiny_llama, tmp_path):
     if not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     recorder = Recorder()
-    output = lf.run(make_ctx(tiny_llama, "massive-intent", tmp_path, recorder, device="cuda:0", epochs=4, lr=5e-3))
+    output = run_method(lf, make_ctx(tiny_llama, "massive-intent", tmp_path, recorder, device="cuda:0", epochs=4, lr=5e-3))
     losses = recorder.values("train_loss")
     assert losses[-1] < 0.75 * losses[0]
     assert all(p.parse_status == "ok" for p in output.predictions["massive-intent"])

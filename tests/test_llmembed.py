@@ -7,14 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import SAMPLES, build_tiny_model
+from tests.conftest import SAMPLES, build_tiny_model, run_method
 
 torch = pytest.importorskip("torch")
 
 from clfbench.engine.methods import llmembed as lm  # noqa: E402
 from clfbench.engine.methods.catalog import LlmEmbedOptions  # noqa: E402
 from clfbench.engine.tasks import get_task, load_task  # noqa: E402
-from clfbench.engine.types import ClfbenchError, RunContext  # noqa: E402
+from clfbench.engine.context import RunContext  # noqa: E402
+from clfbench.engine.types import ClfbenchError  # noqa: E402
 from tests.test_encoder_finetune import Recorder  # noqa: E402  (the shared test recorder)
 
 
@@ -73,7 +74,7 @@ def test_features_are_the_same_with_and_without_padding(tiny_paths, alias):
 
 def test_second_run_reads_the_cache_and_predicts_the_same(tiny_paths, home):
     ctx, _ = make_ctx(tiny_paths, layers="-2..-1")
-    first = lm.run(ctx)
+    first = run_method(lm, ctx)
     extra = first.extra_results["massive-intent"]
     # 2 models x 3 splits (MASSIVE has a dev split), all extracted
     assert extra["cached_feature_files"] == 0 and extra["extracted_texts"] == 2 * (40 + 100 + 12)
@@ -81,7 +82,7 @@ def test_second_run_reads_the_cache_and_predicts_the_same(tiny_paths, home):
     assert len(files) == 6 and not list((home / "cache" / "features").glob(".*"))
 
     ctx, _ = make_ctx(tiny_paths, layers="-2..-1")
-    second = lm.run(ctx)
+    second = run_method(lm, ctx)
     again = second.extra_results["massive-intent"]
     assert again["extracted_texts"] == 0 and again["cached_feature_files"] == 6
     assert again["extraction_time_s"] < extra["extraction_time_s"]
@@ -90,25 +91,25 @@ def test_second_run_reads_the_cache_and_predicts_the_same(tiny_paths, home):
 
 
 def test_cache_is_invalidated_by_other_layers_or_other_texts(tiny_paths, home):
-    lm.run(make_ctx(tiny_paths, layers="-1", epochs=1)[0])
+    run_method(lm, make_ctx(tiny_paths, layers="-1", epochs=1)[0])
     # Other layers of the main model: its 3 splits again; the extra model's features are reused.
-    other_layers = lm.run(make_ctx(tiny_paths, layers="-2", epochs=1)[0]).extra_results["massive-intent"]
+    other_layers = run_method(lm, make_ctx(tiny_paths, layers="-2", epochs=1)[0]).extra_results["massive-intent"]
     assert other_layers["extracted_texts"] == 40 + 100 + 12 and other_layers["cached_feature_files"] == 3
     # Other training texts: only train is extracted again, by both models.
-    other_train = lm.run(make_ctx(tiny_paths, layers="-1", epochs=1, train_limit=30)[0]).extra_results["massive-intent"]
+    other_train = run_method(lm, make_ctx(tiny_paths, layers="-1", epochs=1, train_limit=30)[0]).extra_results["massive-intent"]
     assert other_train["extracted_texts"] == 2 * 30 and other_train["cached_feature_files"] == 4
     # Another max_length changes the features too.
-    other_length = lm.run(make_ctx(tiny_paths, layers="-1", epochs=1, max_length=8)[0]).extra_results["massive-intent"]
+    other_length = run_method(lm, make_ctx(tiny_paths, layers="-1", epochs=1, max_length=8)[0]).extra_results["massive-intent"]
     assert other_length["cached_feature_files"] == 0
 
 
 def test_a_torn_cache_file_is_extracted_again_not_read(tiny_paths, home):
-    lm.run(make_ctx(tiny_paths, layers="-1", epochs=1, extra_models="")[0])
+    run_method(lm, make_ctx(tiny_paths, layers="-1", epochs=1, extra_models="")[0])
     files = sorted((home / "cache" / "features").glob("*.pt"))
     assert len(files) == 3
     for path in files:  # as if a writer without the atomic rename had been killed halfway
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    extra = lm.run(make_ctx(tiny_paths, layers="-1", epochs=1, extra_models="")[0]).extra_results["massive-intent"]
+    extra = run_method(lm, make_ctx(tiny_paths, layers="-1", epochs=1, extra_models="")[0]).extra_results["massive-intent"]
     assert extra["extracted_texts"] == 40 + 100 + 12 and extra["cached_feature_files"] == 0
 
 
@@ -135,7 +136,7 @@ def test_fusion_shapes():
 
 def test_concat_fusion_learns_the_training_set(tiny_paths, home):
     ctx, recorder = make_ctx(tiny_paths, fusion="concat", epochs=30, patience=0, lr=3e-3, dropout=0.0)
-    output = lm.run(ctx)
+    output = run_method(lm, ctx)
     losses = [value for _, name, value in recorder.metrics if name == "train_loss"]
     assert len(losses) == 30 and losses[-1] < losses[0] / 2
     assert {name for _, name, _ in recorder.metrics} >= {"train_loss", "eval_loss", "eval_accuracy"}
@@ -149,7 +150,7 @@ def test_concat_fusion_learns_the_training_set(tiny_paths, home):
 def test_layer_out_of_range_fails_before_extraction(tiny_paths, home):
     ctx, _ = make_ctx(tiny_paths, layers="-1+7")
     with pytest.raises(ClfbenchError, match=r"layer 7 is out of range for tiny-llama, which has 2 layers"):
-        lm.run(ctx)
+        run_method(lm, ctx)
     assert not (home / "cache" / "features").exists()
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import SAMPLES, build_tiny_model
+from tests.conftest import SAMPLES, build_tiny_model, run_method
 
 torch = pytest.importorskip("torch")
 
@@ -18,7 +18,8 @@ from clfbench.engine.methods import ls_llama  # noqa: E402
 from clfbench.engine.methods.catalog import METHODS, LsLlamaOptions, LsUnllamaOptions  # noqa: E402
 from clfbench.engine.metrics import slot_scores  # noqa: E402
 from clfbench.engine.training import make_optimizer  # noqa: E402
-from clfbench.engine.types import ClfbenchError, RunContext  # noqa: E402
+from clfbench.engine.context import RunContext  # noqa: E402
+from clfbench.engine.types import ClfbenchError  # noqa: E402
 from tests.test_encoder_finetune import Recorder  # noqa: E402
 from tests.test_encoder_heads import SLOT_TAGS, synthetic_tasks  # noqa: E402
 
@@ -189,7 +190,7 @@ def make_ctx(path: str, method: str, task, output_dir: Path, recorder: Recorder,
 def test_sequence_run_learns_logs_and_checkpoints_only_trainable_weights(tiny_llama, tmp_path):
     task = synthetic_tasks(n_train=160, n_test=40)["syn-intent"]
     recorder = Recorder()
-    output = ls_llama.run(make_ctx(tiny_llama, "ls-llama", task, tmp_path, recorder, checkpoint_every=10))
+    output = run_method(ls_llama, make_ctx(tiny_llama, "ls-llama", task, tmp_path, recorder, checkpoint_every=10))
     predictions = output.predictions["syn-intent"]
     assert [p.example_id for p in predictions] == [ex.id for ex in task.test]
     accuracy = sum(p.predicted == p.gold for p in predictions) / len(predictions)
@@ -211,7 +212,7 @@ def test_sequence_run_learns_logs_and_checkpoints_only_trainable_weights(tiny_ll
 def test_token_run_learns_slots_with_the_unmasked_model(tiny_llama, tmp_path):
     task = synthetic_tasks(n_train=200, n_test=40)["syn-slots"]
     recorder = Recorder()
-    output = ls_llama.run(make_ctx(tiny_llama, "ls-unllama", task, tmp_path, recorder, epochs=6))
+    output = run_method(ls_llama, make_ctx(tiny_llama, "ls-unllama", task, tmp_path, recorder, epochs=6))
     predictions = output.predictions["syn-slots"]
     assert all(len(p.predicted) == len(p.gold) for p in predictions)
     f1 = slot_scores([p.gold for p in predictions], [p.predicted for p in predictions])["slot_f1"]
@@ -224,31 +225,19 @@ def test_a_retried_run_resumes_from_its_checkpoint(tiny_llama, tmp_path, capsys)
     task = synthetic_tasks(n_train=96, n_test=20)["syn-intent"]
     options = dict(epochs=2, checkpoint_every=4, eval_every=0)
     reference = Recorder()
-    expected = ls_llama.run(make_ctx(tiny_llama, "ls-llama", task, tmp_path / "reference", reference, **options))
+    expected = run_method(ls_llama, make_ctx(tiny_llama, "ls-llama", task, tmp_path / "reference", reference, **options))
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        ls_llama.run(make_ctx(tiny_llama, "ls-llama", task, tmp_path / "retried", Recorder(crash_at_step=6),
+        run_method(ls_llama, make_ctx(tiny_llama, "ls-llama", task, tmp_path / "retried", Recorder(crash_at_step=6),
                               **options))
     capsys.readouterr()
     retried = Recorder()
-    output = ls_llama.run(make_ctx(tiny_llama, "ls-llama", task, tmp_path / "retried", retried, **options))
+    output = run_method(ls_llama, make_ctx(tiny_llama, "ls-llama", task, tmp_path / "retried", retried, **options))
     assert "resuming at step 4" in capsys.readouterr().out
     assert retried.steps("train_loss")[0] == 5
     assert retried.values("train_loss") == pytest.approx(reference.values("train_loss")[4:], rel=1e-4)
     assert [p.predicted for p in output.predictions["syn-intent"]] == \
         [p.predicted for p in expected.predictions["syn-intent"]]
-
-
-def test_rejects_what_it_cannot_run(tiny_llama, tmp_path):
-    tasks = synthetic_tasks(n_train=20, n_test=4)
-    ctx = make_ctx(tiny_llama, "ls-llama", tasks["syn-intent"], tmp_path, Recorder())
-    ctx.tasks = [tasks["syn-intent"], tasks["syn-slots"]]
-    with pytest.raises(ClfbenchError, match="one task at a time"):
-        ls_llama.run(ctx)
-    ctx = make_ctx(tiny_llama, "ls-llama", tasks["syn-intent"], tmp_path, Recorder())
-    ctx.spec = SimpleNamespace(seed=0, method="ls-something")
-    with pytest.raises(ClfbenchError, match="unknown variant"):
-        ls_llama.run(ctx)
 
 
 def test_catalog_entries_and_defaults():

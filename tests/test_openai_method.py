@@ -22,13 +22,13 @@ import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from clfbench.engine.methods import openai_prompt as op
 from clfbench.engine.methods.catalog import OpenAIOptions
 from clfbench.engine.types import ClfbenchError
+from tests.conftest import method_context, run_method  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "engine" / "sample_data"
@@ -423,10 +423,8 @@ def test_concurrency_bounds_the_requests_in_flight(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
     task = load_task(get_task("massive-intent"), data_dir=str(SAMPLES), test_limit=12, seed=0)
     with FaultProxy(answer="alarm_set", delay_s=0.2) as proxy:
-        options = OpenAIOptions(base_url=proxy.url, concurrency=3)
-        ctx = SimpleNamespace(is_main=True, options=options, spec=SimpleNamespace(shots=0, seed=0), tasks=[task],
-                              model_path=SERVED_NAME, set_progress=lambda *a: None, log_metric=lambda *a: None)
-        output = op.run(ctx)
+        ctx = method_context("openai", SERVED_NAME, [task], base_url=proxy.url, concurrency=3)
+        output = run_method(op, ctx)
     predictions = output.predictions["massive-intent"]
     assert len(predictions) == 12 and {p.predicted for p in predictions} == {"alarm_set"}
     assert proxy.max_in_flight == 3  # 12 slow requests on 3 threads: exactly 3 at a time, never more

@@ -321,7 +321,7 @@ def test_prompt_options_and_catalog_entry():
     assert info.task_kinds == ("sequence", "token") and info.max_tasks == 2 and info.launch == "torchrun"
     spec = parse_spec({"method": "prompt", "model": "tiny-llama", "task": "massive-intent",
                        "options": {"decision": "score", "score_norm": "calibrated", "test_limit": 10}})
-    options = spec.method_options()
+    options = spec.options
     assert options.decision == "score" and options.test_limit == 10 and options.chat_format == "template"
     with pytest.raises(ClfbenchError, match="decision"):
         parse_spec({"method": "prompt", "model": "m", "task": "t", "options": {"decision": "vote"}})

@@ -7,10 +7,8 @@ keyboard never waits on SQLite's writer lock or on a process starting.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Callable, Iterable
 
-from sqlalchemy.engine import make_url
 from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
@@ -19,15 +17,7 @@ from textual.screen import Screen
 from clfbench.app.tui.dialogs import HelpScreen
 from clfbench.app.tui.runs import RunsScreen
 from clfbench.engine.types import ClfbenchError
-from clfbench.storage.db import Store, open_store
-
-
-def store_label(store: Store) -> str:
-    """A short name for the store: the file name of a SQLite store, else the URL without password."""
-    url = make_url(store.url)
-    if url.get_backend_name() == "sqlite" and url.database:
-        return Path(url.database).name
-    return store.describe()
+from clfbench.storage.db import open_store
 
 
 class ClfbenchApp(App):

@@ -1,6 +1,6 @@
 """The new-run form: method, model, task(s), shots, seed and the method's options; queues a run or a sweep.
 
-It queues through the CLI's own code path (app.cli.build_specs, validate_for_queue, new_runs,
+It queues through the CLI's own code path (engine.submit.build_specs, validate_for_queue, new_runs,
 storage.queue.enqueue), so a run queued here is exactly the run `clfbench queue` would queue from the same
 values. As in the CLI, a value with commas (`1e-5,3e-5`) or a YAML list (`[1e-5, 3e-5]`) is a sweep axis; the
 form shows how many runs the sweep makes before anything is queued. An option left empty keeps the default
@@ -242,7 +242,7 @@ class NewRunScreen(Screen):
     @work(thread=True, group="queue", exclusive=True)
     def queue_runs(self, flags: dict[str, Any], options: dict[str, Any]) -> None:
         """Validate (tasks, data files, model) and queue in one transaction, like `clfbench queue`."""
-        from clfbench.app.cli import build_specs, new_runs
+        from clfbench.engine.submit import build_specs, new_runs
 
         try:
             specs = build_specs(None, flags, options)

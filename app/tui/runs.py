@@ -143,9 +143,7 @@ class RunsScreen(Screen):
         self.filter_terms: list[str] = []
 
     def compose(self) -> ComposeResult:
-        from clfbench.app.tui.app import store_label
-
-        yield Static(f"clfbench · runs · {store_label(self.store)}", classes="title-bar")
+        yield Static(f"clfbench · runs · {self.store.label()}", classes="title-bar")
         yield Input(placeholder="filter: text, or field:text (status:running model:minilm)", id="filter",
                     compact=True)
         table = DataTable(cursor_type="row", zebra_stripes=True, id="runs")

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from clfbench.engine.types import ClfbenchError
+
 
 # Options that change how a run is executed, never what it computes (up to floating-point rounding): runs that
 # differ only in these are the same experiment, so the results matrix does not split rows by them.
@@ -26,6 +28,12 @@ class MethodOptions(BaseModel):
         """Raise ValueError when these options do not fit the run's task kinds ("sequence", "token"); checked
         when a run is queued (`clfbench queue`, the TUI form) and again by the worker before the run starts
         (a spec can reach the store by other ways). Every kind fits unless a method says otherwise."""
+
+    def resolved(self, task_names: list[str]) -> "MethodOptions":
+        """The options a run on these tasks uses: itself, unless a method has presets that depend on the tasks
+        (encoder-finetune's `preset: paper`). A ValueError names a task a preset does not know. The worker
+        resolves once and hands the result to the method as `ctx.options`."""
+        return self
 
 
 class EncoderFinetuneOptions(MethodOptions):
@@ -406,6 +414,11 @@ class MethodInfo:
     launch: Literal["torchrun", "process"]  # "process": API-only jobs, no GPU, no torchrun
     # False for API methods: `model` is a name on a remote server, not an alias or folder to resolve locally.
     local_model: bool = True
+    # The method trains on the task's train split (a task without training examples fails before any model
+    # loads); prompting draws few-shot examples from it only when asked.
+    needs_train: bool = True
+    # Runs on the CPU whatever the box has (a classical baseline): it never claims a GPU, it takes a CPU slot.
+    cpu_only: bool = False
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -430,6 +443,7 @@ METHODS: dict[str, MethodInfo] = {
         task_kinds=("sequence", "token"),
         max_tasks=2,
         launch="torchrun",
+        needs_train=False,
     ),
     "llm-finetune": MethodInfo(
         name="llm-finetune",
@@ -453,6 +467,7 @@ METHODS: dict[str, MethodInfo] = {
         max_tasks=2,
         launch="process",
         local_model=False,
+        needs_train=False,
     ),
     "llmembed": MethodInfo(
         name="llmembed",
@@ -488,6 +503,20 @@ METHODS: dict[str, MethodInfo] = {
         launch="torchrun",
     ),
 }
+
+
+def check_task_fit(method: MethodInfo, tasks: list[tuple[str, str]]) -> None:
+    """Raise a ClfbenchError unless the run's tasks, as (name, kind) pairs, fit the method's catalog entry: how
+    many tasks, which kinds, no task twice. Checked when a run is queued and again by the worker."""
+    names = [name for name, _ in tasks]
+    if len(tasks) > method.max_tasks:
+        raise ClfbenchError(f"method {method.name} takes at most {method.max_tasks} task(s), got '{'+'.join(names)}'")
+    for name, kind in tasks:
+        if kind not in method.task_kinds:
+            raise ClfbenchError(f"method {method.name} handles {'/'.join(method.task_kinds)} tasks; {name} is a "
+                                f"{kind} task")
+    if len(set(names)) != len(names):
+        raise ClfbenchError(f"method {method.name}: a task is named twice in '{'+'.join(names)}'")
 
 
 def option_fields(options: type[MethodOptions]) -> list[dict]:

@@ -50,7 +50,8 @@ from torch import nn
 from clfbench.engine.metrics import slot_scores
 from clfbench.engine.training import (CHECKPOINT_DIR, autocast_for, load_checkpoint, make_optimizer, make_scheduler,
                              restore, save_checkpoint, train_loop)
-from clfbench.engine.types import ClfbenchError, Example, MethodOutput, Prediction, RunContext, TaskData
+from clfbench.engine.context import RunContext
+from clfbench.engine.types import ClfbenchError, Example, MethodOutput, Predicted, TaskData
 
 LOG_PREFIX = "encoder-finetune:"
 IGNORE_INDEX = -100  # cross-entropy skips these positions (special tokens, non-first sub-words, padding)
@@ -62,9 +63,9 @@ OUTSIDE = "O"
 
 
 def run(ctx: RunContext) -> MethodOutput | None:
-    tasks = _check_tasks(ctx.tasks)
-    opts = _resolved_options(ctx.options, tasks)
-    seed = int(getattr(ctx.spec, "seed", 0) or 0)
+    tasks = ctx.tasks  # checked by the worker against the catalog: one or two, sequence or token, 2+ labels each
+    opts = ctx.options  # resolved by the worker: `preset: paper` already applied
+    seed = ctx.seed
     distributed = ctx.world_size > 1
     if distributed and not (dist.is_available() and dist.is_initialized()):
         raise ClfbenchError("encoder-finetune: world_size > 1 but torch.distributed is not initialised")
@@ -77,12 +78,9 @@ def run(ctx: RunContext) -> MethodOutput | None:
     word_source = next((k for k, task in enumerate(tasks) if task.kind == "token"), None)
     train_rows, dev_rows = split_dev_rows(align_rows(tasks, "train", word_source),
                                           align_rows(tasks, "dev", word_source), opts.dev_fraction, seed)
-    if not train_rows:
+    if not train_rows:  # the tasks have training examples, but none that pairs up across them
         raise ClfbenchError(f"encoder-finetune: task {'+'.join(h.name for h in heads)} has no training examples")
-    test_rows = align_rows(tasks, "test", word_source)
-    # ctx.tasks is final (the loader applied train_limit/test_limit); this cut is a no-op then.
-    if opts.test_limit:
-        test_rows = test_rows[: opts.test_limit]
+    test_rows = align_rows(tasks, "test", word_source)  # test_limit was applied when the worker loaded the tasks
 
     tokenizer, model = load_model(ctx.model_path, heads, words=word_source is not None)
     codec = Codec(tokenizer, words=word_source is not None, max_length=opts.max_length)
@@ -194,15 +192,10 @@ def run(ctx: RunContext) -> MethodOutput | None:
             "train_steps": float(total_steps),
             "resumed_from_step": float(start_step),
         }
-        predictions: dict[str, list[Prediction]] = {}
+        predictions: dict[str, dict[str, Predicted]] = {}
         extra: dict[str, dict[str, float]] = {}
         for k, head in enumerate(heads):
-            predictions[head.name] = [
-                Prediction(example_id=row.id, text=row.examples[k].text,
-                           gold=row.examples[k].label if head.kind == "sequence" else list(row.examples[k].tags),
-                           predicted=value)
-                for row, value in zip(test_rows, predicted[k])
-            ]
+            predictions[head.name] = {row.examples[k].id: Predicted(value) for row, value in zip(test_rows, predicted[k])}
             extra[head.name] = dict(common)
             if head.kind == "token":
                 extra[head.name]["truncated_words"] = float(truncated)
@@ -210,13 +203,6 @@ def run(ctx: RunContext) -> MethodOutput | None:
     if distributed:
         dist.barrier()  # the other ranks wait for rank 0's test prediction
     return output
-
-
-def _resolved_options(options, tasks: list[TaskData]):
-    try:
-        return options.resolved([task.name for task in tasks])
-    except ValueError as error:
-        raise ClfbenchError(f"encoder-finetune: {error}") from None
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -262,19 +248,6 @@ class _EpochBatches:
             self.batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
             self.epoch = epoch
         return self.batches[position]
-
-
-def _check_tasks(tasks: list[TaskData]) -> list[TaskData]:
-    if not 1 <= len(tasks) <= 2:
-        raise ClfbenchError(f"encoder-finetune takes one task or two (a+b), got {len(tasks)}")
-    for task in tasks:
-        if task.kind not in ("sequence", "token"):
-            raise ClfbenchError(f"encoder-finetune handles sequence and token tasks; {task.name} is a {task.kind} task")
-        if len(task.labels) < 2:
-            raise ClfbenchError(f"encoder-finetune: task {task.name} has fewer than two labels")
-    if len({task.name for task in tasks}) != len(tasks):
-        raise ClfbenchError(f"encoder-finetune: task {tasks[0].name} is named twice")
-    return list(tasks)
 
 
 def _words(example: Example) -> list[str]:

@@ -24,7 +24,7 @@
 - checkpoints every `checkpoint_every` steps into ctx.output_dir/checkpoint (model, optimizer, scheduler, step and
   every rank's RNG; `engine.methods.encoder_finetune.save_checkpoint`, atomic) and an interrupted run resumes
   from it: the batch order of an epoch depends on (seed, epoch) only, so the step says where to go on;
-- after training, rank 0 predicts the test set with `engine.methods.prompt.decide` on the trained in-memory model
+- after training, rank 0 predicts the test set with `engine.decoding.decide` on the trained in-memory model
   (`decision`: generate | constrained | score, `score_norm`), the other ranks return None.
 
 `strategy`: `ddp` (DistributedDataParallel over gloo on CPU, NCCL on GPUs) or `fsdp` (FullyShardedDataParallel
@@ -48,14 +48,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from clfbench.engine.methods.catalog import PromptOptions
 from clfbench.engine.methods.encoder_finetune import split_dev_rows
-from clfbench.engine.methods.prompt import SENTINEL, Decoder, decide, load_model
+from clfbench.engine.decoding import SENTINEL, DecisionSettings, Decoder, decide, load_model
 from clfbench.engine.prompting.chat import ChatFormat
-from clfbench.engine.prompting.library import Item, PromptBuilder, _paired, load_prompt_set
+from clfbench.engine.prompting.library import Item, PromptBuilder, load_prompt_set, paired_items
 from clfbench.engine.training import (CHECKPOINT_DIR, MAX_GRAD_NORM, autocast_for, load_checkpoint, make_optimizer,
                              make_scheduler, restore, save_checkpoint)
-from clfbench.engine.types import ClfbenchError, MethodOutput, RunContext
+from clfbench.engine.context import RunContext
+from clfbench.engine.types import ClfbenchError, MethodOutput
 
 LOG = "llm-finetune:"
 IGNORE_INDEX = -100  # cross-entropy skips these positions: the prompt and the padding
@@ -75,8 +75,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
     distributed = ctx.world_size > 1
     if distributed and not (dist.is_available() and dist.is_initialized()):
         raise ClfbenchError("llm-finetune: world_size > 1 but torch.distributed is not initialised")
-    shots = int(getattr(ctx.spec, "shots", 0) or 0)
-    seed = int(getattr(ctx.spec, "seed", 0) or 0)
+    shots, seed = ctx.shots, ctx.seed
     prompt = load_prompt_set(opts.prompt_set).select(ctx.tasks, shots)
 
     started = time.perf_counter()
@@ -86,7 +85,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
     decoder = Decoder(model, chat, device)
     load_time = time.perf_counter() - started
 
-    train_items, dev_items = split_dev_rows(_paired(builder.tasks, "train"), _paired(builder.tasks, "dev"),
+    train_items, dev_items = split_dev_rows(paired_items(builder.tasks, "train"), paired_items(builder.tasks, "dev"),
                                             opts.dev_fraction, seed)
     if opts.dev_limit:
         dev_items = dev_items[: opts.dev_limit]
@@ -198,12 +197,11 @@ def run(ctx: RunContext) -> MethodOutput | None:
     predict_model.config.use_cache = True
     if opts.gradient_checkpointing:
         predict_model.gradient_checkpointing_disable()
-    decide_options = PromptOptions(
+    settings = DecisionSettings(
         decision=opts.decision, score_norm=opts.score_norm, score_end=opts.score_end,
-        content_free=opts.content_free, max_new_tokens=opts.max_new_tokens, batch_size=opts.eval_batch_size,
-        chat_format=opts.chat_format, prompt_set=opts.prompt_set, max_text_chars=opts.max_text_chars)
+        content_free=opts.content_free, max_new_tokens=opts.max_new_tokens, batch_size=opts.eval_batch_size)
     with torch.no_grad(), trainer.autocast:
-        output = decide(ctx, Decoder(predict_model, chat, device), builder, decide_options)
+        output = decide(ctx, Decoder(predict_model, chat, device), builder, settings)
     trained_tokens = float(global_tokens.item())
     for extra in output.extra_results.values():
         extra.update({

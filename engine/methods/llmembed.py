@@ -52,7 +52,8 @@ from torch import nn
 from clfbench.engine.methods.encoder_finetune import _held_out
 from clfbench.engine.models import resolve_model
 from clfbench.storage.paths import feature_cache_dir
-from clfbench.engine.types import ClfbenchError, MethodOutput, Prediction, RunContext
+from clfbench.engine.context import RunContext
+from clfbench.engine.types import ClfbenchError, MethodOutput, Predicted
 
 LOG = "llmembed:"
 FEATURE_FORMAT = 1  # part of every cache key: bump when the meaning of a cached file changes
@@ -81,16 +82,12 @@ def run(ctx: RunContext) -> MethodOutput | None:
     if not ctx.is_main:
         return None
     opts = ctx.options
-    if len(ctx.tasks) != 1:
-        raise ClfbenchError(f"llmembed takes one task, got {'+'.join(t.name for t in ctx.tasks)}")
-    task = ctx.tasks[0]
-    if not task.train:
-        raise ClfbenchError(f"llmembed: task {task.name} has no training examples")
-    seed = int(getattr(ctx.spec, "seed", 0) or 0)
+    (task,) = ctx.tasks  # one sequence task with training examples: checked by the worker against the catalog
+    seed = ctx.seed
     device = torch.device(ctx.device)
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
-    sources = [Source(str(getattr(ctx.spec, "model", ctx.model_path)), ctx.model_path, opts.layer_indices)]
+    sources = [Source(ctx.spec.model, ctx.model_path, opts.layer_indices)]
     for name in opts.extra_model_names:
         sources.append(Source(name, resolve_model(name), opts.extra_layer_indices))
     for source in sources:  # before any extraction: a bad index fails the run at once
@@ -165,8 +162,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
     progress.done()
 
     predicted = test_logits.argmax(-1).tolist() if test_logits is not None else []
-    predictions = [Prediction(example_id=ex.id, text=ex.text, gold=ex.label, predicted=task.labels[p])
-                   for ex, p in zip(task.test, predicted)]
+    predictions = {ex.id: Predicted(task.labels[p]) for ex, p in zip(task.test, predicted)}
     extra = {
         "extraction_time_s": extraction_time,
         "classifier_time_s": classifier_time,

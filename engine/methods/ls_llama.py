@@ -34,7 +34,8 @@ from clfbench.engine.methods import encoder_finetune as ef
 from clfbench.engine.methods.catalog import split_plus
 from clfbench.engine.training import (autocast_for, load_checkpoint, make_optimizer, make_scheduler, save_checkpoint,
                              restore, train_loop)
-from clfbench.engine.types import ClfbenchError, MethodOutput, Prediction, RunContext, TaskData
+from clfbench.engine.context import RunContext
+from clfbench.engine.types import ClfbenchError, MethodOutput, Predicted
 
 LOG_PREFIX = "ls-llama:"
 # Method name -> whether the causal mask is removed.
@@ -149,24 +150,11 @@ def _use_bf16(device: torch.device, bf16: bool) -> bool:
 # ------------------------------------------------------------------------------------------- entry
 
 
-def _check(ctx: RunContext) -> tuple[TaskData, bool]:
-    method = getattr(ctx.spec, "method", None)
-    if method not in BIDIRECTIONAL:
-        raise ClfbenchError(f"{LOG_PREFIX} unknown variant {method!r} (ls-llama or ls-unllama)")
-    if len(ctx.tasks) != 1:
-        raise ClfbenchError(f"{method} trains one task at a time, got {len(ctx.tasks)}")
-    task = ctx.tasks[0]
-    if task.kind not in ("sequence", "token"):
-        raise ClfbenchError(f"{method} handles sequence and token tasks; {task.name} is a {task.kind} task")
-    if len(task.labels) < 2:
-        raise ClfbenchError(f"{method}: task {task.name} has fewer than two labels")
-    return task, BIDIRECTIONAL[method]
-
-
 def run(ctx: RunContext) -> MethodOutput | None:
-    task, bidirectional = _check(ctx)
+    (task,) = ctx.tasks  # one sequence or token task with 2+ labels: checked by the worker against the catalog
+    bidirectional = BIDIRECTIONAL[ctx.method]
     opts = ctx.options
-    seed = int(getattr(ctx.spec, "seed", 0) or 0)
+    seed = ctx.seed
     distributed = ctx.world_size > 1
     if distributed and not (dist.is_available() and dist.is_initialized()):
         raise ClfbenchError(f"{LOG_PREFIX} world_size > 1 but torch.distributed is not initialised")
@@ -179,7 +167,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
     if not train_rows:
         raise ClfbenchError(f"{ctx.spec.method}: task {task.name} has no training examples")
     dev_rows = dev_rows[: opts.dev_limit or None]
-    test_rows = ef.align_rows([task], "test", words)[: opts.test_limit or None]
+    test_rows = ef.align_rows([task], "test", words)  # test_limit was applied when the worker loaded the task
 
     tokenizer, model = load_model(ctx.model_path, head, opts, bidirectional, device)
     codec = ef.Codec(tokenizer, words=words is not None, max_length=opts.max_length)
@@ -277,12 +265,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
         }
         if head.kind == "token":
             extra["truncated_words"] = float(truncated)
-        predictions = [
-            Prediction(example_id=row.id, text=row.examples[0].text,
-                       gold=row.examples[0].label if head.kind == "sequence" else list(row.examples[0].tags),
-                       predicted=value)
-            for row, value in zip(test_rows, predicted)
-        ]
+        predictions = {row.id: Predicted(value) for row, value in zip(test_rows, predicted)}
         output = MethodOutput(predictions={task.name: predictions}, extra_results={task.name: extra})
     if distributed:
         dist.barrier()  # the other ranks wait for rank 0's test prediction

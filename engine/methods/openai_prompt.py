@@ -33,11 +33,12 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
+from clfbench.engine.context import RunContext
 from clfbench.engine.prompting.chat import MARKERS, split_inst
 from clfbench.engine.prompting.library import Item, PromptBuilder, load_prompt_set
 from clfbench.engine.prompting.outputs import FieldSpec, OutputSpec
 from clfbench.engine.prompting.parse import parse_answer, parse_json_answer
-from clfbench.engine.types import ClfbenchError, MethodOutput, Prediction, RunContext
+from clfbench.engine.types import ClfbenchError, MethodOutput
 
 LOG = "openai:"
 OPENAI_URL = "https://api.openai.com/v1"
@@ -426,8 +427,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
 
 def _run(ctx: RunContext, client: ApiClient) -> MethodOutput:
     opts = ctx.options
-    shots = int(getattr(ctx.spec, "shots", 0) or 0)
-    seed = int(getattr(ctx.spec, "seed", 0) or 0)
+    shots, seed = ctx.shots, ctx.seed
     prompt = load_prompt_set(opts.prompt_set).select(ctx.tasks, shots)
     builder = PromptBuilder.create(prompt, ctx.tasks, shots, seed, opts.max_text_chars, MARKERS)
     spec = builder.spec
@@ -481,15 +481,7 @@ def _run(ctx: RunContext, client: ApiClient) -> MethodOutput:
             raise
     decide_time = time.perf_counter() - started
 
-    predictions: dict[str, list[Prediction]] = {t.name: [] for t in builder.tasks}
-    for item, (content, parsed) in zip(items, results):
-        for task in builder.tasks:
-            example = item.by_task[task.name]
-            gold = list(example.tags or ()) if task.kind == "token" else example.label
-            result = parsed[task.name]
-            predictions[task.name].append(Prediction(example_id=example.id, text=example.text, gold=gold,
-                                                     predicted=result.value, raw_output=content,
-                                                     parse_status=result.status))
+    predictions = builder.predicted(results)
     usage = client.usage
     cost = (usage.prompt_tokens * opts.price_input_per_1m + usage.completion_tokens * opts.price_output_per_1m) / 1e6
     extra = {

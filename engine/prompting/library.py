@@ -18,8 +18,9 @@ from typing import Literal, Sequence
 import yaml
 
 from clfbench.engine.prompting.outputs import OutputSpec, output_spec, slot_types, target_text
+from clfbench.engine.prompting.parse import Parsed
 from clfbench.engine.prompting.render import Template, TemplateError, parse_template
-from clfbench.engine.types import ClfbenchError, Example, TaskData
+from clfbench.engine.types import ClfbenchError, Example, Predicted, TaskData
 from clfbench.prompts import PROMPTS_DIR
 
 ShotKey = Literal["zero", "five"]
@@ -196,7 +197,9 @@ class Item:
     n_words: int | None  # whitespace words, when a token task is in the run
 
 
-def _paired(tasks: Sequence[TaskData], split: str) -> list[Item]:
+def paired_items(tasks: Sequence[TaskData], split: str) -> list[Item]:
+    """The examples of `split` of every task paired by id, in the first task's order (a test example missing from
+    another task is an error; a training example missing from one is left out)."""
     first = tasks[0]
     others = [{ex.id: ex for ex in getattr(t, split)} for t in tasks[1:]]
     token_task = next((t.name for t in tasks if t.kind == "token"), None)
@@ -249,7 +252,7 @@ class PromptBuilder:
         by_name = {t.name: t for t in tasks}
         ordered = [by_name[name] for name in prompt.tasks]  # field order for multi-task prompts
         spec = output_spec(ordered, prompt.fields or None)
-        builder = cls(prompt=prompt, tasks=ordered, spec=spec, shots=[], base_values={}, items=_paired(ordered, "test"),
+        builder = cls(prompt=prompt, tasks=ordered, spec=spec, shots=[], base_values={}, items=paired_items(ordered, "test"),
                       max_text_chars=max_text_chars, forbidden=tuple(forbidden))
         values = {}
         for var, label_var in prompt.label_vars.items():
@@ -260,7 +263,7 @@ class PromptBuilder:
             labels = slot_types(task.labels) if task.kind == "token" else task.labels
             values[var] = label_list(labels, label_var.style)
         if prompt.shots == "five":
-            builder.shots = draw_shots(_paired(ordered, "train"), shots, seed)
+            builder.shots = draw_shots(paired_items(ordered, "train"), shots, seed)
             if len(builder.shots) < shots:
                 raise ClfbenchError(f"{shots}-shot prompting needs {shots} training examples; "
                                     f"{'+'.join(prompt.tasks)} has {len(builder.shots)}")
@@ -293,6 +296,17 @@ class PromptBuilder:
     def target(self, item: Item) -> str:
         return target_text(self.spec, item.by_task)
 
+    def predicted(self, answers: Sequence[tuple[str | None, dict[str, Parsed]]]) -> dict[str, dict[str, Predicted]]:
+        """Per task, each test item's answer (raw output, parsed per task) keyed by the task's example id: what a
+        method returns. A consolidated prompt's one raw output is every task's raw output."""
+        out: dict[str, dict[str, Predicted]] = {t.name: {} for t in self.tasks}
+        for item, (raw, parsed) in zip(self.items, answers):
+            for task in self.tasks:
+                result = parsed[task.name]
+                out[task.name][item.by_task[task.name].id] = Predicted(
+                    value=result.value, raw_output=raw, parse_status=result.status)
+        return out
+
 
 def draw_shots(pool: list[Item], shots: int, seed: int) -> list[Item]:
     """`shots` training examples drawn with `seed` (deterministic for a given train list; not label-balanced)."""
@@ -302,5 +316,5 @@ def draw_shots(pool: list[Item], shots: int, seed: int) -> list[Item]:
     return [pool[i] for i in sorted(rng.sample(range(len(pool)), min(shots, len(pool))))]
 
 
-__all__ = ["Item", "PromptBuilder", "PromptDef", "PromptSet", "TemplateError", "draw_shots", "label_list",
+__all__ = ["Item", "PromptBuilder", "paired_items", "PromptDef", "PromptSet", "TemplateError", "draw_shots", "label_list",
            "load_prompt_set", "neutralise", "shot_key"]

@@ -1,0 +1,145 @@
+"""The decoder: a causal LM with the run's shared prompt prefix computed once, and batched forward passes with
+explicit masks and positions (`Decoder.forward`). Every decision mode (greedy, constrained, label scoring) and the
+generative fine-tune's training loss go through it."""
+from __future__ import annotations
+
+import torch
+
+from clfbench.engine.decoding import shared_prefix
+from clfbench.engine.decoding.shared_prefix import PrefixKV
+from clfbench.engine.prompting.chat import ChatFormat
+
+# Stands for the document in a rendered prompt: the text before it is what every example shares.
+SENTINEL = "\ue000clfbench-document\ue000"
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Decoder:
+    """The model with a shared-prefix KV cache, batched forward passes with explicit masks and positions."""
+
+    def __init__(self, model, chat: ChatFormat, device: torch.device):
+        self.model, self.chat, self.device = model, chat, device
+        # transformers passes a 4D mask through as it is; the packed attention builds its own (`PackedCall`)
+        self.unused_mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
+        tok = chat.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else chat.stop_id
+        self.pad_id = int(pad)
+        self.sdpa = getattr(model.config, "_attn_implementation", "eager") in ("sdpa", shared_prefix.NAME)
+        self.prefix_ids: list[int] = []
+        self.prefix: PrefixKV | None = None
+        self.split_attention = False  # the prefix held once, outside the rows' cache (engine.shared_prefix)
+        self._split_cache: dict[tuple[str, str], tuple[int, list[int]]] = {}
+        self._plain_cache: dict[str, list[int]] = {}
+
+    def _plain(self, text: str) -> list[int]:
+        ids = self._plain_cache.get(text)
+        if ids is None:
+            ids = self._plain_cache[text] = self.chat.encode_plain(text)
+        return ids
+
+    # ----------------------------------------------------------------------------------- shared prefix
+
+    @torch.no_grad()
+    def set_prefix(self, text: str) -> None:
+        """Run the shared prompt text once and keep its KV cache (its last token is left out: it could merge with
+        the document's first characters)."""
+        self.prefix_ids, self.prefix = [], None
+        ids = self.chat.encode(text)[:-1] if text else []
+        if len(ids) < 2:
+            return
+        self.prefix = PrefixKV.compute(self.model, ids, self.device)
+        self.prefix_ids = ids
+        self.split_attention = self.split_attention or shared_prefix.enable(self.model)
+
+    def prefix_length(self, ids: list[int]) -> int:
+        """How many leading tokens of `ids` the shared cache covers (0 when they do not start with it)."""
+        n = len(self.prefix_ids)
+        return n if n and len(ids) > n and ids[:n] == self.prefix_ids else 0
+
+    def new_cache(self, batch: int, with_prefix: bool):
+        """The rows' KV cache: their own tokens only when the prefix is attended apart (split attention), else
+        the prefix expanded to every row first."""
+        from transformers import DynamicCache
+
+        if with_prefix and self.prefix is not None and self.split_attention:
+            return shared_prefix.RowCache()
+        if not with_prefix or self.prefix is None:
+            return DynamicCache(config=self.model.config)
+        return DynamicCache(ddp_cache_data=self.prefix.expanded(batch), config=self.model.config)
+
+    # --------------------------------------------------------------------------------------- forward
+
+    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        mask = allowed[:, None, :, :]
+        if self.sdpa:
+            return mask
+        dtype = self.model.dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=self.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+    def forward(self, cache, input_ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
+                keep: torch.Tensor, with_prefix: bool, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (the model's dtype) at the `keep` positions, flattened row by row. `allowed[b, q, k]`: query q
+        of row b may attend key k of its OWN tokens (what the cache holds of them, then this call's); with
+        `with_prefix` every query also sees the whole shared prefix. `real` (default: all) marks the slots that
+        hold tokens rather than padding; `keep` must lie within it. With the prefix attended apart, only the real
+        tokens are computed (`shared_prefix.PackedCall`)."""
+        if with_prefix and self.split_attention:
+            real = torch.ones_like(keep) if real is None else real
+            call = shared_prefix.PackedCall.make(cache, real, allowed, self.model.dtype)
+            out = self.model(input_ids=input_ids[real][None], position_ids=positions[real][None],
+                             attention_mask=self.unused_mask, use_cache=False,
+                             logits_to_keep=keep[real][None], shared_prefix=self.prefix, packed=call)
+            return out.logits
+        extra = {}
+        if with_prefix:
+            B, Q, _ = allowed.shape
+            allowed = torch.cat([allowed.new_ones((B, Q, self.prefix.length)), allowed], dim=2)
+        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=self._mask(allowed),
+                         past_key_values=cache, use_cache=True, logits_to_keep=keep, **extra)
+        return out.logits
+
+    # ------------------------------------------------------------------ prompt and answer, tokenised together
+
+    def joint_split(self, ctx_text: str, ctx_ids: list[int], option: str) -> tuple[int, list[int]]:
+        """Tokenise context + option together; (k, tokens): the joint ids are ctx_ids[:k] + tokens.
+
+        k < len(ctx_ids) when the option's first characters merge with the context's last token. Text from the last
+        special token on tokenises the same whatever precedes it, so only that tail is tokenised (and cached).
+        """
+        at = self.chat.last_special(ctx_text)
+        if at >= 0:
+            tail = ctx_text[at:]
+            tail_ids = self._plain(tail)
+            if ctx_ids[len(ctx_ids) - len(tail_ids):] == tail_ids:
+                key = (tail, option)
+                hit = self._split_cache.get(key)
+                if hit is None:
+                    joint = self.chat.encode_plain(tail + option)
+                    k = common_prefix(tail_ids, joint)
+                    hit = (len(tail_ids) - k, joint[k:])
+                    self._split_cache[key] = hit
+                back, tokens = hit
+                return len(ctx_ids) - back, list(tokens)
+        joint = self.chat.encode(ctx_text + option)
+        k = common_prefix(ctx_ids, joint)
+        return k, joint[k:]
+
+
+
+def prefix_batches(decoder: Decoder, ids: list[list[int]], batch_size: int) -> list[tuple[bool, list[int]]]:
+    """Batches of example indices, similar lengths together; rows that start with the shared prefix apart from
+    the (rare) rows that do not."""
+    out = []
+    for use_prefix in (True, False):
+        members = [i for i in range(len(ids)) if bool(decoder.prefix_length(ids[i])) == use_prefix]
+        members.sort(key=lambda i: len(ids[i]))
+        out += [(use_prefix, members[s:s + batch_size]) for s in range(0, len(members), batch_size)]
+    return out
+

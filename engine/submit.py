@@ -1,0 +1,153 @@
+"""Queue time: from what a user typed (a spec file, CLI flags, the TUI's form) to validated specs and store rows.
+
+`clfbench queue` and the TUI's new-run form both call `build_specs` and `new_runs`, so a form run and a command
+line run are identical, data paths frozen into the spec included. Everything that can be known before a run
+starts is checked here (the spec and its options, the tasks and whether they fit the method, the data files,
+the model alias); what only the worker can find out is checked again there.
+
+No torch here (the CLI and the TUI import this module): tasks and models are looked up in their torch-free
+registries.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clfbench.engine.methods.catalog import check_task_fit
+from clfbench.engine.models import check_model
+from clfbench.engine.spec import RunSpec, expand_sweep, parse_spec
+from clfbench.engine.tasks import check_task, get_task
+from clfbench.engine.types import ClfbenchError
+from clfbench.storage.queue import NewRun
+
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the repository in a checkout; site-packages/clfbench installed
+
+
+def code_version() -> str:
+    """clfbench's version plus the git commit when running from a checkout (stored with every run)."""
+    from importlib.metadata import PackageNotFoundError, version as installed_version
+
+    try:
+        version = installed_version("clfbench")
+    except PackageNotFoundError:
+        version = "unknown"
+    try:
+        commit = subprocess.run(["git", "-C", str(SOURCE_ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+{commit}" if commit else version
+
+
+def parse_option_pairs(pairs: list[str]) -> dict[str, Any]:
+    """`-o lr=1e-4 -o epochs=3,5` → {"lr": 1e-4, "epochs": [3, 5]} (a comma list sweeps)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ClfbenchError(f"option '{pair}' is not KEY=VALUE")
+        key, raw = pair.split("=", 1)
+        values = [yaml.safe_load(part) for part in raw.split(",")] if "," in raw else yaml.safe_load(raw)
+        options[key.strip()] = values
+    return options
+
+
+def load_spec_file(path: Path) -> dict:
+    if not path.exists():
+        raise ClfbenchError(f"spec file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ClfbenchError(f"spec file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ClfbenchError(f"spec file {path} is not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ClfbenchError(f"spec file {path} must hold a mapping (method:, model:, task:, ...)")
+    return data
+
+
+def validate_for_queue(spec: RunSpec) -> None:
+    """Everything that can be known before a run starts: tasks exist and fit the method, data, model."""
+    if not spec.task_names:
+        raise ClfbenchError("invalid spec: task is empty")
+    if spec.data_dir and not Path(spec.data_dir).is_dir():
+        raise ClfbenchError(f"data_dir {spec.data_dir} does not exist")
+    tasks = [get_task(name) for name in spec.task_names]
+    check_task_fit(spec.method_info, [(task.name, task.kind) for task in tasks])
+    for task in tasks:
+        check_task(task, spec.data_dir)
+    try:  # options that depend on the tasks (a preset, label scoring on slots)
+        spec.options.resolved(spec.task_names)
+        spec.options.check_task_kinds([task.kind for task in tasks])
+    except ValueError as error:
+        raise ClfbenchError(f"invalid options for {spec.method}: {error}") from None
+    if spec.method_info.local_model:  # an API method's model is a name on its server, checked when the run starts
+        check_model(spec.model)
+
+
+def _absolute_task_path(name: str) -> str:
+    """A task given as a YAML path is stored absolute, so the engine finds it from any folder."""
+    name = name.strip()
+    if name.endswith((".yaml", ".yml")):
+        return str(Path(name).expanduser().resolve())
+    return name
+
+
+def _absolute_tasks(value: Any) -> Any:
+    """`task` (one "a+b" string, or a list of them to sweep) with every YAML path made absolute."""
+    if isinstance(value, list):
+        return [_absolute_tasks(one) for one in value]
+    if isinstance(value, str):
+        return "+".join(_absolute_task_path(part) for part in value.split("+"))
+    return value
+
+
+def _merged_spec_data(spec_file: Path | None, flags: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """The spec file's mapping with the flags and options laid over it, and the places of data and task files
+    frozen in: a detached engine started earlier may have another environment and working folder."""
+    data = load_spec_file(spec_file) if spec_file else {}
+    for key, value in flags.items():
+        if value is not None and value != []:
+            data[key] = value[0] if isinstance(value, list) and len(value) == 1 else value
+    if not data.get("data_dir") and os.environ.get("CLFBENCH_DATA"):
+        data["data_dir"] = os.environ["CLFBENCH_DATA"]
+    if isinstance(data.get("data_dir"), str):
+        data["data_dir"] = str(Path(data["data_dir"]).expanduser().resolve())
+    if data.get("task") is not None:
+        data["task"] = _absolute_tasks(data["task"])
+    if options:
+        data["options"] = {**(data.get("options") or {}), **options}
+    return data
+
+
+def build_specs(spec_file: Path | None, flags: dict[str, Any], options: dict[str, Any]) -> list[RunSpec]:
+    """Validated specs, one per sweep item; the first bad item is a ClfbenchError that names it."""
+    items = expand_sweep(_merged_spec_data(spec_file, flags, options))
+    specs = []
+    for index, one in enumerate(items):
+        try:
+            spec = parse_spec(one)
+            validate_for_queue(spec)
+        except ClfbenchError as error:
+            prefix = f"sweep item {index + 1}: " if index else ""
+            raise ClfbenchError(f"{prefix}{error}") from None
+        specs.append(spec)
+    return specs
+
+
+def new_runs(specs: list[RunSpec], priority: int) -> list[NewRun]:
+    """The store rows for validated specs (queued together, in one transaction, by `queue.enqueue`)."""
+    version = code_version()
+    return [
+        NewRun(
+            method=s.method, model=s.model, task=s.task, shots=s.shots, seed=s.seed,
+            spec_json=s.canonical_json(), spec_hash=s.spec_hash(), launch=s.method_info.launch,
+            gpus_requested=s.gpus_needed(), nproc=s.nproc, code_version=version, name=s.name, priority=priority,
+        )
+        for s in specs
+    ]

@@ -1,0 +1,90 @@
+"""The worker's side of the run contract, checked once for every method: the tasks fit the method's catalog entry
+before any model loads, a method's answers are joined with the gold labels and texts (none missing, none extra),
+and joint metrics are the ones the task definitions declare."""
+from __future__ import annotations
+
+import pytest
+
+from clfbench.engine.spec import parse_spec
+from clfbench.engine.tasks import get_task, load_task
+from clfbench.engine.types import ClfbenchError, Example, MethodOutput, Predicted, TaskData
+from clfbench.engine.worker import check_tasks, join_predictions, result_rows
+from tests.conftest import SAMPLES
+
+
+def task(name: str, kind: str = "sequence", labels=("a", "b"), train: int = 3, test: int = 2) -> TaskData:
+    def example(split: str, i: int) -> Example:
+        if kind == "token":
+            return Example(id=f"{split}-{i}", text="x y", tokens=("x", "y"), tags=("O", "B-t"))
+        return Example(id=f"{split}-{i}", text=f"text {i}", label=labels[i % len(labels)])
+
+    return TaskData(name=name, kind=kind, labels=list(labels),
+                    train=[example("train", i) for i in range(train)], test=[example("test", i) for i in range(test)])
+
+
+def spec(method: str, tasks: list[TaskData], **options):
+    return parse_spec({"method": method, "model": "tiny-bert", "task": "+".join(t.name for t in tasks),
+                       "options": options})
+
+
+@pytest.mark.parametrize("method, tasks, message", [
+    ("encoder-finetune", [task("a"), task("b"), task("c")], "takes at most 2 task(s), got 'a+b+c'"),
+    ("ls-llama", [task("a"), task("b", "token", ("O", "B-t", "I-t"))], "takes at most 1 task(s)"),
+    ("llmembed", [task("s", "token", ("O", "B-t", "I-t"))], "handles sequence tasks; s is a token task"),
+    ("encoder-finetune", [task("a"), task("a")], "a task is named twice"),
+    ("encoder-finetune", [task("one", labels=("a",))], "task one has fewer than two labels"),
+    ("llm-finetune", [task("empty", train=0)], "llm-finetune: task empty has no training examples"),
+    ("prompt", [task("s", "token", ("O", "B-t", "I-t"))], "decision=score is not defined for token"),
+])
+def test_tasks_that_do_not_fit_the_method_fail_with_one_line(method, tasks, message):
+    options = {"decision": "score"} if method == "prompt" else {}
+    with pytest.raises(ClfbenchError) as error:
+        check_tasks(spec(method, tasks, **options), tasks)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_prompting_needs_no_training_data():
+    check_tasks(spec("prompt", [task("empty", train=0)]), [task("empty", train=0)])
+
+
+def test_answers_are_joined_with_gold_and_text_in_test_order():
+    intent, slots = task("intent"), task("slots", "token", ("O", "B-t", "I-t"))
+    output = MethodOutput(predictions={
+        "intent": {"test-1": Predicted("a", raw_output="A", parse_status="ok"), "test-0": Predicted(None, "?", "empty")},
+        "slots": {"test-0": Predicted(["O", "O"]), "test-1": Predicted(["O", "B-t"])},
+    })
+    joined = join_predictions([intent, slots], output)
+    assert [(p.example_id, p.gold, p.predicted, p.parse_status) for p in joined["intent"]] == [
+        ("test-0", "a", None, "empty"), ("test-1", "b", "a", "ok")]
+    assert joined["intent"][0].text == "text 0" and joined["intent"][0].raw_output == "?"
+    assert [p.gold for p in joined["slots"]] == [["O", "B-t"], ["O", "B-t"]]
+
+
+@pytest.mark.parametrize("answers, message", [
+    ({"test-0": Predicted("a")}, "no prediction for 1 of 2 test examples (first: test-1) of task t"),
+    ({"test-0": Predicted("a"), "test-1": Predicted("b"), "zz": Predicted("a")}, "1 ids not in the test set"),
+])
+def test_a_missing_or_unknown_answer_fails_the_run(answers, message):
+    with pytest.raises(RuntimeError) as error:
+        join_predictions([task("t")], MethodOutput(predictions={"t": answers}))
+    assert message in str(error.value)
+
+
+def test_exact_match_is_declared_by_the_task_definition_not_by_its_name():
+    intent, slots = (load_task(get_task(name), data_dir=SAMPLES, test_limit=4, seed=0)
+                     for name in ("massive-intent", "massive-slots"))
+    assert intent.joint_metrics == ("exact_match",) and slots.joint_metrics == ()
+    output = MethodOutput(predictions={
+        "massive-intent": {ex.id: Predicted(ex.label) for ex in intent.test},
+        "massive-slots": {ex.id: Predicted(list(ex.tags)) if i % 2 else Predicted(["O"] * len(ex.tags))
+                          for i, ex in enumerate(slots.test)},
+    })
+    joined = join_predictions([intent, slots], output)
+    rows = {(r["task"], r["metric"]): r["value"] for r in result_rows([intent, slots], joined, {}, 1.0)}
+    expected = sum(list(ex.tags) == (list(ex.tags) if i % 2 else ["O"] * len(ex.tags))
+                   for i, ex in enumerate(slots.test)) / len(slots.test)
+    assert rows[("massive-slots", "exact_match")] == pytest.approx(expected)
+    # The same pair without the declaration (a user's copy of the tasks) gets no exact match.
+    intent.joint_metrics = ()
+    rows = {(r["task"], r["metric"]) for r in result_rows([intent, slots], joined, {}, 1.0)}
+    assert ("massive-slots", "exact_match") not in rows
