@@ -9,8 +9,9 @@ process dies, even under SIGKILL). Each run is launched as
 in its own process group (so a cancel reaches every rank, and the run outlives an engine crash),
 with CUDA_VISIBLE_DEVICES set to its GPUs and output appended to a per-run log file.
 
-State rules (see storage.queue): the worker writes succeeded/failed itself; the engine writes only
-what a worker cannot say about itself: cancelled (after killing it) and interrupted (it died).
+State rules (the table in storage.states): the worker writes succeeded/failed itself; the engine writes
+only what a worker cannot say about itself: cancelled (after killing it), interrupted or requeued (it died),
+and failed when the launch itself fails. Every statement is storage's; there is no SQL here.
 On start the engine reconciles runs left `running` on this host: a worker still alive is adopted
 (found by the CLFBENCH_RUN_TAG its processes inherit), a dead one is marked interrupted and requeued
 while retries are left.
@@ -31,18 +32,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import insert, select, update
-
 from clfbench.engine.gpus import discover_gpus
 from clfbench.engine.types import ClfbenchError
-from clfbench.storage import queue
-from clfbench.storage import paths
+from clfbench.storage import paths, queries, queue
 from clfbench.storage.db import Store, now, open_store
+from clfbench.storage.models import RunStatus
 from clfbench.storage.paths import engine_log_path, run_dir, store_key
-from clfbench.storage.models import EngineRow, Run
-
-RUNS = Run.__table__
-ENGINES = EngineRow.__table__
+from clfbench.storage.states import Writer
 
 HEARTBEAT_S = 5.0
 # A run on another host whose worker has not written a heartbeat for this long is taken as dead.
@@ -301,7 +297,8 @@ class Engine:
             )
         except OSError as error:
             log_handle.close()
-            queue.finish_failed(self.store, run["id"], run["attempt"], f"could not launch the worker: {error}")
+            queue.finish_failed(self.store, run["id"], run["attempt"], f"could not launch the worker: {error}",
+                                writer=Writer.engine)
             return
         self.children[run["id"]] = Child(
             run_id=run["id"], attempt=run["attempt"], pid=popen.pid, gpus=gpus, launch=run["launch"],
@@ -325,7 +322,7 @@ class Engine:
                 child.log_handle.close()
             reason = describe_exit(code)
             new_status = queue.mark_ended_without_result(self.store, run_id, child.attempt, reason)
-            if new_status != "cancelled":
+            if new_status != RunStatus.cancelled:
                 tail = log_tail(child.log_path)
                 if tail:  # only lands on a failed/interrupted/requeued run of this attempt
                     queue.append_error_detail(self.store, run_id, child.attempt, f"--- log tail ---\n{tail}")
@@ -333,13 +330,7 @@ class Engine:
     def handle_cancels(self) -> None:
         if not self.children:
             return
-        with self.store.read() as connection:
-            wanted = set(
-                connection.execute(
-                    select(RUNS.c.id).where(RUNS.c.id.in_(list(self.children)), RUNS.c.cancel_requested.is_(True))
-                ).scalars()
-            )
-        for run_id in wanted:
+        for run_id in queries.cancel_requests(self.store, list(self.children)):
             child = self.children[run_id]
             if child.term_sent_at is None:
                 signal_group(child.pid, signal.SIGTERM)  # torchrun forwards it to its ranks
@@ -349,17 +340,14 @@ class Engine:
                 kill_processes(child.processes(), signal.SIGKILL)
 
     def heartbeat(self) -> None:
-        with self.store.write() as connection:
-            connection.execute(update(ENGINES).where(ENGINES.c.id == self.engine_id).values(heartbeat_at=now()))
+        queue.engine_heartbeat(self.store, self.engine_id)
 
     def reconcile(self) -> None:
         """Runs left `running` by a dead engine or worker: adopt the live, mark the dead.
 
         A run is alive while any process carrying its attempt's tag lives (the launcher or any rank).
         """
-        with self.store.read() as connection:
-            rows = [dict(r) for r in connection.execute(select(RUNS).where(RUNS.c.status == "running")).mappings()]
-        for run in rows:
+        for run in queries.running_runs(self.store):
             if run["host"] == self.host:
                 tag = run_tag(self.config.url, run["id"], run["attempt"])
                 if tagged_processes(tag):
@@ -416,22 +404,6 @@ def signal_group(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def register_engine(store: Store, host: str, gpus: list[int]) -> int:
-    with store.write() as connection:
-        engine_id = connection.execute(
-            insert(ENGINES).values(host=host, pid=os.getpid(), started_at=now(), heartbeat_at=now(),
-                                   gpus=",".join(map(str, gpus))).returning(ENGINES.c.id)
-        ).scalar_one()
-        queue.log_event(connection, "engine_started", f"{host} pid {os.getpid()} gpus [{','.join(map(str, gpus))}]")
-    return engine_id
-
-
-def unregister_engine(store: Store, engine_id: int) -> None:
-    with store.write() as connection:
-        connection.execute(update(ENGINES).where(ENGINES.c.id == engine_id).values(stopped_at=now()))
-        queue.log_event(connection, "engine_stopped", f"pid {os.getpid()}")
-
-
 def run_engine(config: EngineConfig) -> None:
     """Run the engine loop in this process until stopped (SIGTERM/SIGINT) or, with until_idle, idle.
 
@@ -441,7 +413,8 @@ def run_engine(config: EngineConfig) -> None:
     store = open_store(config.url)
     lock = acquire_engine_lock(config.url)
     host = socket.gethostname()
-    engine = Engine(config=config, store=store, engine_id=register_engine(store, host, config.gpus), host=host)
+    engine_id = queue.register_engine(store, host, os.getpid(), config.gpus)
+    engine = Engine(config=config, store=store, engine_id=engine_id, host=host)
 
     def _stop(_signum, _frame):
         engine.stopping = True
@@ -452,7 +425,7 @@ def run_engine(config: EngineConfig) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        unregister_engine(store, engine.engine_id)
+        queue.unregister_engine(store, engine.engine_id, os.getpid())
         lock.close()
 
 

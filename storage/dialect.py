@@ -45,8 +45,9 @@ def write_execution_options(engine: Engine) -> dict:
     return {"sqlite_begin": "IMMEDIATE"} if is_sqlite(engine) else {}
 
 
-def claim_sql(engine: Engine) -> str:
-    """One statement that moves the best claimable queued run to running and returns its id.
+def claim_sql(engine: Engine, source: str, target: str) -> str:
+    """One statement that moves the best claimable run in status `source` (queued) to status `target` (running)
+    and returns its id. The statuses come from the run state machine (storage.states), never from a user.
 
     Parameters: host, engine_id, now, default_gpus (what a run with no GPU count asks for on this box),
     free_gpus, cpu_free (1 if a CPU slot is free), api_free (1 if an API slot is free).
@@ -54,12 +55,12 @@ def claim_sql(engine: Engine) -> str:
     lock = "" if is_sqlite(engine) else " FOR UPDATE SKIP LOCKED"
     return f"""
         UPDATE runs
-        SET status = 'running', attempt = attempt + 1, host = :host, engine_id = :engine_id,
+        SET status = '{target}', attempt = attempt + 1, host = :host, engine_id = :engine_id,
             started_at = :now, heartbeat_at = :now, finished_at = NULL, error = NULL, pid = NULL,
             gpus_assigned = NULL, progress_step = NULL, progress_total = NULL
-        WHERE status = 'queued' AND id = (
+        WHERE status = '{source}' AND id = (
             SELECT id FROM runs
-            WHERE status = 'queued' AND (
+            WHERE status = '{source}' AND (
                 (launch = 'process' AND :api_free = 1)
                 OR (launch = 'torchrun'
                     AND COALESCE(gpus_requested, :default_gpus) <= :free_gpus

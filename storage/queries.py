@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from clfbench.storage.db import Store
-from clfbench.storage.models import EngineRow, Event, MetricPoint, PredictionRow, Result, Run
+from clfbench.storage.models import EngineRow, Event, MetricPoint, PredictionRow, Result, Run, RunStatus
 
 RUNS = Run.__table__
 RESULTS = Result.__table__
@@ -100,6 +100,23 @@ def live_engines(store: Store, stale_after_s: float, now: float) -> list[dict]:
             select(ENGINES).where(ENGINES.c.stopped_at.is_(None), ENGINES.c.heartbeat_at > now - stale_after_s)
         ).mappings()
         return [dict(row) for row in rows]
+
+
+# ---- the engine's reads --------------------------------------------------------------------------
+
+def running_runs(store: Store) -> list[dict]:
+    """Every run whose status is running, on any host (an engine adopts or ends those left by another)."""
+    with store.read() as connection:
+        rows = connection.execute(select(RUNS).where(RUNS.c.status == RunStatus.running.value)).mappings()
+        return [dict(row) for row in rows]
+
+
+def cancel_requests(store: Store, run_ids: Collection[int]) -> set[int]:
+    """Those of `run_ids` that a user asked to cancel."""
+    with store.read() as connection:
+        return set(connection.execute(
+            select(RUNS.c.id).where(RUNS.c.id.in_(list(run_ids)), RUNS.c.cancel_requested.is_(True))
+        ).scalars())
 
 
 # ---- results matrix ---------------------------------------------------------------------------
@@ -209,7 +226,7 @@ def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
         select(RUNS.c.id, RUNS.c.model, RUNS.c.method, RUNS.c.shots, RUNS.c.task.label("run_task"),
                RUNS.c.spec_json, RESULTS.c.task, RESULTS.c.metric, RESULTS.c.value)
         .join(RESULTS, RESULTS.c.run_id == RUNS.c.id)
-        .where(RUNS.c.status == "succeeded", RESULTS.c.metric.in_(wanted))
+        .where(RUNS.c.status == RunStatus.succeeded.value, RESULTS.c.metric.in_(wanted))
         .order_by(RUNS.c.id)
     )
     if model:

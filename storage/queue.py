@@ -1,26 +1,54 @@
-"""Queue operations: enqueue, claim (one atomic statement), heartbeat, finish, cancel, requeue.
+"""Queue operations: enqueue, claim (one atomic statement), heartbeat, finish, cancel, requeue; engine rows.
 
-Every state change is guarded by the state it expects (`WHERE status = 'running' AND attempt = :attempt`)
-so a late writer (a worker from an earlier attempt, an engine that lost a race) changes nothing.
+Every write to a run is guarded by the statuses it may start from, which `storage.states` gives for the
+status it writes and who writes it (`WHERE status IN (...) AND attempt = :attempt`), so a late writer (a
+worker from an earlier attempt, an engine that lost a race) changes nothing.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable
 
 from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.engine import Connection
 
 from clfbench.storage import dialect
 from clfbench.storage.db import Store, now
-from clfbench.storage.models import Event, MetricPoint, PredictionRow, Result, Run, RunStatus
+from clfbench.storage.models import EngineRow, Event, MetricPoint, PredictionRow, Result, Run, RunStatus
+from clfbench.storage.states import DELETABLE, ENDED_WITH_ERROR, Writer, allowed, kept_by, sources
 
 RUNS = Run.__table__
 EVENTS = Event.__table__
+ENGINES = EngineRow.__table__
 
 
 def log_event(connection: Connection, kind: str, message: str = "", run_id: int | None = None) -> None:
     connection.execute(insert(EVENTS).values(time=now(), run_id=run_id, kind=kind, message=message))
+
+
+def _guard(run_id: int, statuses: Iterable[RunStatus], attempt: int | None) -> list:
+    """WHERE clauses for one run in one of `statuses` (and under `attempt`, when given)."""
+    clauses = [RUNS.c.id == run_id, RUNS.c.status.in_([status.value for status in statuses])]
+    if attempt is not None:
+        clauses.append(RUNS.c.attempt == attempt)
+    return clauses
+
+
+def _move(connection: Connection, run_id: int, target: RunStatus, writer: Writer, values: dict,
+          attempt: int | None = None) -> bool:
+    """Set the run's status to `target` (and `values`) if `writer` may move it there from its status now.
+    Returns False, having changed nothing, when it may not."""
+    result = connection.execute(update(RUNS).where(*_guard(run_id, sources(target, writer), attempt))
+                                .values(status=target.value, **values))
+    return result.rowcount == 1
+
+
+def _write_fields(connection: Connection, run_id: int, writer: Writer, values: dict,
+                  attempt: int | None = None) -> bool:
+    """Write `values` into the run, keeping its status, if `writer` may write in that status. Returns False,
+    having changed nothing, when it may not."""
+    result = connection.execute(update(RUNS).where(*_guard(run_id, kept_by(writer), attempt)).values(**values))
+    return result.rowcount == 1
 
 
 @dataclass(frozen=True)
@@ -69,9 +97,10 @@ def claim(
     api_free: bool,
 ) -> dict | None:
     """Atomically move the best claimable queued run to running. Returns the run row, or None."""
+    (source,) = sources(RunStatus.running, Writer.engine)  # one statement: one status it claims from
     with store.write() as connection:
         row = connection.execute(
-            text(dialect.claim_sql(store.engine)),
+            text(dialect.claim_sql(store.engine, source=source.value, target=RunStatus.running.value)),
             {
                 "host": host,
                 "engine_id": engine_id,
@@ -92,12 +121,9 @@ def claim(
 def set_launched(store: Store, run_id: int, attempt: int, *, pid: int, gpus_assigned: str,
                  log_path: str, output_dir: str) -> None:
     with store.write() as connection:
-        connection.execute(
-            update(RUNS)
-            .where(RUNS.c.id == run_id, RUNS.c.attempt == attempt, RUNS.c.status == "running")
-            .values(pid=pid, gpus_assigned=gpus_assigned, log_path=log_path, output_dir=output_dir,
-                    heartbeat_at=now())
-        )
+        launch = {"pid": pid, "gpus_assigned": gpus_assigned, "log_path": log_path, "output_dir": output_dir,
+                  "heartbeat_at": now()}
+        _write_fields(connection, run_id, Writer.engine, launch, attempt)
         log_event(connection, "launched", f"pid {pid} gpus [{gpus_assigned}]", run_id)
 
 
@@ -107,12 +133,7 @@ def heartbeat(store: Store, run_id: int, attempt: int, progress: tuple[int, int]
     if progress is not None:
         values["progress_step"], values["progress_total"] = progress
     with store.write() as connection:
-        result = connection.execute(
-            update(RUNS)
-            .where(RUNS.c.id == run_id, RUNS.c.attempt == attempt, RUNS.c.status == "running")
-            .values(**values)
-        )
-        return result.rowcount == 1
+        return _write_fields(connection, run_id, Writer.worker, values, attempt)
 
 
 def add_metric_points(store: Store, run_id: int, attempt: int, points: list[tuple[int, str, float, float]]) -> None:
@@ -143,12 +164,8 @@ def finish_succeeded(
     """
     try:
         with store.write() as connection:
-            updated = connection.execute(
-                update(RUNS)
-                .where(RUNS.c.id == run_id, RUNS.c.attempt == attempt, RUNS.c.status == "running")
-                .values(status=RunStatus.succeeded.value, finished_at=now(), error=None, heartbeat_at=now())
-            )
-            if updated.rowcount != 1:
+            values = {"finished_at": now(), "error": None, "heartbeat_at": now()}
+            if not _move(connection, run_id, RunStatus.succeeded, Writer.worker, values, attempt):
                 raise _NotOurs
             _replace_outputs(connection, run_id, attempt, predictions, results)
         return True
@@ -171,17 +188,15 @@ def _replace_outputs(connection: Connection, run_id: int, attempt: int, predicti
     log_event(connection, "succeeded", f"attempt {attempt}", run_id)
 
 
-def finish_failed(store: Store, run_id: int, attempt: int, error: str) -> bool:
-    """The method raised: failed, no automatic retry (the same spec would fail the same way)."""
+def finish_failed(store: Store, run_id: int, attempt: int, error: str, writer: Writer = Writer.worker) -> bool:
+    """The method raised (or, writer=engine, its worker could not be launched): failed, no automatic retry (the
+    same spec would fail the same way). Returns False, having changed nothing, if the run was not running
+    under this attempt."""
     with store.write() as connection:
-        updated = connection.execute(
-            update(RUNS)
-            .where(RUNS.c.id == run_id, RUNS.c.attempt == attempt, RUNS.c.status == "running")
-            .values(status=RunStatus.failed.value, finished_at=now(), error=error)
-        )
-        if updated.rowcount == 1:
+        failed = _move(connection, run_id, RunStatus.failed, writer, {"finished_at": now(), "error": error}, attempt)
+        if failed:
             log_event(connection, "failed", error.splitlines()[0][:500] if error else "", run_id)
-        return updated.rowcount == 1
+        return failed
 
 
 def mark_ended_without_result(store: Store, run_id: int, attempt: int, reason: str) -> str | None:
@@ -192,25 +207,29 @@ def mark_ended_without_result(store: Store, run_id: int, attempt: int, reason: s
     """
     with store.write() as connection:
         run = connection.execute(
-            select(RUNS).where(RUNS.c.id == run_id, RUNS.c.attempt == attempt, RUNS.c.status == "running")
+            select(RUNS).where(RUNS.c.id == run_id, RUNS.c.attempt == attempt)
         ).mappings().first()
         if run is None:
             return None
-        if run["cancel_requested"]:
-            values = {"status": RunStatus.cancelled.value, "finished_at": now(), "error": "cancelled by user"}
-            kind = "cancelled"
-        elif run["interruptions"] < run["max_interruptions"]:
-            values = {"status": RunStatus.queued.value, "interruptions": run["interruptions"] + 1,
-                      "error": f"{reason}; requeued (retry {run['interruptions'] + 1} of {run['max_interruptions']})",
-                      "pid": None, "gpus_assigned": None}
-            kind = "requeued"
-        else:
-            values = {"status": RunStatus.interrupted.value, "finished_at": now(),
-                      "error": f"{reason}; no retries left ({run['max_interruptions']})"}
-            kind = "interrupted"
-        connection.execute(update(RUNS).where(RUNS.c.id == run_id).values(**values))
+        target, values, kind = _end_without_result(run, reason)
+        if not _move(connection, run_id, target, Writer.engine, values, attempt):
+            return None
         log_event(connection, kind, reason, run_id)
-        return values["status"]
+        return target.value
+
+
+def _end_without_result(run: Mapping, reason: str) -> tuple[RunStatus, dict, str]:
+    """(status, other values, event kind) for a run whose process is gone without writing its end."""
+    if run["cancel_requested"]:
+        return RunStatus.cancelled, {"finished_at": now(), "error": "cancelled by user"}, "cancelled"
+    limit = run["max_interruptions"]
+    if run["interruptions"] < limit:
+        retry = run["interruptions"] + 1
+        values = {"interruptions": retry, "error": f"{reason}; requeued (retry {retry} of {limit})",
+                  "pid": None, "gpus_assigned": None}
+        return RunStatus.queued, values, "requeued"
+    error = f"{reason}; no retries left ({limit})"
+    return RunStatus.interrupted, {"finished_at": now(), "error": error}, "interrupted"
 
 
 def request_cancel(store: Store, run_id: int) -> str:
@@ -223,15 +242,13 @@ def request_cancel(store: Store, run_id: int) -> str:
         if run is None:
             raise KeyError(run_id)
         status = run[0]
-        if status == RunStatus.queued.value:
-            connection.execute(
-                update(RUNS).where(RUNS.c.id == run_id, RUNS.c.status == "queued")
-                .values(status=RunStatus.cancelled.value, finished_at=now(), error="cancelled by user")
-            )
+        if allowed(status, RunStatus.cancelled, Writer.user):  # not started: nothing to stop
+            _move(connection, run_id, RunStatus.cancelled, Writer.user,
+                  {"finished_at": now(), "error": "cancelled by user"})
             log_event(connection, "cancelled", "before it started", run_id)
             return "cancelled"
-        if status == RunStatus.running.value:
-            connection.execute(update(RUNS).where(RUNS.c.id == run_id).values(cancel_requested=True))
+        if allowed(status, status, Writer.user):  # running: the one field a user writes is the request
+            _write_fields(connection, run_id, Writer.user, {"cancel_requested": True})
             log_event(connection, "cancel_requested", "", run_id)
             return "requested"
         return status
@@ -240,22 +257,19 @@ def request_cancel(store: Store, run_id: int) -> str:
 def requeue(store: Store, run_id: int) -> bool:
     """Put a finished (failed/cancelled/interrupted/succeeded) run back in the queue; retries reset."""
     with store.write() as connection:
-        result = connection.execute(
-            update(RUNS)
-            .where(RUNS.c.id == run_id, RUNS.c.status.in_(["failed", "cancelled", "interrupted", "succeeded"]))
-            .values(status=RunStatus.queued.value, cancel_requested=False, interruptions=0, error=None,
-                    finished_at=None, pid=None, gpus_assigned=None, progress_step=None, progress_total=None)
-        )
-        if result.rowcount == 1:
+        fresh = {"cancel_requested": False, "interruptions": 0, "error": None, "finished_at": None, "pid": None,
+                 "gpus_assigned": None, "progress_step": None, "progress_total": None}
+        requeued = _move(connection, run_id, RunStatus.queued, Writer.user, fresh)
+        if requeued:
             log_event(connection, "requeued", "by user", run_id)
-        return result.rowcount == 1
+        return requeued
 
 
 def delete_run(store: Store, run_id: int) -> bool:
     """Delete a run that is not running, with everything it wrote."""
     with store.write() as connection:
         status = connection.execute(select(RUNS.c.status).where(RUNS.c.id == run_id)).scalar()
-        if status is None or status == RunStatus.running.value:
+        if status is None or RunStatus(status) not in DELETABLE:
             return False
         for table in (MetricPoint.__table__, PredictionRow.__table__, Result.__table__):
             connection.execute(delete(table).where(table.c.run_id == run_id))
@@ -270,15 +284,37 @@ def log_event_standalone(store: Store, kind: str, message: str = "", run_id: int
 
 
 def append_error_detail(store: Store, run_id: int, attempt: int, detail: str) -> None:
-    """Append detail (the log tail) to the error of the run's given attempt; touches nothing else."""
+    """Append detail (the log tail) to the error of the run's given attempt, if that attempt ended with an error
+    (failed, interrupted, or requeued after an interruption); touches nothing else."""
     with store.write() as connection:
-        row = connection.execute(
-            select(RUNS.c.error).where(RUNS.c.id == run_id, RUNS.c.attempt == attempt,
-                                       RUNS.c.status.in_(["failed", "interrupted", "queued"]))
-        ).first()
+        row = connection.execute(select(RUNS.c.error).where(*_guard(run_id, ENDED_WITH_ERROR, attempt))).first()
         if row is None:
             return
         error = (row[0] or "").rstrip()
-        connection.execute(
-            update(RUNS).where(RUNS.c.id == run_id).values(error=f"{error}\n{detail}" if error else detail)
-        )
+        connection.execute(update(RUNS).where(*_guard(run_id, ENDED_WITH_ERROR, attempt))
+                           .values(error=f"{error}\n{detail}" if error else detail))
+
+
+# ---- engines ------------------------------------------------------------------------------------
+
+def register_engine(store: Store, host: str, pid: int, gpus: list[int]) -> int:
+    """Record an engine that starts on this store; returns its id."""
+    gpu_list = ",".join(map(str, gpus))
+    with store.write() as connection:
+        engine_id = connection.execute(
+            insert(ENGINES).values(host=host, pid=pid, started_at=now(), heartbeat_at=now(), gpus=gpu_list)
+            .returning(ENGINES.c.id)
+        ).scalar_one()
+        log_event(connection, "engine_started", f"{host} pid {pid} gpus [{gpu_list}]")
+    return engine_id
+
+
+def engine_heartbeat(store: Store, engine_id: int) -> None:
+    with store.write() as connection:
+        connection.execute(update(ENGINES).where(ENGINES.c.id == engine_id).values(heartbeat_at=now()))
+
+
+def unregister_engine(store: Store, engine_id: int, pid: int) -> None:
+    with store.write() as connection:
+        connection.execute(update(ENGINES).where(ENGINES.c.id == engine_id).values(stopped_at=now()))
+        log_event(connection, "engine_stopped", f"pid {pid}")
