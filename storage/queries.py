@@ -164,44 +164,60 @@ def _option_variants(specs: dict[int, tuple[tuple[str, str, int, str], dict]],
     default is left out of a run's label when the rest of the label still tells the run apart: a constrained
     run reads `decision=constrained`, not `decision=constrained score_end=true`, beside two score runs that
     differ in score_end."""
-    by_group: dict[tuple[str, str, int], list[int]] = {}
-    for run_id, (group, _options) in specs.items():
-        by_group.setdefault(group, []).append(run_id)
+    by_group: dict[tuple[str, str, int, str], dict[int, dict]] = {}
+    for run_id, (group, options) in specs.items():
+        by_group.setdefault(group, {})[run_id] = options
     variants: dict[int, str] = {}
-    for group, run_ids in by_group.items():
-        skipped = ignore.get(group[1], ())
-        default = defaults.get(group[1], {})
-        keys = sorted({key for run_id in run_ids for key in specs[run_id][1] if key not in skipped})
-
-        def value(run_id: int, key: str):
-            return specs[run_id][1].get(key, default.get(key))
-
-        varying = [key for key in keys
-                   if len({json.dumps(value(run_id, key), sort_keys=True) for run_id in run_ids}) > 1]
-        full = {run_id: tuple(json.dumps(value(run_id, key), sort_keys=True) for key in varying)
-                for run_id in run_ids}
-        distinct = set(full.values())
-        counts: dict[tuple[int, ...], Counter] = {}  # kept options -> how many variants share each projection
-
-        def unique(variant: tuple[str, ...], kept: tuple[int, ...]) -> bool:  # do these options tell it apart?
-            if kept not in counts:
-                counts[kept] = Counter(tuple(other[i] for i in kept) for other in distinct)
-            return bool(kept) and counts[kept][tuple(variant[i] for i in kept)] == 1
-
-        labels: dict[tuple[str, ...], str] = {}
-        for run_id in run_ids:
-            variant = full[run_id]
-            if variant not in labels:
-                kept = tuple(range(len(varying)))
-                for k in reversed(range(len(varying))):
-                    key = varying[k]
-                    # compared as JSON, as the variants are: a tuple default equals the list a spec stores
-                    at_default = key in default and variant[k] == json.dumps(default[key], sort_keys=True)
-                    if at_default and unique(variant, tuple(i for i in kept if i != k)):
-                        kept = tuple(i for i in kept if i != k)
-                labels[variant] = " ".join(f"{varying[i]}={_short(value(run_id, varying[i]))}" for i in kept)
-            variants[run_id] = labels[variant]
+    for group, options in by_group.items():
+        method = group[1]
+        variants.update(_group_labels(options, ignore.get(method, ()), defaults.get(method, {})))
     return variants
+
+
+def _as_json(value) -> str:
+    # options are compared as JSON: a tuple default equals the list a spec stores
+    return json.dumps(value, sort_keys=True)
+
+
+def _group_labels(options: dict[int, dict], skipped: Collection[str], default: Mapping[str, Any]) -> dict[int, str]:
+    """The label of each run of one group (run id -> its options): the options in which the group's runs differ,
+    each at this run's value, less those at their default that the rest already tells apart."""
+    def value(run_id: int, key: str):
+        return options[run_id].get(key, default.get(key))
+
+    keys = sorted({key for run_options in options.values() for key in run_options if key not in skipped})
+    varying = [key for key in keys if len({_as_json(value(run_id, key)) for run_id in options}) > 1]
+    full = {run_id: tuple(_as_json(value(run_id, key)) for key in varying) for run_id in options}
+    distinct = set(full.values())
+    counts: dict[tuple[int, ...], Counter] = {}  # shared by every variant of the group: each projection once
+    labels: dict[tuple[str, ...], str] = {}
+    for run_id, variant in full.items():
+        if variant not in labels:
+            at_default = [key in default and variant[k] == _as_json(default[key]) for k, key in enumerate(varying)]
+            kept = _kept_options(variant, at_default, distinct, counts)
+            labels[variant] = " ".join(f"{varying[i]}={_short(value(run_id, varying[i]))}" for i in kept)
+    return {run_id: labels[variant] for run_id, variant in full.items()}
+
+
+def _kept_options(variant: tuple[str, ...], at_default: list[bool], distinct: set[tuple[str, ...]],
+                  counts: dict[tuple[int, ...], Counter]) -> tuple[int, ...]:
+    """The positions of the varying options that name `variant`: all of them, less each one at its default (the
+    last first) whose leaving out still tells the variant apart from the group's other variants."""
+    kept = tuple(range(len(variant)))
+    for k in reversed(range(len(variant))):
+        fewer = tuple(i for i in kept if i != k)
+        if at_default[k] and _tells_apart(variant, fewer, distinct, counts):
+            kept = fewer
+    return kept
+
+
+def _tells_apart(variant: tuple[str, ...], kept: tuple[int, ...], distinct: set[tuple[str, ...]],
+                 counts: dict[tuple[int, ...], Counter]) -> bool:
+    """Do the options at positions `kept` alone tell `variant` apart from every other variant in `distinct`?
+    `counts` caches, per `kept`, how many variants share each projection."""
+    if kept not in counts:
+        counts[kept] = Counter(tuple(other[i] for i in kept) for other in distinct)
+    return bool(kept) and counts[kept][tuple(variant[i] for i in kept)] == 1
 
 
 def _short(value) -> str:
