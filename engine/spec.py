@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator
 
 from clfbench.engine.methods.catalog import METHODS, MethodInfo, MethodOptions
-from clfbench.engine.types import ClfbenchError
+from clfbench.engine.types import ClfbenchError, check_known
 
 SPEC_VERSION = 1
 
@@ -53,9 +53,7 @@ class RunSpec(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in METHODS:
-            raise ValueError(f"unknown method '{value}' (known: {', '.join(sorted(METHODS))})")
-        return value
+        return check_known(value, METHODS, "method")
 
     @field_validator("options", mode="before")
     @classmethod

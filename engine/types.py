@@ -1,9 +1,10 @@
-"""Plain data types shared by tasks, methods, metrics and the worker.
+"""Plain data types shared by tasks, methods, metrics and the worker; the user-facing error; a check of names.
 
 No torch here: the CLI imports this module at queue time.
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,6 +19,16 @@ ParseStatus = Literal[
 
 class ClfbenchError(Exception):
     """A user-facing error: its message is one line that names what is wrong."""
+
+
+def check_known(value: str, known: Collection[str], what: str) -> str:
+    """`value` when it is one of `known`, else ValueError "unknown <what> '<value>' (known: <sorted names>)".
+
+    For pydantic validators of names (methods, task functions): pydantic turns the ValueError into a field error,
+    and the spec and task loaders turn that into their one-line messages."""
+    if value not in known:
+        raise ValueError(f"unknown {what} '{value}' (known: {', '.join(sorted(known))})")
+    return value
 
 
 @dataclass(frozen=True)
