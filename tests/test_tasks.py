@@ -402,7 +402,7 @@ def test_hub_source_with_a_fake_datasets_module(monkeypatch):
 
 
 def test_importing_tasks_does_not_import_heavy_packages():
-    code = ("import sys, engine.tasks as t; t.list_tasks(); "
+    code = ("import sys, clfbench.engine.tasks as t; t.list_tasks(); "
             "t.check_task(t.get_task('massive-slots'), t.sample_data_dir()); "
             "heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
