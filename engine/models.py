@@ -118,12 +118,18 @@ def find_alias(name: str) -> ModelAlias | None:
 # ------------------------------------------------------------------------------------- local sources
 
 
-def _package_dir(package: str) -> Path | None:
-    """The folder of an installed package, found without importing it."""
+def _find_spec(package: str) -> importlib.machinery.ModuleSpec | None:
+    """The package's import spec, found without importing it; None when it is not installed (find_spec raises,
+    rather than answering None, for a dotted name whose parent is missing or a module without a spec)."""
     try:
-        spec = importlib.util.find_spec(package)
+        return importlib.util.find_spec(package)
     except (ImportError, ValueError):
         return None
+
+
+def _package_dir(package: str) -> Path | None:
+    """The folder of an installed package, found without importing it."""
+    spec = _find_spec(package)
     if spec is None:
         return None
     if spec.submodule_search_locations:
