@@ -1,115 +1,346 @@
-"""What the training methods share: the optimizer-step loop of the head-training methods (`encoder-finetune`,
-`ls-llama`, `ls-unllama`), and the optimizer, schedule, autocast and checkpoint helpers that `llm-finetune` uses too.
+"""The training scaffold every fine-tuning method stands on (`encoder-finetune`, `ls-llama`, `ls-unllama`,
+`llm-finetune`): plain functions, one loop.
 
-One loop, so that logging, pause accounting and checkpoint timing cannot drift apart between methods:
-
-- `train_loss` (and each head's part, for joint heads) is the mean over the steps since the last point, summed
-  over ranks first, so a 2-process run logs one global value per point (rank 0 writes it);
-- `train_examples_per_s` and the returned training time leave out dev evaluation and checkpoint writing;
-- a checkpoint is written every `checkpoint_every` steps and at the last step, after that step's evaluation.
+- `plan_steps`: steps per epoch, total and warm-up steps from the rows, batch size, processes and grad_accum;
+- `start_training`: load the checkpoint of an earlier attempt when every rank found the same one, wrap the model
+  for DDP, make the optimizer and schedule and put their state back (`engine.fsdp` builds the same `Training`
+  under FSDP);
+- epoch batches: the order of an epoch is a function of (seed, epoch) only (`sampler_epochs`,
+  `length_grouped_epochs`, served per step by `epoch_batcher`), so a checkpoint needs only the step (plus model,
+  optimizer, scheduler and RNG) to go on exactly;
+- `train_loop`: the ONE optimizer-step loop. A method gives it a per-step function that computes the gradients
+  of one step (one batch, or several micro-batches) and returns what it counted (`Tally`); the loop owns the
+  optimizer step, progress, the logging window, dev evaluation, checkpoints and the pause accounting:
+  - `train_loss` (and each head's part, for joint heads) is the summed loss over the summed weight since the last
+    point, both summed over ranks first, so a 2-process run logs one global value per point (rank 0 writes it);
+  - `train_examples_per_s` / `train_tokens_per_s` and the returned training time leave out dev evaluation and
+    checkpoint writing;
+  - a checkpoint is written every `checkpoint_every` steps and at the last step, after that step's evaluation;
+- checkpoints: `save_checkpoint` writes a folder and swaps it in atomically (`replace_directory`), `load_checkpoint`
+  reads it back only for the same setup (its fingerprint), `restore` puts optimizer, schedule and RNG back.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from clfbench.engine.context import RunContext
+from clfbench.engine.types import ClfbenchError
 
 MAX_GRAD_NORM = 1.0
 CHECKPOINT_DIR = "checkpoint"  # under the run's output_dir
 LOG = "checkpoint:"
+RESUME_LINE = "resuming from {folder} at step {step}/{total} (epoch {epoch})"
+
+
+# ------------------------------------------------------------------------------------------ step plan
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def plan_steps(n_rows: int, batch_size: int, world_size: int, epochs: float, warmup_ratio: float,
+               grad_accum: int = 1) -> StepPlan:
+    """Every rank draws `batch_size` rows per micro-batch from its share of the rows (padded to ceil(n / world
+    size), as DistributedSampler does), `grad_accum` micro-batches per optimizer step."""
+    micro_batches = math.ceil(math.ceil(n_rows / world_size) / batch_size)
+    steps_per_epoch = math.ceil(micro_batches / grad_accum)
+    total_steps = max(1, math.ceil(epochs * steps_per_epoch))
+    return StepPlan(steps_per_epoch, total_steps, int(round(warmup_ratio * total_steps)))
+
+
+def require_process_group(ctx: RunContext, log_prefix: str) -> None:
+    if ctx.distributed and not (dist.is_available() and dist.is_initialized()):
+        raise ClfbenchError(f"{log_prefix} world_size > 1 but torch.distributed is not initialised")
+
+
+# --------------------------------------------------------------------------------------- epoch batches
+
+
+def sampler_epochs(n_rows: int, batch_size: int, world_size: int, rank: int, seed: int
+                   ) -> Callable[[int], list[list[int]]]:
+    """epoch -> this rank's batches of row indices: DistributedSampler's seeded shuffle of that epoch, cut into
+    batches. Explicit replicas and rank: the same sampler serves one process (no process group needed) and DDP."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(range(n_rows), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=False)
+
+    def batches_of(epoch: int) -> list[list[int]]:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+    return batches_of
+
+
+def length_grouped_epochs(lengths: Sequence[int], batch_size: int, world_size: int, rank: int, key: str,
+                          window: int = 50) -> Callable[[int], list[list[int]]]:
+    """epoch -> this rank's micro-batches, similar lengths together (less padding), in a random order seeded by
+    (key, epoch): a seeded shuffle, sorted by length inside windows of `window` global batches, cut into global
+    batches of batch_size * world_size whose order is shuffled again and whose rows are dealt round-robin, so
+    every rank has the same number of micro-batches."""
+
+    def batches_of(epoch: int) -> list[list[int]]:
+        rng = random.Random(f"{key}:{epoch}")
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        order += order[: (-len(order)) % world_size]  # every rank gets a row of every global batch
+        size = batch_size * world_size
+        batches = []
+        for start in range(0, len(order), size * window):
+            chunk = sorted(order[start:start + size * window], key=lambda i: lengths[i])
+            batches += [chunk[s:s + size] for s in range(0, len(chunk), size)]
+        rng.shuffle(batches)
+        return [batch[rank::world_size] for batch in batches]
+
+    return batches_of
+
+
+def epoch_batcher(batches_of: Callable[[int], list[list[int]]], steps_per_epoch: int, per_step: int = 1
+                  ) -> Callable[[int], list[list[int]]]:
+    """step -> the `per_step` (micro-)batches of that optimizer step; an epoch's batches are made once."""
+    made: dict[int, list[list[int]]] = {}
+
+    def at(step: int) -> list[list[int]]:
+        epoch, position = divmod(step, steps_per_epoch)
+        if epoch not in made:
+            made.clear()
+            made[epoch] = batches_of(epoch)
+        return made[epoch][position * per_step:(position + 1) * per_step]
+
+    return at
+
+
+# ------------------------------------------------------------------------------------ training set-up
+
+
+@dataclass
+class Training:
+    """What the loop steps: the module whose forward gives the loss (DDP- or FSDP-wrapped when there are several
+    processes), its optimizer and schedule, the step to go on from, and how this wrapping clips gradients,
+    back-propagates and writes a checkpoint. `full_state` (FSDP only) gathers the full weights on rank 0."""
+
+    wrapped: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    start_step: int
+    clip: Callable[[], object]
+    save: Callable[[int], None]
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward
+    full_state: Callable[[], dict] | None = None
+
+
+def ranks_agree(step: int | None, ctx: RunContext) -> bool:
+    """Whether every rank found a checkpoint at the same step (None: none found). A run resumes only then: an
+    output_dir not shared between nodes must not let half the ranks start over."""
+    if not ctx.distributed:
+        return True
+    found = float(step) if step is not None else -1.0
+    extremes = torch.tensor([found, -found], dtype=torch.float64, device=torch.device(ctx.device))
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # max == -min: all the same
+    return float(extremes[0]) == -float(extremes[1])
+
+
+def agreed_checkpoint(ctx: RunContext, fingerprint: dict, log_prefix: str) -> dict | None:
+    """The checkpoint of an earlier attempt of this run (see `load_checkpoint`), if every rank found the same."""
+    checkpoint = load_checkpoint(ctx.output_dir, fingerprint, ctx.is_main)
+    if ranks_agree(None if checkpoint is None else int(checkpoint["step"]), ctx):
+        return checkpoint
+    if ctx.is_main:
+        print(f"{log_prefix} ranks found different checkpoints in {ctx.output_dir}; starting afresh", flush=True)
+    return None
+
+
+def announce_resume(ctx: RunContext, log_prefix: str, step: int, plan: StepPlan, line: str = RESUME_LINE) -> None:
+    if ctx.is_main:
+        text = line.format(folder=Path(ctx.output_dir) / CHECKPOINT_DIR, step=step, total=plan.total_steps,
+                           epoch=step // plan.steps_per_epoch)
+        print(f"{log_prefix} {text}", flush=True)
+
+
+def wrap_ddp(module: torch.nn.Module, ctx: RunContext) -> torch.nn.Module:
+    """DistributedDataParallel around `module` when there are several processes, else `module` itself."""
+    if not ctx.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = torch.device(ctx.device)
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def start_training(ctx: RunContext, model: torch.nn.Module, plan: StepPlan, fingerprint: dict, *, lr: float,
+                   weight_decay: float, log_prefix: str, optimizer: str = "adamw",
+                   module: torch.nn.Module | None = None, load_weights: Callable[[dict], object] | None = None,
+                   model_state: Callable[[], dict] | None = None, resume_line: str = RESUME_LINE) -> Training:
+    """A `Training` of `model`'s trainable parameters under DDP (`module`, default `model`, is what is wrapped
+    and computes the loss), resumed from this run's checkpoint when every rank found the same one.
+    `load_weights` / `model_state`: how a checkpoint's "model" is put back and made (default: the whole
+    `model.load_state_dict` / `model.state_dict`; LoRA methods keep only what trains)."""
+    checkpoint = agreed_checkpoint(ctx, fingerprint, log_prefix)
+    if checkpoint is not None:
+        (load_weights or model.load_state_dict)(checkpoint["model"])
+    wrapped = wrap_ddp(module or model, ctx)
+    made = make_optimizer(model, lr, weight_decay, torch.device(ctx.device), optimizer)
+    scheduler = make_scheduler(made, plan.warmup_steps, plan.total_steps)
+    start_step = 0
+    if checkpoint is not None:
+        start_step = restore(checkpoint, made, scheduler, ctx.rank)
+        announce_resume(ctx, log_prefix, start_step, plan, resume_line)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    state = model_state or model.state_dict
+    return Training(
+        wrapped=wrapped, optimizer=made, scheduler=scheduler, start_step=start_step,
+        clip=lambda: torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM),
+        save=lambda step: save_checkpoint(ctx, state, made, scheduler, step, plan.steps_per_epoch, fingerprint))
+
+
+def gradient_sync(training: Training, last: bool):
+    """Gradients are all-reduced on a step's last micro-batch only (DDP and FSDP have `no_sync`; a single process
+    has nothing to synchronise)."""
+    if last or not hasattr(training.wrapped, "no_sync"):
+        return contextlib.nullcontext()
+    return training.wrapped.no_sync()
+
+
+def optimizer_step(training: Training) -> None:
+    training.clip()
+    training.optimizer.step()
+    training.scheduler.step()
+    training.optimizer.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+@dataclass
+class Tally:
+    """What one (micro-)batch of a step counted: its loss and, for joint heads, each head's part (tensors, summed
+    on the device), the weight they are summed over (1 for a batch-mean loss, labelled tokens for a summed one),
+    and the examples or tokens it computed (for throughput)."""
+
+    loss: torch.Tensor
+    weight: float
+    count: float
+    parts: Sequence[torch.Tensor] = ()
 
 
 @dataclass
 class LoopTimes:
     train_time_s: float  # training only: dev evaluation and checkpoints left out
     dev_eval_time_s: float
-    examples: float  # training examples seen in this attempt, all ranks together
+    counted: float  # examples (or tokens) the per-step function counted in this attempt, all ranks together
 
 
-def train_loop(ctx: RunContext, *, device: torch.device, distributed: bool, start_step: int, total_steps: int,
-               batch_at: Callable[[int], Sequence[int]],
-               losses_of: Callable[[Sequence[int]], tuple[torch.Tensor, list[torch.Tensor]]],
-               parameters: list[torch.nn.Parameter], optimizer, scheduler, opts,
-               evaluate_dev: Callable[[int], float] | None, save_checkpoint: Callable[[int], None],
-               part_names: Sequence[str] = ()) -> LoopTimes:
-    """Run optimizer steps `start_step + 1 .. total_steps`.
+@dataclass
+class _Window:
+    """The tallies since the last logged point and the time they took (pauses left out)."""
 
-    `batch_at(step)`: the training-row indices of that step's batch. `losses_of(indices)`: the loss to minimise
-    and its parts, one per name in `part_names` (logged as extra train-loss series; empty for one head).
-    `evaluate_dev(step)` returns the seconds it took (None: no dev set). `opts` supplies `log_every`,
-    `eval_every` and `checkpoint_every`.
+    losses: torch.Tensor  # loss, then the parts: on the device, so no host sync per step
+    weight: float = 0.0
+    count: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    paused: float = 0.0
+
+    @classmethod
+    def empty(cls, parts: int, device: torch.device) -> "_Window":
+        return cls(torch.zeros(1 + parts, dtype=torch.float64, device=device))
+
+    def add(self, tally: Tally) -> None:
+        self.losses += torch.stack([tally.loss, *tally.parts]).double()
+        self.weight += tally.weight
+        self.count += tally.count
+
+
+def _log_window(ctx: RunContext, training: Training, window: _Window, step: int, total: int,
+                part_names: Sequence[str], counted: str, echo: str | None) -> None:
+    totals = torch.cat([window.losses, torch.tensor([window.weight, window.count], dtype=torch.float64,
+                                                    device=window.losses.device)])
+    if ctx.distributed:
+        dist.all_reduce(totals)  # sums over ranks: the global mean loss and throughput
+    *losses, weight, count = totals.tolist()
+    elapsed = max(time.perf_counter() - window.started - window.paused, 1e-9)
+    loss = losses[0] / max(weight, 1.0)
+    ctx.log_metric(step, "train_loss", loss)
+    for name, part in zip(part_names, losses[1:]):
+        ctx.log_metric(step, name, part / max(weight, 1.0))
+    ctx.log_metric(step, "lr", float(training.scheduler.get_last_lr()[0]))
+    ctx.log_metric(step, f"train_{counted}_per_s", count / elapsed)
+    ctx.set_progress(step, total)
+    if echo and ctx.is_main:
+        print(f"{echo} step {step}/{total} train_loss {loss:.4f} ({count / elapsed:.0f} {counted}/s)", flush=True)
+
+
+def _pause(ctx: RunContext, training: Training, evaluate_dev: Callable[[int], float] | None, step: int,
+           total: int) -> tuple[float, float]:
+    """Dev evaluation and checkpoint due after `step`: (seconds both took, seconds of dev evaluation)."""
+    opts = ctx.options
+    evaluated = 0.0
+    if evaluate_dev is not None and opts.eval_every and step % opts.eval_every == 0 and step < total:
+        evaluated = evaluate_dev(step)
+    saving = 0.0
+    if opts.checkpoint_every and (step % opts.checkpoint_every == 0 or step == total):
+        started = time.perf_counter()
+        training.save(step)
+        saving = time.perf_counter() - started
+    return evaluated + saving, evaluated
+
+
+def train_loop(ctx: RunContext, training: Training, plan: StepPlan, gradients: Callable[[int], Sequence[Tally]], *,
+               evaluate_dev: Callable[[int], float] | None, part_names: Sequence[str] = (),
+               counted: str = "examples", echo: str | None = None) -> LoopTimes:
+    """Run optimizer steps `training.start_step + 1 .. plan.total_steps`.
+
+    `gradients(step)`: back-propagates the loss of that step's batch (or micro-batches) and returns one `Tally`
+    per batch; the loop then clips, steps the optimizer and the schedule. `part_names`: one logged train-loss
+    series per tally part. `evaluate_dev(step)` logs dev metrics and returns the seconds it took (None: no dev
+    set). `counted` names the throughput metric (`train_<counted>_per_s`); `echo`, when given, prefixes a log
+    line per logged point. `ctx.options` supplies `log_every`, `eval_every` and `checkpoint_every`.
     """
-    step = start_step
-    ctx.set_progress(step, total_steps)
-    loop_started = time.perf_counter()
-    paused = dev_eval_time = 0.0
-    examples_seen = 0  # this rank, this attempt
-    parts = len(part_names)
-    window = torch.zeros(1 + parts + 2, dtype=torch.float64, device=device)  # loss, parts, steps, examples
-    window_started, window_paused = time.perf_counter(), 0.0
-
-    while step < total_steps:
-        indices = batch_at(step)
-        loss, part_losses = losses_of(indices)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    device = torch.device(ctx.device)
+    step, total = training.start_step, plan.total_steps
+    ctx.set_progress(step, total)
+    loop_started, paused, dev_eval_time, seen = time.perf_counter(), 0.0, 0.0, 0.0  # seen: this rank, attempt
+    window = _Window.empty(len(part_names), device)
+    while step < total:
+        for tally in gradients(step):
+            window.add(tally)
+            seen += tally.count
+        optimizer_step(training)
         step += 1
-        examples_seen += len(indices)
-        # Accumulated on the device: no host sync per step.
-        window[: 1 + parts] += torch.stack([loss.detach(), *(p.detach() for p in part_losses)]).double()
-        window[-2] += 1
-        window[-1] += len(indices)
-
-        if step % opts.log_every == 0 or step == total_steps:
-            totals = window.clone()
-            if distributed:
-                dist.all_reduce(totals)  # sums over ranks: the global mean loss and examples
-            values = totals.tolist()
-            steps_sum, examples_sum = values[-2], values[-1]
-            elapsed = max(time.perf_counter() - window_started - window_paused, 1e-9)
-            ctx.log_metric(step, "train_loss", values[0] / steps_sum)
-            for k, name in enumerate(part_names):
-                ctx.log_metric(step, name, values[1 + k] / steps_sum)
-            ctx.log_metric(step, "lr", float(scheduler.get_last_lr()[0]))
-            ctx.log_metric(step, "train_examples_per_s", examples_sum / elapsed)
-            ctx.set_progress(step, total_steps)
-            window.zero_()
-            window_started, window_paused = time.perf_counter(), 0.0
-
-        spent = 0.0
-        if evaluate_dev is not None and opts.eval_every and step % opts.eval_every == 0 and step < total_steps:
-            evaluated = evaluate_dev(step)
-            dev_eval_time += evaluated
-            spent += evaluated
-        if opts.checkpoint_every and (step % opts.checkpoint_every == 0 or step == total_steps):
-            started = time.perf_counter()
-            save_checkpoint(step)
-            spent += time.perf_counter() - started
-        paused += spent
-        window_paused += spent
+        if step % ctx.options.log_every == 0 or step == total:
+            _log_window(ctx, training, window, step, total, part_names, counted, echo)
+            window = _Window.empty(len(part_names), device)
+        spent, evaluated = _pause(ctx, training, evaluate_dev, step, total)
+        paused, dev_eval_time, window.paused = paused + spent, dev_eval_time + evaluated, window.paused + spent
 
     train_time = time.perf_counter() - loop_started - paused
-    ctx.set_progress(total_steps, total_steps)
+    ctx.set_progress(total, total)
     if evaluate_dev is not None:
-        dev_eval_time += evaluate_dev(total_steps)
-    seen = torch.tensor([examples_seen], dtype=torch.float64, device=device)
-    if distributed:
-        dist.all_reduce(seen)
-    return LoopTimes(train_time_s=train_time, dev_eval_time_s=dev_eval_time, examples=float(seen.item()))
+        dev_eval_time += evaluate_dev(total)
+    return LoopTimes(train_time_s=train_time, dev_eval_time_s=dev_eval_time, counted=all_ranks_sum(seen, ctx))
+
+
+def all_ranks_sum(value: float, ctx: RunContext) -> float:
+    total = torch.tensor([value], dtype=torch.float64, device=torch.device(ctx.device))
+    if ctx.distributed:
+        dist.all_reduce(total)
+    return float(total.item())
 
 
 # ------------------------------------------------------------------------------ optimizer, schedule
@@ -167,9 +398,21 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
 
 
-def save_checkpoint(ctx: RunContext, model, optimizer, scheduler, step: int, steps_per_epoch: int,
-                    fingerprint: dict) -> None:
-    """Write `output_dir/checkpoint` atomically on rank 0 (temp folder + rename); all ranks must call."""
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Put the finished folder `tmp` in the place of `final` by renames: a reader finds the old folder or the
+    new one, whole. A crash between the two renames leaves `.<final>.old`, which `load_checkpoint` reads."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(ctx: RunContext, model_state: Callable[[], dict], optimizer, scheduler, step: int,
+                    steps_per_epoch: int, fingerprint: dict) -> None:
+    """Write `output_dir/checkpoint` atomically on rank 0 (temp folder + rename); all ranks must call.
+    `model_state()`: the weights to keep (e.g. `model.state_dict`)."""
     rng = [_rng_state()]
     if ctx.world_size > 1:
         rng = [None] * ctx.world_size
@@ -178,12 +421,11 @@ def save_checkpoint(ctx: RunContext, model, optimizer, scheduler, step: int, ste
         output_dir = Path(ctx.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         tmp = output_dir / f".{CHECKPOINT_DIR}.tmp-{os.getpid()}"
-        final, old = output_dir / CHECKPOINT_DIR, output_dir / f".{CHECKPOINT_DIR}.old"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         epoch, position = divmod(step, steps_per_epoch)
         torch.save({
-            "model": model.state_dict(),
+            "model": model_state(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "step": step, "epoch": epoch, "position": position,
@@ -193,11 +435,7 @@ def save_checkpoint(ctx: RunContext, model, optimizer, scheduler, step: int, ste
         (tmp / "meta.json").write_text(json.dumps(
             {"step": step, "epoch": epoch, "position_in_epoch": position, "saved_at": time.time(),
              "fingerprint": fingerprint}, indent=2) + "\n")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.rename(final, old)  # a crash right here leaves .checkpoint.old, which load_checkpoint reads
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_directory(tmp, output_dir / CHECKPOINT_DIR)
     if ctx.world_size > 1:
         dist.barrier()
 

@@ -17,6 +17,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from clfbench.engine.dev_split import split_dev  # noqa: E402
 from clfbench.engine.methods import encoder_finetune  # noqa: E402
 from clfbench.engine.methods.catalog import EncoderFinetuneOptions  # noqa: E402
 from clfbench.engine.models import resolve_model  # noqa: E402
@@ -162,7 +163,7 @@ def test_uses_the_task_dev_split(tiny_bert, tmp_path):
     # test_limit is applied when the worker loads the task (tests/test_tasks.py): the method predicts every test
     # example it is given, and run_method checks that each got exactly one answer.
     task = synthetic_task(n_train=64, n_test=30, dev=12)
-    train, dev = encoder_finetune.split_dev(task, 0.05, seed=0)
+    train, dev = split_dev(task, 0.05, seed=0)
     assert len(train) == 64 and len(dev) == 12
     recorder = Recorder()
     output = run_method(encoder_finetune, make_ctx(tiny_bert, tmp_path, recorder, task=task, epochs=1))
@@ -172,12 +173,12 @@ def test_uses_the_task_dev_split(tiny_bert, tmp_path):
 
 def test_dev_hold_out_is_seeded_and_disjoint():
     task = synthetic_task(n_train=100)
-    train, dev = encoder_finetune.split_dev(task, 0.1, seed=3)
+    train, dev = split_dev(task, 0.1, seed=3)
     assert len(dev) == 10 and len(train) == 90
     assert not {ex.id for ex in train} & {ex.id for ex in dev}
-    assert encoder_finetune.split_dev(task, 0.1, seed=3) == (train, dev)
-    assert encoder_finetune.split_dev(task, 0.1, seed=4)[1] != dev
-    assert encoder_finetune.split_dev(task, 0.0, seed=3) == (task.train, [])
+    assert split_dev(task, 0.1, seed=3) == (train, dev)
+    assert split_dev(task, 0.1, seed=4)[1] != dev
+    assert split_dev(task, 0.0, seed=3) == (task.train, [])
 
 
 DDP_SCRIPT = textwrap.dedent("""

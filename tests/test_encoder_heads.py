@@ -16,6 +16,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from clfbench.engine import heads, training  # noqa: E402
+from clfbench.engine.codec import IGNORE_INDEX, Codec, Row, align_labels, align_rows, word_tags  # noqa: E402
+from clfbench.engine.dev_split import split_dev, split_dev_rows  # noqa: E402
 from clfbench.engine.methods import encoder_finetune as ef  # noqa: E402
 from clfbench.engine.methods.catalog import METHODS, EncoderFinetuneOptions  # noqa: E402
 from clfbench.engine.metrics import slot_scores  # noqa: E402
@@ -114,15 +117,15 @@ def slot_f1(predictions) -> float:
 
 
 def test_only_the_first_sub_word_of_each_word_carries_its_tag(tiny_bert):
-    tokenizer, _ = ef.load_model(tiny_bert, [ef.Head("s", "token", SLOT_TAGS)], words=True)
-    codec = ef.Codec(tokenizer, words=True, max_length=64)
+    tokenizer, _ = heads.load_encoder(tiny_bert, [heads.Head("s", "token", SLOT_TAGS)], words=True)
+    codec = Codec(tokenizer, words=True, max_length=64)
     words = ["fly", "to", "zanzibarqx", "at", "seven", "am"]
     tags = ["O", "O", "B-city", "O", "B-time", "I-time"]
     label2id = {tag: i for i, tag in enumerate(SLOT_TAGS)}
     encoding = codec.encode([tuple(words), ("paris",)])
     pieces = tokenizer.convert_ids_to_tokens(encoding["input_ids"][0].tolist())
     word_ids = encoding.word_ids(0)
-    labels = ef.align_labels(word_ids, tags, label2id)
+    labels = align_labels(word_ids, tags, label2id)
 
     city_pieces = [p for p, w in zip(pieces, word_ids) if w == 2]
     assert len(city_pieces) >= 2 and city_pieces[1].startswith("##")  # really split into sub-words
@@ -132,13 +135,13 @@ def test_only_the_first_sub_word_of_each_word_carries_its_tag(tiny_bert):
         if position in starts:
             assert label == label2id[tags[word]], (piece, word)
         else:  # [CLS], [SEP], later sub-words: ignored by the loss
-            assert label == ef.IGNORE_INDEX, (piece, word)
+            assert label == IGNORE_INDEX, (piece, word)
     assert [labels[i] for i in starts] == [label2id[t] for t in tags]
 
     # In a padded batch the padding is ignored too; one labelled position per word.
-    rows = [ef.Row("a", tuple(words), (Example("a", " ".join(words), tokens=tuple(words), tags=tuple(tags)),)),
-            ef.Row("b", ("paris",), (Example("b", "paris", tokens=("paris",), tags=("B-city",)),))]
-    (targets,) = ef.batch_targets([ef.Head("s", "token", SLOT_TAGS)], rows, encoding, torch.device("cpu"))
+    rows = [Row("a", tuple(words), (Example("a", " ".join(words), tokens=tuple(words), tags=tuple(tags)),)),
+            Row("b", ("paris",), (Example("b", "paris", tokens=("paris",), tags=("B-city",)),))]
+    (targets,) = heads.batch_targets([heads.Head("s", "token", SLOT_TAGS)], rows, encoding, torch.device("cpu"))
     assert targets.shape == encoding["input_ids"].shape
     assert targets[0].tolist() == labels
     assert targets[1].tolist() == [-100, label2id["B-city"]] + [-100] * (targets.shape[1] - 2)
@@ -146,25 +149,25 @@ def test_only_the_first_sub_word_of_each_word_carries_its_tag(tiny_bert):
 
     # Reading predictions back: one tag per word, from its first sub-word.
     position_tags = [f"tag{i}" for i in range(len(word_ids))]
-    assert ef.word_tags(word_ids, len(words), position_tags) == [f"tag{i}" for i in starts]
+    assert word_tags(word_ids, len(words), position_tags) == [f"tag{i}" for i in starts]
 
 
 def test_truncated_words_are_tagged_o_and_counted(tiny_bert):
-    tokenizer, _ = ef.load_model(tiny_bert, [ef.Head("s", "token", SLOT_TAGS)], words=True)
-    codec = ef.Codec(tokenizer, words=True, max_length=8)
+    tokenizer, _ = heads.load_encoder(tiny_bert, [heads.Head("s", "token", SLOT_TAGS)], words=True)
+    codec = Codec(tokenizer, words=True, max_length=8)
     words = ("fly", "to", "zanzibarqx", "at", "seven", "am", "please", "now")
     encoding = codec.encode([words])
     word_ids = encoding.word_ids(0)
     assert len(word_ids) == 8 and word_ids[-1] is None  # cut, and still ends with [SEP]
     kept = {w for w in word_ids if w is not None}
     assert kept == set(range(max(kept) + 1)) and max(kept) < len(words) - 1
-    predicted = ef.word_tags(word_ids, len(words), ["B-time"] * len(word_ids))
+    predicted = word_tags(word_ids, len(words), ["B-time"] * len(word_ids))
     assert len(predicted) == len(words)
     assert predicted == ["B-time"] * len(kept) + ["O"] * (len(words) - len(kept))
-    rows = [ef.Row("a", words, ()), ef.Row("b", ("short",), ())]
+    rows = [Row("a", words, ()), Row("b", ("short",), ())]
     assert codec.truncated_words(rows) == [len(words) - len(kept), 0]
     # The loss ignores cut-off words: only kept words carry labels.
-    labels = ef.align_labels(word_ids, ["O"] * len(words), {"O": 0})
+    labels = align_labels(word_ids, ["O"] * len(words), {"O": 0})
     assert sum(label != -100 for label in labels) == len(kept)
 
 
@@ -264,20 +267,20 @@ def test_joint_tasks_must_pair_by_id(tiny_bert, tmp_path):
     # Ids that pair but in another order are fine: rows follow the first task's order.
     tasks = synthetic_tasks(n_train=30, n_test=10)
     tasks["syn-slots"].train.reverse()
-    rows = ef.align_rows([tasks["syn-intent"], tasks["syn-slots"]], "train", word_source=1)
+    rows = align_rows([tasks["syn-intent"], tasks["syn-slots"]], "train", word_source=1)
     assert [r.id for r in rows] == [ex.id for ex in tasks["syn-intent"].train]
     assert all(r.examples[0].id == r.examples[1].id and r.inputs == r.examples[1].tokens for r in rows)
     # An id only the second task has is named too.
     tasks["syn-slots"].test.append(Example(id="extra", text="x", tokens=("x",), tags=("O",)))
     with pytest.raises(ClfbenchError, match="test example id 'extra' of syn-slots"):
-        ef.align_rows([tasks["syn-intent"], tasks["syn-slots"]], "test", word_source=1)
+        align_rows([tasks["syn-intent"], tasks["syn-slots"]], "test", word_source=1)
 
 
 def test_joint_hold_out_is_the_same_rows_for_both_tasks():
     tasks = synthetic_tasks(n_train=100)
-    rows = ef.align_rows([tasks["syn-intent"], tasks["syn-coarse"]], "train")
-    train, dev = ef.split_dev_rows(rows, [], 0.1, seed=3)
-    single_train, single_dev = ef.split_dev(tasks["syn-intent"], 0.1, seed=3)
+    rows = align_rows([tasks["syn-intent"], tasks["syn-coarse"]], "train")
+    train, dev = split_dev_rows(rows, [], 0.1, seed=3)
+    single_train, single_dev = split_dev(tasks["syn-intent"], 0.1, seed=3)
     assert [r.id for r in dev] == [ex.id for ex in single_dev] and len(dev) == 10
     assert [r.id for r in train] == [ex.id for ex in single_train]
     assert all(r.examples[0].id == r.examples[1].id for r in dev)
@@ -375,13 +378,13 @@ def test_paper_preset_is_what_the_run_uses(tiny_bert, tmp_path, monkeypatch, cap
     intent = tasks["syn-intent"]
     intent.name = "massive-intent"  # the preset reads the task names: MASSIVE -> 20 epochs
     made = []
-    real = ef.make_optimizer
+    real = training.make_optimizer
 
     def spy(*args, **kwargs):
         made.append(real(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(ef, "make_optimizer", spy)
+    monkeypatch.setattr(training, "make_optimizer", spy)
     recorder = Recorder()
     output = run_method(ef, make_ctx(tiny_bert, tmp_path, recorder, [intent], preset="paper", epochs=1, batch_size=4,
                              lr=0.5, weight_decay=0.3, warmup_ratio=0.0, eval_every=0, log_every=1))

@@ -13,7 +13,7 @@ from tests.conftest import SAMPLES, build_tiny_model, run_method
 
 torch = pytest.importorskip("torch")
 
-from clfbench.engine.methods import encoder_finetune as ef  # noqa: E402
+from clfbench.engine.heads import Head  # noqa: E402
 from clfbench.engine.methods import ls_llama  # noqa: E402
 from clfbench.engine.methods.catalog import METHODS, LsLlamaOptions, LsUnllamaOptions  # noqa: E402
 from clfbench.engine.metrics import slot_scores  # noqa: E402
@@ -38,7 +38,7 @@ def build(path: str, method: str, kind: str = "sequence", **options):
     would leave the adapters out of every comparison)."""
     labels = SLOT_TAGS if kind == "token" else ["a", "b", "c"]
     torch.manual_seed(0)
-    tokenizer, model = ls_llama.load_model(path, ef.Head("t", kind, labels), OPTIONS[method](**options),
+    tokenizer, model = ls_llama.load_model(path, Head("t", kind, labels), OPTIONS[method](**options),
                                            bidirectional=ls_llama.BIDIRECTIONAL[method], device=torch.device("cpu"))
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from clfbench.engine.methods.encoder_finetune import split_dev_rows
+from clfbench.engine.dev_split import split_dev_rows
 from clfbench.engine.decoding import SENTINEL, DecisionSettings, Decoder, decide, load_model
 from clfbench.engine.prompting.chat import ChatFormat
 from clfbench.engine.prompting.library import Item, PromptBuilder, load_prompt_set, paired_items
@@ -462,7 +462,7 @@ class DdpTrainer:
         return float(totals[0] / totals[1].clamp(min=1))
 
     def save(self, step: int, steps_per_epoch: int, fingerprint: dict) -> None:
-        save_checkpoint(self.ctx, self.model, self.optimizer, self.scheduler, step, steps_per_epoch, fingerprint)
+        save_checkpoint(self.ctx, self.model.state_dict, self.optimizer, self.scheduler, step, steps_per_epoch, fingerprint)
 
     def model_for_prediction(self) -> nn.Module:
         return self.model

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clfbench.engine.methods.encoder_finetune import _held_out
+from clfbench.engine.dev_split import held_out_indices
 from clfbench.engine.models import resolve_model
 from clfbench.storage.paths import feature_cache_dir
 from clfbench.engine.context import RunContext
@@ -142,8 +142,8 @@ def run(ctx: RunContext) -> MethodOutput | None:
     if task.dev:
         dev_x, dev_y = features["dev"], torch.tensor([label2id[ex.label] for ex in task.dev])
     else:  # a seeded share of train, chosen by row index so the cached train features serve every seed
-        held_set = _held_out(len(task.train), opts.dev_fraction, seed)
-        held = sorted(held_set)
+        held = held_out_indices(len(task.train), opts.dev_fraction, seed)
+        held_set = set(held)
         keep = [i for i in range(len(task.train)) if i not in held_set]
         dev_x, dev_y = [f[held] for f in train_x], train_y[held]
         train_x, train_y = [f[keep] for f in train_x], train_y[keep]

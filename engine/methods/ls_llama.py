@@ -11,31 +11,29 @@ entries, the variant comes from the run's method name:
 
 A **sequence** task pools the final hidden states of the real tokens (`pooling`: the last real token, their mean
 or their max; padding never contributes) into the head. A **token** task (BIO slots) labels every word by its
-first sub-word, exactly as encoder-finetune does (its `align_labels` / `word_tags` / `Codec` are reused).
+first sub-word, exactly as encoder-finetune does (both are built from the head-training library,
+`engine.heads` and `engine.codec`).
 
 Trainable: the LoRA matrices and the head, nothing else; checkpoints hold only those (a few MB instead of the
-whole base model) plus optimizer, scheduler, step and RNG states, and a retried run resumes from them. The loop
-is encoder-finetune's: DDP under torchrun, bf16 on GPUs, dev evaluation every `eval_every` steps (eval_loss,
-eval_accuracy or eval_slot_f1), train_loss / lr / train_examples_per_s every `log_every` steps, rank 0 predicts
-the test set.
+whole base model) plus optimizer, scheduler, step and RNG states, and a retried run resumes from them. The
+training is the library's (`engine.heads.fit_and_predict` on `engine.training`'s loop), as for encoder-finetune:
+DDP under torchrun, bf16 on GPUs, dev evaluation every `eval_every` steps (eval_loss, eval_accuracy or
+eval_slot_f1), train_loss / lr / train_examples_per_s every `log_every` steps, rank 0 predicts the test set.
 
 A text's logits do not depend on how its batch was padded (left, right or not at all): padding is masked as
 attention keys in both variants, pooling reads real tokens only, and position ids count real tokens only.
 """
 from __future__ import annotations
 
-import math
-import time
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from clfbench.engine.methods import encoder_finetune as ef
-from clfbench.engine.methods.catalog import split_plus
-from clfbench.engine.training import (autocast_for, load_checkpoint, make_optimizer, make_scheduler, save_checkpoint,
-                             restore, train_loop)
 from clfbench.engine.context import RunContext
-from clfbench.engine.types import ClfbenchError, MethodOutput, Predicted
+from clfbench.engine.heads import Head, HeadFit, HeadsModel, fit_and_predict, head_rows, load_encoder, prepare_fit
+from clfbench.engine.methods.catalog import split_plus
+from clfbench.engine.training import require_process_group, start_training
+from clfbench.engine.types import ClfbenchError, MethodOutput
 
 LOG_PREFIX = "ls-llama:"
 # Method name -> whether the causal mask is removed.
@@ -46,8 +44,8 @@ MODEL_FORMAT = 1  # in the checkpoint fingerprint: 1 = peft LoRA on AutoModel + 
 # ------------------------------------------------------------------------------------------- model
 
 
-class LabelSupervisedModel(ef.HeadsModel):
-    """A (LoRA-wrapped) decoder with one linear head: encoder-finetune's `HeadsModel` with mask-aware pooling
+class LabelSupervisedModel(HeadsModel):
+    """A (LoRA-wrapped) decoder with one linear head: the library's `HeadsModel` with mask-aware pooling
     over the real tokens (last | mean | max) and position ids that ignore padding.
 
     `forward(input_ids, attention_mask)` returns [logits]: [batch, labels] for a sequence head, [batch,
@@ -100,12 +98,14 @@ def remove_causal_mask(decoder) -> None:
     decoder.config.is_causal = False
 
 
-def load_model(model_path: str, head: ef.Head, options, bidirectional: bool, device: torch.device):
+def load_model(model_path: str, head: Head, options, bidirectional: bool, device: torch.device):
     """Tokenizer and a `LabelSupervisedModel`: the decoder frozen, LoRA adapters on `lora_target_modules`,
-    a new head. The tokenizer setup (pad token, word lists for token tasks) is encoder-finetune's."""
+    a new head. The tokenizer setup (pad token, word lists for token tasks) is the library's."""
     from peft import LoraConfig, get_peft_model
 
-    tokenizer, plain = ef.load_model(model_path, [head], words=head.kind == "token")
+    # The library's encoder loader: its fresh head goes unused, but making it draws from the RNG like before,
+    # so the LoRA and head initialisation (and a run's numbers) stay what they were.
+    tokenizer, plain = load_encoder(model_path, [head], words=head.kind == "token")
     decoder = plain.encoder
     architectures = getattr(decoder.config, "architectures", None) or []
     if not any(name.endswith("ForCausalLM") for name in architectures):
@@ -133,14 +133,11 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
 
 
-class _TrainableOnly:
-    """What `save_checkpoint` saves as "model": only the trainable parameters, not the frozen base."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return trainable_state(self.model)
+def load_trainable(model: torch.nn.Module, state: dict[str, torch.Tensor], output_dir: Path) -> None:
+    """Put a checkpoint's trainable parameters back (the frozen base came from the model files)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) & set(trainable_state(model)):
+        raise ClfbenchError(f"{LOG_PREFIX} checkpoint in {output_dir} does not match the model")
 
 
 def _use_bf16(device: torch.device, bf16: bool) -> bool:
@@ -154,119 +151,31 @@ def run(ctx: RunContext) -> MethodOutput | None:
     (task,) = ctx.tasks  # one sequence or token task with 2+ labels: checked by the worker against the catalog
     bidirectional = BIDIRECTIONAL[ctx.method]
     opts = ctx.options
-    seed = ctx.seed
-    distributed = ctx.world_size > 1
-    if distributed and not (dist.is_available() and dist.is_initialized()):
-        raise ClfbenchError(f"{LOG_PREFIX} world_size > 1 but torch.distributed is not initialised")
-    device = torch.device(ctx.device)
-
-    head = ef.Head(task.name, task.kind, list(task.labels))
-    words = 0 if task.kind == "token" else None  # the token task's words are the model input
-    train_rows, dev_rows = ef.split_dev_rows(ef.align_rows([task], "train", words), ef.align_rows([task], "dev", words),
-                                             opts.dev_fraction, seed)
-    if not train_rows:
-        raise ClfbenchError(f"{ctx.spec.method}: task {task.name} has no training examples")
-    dev_rows = dev_rows[: opts.dev_limit or None]
-    test_rows = ef.align_rows([task], "test", words)  # test_limit was applied when the worker loaded the task
-
-    tokenizer, model = load_model(ctx.model_path, head, opts, bidirectional, device)
-    codec = ef.Codec(tokenizer, words=words is not None, max_length=opts.max_length)
-    model.to(device)
-    model.train()
-    autocast = autocast_for(device, opts.bf16)
+    require_process_group(ctx, LOG_PREFIX)
+    head = Head(task.name, task.kind, list(task.labels))
+    rows = head_rows([task], opts.dev_fraction, ctx.seed, ctx.method, dev_limit=opts.dev_limit)
+    tokenizer, model = load_model(ctx.model_path, head, opts, bidirectional, torch.device(ctx.device))
+    fit = prepare_fit(ctx, tokenizer, model, [head], rows)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
     if ctx.is_main:
-        print(f"{LOG_PREFIX} {ctx.spec.method} ({'bidirectional' if bidirectional else 'causal'} attention), "
-              f"{n_trainable:,} of {n_total:,} parameters train (LoRA r={opts.lora_r} on "
-              f"{opts.lora_target_modules} + head), pooling={opts.pooling}, {len(train_rows)} train / "
-              f"{len(dev_rows)} dev / {len(test_rows)} test", flush=True)
+        print(f"{LOG_PREFIX} {ctx.method} ({'bidirectional' if bidirectional else 'causal'} attention), "
+              f"{n_trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters train (LoRA "
+              f"r={opts.lora_r} on {opts.lora_target_modules} + head), pooling={opts.pooling}, {len(rows.train)} "
+              f"train / {len(rows.dev)} dev / {len(rows.test)} test", flush=True)
+    training = start_training(
+        ctx, model, fit.plan, fingerprint(ctx, fit, n_trainable), lr=opts.lr, weight_decay=opts.weight_decay,
+        log_prefix=LOG_PREFIX, load_weights=lambda state: load_trainable(model, state, ctx.output_dir),
+        model_state=lambda: trainable_state(model), resume_line="resuming at step {step}/{total}")
+    return fit_and_predict(ctx, fit, training, extra={"trainable_params": float(n_trainable)})
 
-    batch_size = opts.batch_size
-    steps_per_epoch = math.ceil(math.ceil(len(train_rows) / ctx.world_size) / batch_size)
-    total_steps = max(1, math.ceil(opts.epochs * steps_per_epoch))
-    warmup_steps = int(round(opts.warmup_ratio * total_steps))
-    fingerprint = {
-        "format": MODEL_FORMAT, "method": ctx.spec.method, "head": [head.name, head.kind, head.labels],
-        "n_train": len(train_rows), "n_dev": len(dev_rows), "world_size": ctx.world_size, "batch_size": batch_size,
-        "total_steps": total_steps, "seed": seed, "trainable_params": n_trainable,
+
+def fingerprint(ctx: RunContext, fit: HeadFit, n_trainable: int) -> dict:
+    """What a checkpoint must have been made with to be resumed here."""
+    opts, (head,) = ctx.options, fit.heads
+    return {
+        "format": MODEL_FORMAT, "method": ctx.method, "head": [head.name, head.kind, head.labels],
+        "n_train": len(fit.rows.train), "n_dev": len(fit.rows.dev), "world_size": ctx.world_size,
+        "batch_size": fit.batch_size, "total_steps": fit.plan.total_steps, "seed": ctx.seed,
+        "trainable_params": n_trainable,
         "lora": [opts.lora_r, opts.lora_alpha, opts.lora_dropout, opts.lora_target_modules], "pooling": opts.pooling,
     }
-    checkpoint = load_checkpoint(ctx.output_dir, fingerprint, ctx.is_main)
-    if distributed:  # resume only when every rank found the same step (e.g. output_dir not shared between nodes)
-        found: list = [None] * ctx.world_size
-        dist.all_gather_object(found, None if checkpoint is None else int(checkpoint["step"]))
-        if len(set(found)) != 1:
-            checkpoint = None
-    if checkpoint is not None:
-        missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
-        if unexpected or set(missing) & set(trainable_state(model)):
-            raise ClfbenchError(f"{LOG_PREFIX} checkpoint in {ctx.output_dir} does not match the model")
-
-    wrapped = model
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = make_optimizer(model, opts.lr, opts.weight_decay, device)
-    scheduler = make_scheduler(optimizer, warmup_steps, total_steps)
-    start_step = 0
-    if checkpoint is not None:
-        start_step = restore(checkpoint, optimizer, scheduler, ctx.rank)
-        if ctx.is_main:
-            print(f"{LOG_PREFIX} resuming at step {start_step}/{total_steps}", flush=True)
-        del checkpoint
-
-    from torch.utils.data.distributed import DistributedSampler
-
-    sampler = DistributedSampler(range(len(train_rows)), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=seed, drop_last=False)
-    batches = ef._EpochBatches(sampler, batch_size, steps_per_epoch)
-    (metric_name,) = ef.eval_metric_names([head])
-
-    def evaluate_dev(step: int) -> float:
-        started = time.perf_counter()
-        (score,) = ef.evaluate(model, codec, [head], dev_rows, ctx, autocast, batch_size * 2)
-        ctx.log_metric(step, "eval_loss", score["loss"])
-        ctx.log_metric(step, metric_name, score["accuracy"] if head.kind == "sequence" else score["slot_f1"])
-        return time.perf_counter() - started
-
-    # ------------------------------------------------------------------------------- training loop
-    def losses_of(indices):
-        rows = [train_rows[i] for i in indices]
-        encoding = codec.encode([row.inputs for row in rows])
-        targets = ef.batch_targets([head], rows, encoding, device)
-        with autocast:
-            logits = wrapped(input_ids=encoding["input_ids"].to(device),
-                             attention_mask=encoding["attention_mask"].to(device))
-        (loss,) = ef.head_losses([head], logits, targets)
-        return loss, []
-
-    times = train_loop(
-        ctx, device=device, distributed=distributed, start_step=start_step, total_steps=total_steps,
-        batch_at=batches.at, losses_of=losses_of, parameters=[p for p in model.parameters() if p.requires_grad],
-        optimizer=optimizer, scheduler=scheduler, opts=opts, evaluate_dev=evaluate_dev if dev_rows else None,
-        save_checkpoint=lambda step: save_checkpoint(ctx, _TrainableOnly(model), optimizer, scheduler, step,
-                                                        steps_per_epoch, fingerprint))
-    train_time, dev_eval_time = times.train_time_s, times.dev_eval_time_s
-
-    # ------------------------------------------------------------------------------ test prediction
-    output = None
-    if ctx.is_main:
-        started = time.perf_counter()
-        (predicted,), truncated = ef.predict(model, codec, [head], test_rows, device, autocast, batch_size * 2)
-        test_time = time.perf_counter() - started
-        extra = {
-            "train_time_s": train_time, "eval_time_s": test_time, "dev_eval_time_s": dev_eval_time,
-            "train_examples_per_s": times.examples / train_time if train_time > 0 else 0.0,
-            "test_examples_per_s": len(test_rows) / test_time if test_rows and test_time > 0 else 0.0,
-            "train_steps": float(total_steps), "resumed_from_step": float(start_step),
-            "trainable_params": float(n_trainable),
-        }
-        if head.kind == "token":
-            extra["truncated_words"] = float(truncated)
-        predictions = {row.id: Predicted(value) for row, value in zip(test_rows, predicted)}
-        output = MethodOutput(predictions={task.name: predictions}, extra_results={task.name: extra})
-    if distributed:
-        dist.barrier()  # the other ranks wait for rank 0's test prediction
-    return output
