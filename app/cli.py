@@ -109,12 +109,6 @@ def queue_command(
 
 # ---- lists and details ----------------------------------------------------------------------------
 
-def progress_text(run: dict) -> str:
-    if run["progress_total"]:
-        return f"{run['progress_step']}/{run['progress_total']}"
-    return ""
-
-
 @app.command("ls")
 def list_command(
     status: Optional[str] = typer.Option(None, "--status", help="only runs with this status"),
@@ -140,7 +134,7 @@ def list_command(
     for r in runs:
         values = {"id": str(r["id"]), "status": r["status"], "method": r["method"], "model": r["model"],
                   "task": r["task"], "shots": str(r["shots"]), "seed": str(r["seed"]),
-                  "gpus": r["gpus_assigned"] or "", "progress": progress_text(r),
+                  "gpus": r["gpus_assigned"] or "", "progress": render.progress_text(r),
                   "age": render.age(r["created_at"], now),
                   "time": render.duration(r["started_at"], r["finished_at"], now)}
         table.add_row(*(values[c] for c in columns))
@@ -167,7 +161,7 @@ def show_command(run_id: int = typer.Argument(...), as_json: bool = typer.Option
                 "gpus_assigned", "code_version", "spec_hash", "log_path", "output_dir"):
         if run[key] not in (None, ""):
             typer.echo(f"{key:>14}: {run[key]}")
-    typer.echo(f"{'progress':>14}: {progress_text(run) or '–'}")
+    typer.echo(f"{'progress':>14}: {render.progress_text(run) or '–'}")
     typer.echo(f"{'time':>14}: {render.duration(run['started_at'], run['finished_at'])}")
     typer.echo(f"{'spec':>14}: {run['spec_json']}")
     if run["error"]:

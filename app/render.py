@@ -1,7 +1,8 @@
-"""Turning store query results into text: the results matrix in table/md/csv/latex/json, run lists.
+"""Turning store query results into text: the results matrix in table/md/csv/latex/json, and a run's state
+(status colours, progress, time left, age, duration) as run lists show it.
 
-The TUI's export uses these same functions, so a file exported there has the numbers `clfbench results`
-prints.
+The CLI and the TUI both use these functions, so a file exported from the TUI has the numbers
+`clfbench results` prints, and `clfbench ls` and the runs screen write a run's progress the same way.
 """
 from __future__ import annotations
 
@@ -11,9 +12,16 @@ import json
 import math
 import time
 
+from rich.text import Text
+
 from clfbench.storage.queries import Matrix
 
 FORMATS = ("table", "md", "csv", "latex", "json")
+# How the TUI colours a run status (`clfbench ls` prints statuses plain).
+STATUS_STYLES = {
+    "queued": "cyan", "running": "bold yellow", "succeeded": "green", "failed": "bold red",
+    "cancelled": "magenta", "interrupted": "red",
+}
 
 
 def row_label(row: tuple[str, str, int, str]) -> str:
@@ -132,3 +140,34 @@ def duration(start: float | None, end: float | None, now: float | None = None) -
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def status_text(status: str) -> Text:
+    """A run status in its colour (no colour for a status this version does not know)."""
+    return Text(status, style=STATUS_STYLES.get(status, ""))
+
+
+def clock(seconds: float) -> str:
+    """A time left, short: `4m05`, `2h07`, and whole days from 48 hours on (`3d`)."""
+    minutes, secs = divmod(int(max(0, seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours >= 48:
+        return f"{hours // 24}d"
+    return f"{hours}h{minutes:02d}" if hours else f"{minutes}m{secs:02d}"
+
+
+def progress_text(run: dict) -> str:
+    """`step/total` (`12/47`); empty while the run has not said how many steps it has."""
+    if not run["progress_total"]:
+        return ""
+    return f"{run['progress_step']}/{run['progress_total']}"
+
+
+def progress_with_eta(run: dict, now: float) -> str:
+    """progress_text and, while running, the time left at the run's average rate since it started (`12/47 ~3m20`)."""
+    text = progress_text(run)
+    step, total = run["progress_step"], run["progress_total"]
+    if text and run["status"] == "running" and step and run["started_at"] and step < total:
+        per_step = (now - run["started_at"]) / step
+        text += f" ~{clock(per_step * (total - step))}"
+    return text
