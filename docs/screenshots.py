@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clfbench.app.tui.app import ClfbenchApp  # noqa: E402
+from clfbench.app.tui.messages import OpenNewRun  # noqa: E402
 from clfbench.storage import queries  # noqa: E402
 
 OUT = ROOT / "docs" / "screenshots"
@@ -56,7 +57,7 @@ async def shoot(db: str, run_id: int | None, size: tuple[int, int], out: Path) -
         await settle(pilot)
         save("help")
         await pilot.press("escape")
-        app.open_new_run()
+        app.post_message(OpenNewRun())
         await settle(pilot)
         save("new-run")
         await pilot.press("escape")

@@ -380,6 +380,40 @@ def test_m_and_e_open_the_results_and_errors_screens(seeded):
     run_app(make_app(seeded), scenario)
 
 
+def test_the_detail_keys_open_the_errors_and_a_prefilled_form(seeded):
+    from clfbench.app.tui.errors import ErrorsScreen
+
+    async def scenario(pilot):
+        await select_run(pilot, SUCCEEDED_ENCODER)
+        await pilot.press("enter")
+        await settle(pilot)
+        assert isinstance(pilot.app.screen, DetailScreen)
+        await pilot.press("e")
+        await pilot.pause()
+        assert isinstance(pilot.app.screen, ErrorsScreen) and pilot.app.screen.run_id == SUCCEEDED_ENCODER
+        await pilot.press("escape")
+        await pilot.pause()
+        await pilot.press("d")
+        await pilot.pause()
+        assert isinstance(pilot.app.screen, NewRunScreen)
+        assert pilot.app.screen.query_one("#field-model", Input).value == "minilm"
+
+    run_app(make_app(seeded), scenario)
+
+
+def test_screens_navigate_by_messages_and_never_import_each_other():
+    # A screen posts OpenRun / OpenErrors / OpenNewRun; only the app shell imports the screen modules.
+    from tests.architecture import ROOT, import_graph
+
+    graph = import_graph()
+    screens = {f"app.tui.{name}" for name in ("runs", "detail", "errors", "results", "new_run")}
+    assert sorted(f"{module} -> {other}" for module in graph if module != "app.tui.app"
+                  for other in graph[module] & screens) == []
+    reaching_into_the_app = [path.name for path in (ROOT / "app" / "tui").glob("*.py")
+                             if "self.app.open_" in path.read_text(encoding="utf-8")]
+    assert reaching_into_the_app == []
+
+
 # ---- the engine (a real detached engine on a private store) --------------------------------------
 
 def test_tui_starts_the_engine_and_its_keys_stop_and_start_it(home):

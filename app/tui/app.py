@@ -1,20 +1,25 @@
-"""The app shell: the store, the engine, global keys (q, ?, m, ctrl+p) and the command palette.
+"""The app shell: the store, the engine, global keys (q, ?, m, ctrl+p), the command palette and navigation.
 
 The TUI is one more client of the store: it reads through storage.queries and writes through the same
 queue functions as the CLI. Every store read and every engine start/stop runs in a thread worker, so the
 keyboard never waits on SQLite's writer lock or on a process starting.
+
+Navigation: a screen posts a message (app.tui.messages: OpenRun, OpenErrors, OpenNewRun) and the handlers
+here push the screen, so only this module imports the screen modules (a screen imports only its own dialogs).
+Screens other than the runs list are imported when first opened, which keeps the first paint fast.
 """
 from __future__ import annotations
 
 import time
 from typing import Callable, Iterable
 
-from textual import work
+from textual import on, work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
 
 from clfbench.app.tui.dialogs import HelpScreen
+from clfbench.app.tui.messages import OpenErrors, OpenNewRun, OpenRun
 from clfbench.app.tui.runs import RunsScreen
 from clfbench.engine.types import ClfbenchError
 from clfbench.storage.db import open_store
@@ -24,16 +29,15 @@ class ClfbenchApp(App):
     """`clfbench tui`: the runs list is home; other screens are pushed on top and popped with escape."""
 
     TITLE = "clfbench"
+    CSS = """
+    Screen { background: $background; }
+    """
     # The palette keeps Textual's default ctrl+p; q quits from every screen that has no text field focused.
     BINDINGS = [
         Binding("q", "quit", "Quit"),
         Binding("question_mark,f1", "help", "Help"),
         Binding("m", "results", "Results"),
     ]
-    CSS = """
-    Screen { background: $background; }
-    .title-bar { height: 1; background: $primary 30%; color: $text; padding: 0 1; text-style: bold; }
-    """
 
     def __init__(self, db: str | None = None, now: Callable[[], float] = time.time,
                  start_engine: bool = True) -> None:
@@ -108,25 +112,27 @@ class ClfbenchApp(App):
 
     # ---- screens ------------------------------------------------------------------------------
     def action_results(self) -> None:
-        try:
-            from clfbench.app.tui.results import ResultsScreen
-        except ImportError:
-            self.notify("the results screen is not installed", severity="error")
-            return
+        from clfbench.app.tui.results import ResultsScreen
+
         self.push_screen(ResultsScreen(self.store))
 
-    def open_errors(self, run_id: int | None) -> None:
-        try:
-            from clfbench.app.tui.errors import ErrorsScreen
-        except ImportError:
-            self.notify("the errors screen is not installed", severity="error")
-            return
-        self.push_screen(ErrorsScreen(self.store, run_id, task=None))
+    @on(OpenRun)
+    def open_run(self, message: OpenRun) -> None:
+        from clfbench.app.tui.detail import DetailScreen
 
-    def open_new_run(self, prefill: dict | None = None) -> None:
+        self.push_screen(DetailScreen(self.store, message.run_id))
+
+    @on(OpenErrors)
+    def open_errors(self, message: OpenErrors) -> None:
+        from clfbench.app.tui.errors import ErrorsScreen
+
+        self.push_screen(ErrorsScreen(self.store, message.run_id, task=message.task))
+
+    @on(OpenNewRun)
+    def open_new_run(self, message: OpenNewRun) -> None:
         from clfbench.app.tui.new_run import NewRunScreen
 
-        self.push_screen(NewRunScreen(self.store, prefill=prefill))
+        self.push_screen(NewRunScreen(self.store, prefill=message.prefill))
 
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):
@@ -148,11 +154,12 @@ class ClfbenchApp(App):
         self.push_screen(HelpScreen(title, keys))
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
-        yield SystemCommand("New run", "Open the form that queues a run or a sweep", self.open_new_run)
+        yield SystemCommand("New run", "Open the form that queues a run or a sweep",
+                            lambda: self.post_message(OpenNewRun()))
         yield SystemCommand("Results matrix", "Models × tasks, mean ± std over seeds", self.action_results)
         selected = getattr(screen, "selected_run_id", lambda: None)()
         yield SystemCommand("Errors", "Confusion matrix and misclassified examples of the selected run",
-                            lambda: self.open_errors(selected))
+                            lambda: self.post_message(OpenErrors(selected)))
         yield SystemCommand("Start engine", "Start the engine (detached) for this store", self.start_engine)
         yield SystemCommand("Stop engine", "Stop this host's engine; running workers go on", self.stop_engine)
         yield from super().get_system_commands(screen)  # Quit, Keys, Theme, Screenshot

@@ -21,13 +21,14 @@ from textual.worker import get_current_worker
 from textual_plotext import PlotextPlot
 
 from clfbench.app import render
-from clfbench.app.tui.runs import STATUS_STYLES, progress_text
+from clfbench.app.tui.messages import OpenErrors, OpenNewRun
+from clfbench.app.tui.screen_parts import TitleBar, copy_for_user, copy_key, tab_keys
 from clfbench.storage import queries
 from clfbench.storage.db import Store
 
 REFRESH_S = 1.5
 LOG_TAIL_BYTES = 64_000  # the first read of a log shows its last 64 kB; later reads follow from there
-TABS = ["curves", "eval", "results", "config", "log"]
+TABS = [("curves", "Curves"), ("eval", "Eval"), ("results", "Results"), ("config", "Config"), ("log", "Log")]
 
 
 def is_loss(name: str) -> bool:
@@ -59,17 +60,15 @@ def read_log(path: str | None, offset: int) -> tuple[str, int]:
 
 
 class DetailScreen(Screen):
+    """One run, live: its curves, results, spec and log in tabs (1-5)."""
+
     HELP_TITLE = "run detail"
     BINDINGS = [
         Binding("escape,backspace", "close", "Back"),
-        Binding("1", "tab('curves')", "Curves"),
-        Binding("2", "tab('eval')", "Eval"),
-        Binding("3", "tab('results')", "Results"),
-        Binding("4", "tab('config')", "Config"),
-        Binding("5", "tab('log')", "Log"),
+        *tab_keys(TABS),
         Binding("e", "errors", "Errors"),
         Binding("d", "duplicate", "Dup+edit", show=False),
-        Binding("y", "copy_spec", "Copy spec", show=False),
+        copy_key("copy_spec", "Copy spec"),
     ]
     DEFAULT_CSS = """
     DetailScreen #header { height: auto; max-height: 3; padding: 0 1; background: $panel; }
@@ -91,7 +90,7 @@ class DetailScreen(Screen):
         self.results: dict[str, dict[str, float]] = {}
 
     def compose(self) -> ComposeResult:
-        yield Static(f"clfbench · run {self.run_id}", classes="title-bar", id="title")
+        yield TitleBar(f"run {self.run_id}", id="title")
         yield Static("loading…", id="header")
         with TabbedContent(initial="curves"):
             with TabPane("1 Curves", id="curves"):
@@ -165,10 +164,10 @@ class DetailScreen(Screen):
         run = self.run
         now = self.app.now()
         line = Text()
-        line.append(run["status"], style=STATUS_STYLES.get(run["status"], ""))
+        line.append_text(render.status_text(run["status"]))
         line.append(f" · {run['method']} · {run['model']} · {run['task']} · shots {run['shots']} · seed {run['seed']}")
         second = []
-        progress = progress_text(run, now)
+        progress = render.progress_with_eta(run, now)
         if progress:
             second.append(f"progress {progress}")
         second.append(f"time {render.duration(run['started_at'], run['finished_at'], now)}")
@@ -240,16 +239,15 @@ class DetailScreen(Screen):
         self.dismiss()
 
     def action_errors(self) -> None:
-        self.app.open_errors(self.run_id)
+        self.post_message(OpenErrors(self.run_id))
 
     def action_duplicate(self) -> None:
         if self.run is not None:
-            self.app.open_new_run(prefill=json.loads(self.run["spec_json"]))
+            self.post_message(OpenNewRun(prefill=json.loads(self.run["spec_json"])))
 
     def action_copy_spec(self) -> None:
         if self.run is not None:
-            self.app.copy_to_clipboard(self.run["spec_json"])
-            self.notify(f"copied the spec of run {self.run_id}")
+            copy_for_user(self, self.run["spec_json"], f"the spec of run {self.run_id}")
 
     def selected_run_id(self) -> int:
         return self.run_id

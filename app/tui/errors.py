@@ -19,6 +19,7 @@ from textual.widgets import DataTable, Footer, Select, Static, TabbedContent, Ta
 
 from clfbench.app import render
 from clfbench.app.error_analysis import UNPARSED_COLUMN, ErrorReport, error_report, examples_for
+from clfbench.app.tui.screen_parts import TitleBar, copy_for_user, copy_key, tab_keys
 from clfbench.storage import queries
 from clfbench.storage.db import Store
 
@@ -60,17 +61,17 @@ def count_cell(count: int, diagonal: bool, largest_error: int) -> Text:
 
 
 class ErrorsScreen(Screen):
+    """One run on one task: per-label scores (1), the confusion matrix (2), the examples behind a cell (3)."""
+
     HELP_TITLE = "Errors"
     BINDINGS = [
-        Binding("1", "tab('labels')", "Labels"),
-        Binding("2", "tab('confusion')", "Confusion"),
-        Binding("3", "tab('examples')", "Examples"),
+        *tab_keys([("labels", "Labels"), ("confusion", "Confusion"), ("examples", "Examples")]),
         Binding("plus", "top_k(4)", "More labels", show=False),
         Binding("minus", "top_k(-4)", "Fewer labels", show=False),
         Binding("a", "all_labels", "All labels", show=False),
         Binding("r", "focus_run", "Run", show=False),
         Binding("t", "focus_task", "Task", show=False),
-        Binding("y", "copy_text", "Copy text", show=False),
+        copy_key("copy_text", "Copy text"),
         Binding("escape", "back", "Back", show=False),
     ]
     DEFAULT_CSS = """
@@ -99,7 +100,7 @@ class ErrorsScreen(Screen):
         self.example_rows: list[dict] = []
 
     def compose(self) -> ComposeResult:
-        yield Static("clfbench · errors", classes="title-bar", id="errors-title")
+        yield TitleBar("errors", id="errors-title")
         with Horizontal(id="pickers"):
             yield Select([], prompt="run", id="run", compact=True)
             yield Select([], prompt="task", id="task", compact=True)
@@ -174,7 +175,7 @@ class ErrorsScreen(Screen):
             return
         self.report = report
         run = self.runs[run_id]
-        self.query_one("#errors-title", Static).update(f"clfbench · errors · {run_title(run)}")
+        self.query_one("#errors-title", TitleBar).set_title("errors", run_title(run))
         parse_failures = sum(1 for row in report.rows if row["parse_status"] != "ok")
         self.query_one("#summary", Static).update(
             f"{task}: accuracy {report.accuracy:.1%}{' per tag' if report.token_task else ''} · "
@@ -334,8 +335,7 @@ class ErrorsScreen(Screen):
         table = self.query_one("#examples", DataTable)
         if self.example_rows and table.cursor_row < len(self.example_rows):
             row = self.example_rows[table.cursor_row]
-            self.app.copy_to_clipboard(row["text"])  # OSC 52 works over SSH and in tmux
-            self.notify(f"copied the text of example {row['example_id']}")
+            copy_for_user(self, row["text"], f"the text of example {row['example_id']}")
 
     def action_back(self) -> None:
         self.app.pop_screen()

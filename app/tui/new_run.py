@@ -21,6 +21,7 @@ from textual.screen import Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, Footer, Input, Label, Select, Static
 
+from clfbench.app.tui.screen_parts import TitleBar
 from clfbench.engine.methods.catalog import METHODS, option_fields
 from clfbench.engine.types import ClfbenchError
 from clfbench.storage import queue
@@ -75,6 +76,8 @@ def sweep_size(values: dict[str, Any], options: dict[str, Any]) -> int:
 
 
 class NewRunScreen(Screen):
+    """The form that queues a run or a sweep, empty or filled in from a run to duplicate."""
+
     HELP_TITLE = "new run"
     BINDINGS = [
         Binding("ctrl+s", "queue", "Queue"),
@@ -105,7 +108,7 @@ class NewRunScreen(Screen):
     # ---- building the form --------------------------------------------------------------------
     def compose(self) -> ComposeResult:
         title = "new run" if not self.prefill else "new run (duplicated; edit and queue)"
-        yield Static(f"clfbench · {title}", classes="title-bar")
+        yield TitleBar(title)
         with VerticalScroll(id="form"):
             with Horizontal(classes="row"):
                 yield Label("method")

@@ -27,6 +27,8 @@ from textual.widgets import Footer, Input, Select, Static
 
 from clfbench.app import render
 from clfbench.app.tui.matrix_view import MatrixData, MatrixView
+from clfbench.app.tui.messages import OpenErrors
+from clfbench.app.tui.screen_parts import TitleBar, copy_for_user, copy_key
 from clfbench.engine.methods.catalog import execution_options, option_defaults
 from clfbench.storage import queries
 from clfbench.storage.db import Store
@@ -257,7 +259,7 @@ class ResultsScreen(Screen):
         Binding("s", "sort", "Sort by column"),
         Binding("p", "toggle_paper", "Paper layout"),
         Binding("w", "export", "Export"),
-        Binding("y", "copy_cell", "Copy cell", show=False),
+        copy_key("copy_cell", "Copy cell"),
         Binding("r", "reload", "Reload", show=False),
         Binding("escape", "back", "Back", show=False),
     ]
@@ -284,7 +286,7 @@ class ResultsScreen(Screen):
         self.loaded_version: tuple[int, int] | None = None  # queries.results_version when last read
 
     def compose(self) -> ComposeResult:
-        yield Static("clfbench · results", classes="title-bar", id="results-title")
+        yield TitleBar("results", id="results-title")
         with Horizontal(id="controls"):
             yield Input(placeholder="filter: model:smollm method:prompt task:massive shots:5 words", id="query")
             yield Select([(m, m) for m in PREFERRED_METRICS], value=self.metric, allow_blank=False, id="metric")
@@ -372,7 +374,7 @@ class ResultsScreen(Screen):
         if self.sort_reverse:
             sort += ", reversed"
         layout = " · paper layout" if self.paper else ""
-        self.query_one("#results-title", Static).update(f"clfbench · results · {metric_title(self.metric)}{layout}")
+        self.query_one("#results-title", TitleBar).set_title("results", metric_title(self.metric) + layout)
         text = (f"{len(self.rows)}/{total} rows · {len(self.columns)} columns · sort: {sort}"
                 if total else "no results yet (runs appear here when they succeed)")
         self.query_one("#status", Static).update(text)
@@ -463,17 +465,14 @@ class ResultsScreen(Screen):
         if values is None:
             self.notify("no run in this cell")
             return
-        from clfbench.app.tui.errors import ErrorsScreen
-
-        self.app.push_screen(ErrorsScreen(self.store, run_id=values.run_ids[0], task=base_task(column)))
+        self.post_message(OpenErrors(values.run_ids[0], base_task(column)))
 
     def action_copy_cell(self) -> None:
         view = self.query_one("#matrix", MatrixView)
         if not self.rows:
             return
         text = view.visible_text(view.cursor_row, view.cursor_column)
-        self.app.copy_to_clipboard(text)  # OSC 52: reaches the local clipboard over SSH and in tmux
-        self.notify(f"copied {text}")
+        copy_for_user(self, text, text)
 
     def action_back(self) -> None:
         if self.query_one("#query", Input).has_focus:

@@ -19,46 +19,23 @@ from textual.worker import get_current_worker
 
 from clfbench.app import render
 from clfbench.app.tui.dialogs import ConfirmScreen
+from clfbench.app.tui.messages import OpenErrors, OpenNewRun, OpenRun
+from clfbench.app.tui.screen_parts import TitleBar, copy_for_user, copy_key
 from clfbench.storage import queries, queue
 from clfbench.storage.db import Store
 
 REFRESH_S = 1.5
 # Rows shown at once: the newest runs; the filter searches all of them. A 10k-run store stays responsive.
 MAX_ROWS = 1000
-STATUS_STYLES = {
-    "queued": "cyan", "running": "bold yellow", "succeeded": "green", "failed": "bold red",
-    "cancelled": "magenta", "interrupted": "red",
-}
 # Ordered so that at 80 columns the live state (status, progress, age) and what the run is come first.
 COLUMNS = [("id", 4), ("status", 11), ("progress", 14), ("age", 4), ("task", 28), ("model", 12),
            ("method", 16), ("shots", 5), ("gpu", 4)]
 
 
-def clock(seconds: float) -> str:
-    minutes, secs = divmod(int(max(0, seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours >= 48:
-        return f"{hours // 24}d"
-    return f"{hours}h{minutes:02d}" if hours else f"{minutes}m{secs:02d}"
-
-
-def progress_text(run: dict, now: float) -> str:
-    """`step/total` and, while running, the time left at the run's average rate since it started."""
-    step, total = run["progress_step"], run["progress_total"]
-    if not total:
-        return ""
-    text = f"{step}/{total}"
-    if run["status"] == "running" and step and run["started_at"] and step < total:
-        per_step = (now - run["started_at"]) / step
-        text += f" ~{clock(per_step * (total - step))}"
-    return text
-
-
 def run_cells(run: dict, now: float) -> tuple:
-    status = Text(run["status"], style=STATUS_STYLES.get(run["status"], ""))
     gpu = run["gpus_assigned"] or ("cpu" if run["status"] == "running" else "")
-    return (str(run["id"]), status, progress_text(run, now), render.age(run["created_at"], now), run["task"],
-            run["model"], run["method"], str(run["shots"]), gpu)
+    return (str(run["id"]), render.status_text(run["status"]), render.progress_with_eta(run, now),
+            render.age(run["created_at"], now), run["task"], run["model"], run["method"], str(run["shots"]), gpu)
 
 
 def matches(run: dict, terms: list[str]) -> bool:
@@ -95,7 +72,7 @@ class EngineInfo:
         line.append("\nqueue ")
         for status in ("queued", "running", "succeeded", "failed", "cancelled", "interrupted"):
             count = self.counts.get(status, 0)
-            line.append(f"{status} ", style=STATUS_STYLES[status]).append(f"{count}  ")
+            line.append(f"{status} ", style=render.STATUS_STYLES[status]).append(f"{count}  ")
         return line
 
 
@@ -110,6 +87,8 @@ def read_engine_info(store: Store, now: float, running: list[dict]) -> EngineInf
 
 
 class RunsScreen(Screen):
+    """Home: every run, live; the keys act on the selected run."""
+
     HELP_TITLE = "runs"
     BINDINGS = [
         Binding("enter", "open", "Open", show=False),  # the table's enter opens too (RowSelected)
@@ -122,8 +101,8 @@ class RunsScreen(Screen):
         Binding("e", "errors", "Errors"),
         Binding("s", "app.start_engine", "Engine start", show=False),
         Binding("S", "app.stop_engine", "Engine stop", show=False),
-        Binding("y", "copy_id", "Copy run id", show=False),
-        Binding("Y", "copy_spec", "Copy spec", show=False),
+        copy_key("copy_id", "Copy run id"),
+        copy_key("copy_spec", "Copy spec", key="Y"),
         Binding("escape", "clear_filter", "Clear filter", show=False),
     ]
     DEFAULT_CSS = """
@@ -143,7 +122,7 @@ class RunsScreen(Screen):
         self.filter_terms: list[str] = []
 
     def compose(self) -> ComposeResult:
-        yield Static(f"clfbench · runs · {self.store.label()}", classes="title-bar")
+        yield TitleBar("runs", self.store.label())
         yield Input(placeholder="filter: text, or field:text (status:running model:minilm)", id="filter",
                     compact=True)
         table = DataTable(cursor_type="row", zebra_stripes=True, id="runs")
@@ -251,22 +230,20 @@ class RunsScreen(Screen):
     def action_open(self) -> None:
         run = self.selected_run()
         if run is not None:
-            from clfbench.app.tui.detail import DetailScreen
-
-            self.app.push_screen(DetailScreen(self.store, run["id"]))
+            self.post_message(OpenRun(run["id"]))
 
     def action_new_run(self) -> None:
-        self.app.open_new_run()
+        self.post_message(OpenNewRun())
 
     def action_duplicate(self) -> None:
         run = self.selected_run()
         if run is not None:
-            self.app.open_new_run(prefill=json.loads(run["spec_json"]))
+            self.post_message(OpenNewRun(prefill=json.loads(run["spec_json"])))
 
     def action_errors(self) -> None:
         run = self.selected_run()
         if run is not None:
-            self.app.open_errors(run["id"])
+            self.post_message(OpenErrors(run["id"]))
 
     def action_cancel(self) -> None:
         run = self.selected_run()
@@ -310,11 +287,9 @@ class RunsScreen(Screen):
     def action_copy_id(self) -> None:
         run = self.selected_run()
         if run is not None:
-            self.app.copy_to_clipboard(str(run["id"]))
-            self.notify(f"copied run id {run['id']}")
+            copy_for_user(self, str(run["id"]), f"run id {run['id']}")
 
     def action_copy_spec(self) -> None:
         run = self.selected_run()
         if run is not None:
-            self.app.copy_to_clipboard(run["spec_json"])
-            self.notify(f"copied the spec of run {run['id']}")
+            copy_for_user(self, run["spec_json"], f"the spec of run {run['id']}")

@@ -1,0 +1,48 @@
+"""What every screen is built from: the title bar, the keys the screens share, copying for the user.
+
+One place for them, so that the screens look and answer alike: a screen's title reads `clfbench · <where>`,
+the number keys switch its tabs, `y` copies the value under the cursor.
+"""
+from __future__ import annotations
+
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import Static
+
+APP_NAME = "clfbench"
+
+
+def title_text(*parts: str) -> str:
+    """`clfbench · runs · sqlite:~/.clfbench/clfbench.db`: where the user is, most general first."""
+    return " · ".join((APP_NAME, *parts))
+
+
+class TitleBar(Static):
+    """The one-line bar atop every screen; set_title rewrites it when what the screen shows changes."""
+
+    DEFAULT_CSS = """
+    TitleBar { height: 1; background: $primary 30%; color: $text; padding: 0 1; text-style: bold; }
+    """
+
+    def __init__(self, *parts: str, id: str | None = None) -> None:
+        super().__init__(title_text(*parts), id=id)
+
+    def set_title(self, *parts: str) -> None:
+        self.update(title_text(*parts))
+
+
+def tab_keys(tabs: list[tuple[str, str]]) -> list[Binding]:
+    """Keys 1, 2, 3... for a screen's tabs, given as (tab, name) in order; each calls action_tab(tab)."""
+    return [Binding(str(number), f"tab('{tab}')", name) for number, (tab, name) in enumerate(tabs, 1)]
+
+
+def copy_key(action: str, description: str, key: str = "y") -> Binding:
+    """`y` copies (OSC 52, see copy_for_user); left out of the footer, listed by `?`."""
+    return Binding(key, action, description, show=False)
+
+
+def copy_for_user(screen: Screen, text: str, what: str) -> None:
+    """Put text on the user's clipboard and say what was copied. The app copies through the terminal
+    (OSC 52), which reaches the local clipboard over SSH and in tmux."""
+    screen.app.copy_to_clipboard(text)
+    screen.notify(f"copied {what}")
