@@ -402,6 +402,31 @@ class LlmFinetuneOptions(MethodOptions):
                              "answers to score; use decision=constrained or generate")
 
 
+
+class TfidfOptions(MethodOptions):
+    """A classical baseline: TF-IDF over word n-grams of the training texts, then a multinomial logistic
+    regression (scikit-learn, lbfgs). No model weights and no torch; the run's `model` only names the features.
+
+    C defaults to 10, not scikit-learn's 1: on MASSIVE intent's dev split (full train) it scored 84.2% against
+    79.9%, and on 1,000 held-out 20NG training posts (2,000 others for training) 83.4% against 77.6%; C=30 gained
+    under 0.3 points on either. min_df 2 changed MASSIVE dev by under 0.3 points. The other defaults are
+    scikit-learn's, except word pairs and sublinear tf (the usual text-classification choices). Slot (token)
+    tasks are refused by the catalog entry's task kinds.
+    """
+
+    max_ngram: int = Field(2, ge=1, le=5, description="word n-grams from 1 up to this length (2: words and word pairs)")
+    min_df: int = Field(1, ge=1, description="keep only n-grams that occur in at least this many training texts")
+    max_features: int | None = Field(None, ge=1, description="keep only the N n-grams most frequent in train "
+                                                             "(empty: all)")
+    sublinear_tf: bool = Field(True, description="term frequency as 1 + log(tf) instead of the raw count")
+    lowercase: bool = Field(True, description="lowercase the texts before extracting n-grams")
+    C: float = Field(10.0, gt=0, description="inverse strength of the L2 regularisation (larger: fits train closer)")
+    max_iter: int = Field(1000, ge=1, description="lbfgs iterations at most (the log says when they did not suffice)")
+    class_weight: Literal["none", "balanced"] = Field(
+        "none", description="balanced: weight each class inversely to its share of train (rare labels count more)")
+    train_limit: int | None = Field(None, ge=1, description="use only the first N training examples (after a seeded shuffle)")
+    test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
+
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
@@ -501,6 +526,19 @@ METHODS: dict[str, MethodInfo] = {
         task_kinds=("sequence", "token"),
         max_tasks=1,
         launch="torchrun",
+    ),
+    "tfidf": MethodInfo(
+        name="tfidf",
+        summary="TF-IDF over word n-grams and a logistic regression (scikit-learn): a classical CPU baseline "
+                "for sequence tasks, no model weights, no torch",
+        paper="none: a standard baseline for comparison, not from the seed papers",
+        module="clfbench.engine.methods.tfidf",
+        options=TfidfOptions,
+        task_kinds=("sequence",),
+        max_tasks=1,
+        launch="torchrun",
+        local_model=False,
+        cpu_only=True,
     ),
 }
 
