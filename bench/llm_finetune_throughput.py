@@ -4,8 +4,9 @@
     python bench/llm_finetune_throughput.py --seq-len 1024 --batch-size 4 --peak-tflops 989
     torchrun --standalone --nproc-per-node 2 bench/llm_finetune_throughput.py
 
-The step is the method's own: `engine.methods.llm_finetune.DdpTrainer` (DDP over NCCL, bf16 autocast, fp32 master
-weights, fused AdamW, gradient clipping) around `AnswerLoss`, on batches built by `collate`. Each row is a random
+The step is the method's own: `engine.training.start_training` (DDP over NCCL, fp32 master weights, fused AdamW)
+around `AnswerLoss`, `llm_finetune.micro_batch` (bf16 autocast, forward and backward) on a batch built by `collate`,
+then `engine.training.optimizer_step` (gradient clipping, AdamW, schedule). Each row is a random
 prompt of `--seq-len - --answer-len` tokens and a random answer of `--answer-len` labelled tokens; rows are fed
 whole (no shared prefix, so every token is computed once and counted once). The model is a Llama config of ~1.1B
 parameters (TinyLlama's shape: 22 layers, hidden 2048, 32 heads, 4 KV heads, MLP 5632, vocab 32000), random weights.
@@ -68,8 +69,9 @@ def main() -> int:
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from clfbench.engine.methods import llm_finetune as lf
     from clfbench.engine.context import RunContext
+    from clfbench.engine.methods import llm_finetune as lf
+    from clfbench.engine.training import StepPlan, autocast_for, optimizer_step, start_training
 
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     torch.cuda.set_device(local_rank)
@@ -93,11 +95,12 @@ def main() -> int:
     ctx = RunContext(run_id=0, attempt=1, spec=SimpleNamespace(seed=0, shots=0), options=None, tasks=[],
                      model_path="", output_dir=out_dir, rank=rank, world_size=world_size, local_rank=local_rank,
                      device=str(device), log_metric=lambda *a: None, set_progress=lambda *a: None)
-    opts = SimpleNamespace(lr=1e-5, weight_decay=0.0, bf16=True)
-    trainer = lf.DdpTrainer(ctx, loss_model, opts, device)
     total = args.warmup + args.steps
-    trainer.setup(warmup_steps=0, total_steps=total)
-    trainer.resume({"bench": True}, steps_per_epoch=total)  # nothing to resume; wraps the model in DDP
+    plan = StepPlan(steps_per_epoch=total, total_steps=total, warmup_steps=0)
+    # Nothing to resume in the fresh folder; wraps the loss in DDP when there are several GPUs.
+    training = start_training(ctx, model, plan, {"bench": True}, lr=1e-5, weight_decay=0.0, log_prefix="bench:",
+                              module=loss_model)
+    autocast = autocast_for(device, bf16=True)
 
     generator = torch.Generator().manual_seed(rank)
     prompt_len = args.seq_len - args.answer_len
@@ -115,8 +118,8 @@ def main() -> int:
             if world_size > 1:
                 dist.barrier()
             started = time.perf_counter()
-        trainer.backward(batch, scale, last=True)
-        trainer.optimizer_step()
+        lf.micro_batch(training, batch, scale, True, autocast, device)
+        optimizer_step(training)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - started
     tokens_per_s = args.steps * args.batch_size * args.seq_len * world_size / elapsed

@@ -23,6 +23,7 @@ from clfbench.engine.decoding import Decoder, load_model  # noqa: E402
 from clfbench.engine.prompting.chat import ChatFormat  # noqa: E402
 from clfbench.engine.prompting.library import PromptBuilder, load_prompt_set, paired_items  # noqa: E402
 from clfbench.engine.tasks import get_task, load_task  # noqa: E402
+from clfbench.engine.training import length_grouped_epochs  # noqa: E402
 from clfbench.engine.context import RunContext  # noqa: E402
 from clfbench.engine.types import ClfbenchError  # noqa: E402
 from tests.test_encoder_finetune import Recorder  # noqa: E402  (the shared test recorder)
@@ -135,13 +136,14 @@ def test_shared_prefix_gives_the_same_loss_and_gradients(loaded, task):
 
 def test_length_batches_are_seeded_and_dealt_evenly():
     lengths = [10 + (i * 37) % 90 for i in range(101)]
-    ranks = [lf.BatchSchedule(lengths, 4, 2, rank, seed=3, grad_accum=1) for rank in (0, 1)]
-    epoch0 = [r.epoch_batches(0) for r in ranks]
+    key = f"{lf.SHUFFLE_KEY}:3"  # seed 3
+    ranks = [length_grouped_epochs(lengths, 4, 2, rank, key, lf.SORT_WINDOW) for rank in (0, 1)]
+    epoch0 = [batches_of(0) for batches_of in ranks]
     assert len(epoch0[0]) == len(epoch0[1])  # the same number of micro-batches on every rank
     seen = sorted(i for batches in epoch0 for batch in batches for i in batch)
     assert set(seen) == set(range(101)) and len(seen) == 102  # one row repeated to fill the last global batch
-    again = lf.BatchSchedule(lengths, 4, 2, 0, seed=3, grad_accum=1)
-    assert again.epoch_batches(0) == epoch0[0] and again.epoch_batches(1) != epoch0[0]
+    again = length_grouped_epochs(lengths, 4, 2, 0, key, lf.SORT_WINDOW)
+    assert again(0) == epoch0[0] and again(1) != epoch0[0]
     spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch0[0]]
     assert sum(spread) / len(spread) < 10  # similar lengths together (random batches would spread ~60)
 

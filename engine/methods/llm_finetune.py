@@ -15,51 +15,51 @@
   are expanded to every row, whose own part (document, prompt tail, answer) follows with explicit positions and a
   4-D attention mask. The same maths as whole sequences (tested), ~8x fewer tokens on MASSIVE. Logits are
   computed only for the columns that hold answer tokens (`logits_to_keep`);
-- micro-batches are grouped by length: a seeded shuffle per epoch, sorted by length inside windows of 50 batches,
-  cut into batches whose order is shuffled again; with several ranks a global batch of batch_size * world_size
-  similar-length rows is dealt round-robin, so every rank has the same number of micro-batches;
+- micro-batches are grouped by length (`engine.training.length_grouped_epochs`): a seeded shuffle per epoch,
+  sorted by length inside windows of 50 batches, cut into batches whose order is shuffled again; with several
+  ranks a global batch of batch_size * world_size similar-length rows is dealt round-robin, so every rank has the
+  same number of micro-batches;
 - dev: the tasks' dev split (or `dev_fraction` of train held out, seeded; `dev_limit` keeps the first N) gives
   `eval_loss` every `eval_every` steps and at the end; `train_loss`, `lr`, `train_tokens_per_s` (tokens
   computed: a shared prefix counts once per micro-batch) every `log_every`;
+- the optimizer-step loop is `engine.training.train_loop`; this module's per-step function runs the step's
+  micro-batches (`micro_batch`) and counts their labelled and computed tokens;
 - checkpoints every `checkpoint_every` steps into ctx.output_dir/checkpoint (model, optimizer, scheduler, step and
-  every rank's RNG; `engine.methods.encoder_finetune.save_checkpoint`, atomic) and an interrupted run resumes
-  from it: the batch order of an epoch depends on (seed, epoch) only, so the step says where to go on;
+  every rank's RNG; `engine.training.save_checkpoint`, atomic) and an interrupted run resumes from it: the batch
+  order of an epoch depends on (seed, epoch) only, so the step says where to go on;
 - after training, rank 0 predicts the test set with `engine.decoding.decide` on the trained in-memory model
   (`decision`: generate | constrained | score, `score_norm`), the other ranks return None.
 
-`strategy`: `ddp` (DistributedDataParallel over gloo on CPU, NCCL on GPUs) or `fsdp` (FullyShardedDataParallel
-through accelerate, for a model whose weights + gradients + Adam state do not fit one GPU: decoder layers are
-sharded over the GPUs; CUDA only, refused on CPU). bf16 autocast on GPUs that support it, fp32 master weights.
+`strategy`: `ddp` (DistributedDataParallel over gloo on CPU, NCCL on GPUs; `engine.training.start_training`) or
+`fsdp` (FullyShardedDataParallel through accelerate, `engine.fsdp`, for a model whose weights + gradients + Adam
+state do not fit one GPU: decoder layers are sharded over the GPUs; CUDA only, refused on CPU). bf16 autocast on
+GPUs that support it, fp32 master weights.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import math
-import os
-import random
-import shutil
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from clfbench.engine.dev_split import split_dev_rows
+from clfbench.engine.context import RunContext
 from clfbench.engine.decoding import SENTINEL, DecisionSettings, Decoder, decide, load_model
+from clfbench.engine.dev_split import split_dev_rows
+from clfbench.engine.fsdp import fsdp_training
 from clfbench.engine.prompting.chat import ChatFormat
 from clfbench.engine.prompting.library import Item, PromptBuilder, load_prompt_set, paired_items
-from clfbench.engine.training import (CHECKPOINT_DIR, MAX_GRAD_NORM, autocast_for, load_checkpoint, make_optimizer,
-                             make_scheduler, restore, save_checkpoint)
-from clfbench.engine.context import RunContext
+from clfbench.engine.training import (LoopTimes, StepPlan, Tally, Training, all_ranks_sum, autocast_for,
+                                      epoch_batcher, gradient_sync, length_grouped_epochs, plan_steps,
+                                      require_process_group, start_training, train_loop)
 from clfbench.engine.types import ClfbenchError, MethodOutput
 
 LOG = "llm-finetune:"
 IGNORE_INDEX = -100  # cross-entropy skips these positions: the prompt and the padding
 SORT_WINDOW = 50  # batches per length-sorted window (more: less padding, less randomness)
+SHUFFLE_KEY = "clfbench-llm-finetune"  # with the seed and the epoch it seeds an epoch's batch order
 FORMAT = 1  # in the checkpoint fingerprint
 
 
@@ -72,145 +72,38 @@ def run(ctx: RunContext) -> MethodOutput | None:
     if opts.strategy == "fsdp" and device.type != "cuda":
         raise ClfbenchError("llm-finetune: strategy=fsdp needs CUDA GPUs (FSDP shards the model over NCCL); "
                             "on CPU use strategy=ddp")
-    distributed = ctx.world_size > 1
-    if distributed and not (dist.is_available() and dist.is_initialized()):
-        raise ClfbenchError("llm-finetune: world_size > 1 but torch.distributed is not initialised")
-    shots, seed = ctx.shots, ctx.seed
-    prompt = load_prompt_set(opts.prompt_set).select(ctx.tasks, shots)
+    require_process_group(ctx, LOG)
+    prompt = load_prompt_set(opts.prompt_set).select(ctx.tasks, ctx.shots)
 
     started = time.perf_counter()
     tokenizer, model = load_model(ctx.model_path, "float32", device)  # fp32 master weights; bf16 by autocast
     chat = ChatFormat(tokenizer, opts.chat_format, getattr(model, "generation_config", None))
-    builder = PromptBuilder.create(prompt, ctx.tasks, shots, seed, opts.max_text_chars, chat.forbidden)
+    builder = PromptBuilder.create(prompt, ctx.tasks, ctx.shots, ctx.seed, opts.max_text_chars, chat.forbidden)
     decoder = Decoder(model, chat, device)
     load_time = time.perf_counter() - started
 
-    train_items, dev_items = split_dev_rows(paired_items(builder.tasks, "train"), paired_items(builder.tasks, "dev"),
-                                            opts.dev_fraction, seed)
-    if opts.dev_limit:
-        dev_items = dev_items[: opts.dev_limit]
-    if not train_items:
-        raise ClfbenchError(f"llm-finetune: task {'+'.join(t.name for t in builder.tasks)} has no training examples")
-    train = encode_items(decoder, builder, train_items, opts.max_length, opts.cut_long, "training", ctx.is_main)
-    dev = encode_items(decoder, builder, dev_items, opts.max_length, True, "dev", ctx.is_main)
-    share = opts.share_prefix and not opts.gradient_checkpointing  # HF drops the KV cache under checkpointing
-    prefix = shared_prefix_ids(chat, builder) if share else []
-    if ctx.is_main:
-        answer_tokens = sum(len(s.ids) - s.n_prompt for s in train) / len(train)
-        print(f"{LOG} {prompt.describe()}, {shots} shots, {len(train)} train / {len(dev)} dev / "
-              f"{len(builder.items)} test examples; {sum(len(s.ids) for s in train) / len(train):.0f} tokens per "
-              f"sequence, {answer_tokens:.1f} of them labelled; shared prefix {len(prefix)} tokens", flush=True)
-
-    if opts.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    model.train()
-    loss_model = AnswerLoss(model, decoder)
-
-    global_batch = opts.batch_size * ctx.world_size
-    micro_per_epoch = math.ceil(math.ceil(len(train) / ctx.world_size) * ctx.world_size / global_batch)
-    steps_per_epoch = math.ceil(micro_per_epoch / opts.grad_accum)
-    total_steps = max(1, math.ceil(opts.epochs * steps_per_epoch))
-    warmup_steps = int(round(opts.warmup_ratio * total_steps))
+    data = training_sequences(ctx, decoder, builder, prompt.describe())
+    loss_model = prepare_model(model, decoder, opts)
+    plan = plan_steps(len(data.train), opts.batch_size, ctx.world_size, opts.epochs, opts.warmup_ratio,
+                      opts.grad_accum)
     fingerprint = {
-        "format": FORMAT, "prompt": prompt.describe(), "shots": shots, "n_train": len(train), "n_dev": len(dev),
-        "world_size": ctx.world_size, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum,
-        "total_steps": total_steps, "seed": seed, "strategy": opts.strategy,
+        "format": FORMAT, "prompt": prompt.describe(), "shots": ctx.shots, "n_train": len(data.train),
+        "n_dev": len(data.dev), "world_size": ctx.world_size, "batch_size": opts.batch_size,
+        "grad_accum": opts.grad_accum, "total_steps": plan.total_steps, "seed": ctx.seed, "strategy": opts.strategy,
         "n_params": sum(p.numel() for p in model.parameters()),
     }
+    training = start(ctx, loss_model, plan, fingerprint)
+    times = train(ctx, training, model, plan, data, decoder.pad_id)
 
-    trainer = (FsdpTrainer if opts.strategy == "fsdp" else DdpTrainer)(ctx, loss_model, opts, device)
-    trainer.setup(warmup_steps, total_steps)
-    start_step = trainer.resume(fingerprint, steps_per_epoch)
-    if start_step and ctx.is_main:
-        print(f"{LOG} resuming from {ctx.output_dir / CHECKPOINT_DIR} at step {start_step}/{total_steps} "
-              f"(epoch {start_step // steps_per_epoch})", flush=True)
-    schedule = BatchSchedule([len(s.ids) for s in train], opts.batch_size, ctx.world_size, ctx.rank, seed,
-                             opts.grad_accum)
-
-    def evaluate_dev(step: int) -> float:
-        began = time.perf_counter()
-        ctx.log_metric(step, "eval_loss", trainer.evaluate(dev, prefix, opts.batch_size))
-        return time.perf_counter() - began
-
-    # --------------------------------------------------------------------------------------- training loop
-    step = start_step
-    ctx.set_progress(step, total_steps)
-    loop_started, paused, dev_time = time.perf_counter(), 0.0, 0.0
-    # summed loss, labelled tokens, tokens computed (a shared prefix counts once per micro-batch, as it runs)
-    window = torch.zeros(3, dtype=torch.float64, device=device)
-    window_started, window_paused = time.perf_counter(), 0.0
-    tokens_seen = 0
-    while step < total_steps:
-        micro = [[train[i] for i in batch] for batch in schedule.step_batches(step, steps_per_epoch)]
-        labelled = torch.tensor([float(sum(s.n_labels for batch in micro for s in batch))], dtype=torch.float64,
-                                device=device)
-        if distributed:
-            dist.all_reduce(labelled)
-        scale = ctx.world_size / max(float(labelled.item()), 1.0)
-        for k, batch in enumerate(micro):
-            inputs = collate(batch, prefix, decoder.pad_id)
-            summed = trainer.backward(inputs, scale, last=k == len(micro) - 1)
-            shared = inputs.prefix.shape[1] if inputs.prefix is not None else 0
-            computed = shared + sum(len(s.ids) - shared for s in batch)
-            window += torch.tensor([summed, sum(s.n_labels for s in batch), computed],
-                                   dtype=torch.float64, device=device)
-            tokens_seen += computed
-        trainer.optimizer_step()
-        step += 1
-
-        if step % opts.log_every == 0 or step == total_steps:
-            totals = window.clone()
-            if distributed:
-                dist.all_reduce(totals)
-            elapsed = max(time.perf_counter() - window_started - window_paused, 1e-9)
-            ctx.log_metric(step, "train_loss", float(totals[0] / totals[1].clamp(min=1)))
-            ctx.log_metric(step, "lr", trainer.lr())
-            ctx.log_metric(step, "train_tokens_per_s", float(totals[2]) / elapsed)
-            ctx.set_progress(step, total_steps)
-            if ctx.is_main:
-                print(f"{LOG} step {step}/{total_steps} train_loss {float(totals[0] / totals[1].clamp(min=1)):.4f} "
-                      f"({float(totals[2]) / elapsed:.0f} tokens/s)", flush=True)
-            window.zero_()
-            window_started, window_paused = time.perf_counter(), 0.0
-        if dev and opts.eval_every and step % opts.eval_every == 0 and step < total_steps:
-            spent = evaluate_dev(step)
-            dev_time, paused, window_paused = dev_time + spent, paused + spent, window_paused + spent
-        if opts.checkpoint_every and (step % opts.checkpoint_every == 0 or step == total_steps):
-            began = time.perf_counter()
-            trainer.save(step, steps_per_epoch, fingerprint)
-            spent = time.perf_counter() - began
-            paused, window_paused = paused + spent, window_paused + spent
-    train_time = time.perf_counter() - loop_started - paused
-    ctx.set_progress(total_steps, total_steps)
-    if dev:
-        dev_time += evaluate_dev(total_steps)
-    global_tokens = torch.tensor([float(tokens_seen)], dtype=torch.float64, device=device)
-    if distributed:
-        dist.all_reduce(global_tokens)
-
-    # ------------------------------------------------------------------------------------ test prediction
-    predict_model = trainer.model_for_prediction()  # FSDP: collective (gathers the full weights on rank 0)
+    trained = prediction_model(ctx, training, model)  # FSDP: collective (gathers the full weights on rank 0)
     if not ctx.is_main:
         return None
-    predict_model.eval()
-    predict_model.config.use_cache = True
-    if opts.gradient_checkpointing:
-        predict_model.gradient_checkpointing_disable()
-    settings = DecisionSettings(
-        decision=opts.decision, score_norm=opts.score_norm, score_end=opts.score_end,
-        content_free=opts.content_free, max_new_tokens=opts.max_new_tokens, batch_size=opts.eval_batch_size)
-    with torch.no_grad(), trainer.autocast:
-        output = decide(ctx, Decoder(predict_model, chat, device), builder, settings)
-    trained_tokens = float(global_tokens.item())
-    for extra in output.extra_results.values():
-        extra.update({
-            "train_time_s": train_time, "dev_eval_time_s": dev_time, "load_time_s": load_time,
-            "train_tokens_per_s": trained_tokens / train_time if train_time > 0 else 0.0,
-            "train_examples": float(len(train)), "train_steps": float(total_steps),
-            "resumed_from_step": float(start_step), "shots": float(shots),
-        })
-    return output
+    return predict(ctx, trained, chat, builder, {
+        "train_time_s": times.train_time_s, "dev_eval_time_s": times.dev_eval_time_s, "load_time_s": load_time,
+        "train_tokens_per_s": times.counted / times.train_time_s if times.train_time_s > 0 else 0.0,
+        "train_examples": float(len(data.train)), "train_steps": float(plan.total_steps),
+        "resumed_from_step": float(training.start_step), "shots": float(ctx.shots),
+    })
 
 
 # ------------------------------------------------------------------------------------------ sequences
@@ -287,6 +180,37 @@ def shared_prefix_ids(chat: ChatFormat, builder: PromptBuilder) -> list[int]:
 
 
 @dataclass
+class Sequences:
+    """The run's training and dev sequences, and the shared prompt prefix they start with ([]: not shared)."""
+
+    train: list[Encoded]
+    dev: list[Encoded]
+    prefix: list[int]
+
+
+def training_sequences(ctx: RunContext, decoder: Decoder, builder: PromptBuilder, description: str) -> Sequences:
+    """Train and dev (the tasks' dev split, or `dev_fraction` of train held out; `dev_limit` keeps the first N)
+    encoded; a dev sequence that is too long is always cut, a training one only with `cut_long`."""
+    opts = ctx.options
+    train_items, dev_items = split_dev_rows(paired_items(builder.tasks, "train"), paired_items(builder.tasks, "dev"),
+                                            opts.dev_fraction, ctx.seed)
+    if opts.dev_limit:
+        dev_items = dev_items[: opts.dev_limit]
+    if not train_items:
+        raise ClfbenchError(f"llm-finetune: task {'+'.join(t.name for t in builder.tasks)} has no training examples")
+    train = encode_items(decoder, builder, train_items, opts.max_length, opts.cut_long, "training", ctx.is_main)
+    dev = encode_items(decoder, builder, dev_items, opts.max_length, True, "dev", ctx.is_main)
+    share = opts.share_prefix and not opts.gradient_checkpointing  # HF drops the KV cache under checkpointing
+    prefix = shared_prefix_ids(decoder.chat, builder) if share else []
+    if ctx.is_main:
+        answer_tokens = sum(len(s.ids) - s.n_prompt for s in train) / len(train)
+        print(f"{LOG} {description}, {ctx.shots} shots, {len(train)} train / {len(dev)} dev / "
+              f"{len(builder.items)} test examples; {sum(len(s.ids) for s in train) / len(train):.0f} tokens per "
+              f"sequence, {answer_tokens:.1f} of them labelled; shared prefix {len(prefix)} tokens", flush=True)
+    return Sequences(train=train, dev=dev, prefix=prefix)
+
+
+@dataclass
 class Batch:
     """A collated micro-batch: rows behind an optional shared prefix, their own parts right-padded."""
 
@@ -322,35 +246,6 @@ def collate(rows: list[Encoded], prefix: list[int], pad_id: int) -> Batch:
     keep = torch.arange(max(first - 1, 0), C - 1)
     return Batch(prefix=torch.tensor([prefix]) if P else None, input_ids=input_ids, positions=positions,
                  allowed=allowed, labels=label_ids, keep=keep)
-
-
-class BatchSchedule:
-    """Which rows each rank trains on at each optimizer step, as a function of (seed, epoch, step) only."""
-
-    def __init__(self, lengths: list[int], batch_size: int, world_size: int, rank: int, seed: int, grad_accum: int):
-        self.lengths, self.batch_size, self.world_size, self.rank = lengths, batch_size, world_size, rank
-        self.seed, self.grad_accum = seed, grad_accum
-        self._epoch: tuple[int, list[list[int]]] | None = None
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's micro-batches of one epoch, similar lengths together, in a seeded random order."""
-        if self._epoch is None or self._epoch[0] != epoch:
-            rng = random.Random(f"clfbench-llm-finetune:{self.seed}:{epoch}")
-            order = list(range(len(self.lengths)))
-            rng.shuffle(order)
-            order += order[: (-len(order)) % self.world_size]  # every rank gets a row of every global batch
-            size = self.batch_size * self.world_size
-            batches = []
-            for start in range(0, len(order), size * SORT_WINDOW):
-                window = sorted(order[start:start + size * SORT_WINDOW], key=lambda i: self.lengths[i])
-                batches += [window[s:s + size] for s in range(0, len(window), size)]
-            rng.shuffle(batches)
-            self._epoch = (epoch, [batch[self.rank::self.world_size] for batch in batches])
-        return self._epoch[1]
-
-    def step_batches(self, step: int, steps_per_epoch: int) -> list[list[int]]:
-        epoch, position = divmod(step, steps_per_epoch)
-        return self.epoch_batches(epoch)[position * self.grad_accum:(position + 1) * self.grad_accum]
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -389,173 +284,130 @@ def _inputs(batch: Batch, device: torch.device) -> dict:
     return {k: (v.to(device) if v is not None else None) for k, v in out.items()}
 
 
-class DdpTrainer:
-    """One full copy of the model per process (DistributedDataParallel when there are several)."""
-
-    def __init__(self, ctx: RunContext, loss_model: AnswerLoss, opts, device: torch.device):
-        self.ctx, self.loss_model, self.opts, self.device = ctx, loss_model, opts, device
-        self.model = loss_model.model
-        self.model.to(device)
-        self.autocast = autocast_for(device, opts.bf16)
-        self.wrapped: nn.Module = loss_model
-
-    def setup(self, warmup_steps: int, total_steps: int) -> None:
-        self.optimizer = make_optimizer(self.model, self.opts.lr, self.opts.weight_decay, self.device, "adamw")
-        self.scheduler = make_scheduler(self.optimizer, warmup_steps, total_steps)
-
-    def resume(self, fingerprint: dict, steps_per_epoch: int) -> int:
-        checkpoint = load_checkpoint(self.ctx.output_dir, fingerprint, self.ctx.is_main)
-        if self.ctx.world_size > 1:
-            # Every rank must start at the same step (e.g. an output_dir not shared between nodes), else none resumes.
-            found = float(checkpoint["step"]) if checkpoint is not None else -1.0
-            extremes = torch.tensor([found, -found], dtype=torch.float64, device=self.device)
-            dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
-            if float(extremes[0]) != -float(extremes[1]):
-                checkpoint = None
-        step = 0
-        if checkpoint is not None:
-            self.model.load_state_dict(checkpoint["model"])
-            step = restore(checkpoint, self.optimizer, self.scheduler, self.ctx.rank)
-        if self.ctx.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.wrapped = DistributedDataParallel(
-                self.loss_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        return step
-
-    def backward(self, batch: Batch, scale: float, last: bool) -> float:
-        """Forward and backward of one micro-batch (gradients synchronised on the step's last one)."""
-        sync = self.wrapped.no_sync() if self.ctx.world_size > 1 and not last else contextlib.nullcontext()
-        with sync:
-            with self.autocast:
-                summed = self.wrapped(**_inputs(batch, self.device))
-            (summed * scale).backward()
-        return float(summed.detach())
-
-    def optimizer_step(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), MAX_GRAD_NORM)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
-
-    @torch.no_grad()
-    def evaluate(self, rows: list[Encoded], prefix: list[int], batch_size: int) -> float:
-        """Token-mean loss on `rows`; each rank scores its share, the sums are combined (all ranks call)."""
-        shard = sorted(rows[self.ctx.rank::self.ctx.world_size], key=lambda s: len(s.ids))
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for start in range(0, len(shard), batch_size):
-                batch = shard[start:start + batch_size]
-                with self.autocast:
-                    summed = self.wrapped(**_inputs(collate(batch, prefix, self.loss_model.pad_id), self.device))
-                totals += torch.tensor([float(summed), sum(s.n_labels for s in batch)], dtype=torch.float64,
-                                       device=self.device)
-        finally:
-            self.model.train(was_training)
-        if self.ctx.world_size > 1:
-            dist.all_reduce(totals)
-        return float(totals[0] / totals[1].clamp(min=1))
-
-    def save(self, step: int, steps_per_epoch: int, fingerprint: dict) -> None:
-        save_checkpoint(self.ctx, self.model.state_dict, self.optimizer, self.scheduler, step, steps_per_epoch, fingerprint)
-
-    def model_for_prediction(self) -> nn.Module:
-        return self.model
+# ------------------------------------------------------------------------------------------- training
 
 
-class FsdpTrainer(DdpTrainer):
-    """FullyShardedDataParallel through accelerate: each decoder layer's parameters, gradients and Adam state are
-    sharded over the GPUs. Checkpoints are accelerate's `save_state` (full state dict gathered on rank 0, the
-    scheduler registered with it) plus a meta.json with the step and the fingerprint; the test set is predicted
-    on rank 0 with a full copy of the trained weights in bf16."""
+def prepare_model(model: nn.Module, decoder: Decoder, opts) -> AnswerLoss:
+    """The model in training mode (gradient checkpointing when asked, no KV cache) inside its answer loss."""
+    if opts.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    return AnswerLoss(model, decoder)
 
-    def __init__(self, ctx: RunContext, loss_model: AnswerLoss, opts, device: torch.device):
-        from accelerate import Accelerator, FullyShardedDataParallelPlugin
 
-        self.ctx, self.loss_model, self.opts, self.device = ctx, loss_model, opts, device
-        self.model = loss_model.model
-        layers = list(getattr(self.model, "_no_split_modules", None) or [])
-        if not layers:
-            raise ClfbenchError(f"llm-finetune: strategy=fsdp needs the model's decoder layer class "
-                                f"({type(self.model).__name__} names none in _no_split_modules); use strategy=ddp")
-        plugin = FullyShardedDataParallelPlugin(
-            auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=layers,
-            state_dict_type="FULL_STATE_DICT", use_orig_params=True,
-            activation_checkpointing=False)  # HF gradient checkpointing already recomputes the layers
-        bf16 = opts.bf16 and torch.cuda.is_bf16_supported()
-        self.accelerator = Accelerator(fsdp_plugin=plugin, mixed_precision="bf16" if bf16 else "no")
-        self.autocast = autocast_for(device, opts.bf16)  # for prediction on the gathered copy
-        # Weight decay by the original names and shapes: sharded flat parameters keep the names only.
-        self._no_decay = {name for name, p in self.model.named_parameters() if p.ndim < 2 or "norm" in name.lower()}
-        self.wrapped = self.accelerator.prepare(loss_model)
+def start(ctx: RunContext, loss_model: AnswerLoss, plan: StepPlan, fingerprint: dict) -> Training:
+    """Every weight trains, under DDP or FSDP (`strategy`), resumed from this run's checkpoint if there is one."""
+    opts = ctx.options
+    if opts.strategy == "fsdp":
+        return fsdp_training(ctx, loss_model, loss_model.model, plan, fingerprint, lr=opts.lr,
+                             weight_decay=opts.weight_decay, bf16=opts.bf16, log_prefix=LOG)
+    return start_training(ctx, loss_model.model, plan, fingerprint, lr=opts.lr, weight_decay=opts.weight_decay,
+                          log_prefix=LOG, module=loss_model)
 
-    def setup(self, warmup_steps: int, total_steps: int) -> None:
-        decay, no_decay = [], []
-        for name, param in self.wrapped.named_parameters():
-            clean = name.replace("_fsdp_wrapped_module.", "").removeprefix("model.")
-            (no_decay if clean in self._no_decay else decay).append(param)
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": self.opts.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=self.opts.lr)
-        self.optimizer = self.accelerator.prepare(optimizer)
-        self.scheduler = make_scheduler(self.optimizer.optimizer, warmup_steps, total_steps)
-        self.accelerator.register_for_checkpointing(self.scheduler)
 
-    def resume(self, fingerprint: dict, steps_per_epoch: int) -> int:
-        folder = Path(self.ctx.output_dir) / CHECKPOINT_DIR
-        meta = folder / "meta.json"
-        try:
-            saved = json.loads(meta.read_text()) if meta.is_file() else None
-        except (OSError, ValueError):
-            saved = None
-        if not saved or saved.get("fingerprint") != fingerprint:
-            if saved and self.ctx.is_main:
-                print(f"{LOG} ignoring checkpoint {folder}: made for another setup", flush=True)
-            return 0
-        self.accelerator.load_state(str(folder))
-        return int(saved["step"])
+def micro_batch(training: Training, batch: Batch, scale: float, last: bool, autocast, device: torch.device
+                ) -> torch.Tensor:
+    """Forward and backward of one collated micro-batch, its summed loss scaled by `scale` (gradients synchronised
+    on the step's last one); the summed loss, detached."""
+    with gradient_sync(training, last):
+        with autocast:
+            summed = training.wrapped(**_inputs(batch, device))
+        training.backward(summed * scale)
+    return summed.detach()
 
-    def backward(self, batch: Batch, scale: float, last: bool) -> float:
-        sync = self.wrapped.no_sync() if not last else contextlib.nullcontext()
-        with sync:
-            summed = self.wrapped(**_inputs(batch, self.device))
-            self.accelerator.backward(summed * scale)
-        return float(summed.detach())
 
-    def optimizer_step(self) -> None:
-        self.accelerator.clip_grad_norm_(self.wrapped.parameters(), MAX_GRAD_NORM)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+def computed_tokens(batch: Batch, rows: list[Encoded]) -> int:
+    """The tokens a micro-batch ran through the model: a shared prefix counts once."""
+    shared = batch.prefix.shape[1] if batch.prefix is not None else 0
+    return shared + sum(len(s.ids) - shared for s in rows)
 
-    def save(self, step: int, steps_per_epoch: int, fingerprint: dict) -> None:
-        output_dir = Path(self.ctx.output_dir)
-        tmp, final, old = (output_dir / f".{CHECKPOINT_DIR}.tmp", output_dir / CHECKPOINT_DIR,
-                           output_dir / f".{CHECKPOINT_DIR}.old")
-        if self.ctx.is_main:
-            output_dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))  # collective
-        if self.ctx.is_main:
-            (tmp / "meta.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint,
-                                                       "saved_at": time.time()}, indent=2) + "\n")
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
 
-    def model_for_prediction(self) -> nn.Module:
-        state = self.accelerator.get_state_dict(self.wrapped)  # collective; the full weights on rank 0
-        if not self.ctx.is_main:
-            return self.model
-        _, model = load_model(self.ctx.model_path, "bfloat16" if torch.cuda.is_bf16_supported() else "float32",
-                              self.device)
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+def train(ctx: RunContext, training: Training, model: nn.Module, plan: StepPlan, data: Sequences, pad_id: int
+          ) -> LoopTimes:
+    """`train_loop` over length-grouped micro-batches, `grad_accum` per step; the loss of a step is the mean over
+    its labelled tokens on all ranks (each rank counts its own first, the counts are summed)."""
+    opts, device = ctx.options, torch.device(ctx.device)
+    lengths = [len(s.ids) for s in data.train]
+    batches = epoch_batcher(length_grouped_epochs(lengths, opts.batch_size, ctx.world_size, ctx.rank,
+                                                  f"{SHUFFLE_KEY}:{ctx.seed}", SORT_WINDOW),
+                            plan.steps_per_epoch, per_step=opts.grad_accum)
+    autocast = autocast_for(device, opts.bf16)
+    # Under FSDP accelerate's mixed precision casts the training forward; DDP autocasts it here.
+    train_autocast = contextlib.nullcontext() if training.full_state is not None else autocast
+
+    def gradients(step: int) -> list[Tally]:
+        micro = [[data.train[i] for i in batch] for batch in batches(step)]
+        scale = ctx.world_size / max(all_ranks_sum(float(sum(s.n_labels for rows in micro for s in rows)), ctx), 1.0)
+        tallies = []
+        for k, rows in enumerate(micro):
+            batch = collate(rows, data.prefix, pad_id)
+            summed = micro_batch(training, batch, scale, k == len(micro) - 1, train_autocast, device)
+            tallies.append(Tally(summed, weight=sum(s.n_labels for s in rows), count=computed_tokens(batch, rows)))
+        return tallies
+
+    def evaluate_dev(step: int) -> float:
+        began = time.perf_counter()
+        ctx.log_metric(step, "eval_loss", dev_loss(ctx, training, model, data, pad_id, autocast))
+        return time.perf_counter() - began
+
+    return train_loop(ctx, training, plan, gradients, evaluate_dev=evaluate_dev if data.dev else None,
+                      counted="tokens", echo=LOG)
+
+
+@torch.no_grad()
+def dev_loss(ctx: RunContext, training: Training, model: nn.Module, data: Sequences, pad_id: int, autocast) -> float:
+    """Token-mean loss on dev; each rank scores its share, the sums are combined (all ranks call)."""
+    device, batch_size = torch.device(ctx.device), ctx.options.batch_size
+    shard = sorted(data.dev[ctx.rank::ctx.world_size], key=lambda s: len(s.ids))
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for start_at in range(0, len(shard), batch_size):
+            rows = shard[start_at:start_at + batch_size]
+            with autocast:
+                summed = training.wrapped(**_inputs(collate(rows, data.prefix, pad_id), device))
+            totals += torch.tensor([float(summed), sum(s.n_labels for s in rows)], dtype=torch.float64,
+                                   device=device)
+    finally:
+        model.train(was_training)
+    if ctx.distributed:
+        torch.distributed.all_reduce(totals)
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+# ------------------------------------------------------------------------------------------ prediction
+
+
+def prediction_model(ctx: RunContext, training: Training, model: nn.Module) -> nn.Module:
+    """The trained model rank 0 predicts with: `model` itself, or under FSDP a full copy (bf16 where supported)
+    of the gathered weights. Every rank must call (the gathering is collective)."""
+    if training.full_state is None:
         return model
+    state = training.full_state()
+    if not ctx.is_main:
+        return model
+    _, full = load_model(ctx.model_path, "bfloat16" if torch.cuda.is_bf16_supported() else "float32",
+                         torch.device(ctx.device))
+    full.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
+    return full
+
+
+def predict(ctx: RunContext, model: nn.Module, chat: ChatFormat, builder: PromptBuilder,
+            results: dict[str, float]) -> MethodOutput:
+    """The test set decided with `engine.decoding.decide`, as the prompt method decides; `results` join every
+    task's result rows."""
+    opts, device = ctx.options, torch.device(ctx.device)
+    model.eval()
+    model.config.use_cache = True
+    if opts.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    settings = DecisionSettings(
+        decision=opts.decision, score_norm=opts.score_norm, score_end=opts.score_end,
+        content_free=opts.content_free, max_new_tokens=opts.max_new_tokens, batch_size=opts.eval_batch_size)
+    with torch.no_grad(), autocast_for(device, opts.bf16):
+        output = decide(ctx, Decoder(model, chat, device), builder, settings)
+    for extra in output.extra_results.values():
+        extra.update(results)
+    return output
