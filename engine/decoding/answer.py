@@ -12,12 +12,17 @@ LOG = "prompt:"
 
 @dataclass
 class Answer:
+    """One example's answer: the text the model produced (or the chosen label), parsed per task."""
+
     raw: str
     parsed: dict[str, Parsed]
     generated: int = 0  # tokens the model produced (stop token included)
 
 
 class Progress:
+    """Examples decided so far: the run's progress on every batch; a log line and the `examples_per_s` metric at
+    most every 10 s, and at the end."""
+
     def __init__(self, ctx: RunContext, total: int):
         self.ctx, self.total, self.done, self.started, self.last_log = ctx, total, 0, time.perf_counter(), 0.0
         ctx.set_progress(0, total)

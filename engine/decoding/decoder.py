@@ -1,6 +1,7 @@
 """The decoder: a causal LM with the run's shared prompt prefix computed once, and batched forward passes with
 explicit masks and positions (`Decoder.forward`). Every decision mode (greedy, constrained, label scoring) and the
-generative fine-tune's training loss go through it."""
+generative fine-tune's training loss go through it. Also what greedy decoding and label scoring share: the first
+pass of a batch over its rows' own prompt tokens (`feed_chains`), and how examples are batched (`prefix_batches`)."""
 from __future__ import annotations
 
 import torch
@@ -131,6 +132,30 @@ class Decoder:
         k = common_prefix(ctx_ids, joint)
         return k, joint[k:]
 
+
+def feed_chains(decoder: Decoder, chains: list[list[int]], P: int, with_prefix: bool
+                ) -> tuple[object, torch.Tensor, torch.Tensor]:
+    """The first pass of a batch: each row's own tokens after the shared prefix (its chain, at positions P on),
+    left-padded to one width. Returns (the rows' cache, the logits at each row's last position, `valid` [rows,
+    width] on the host: which of the cached slots hold real tokens, what every later query of the row may see)."""
+    device = decoder.device
+    B, C = len(chains), max(len(c) for c in chains)
+    input_ids = torch.full((B, C), decoder.pad_id, dtype=torch.long)
+    positions = torch.zeros((B, C), dtype=torch.long)
+    valid = torch.zeros((B, C), dtype=torch.bool)
+    for b, chain in enumerate(chains):
+        pad = C - len(chain)
+        input_ids[b, pad:] = torch.tensor(chain, dtype=torch.long)
+        positions[b, pad:] = torch.arange(P, P + len(chain))
+        valid[b, pad:] = True
+    allowed = torch.ones((C, C), dtype=torch.bool).tril()[None] & valid[:, None, :]
+    allowed |= torch.eye(C, dtype=torch.bool)[None]  # a pad query sees itself: no row fully masked
+    keep = torch.zeros((B, C), dtype=torch.bool)
+    keep[:, -1] = True
+    cache = decoder.new_cache(B, with_prefix)
+    logits = decoder.forward(cache, input_ids.to(device), positions.to(device), allowed.to(device), keep.to(device),
+                             with_prefix, valid.to(device))
+    return cache, logits, valid
 
 
 def prefix_batches(decoder: Decoder, ids: list[list[int]], batch_size: int) -> list[tuple[bool, list[int]]]:

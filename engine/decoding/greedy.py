@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 import torch
 
 from clfbench.engine.decoding.answer import Answer, Progress
-from clfbench.engine.decoding.decoder import Decoder, prefix_batches
-from clfbench.engine.prompting.library import Item, PromptBuilder
-from clfbench.engine.prompting.outputs import OutputSpec, constraint_parts, groups
+from clfbench.engine.decoding.decoder import Decoder, feed_chains, prefix_batches
+from clfbench.engine.prompting.library import PromptBuilder
+from clfbench.engine.prompting.outputs import OutputSpec, answer_token_limit, constraint_parts, groups
 from clfbench.engine.prompting.parse import parse_answer
 from clfbench.engine.types import ClfbenchError
 
@@ -115,64 +115,52 @@ def greedy(decoder: Decoder, ids_list: list[list[int]], grammars: list[Grammar |
     chosen but fed together with the choice before them in one step, and once nothing is left to choose the rest
     of the answer is appended without running the model.
     """
-    device = decoder.device
     stop_ids = set(decoder.chat.stop_ids)
     P = len(decoder.prefix_ids) if use_prefix else 0
-    B = len(ids_list)
     chains = [ids[P:] for ids in ids_list]
-    C = max(len(c) for c in chains)
-    input_ids = torch.full((B, C), decoder.pad_id, dtype=torch.long)
-    positions = torch.zeros((B, C), dtype=torch.long)
-    valid = torch.zeros((B, C), dtype=torch.bool)  # which of the rows' own cached keys are real tokens
-    for b, chain in enumerate(chains):
-        pad = C - len(chain)
-        input_ids[b, pad:] = torch.tensor(chain, dtype=torch.long)
-        positions[b, pad:] = torch.arange(P, P + len(chain))
-        valid[b, pad:] = True
-    allowed = torch.ones((C, C), dtype=torch.bool).tril()[None] & valid[:, None, :]
-    allowed |= torch.eye(C, dtype=torch.bool)[None]  # a pad query sees itself: no row fully masked
-    keep = torch.zeros((B, C), dtype=torch.bool)
-    keep[:, -1] = True
-    cache = decoder.new_cache(B, use_prefix)
-    scores = decoder.forward(cache, input_ids.to(device), positions.to(device), allowed.to(device), keep.to(device),
-                             use_prefix, valid.to(device))
+    cache, scores, valid = feed_chains(decoder, chains, P, use_prefix)
     next_pos = torch.tensor([P + len(c) for c in chains], dtype=torch.long)
-
-    rows = [_Row(index=i, grammar=g, limit=lim) for i, (g, lim) in enumerate(zip(grammars, limits))]
-    for row in rows:
-        if row.grammar is not None:
-            row.node = row.grammar.tries[0]
-    active = list(range(B))  # rows still in the cache, in cache order; scores[slot] belongs to active[slot]
+    rows = [_Row(index=i, grammar=g, limit=lim, node=g.tries[0] if g is not None else None)
+            for i, (g, lim) in enumerate(zip(grammars, limits))]
+    active = list(range(len(rows)))  # rows still in the cache, in cache order; scores[slot] belongs to active[slot]
     while True:
         for slot, b in enumerate(active):
             _advance(rows[b], _choose(rows[b], scores[slot]), stop_ids)
         still = [slot for slot, b in enumerate(active) if not rows[b].done]
         if not still:
-            break
-        if len(still) != len(active):
+            return rows
+        if len(still) != len(active):  # finished rows leave the cache
             index = torch.tensor(still, dtype=torch.long)
-            cache.batch_select_indices(index.to(device))
+            cache.batch_select_indices(index.to(decoder.device))
             valid, next_pos = valid[index], next_pos[index]
             active = [active[s] for s in still]
-        A = len(active)
-        lengths = [len(rows[b].pending) for b in active]
-        L = max(lengths)
-        tokens = torch.full((A, L), decoder.pad_id, dtype=torch.long)
-        new_valid = torch.zeros((A, L), dtype=torch.bool)
-        keep = torch.zeros((A, L), dtype=torch.bool)
-        for slot, (b, n) in enumerate(zip(active, lengths)):
-            tokens[slot, :n] = torch.tensor(rows[b].pending, dtype=torch.long)
-            new_valid[slot, :n] = True
-            keep[slot, n - 1] = True
-        step_positions = next_pos[:, None] + torch.arange(L)[None, :]
-        step_causal = torch.ones((L, L), dtype=torch.bool).tril()[None] & new_valid[:, None, :]
-        step_causal |= torch.eye(L, dtype=torch.bool)[None]
-        allowed = torch.cat([valid[:, None, :].expand(A, L, valid.shape[1]), step_causal], dim=2)
-        scores = decoder.forward(cache, tokens.to(device), step_positions.to(device), allowed.to(device),
-                                 keep.to(device), use_prefix, new_valid.to(device))
-        valid = torch.cat([valid, new_valid], dim=1)
-        next_pos = next_pos + torch.tensor(lengths, dtype=torch.long)
-    return rows
+        scores, valid, next_pos = _feed_pending(decoder, cache, [rows[b].pending for b in active], valid, next_pos,
+                                                use_prefix)
+
+
+def _feed_pending(decoder: Decoder, cache, pending: list[list[int]], valid: torch.Tensor, next_pos: torch.Tensor,
+                  use_prefix: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step: every active row's pending tokens (its choice and the forced tokens after it), right-padded, each
+    attending to its row's real cached tokens and causally to the step's. Returns (the logits after each row's
+    last pending token, the rows' `valid` slots grown by this step's, the rows' next positions)."""
+    device = decoder.device
+    A = len(pending)
+    lengths = [len(tokens) for tokens in pending]
+    L = max(lengths)
+    tokens = torch.full((A, L), decoder.pad_id, dtype=torch.long)
+    new_valid = torch.zeros((A, L), dtype=torch.bool)
+    keep = torch.zeros((A, L), dtype=torch.bool)
+    for slot, (row_tokens, n) in enumerate(zip(pending, lengths)):
+        tokens[slot, :n] = torch.tensor(row_tokens, dtype=torch.long)
+        new_valid[slot, :n] = True
+        keep[slot, n - 1] = True
+    step_positions = next_pos[:, None] + torch.arange(L)[None, :]
+    step_causal = torch.ones((L, L), dtype=torch.bool).tril()[None] & new_valid[:, None, :]
+    step_causal |= torch.eye(L, dtype=torch.bool)[None]
+    allowed = torch.cat([valid[:, None, :].expand(A, L, valid.shape[1]), step_causal], dim=2)
+    scores = decoder.forward(cache, tokens.to(device), step_positions.to(device), allowed.to(device),
+                             keep.to(device), use_prefix, new_valid.to(device))
+    return scores, torch.cat([valid, new_valid], dim=1), next_pos + torch.tensor(lengths, dtype=torch.long)
 
 
 def _choose(row: _Row, scores: torch.Tensor) -> int:
@@ -221,30 +209,22 @@ def _advance(row: _Row, token: int, stop_ids: set[int]) -> None:
 
 def decode_answers(decoder: Decoder, builder: PromptBuilder, ids: list[list[int]], prompt_tail: str, opts,
                    progress: Progress) -> list[Answer]:
+    """Every example's answer by greedy decoding (constrained to the answer's grammar when `opts.decision` is
+    `constrained`), parsed; `truncated` when it stopped at its token limit rather than its stop token."""
     spec = builder.spec
-    constrained = opts.decision == "constrained"
-    grammars = GrammarBuilder(decoder, spec, prompt_tail) if constrained else None
+    grammars = GrammarBuilder(decoder, spec, prompt_tail) if opts.decision == "constrained" else None
     items = builder.items
-
-    def limit(item: Item) -> int:
-        if opts.max_new_tokens:
-            return opts.max_new_tokens
-        if spec.has_token_task or spec.multi:
-            return 64 + 16 * (item.n_words or 0)
-        return 48
-
     answers: list[Answer | None] = [None] * len(items)
     tok = decoder.chat.tokenizer
     for use_prefix, batch in prefix_batches(decoder, ids, opts.batch_size):
         rows = greedy(decoder, [ids[i] for i in batch],
                       [grammars.grammar(items[i].n_words) if grammars else None for i in batch],
-                      [limit(items[i]) for i in batch], use_prefix)
+                      [opts.max_new_tokens or answer_token_limit(spec, items[i].n_words) for i in batch], use_prefix)
         for i, row in zip(batch, rows):
             out = row.out
             body = out[:-1] if out and out[-1] in decoder.chat.stop_ids else out
             raw = tok.decode(body, skip_special_tokens=False)
-            truncated = not row.stopped
-            parsed = parse_answer(raw, spec, items[i].n_words, truncated=truncated)
+            parsed = parse_answer(raw, spec, items[i].n_words, truncated=not row.stopped)
             answers[i] = Answer(raw=raw, parsed=parsed, generated=len(out))
         progress.add(len(batch))
     return answers  # type: ignore[return-value]

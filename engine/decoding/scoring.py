@@ -1,5 +1,6 @@
-"""Label scoring: the log-likelihood of each answer given the prompt, found exactly by a best-first branch and
-bound over the answers' prefix tree (`search_batch`)."""
+"""Label scoring: the answer with the highest log-likelihood given the prompt (`score_answers`), found exactly by a
+best-first branch and bound over the answers' prefix tree (`search_batch`). `score_batch` scores every answer in
+one pass: the reference the search is tested against, and what the content-free calibration uses."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,7 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from clfbench.engine.decoding.answer import LOG, Answer, Progress
-from clfbench.engine.decoding.decoder import Decoder, prefix_batches
+from clfbench.engine.decoding.decoder import Decoder, feed_chains, prefix_batches
+from clfbench.engine.prompting.chat import ChatFormat
 from clfbench.engine.prompting.library import PromptBuilder
 from clfbench.engine.prompting.outputs import Group, constraint_parts, groups
 from clfbench.engine.prompting.parse import parse_answer
@@ -150,71 +152,67 @@ def search_batch(decoder: Decoder, trees: list[_Tree], P: int, offsets: list[lis
     can never win and is never fed. Each round feeds, for every row, the `width` unfed nodes with the highest
     bounds (each attending to the shared prefix, its row's chain and its own ancestors, as in `score_batch`).
     Returns (the chosen option per tree, the number of tree nodes fed)."""
-    device = decoder.device
-    B = len(trees)
     searches = [_Search(tree=t, offsets=o, known=[0.0] * len(t.paths), missing=[len(p) for p in t.paths],
                         next_entry=[0] * len(t.paths)) for t, o in zip(trees, offsets)]
     # Round 0: the chains (left-padded); the last position gives the root's distribution.
-    C = max(len(t.chain) for t in trees)
-    input_ids = torch.full((B, C), decoder.pad_id, dtype=torch.long)
-    positions = torch.zeros((B, C), dtype=torch.long)
-    valid = torch.zeros((B, C), dtype=torch.bool)
-    for b, tree in enumerate(trees):
-        c = len(tree.chain)
-        input_ids[b, C - c:] = torch.tensor(tree.chain, dtype=torch.long)
-        positions[b, C - c:] = torch.arange(P, P + c)
-        valid[b, C - c:] = True
-    allowed = torch.ones((C, C), dtype=torch.bool).tril()[None] & valid[:, None, :]
-    allowed |= torch.eye(C, dtype=torch.bool)[None]
-    keep = torch.zeros((B, C), dtype=torch.bool)
-    keep[:, -1] = True
-    cache = decoder.new_cache(B, P > 0)
-    logits = decoder.forward(cache, input_ids.to(device), positions.to(device), allowed.to(device),
-                             keep.to(device), P > 0, valid.to(device))
-    _learn(searches, [(b, 0) for b in range(B)], logits)
-    ancestors = [valid[b].clone() for b in range(B)]  # per row: its chain's valid slots (the base of every node)
-    width_so_far = C
+    cache, logits, valid = feed_chains(decoder, [t.chain for t in trees], P, P > 0)
+    _learn(searches, [(b, 0) for b in range(len(trees))], logits)
+    ancestors = [valid[b].clone() for b in range(len(trees))]  # per row: its chain's valid slots (every node's base)
     fed_total = 0
     while True:
-        chosen: list[list[int]] = []
-        for search in searches:
-            chosen.append(_frontier(search, norm, width) if not search.done else [])
+        chosen = [_frontier(search, norm, width) if not search.done else [] for search in searches]
         if not any(chosen):
             break
-        L = max(len(c) for c in chosen)
-        tokens = torch.full((B, L), decoder.pad_id, dtype=torch.long)
-        step_positions = torch.zeros((B, L), dtype=torch.long)
-        allowed = torch.zeros((B, L, width_so_far + L), dtype=torch.bool)
-        allowed[:, :, width_so_far:] = torch.eye(L, dtype=torch.bool)[None]  # each new token sees itself
-        keep = torch.zeros((B, L), dtype=torch.bool)
-        learned = []
-        for b, (search, nodes) in enumerate(zip(searches, chosen)):
-            tree = search.tree
-            for j, node in enumerate(nodes):
-                tokens[b, j] = tree.nodes[node]
-                step_positions[b, j] = tree.depths[node] + tree.root - 1
-                seen = ancestors[b].clone()
-                parent = tree.parents[node]
-                while parent >= 0:
-                    seen[search.fed[parent]] = True
-                    parent = tree.parents[parent]
-                allowed[b, j, :width_so_far] = seen
-                keep[b, j] = True
-                search.fed[node] = width_so_far + j
-                learned.append((b, node + 1))
-            fed_total += len(nodes)
-        logits = decoder.forward(cache, tokens.to(device), step_positions.to(device), allowed.to(device),
-                                 keep.to(device), P > 0, keep.to(device))  # every fed node is kept, pads are not
-        width_so_far += L
-        for b in range(B):
-            ancestors[b] = torch.cat([ancestors[b], torch.zeros(L, dtype=torch.bool)])
-        _learn(searches, learned, logits)
-    best = []
-    for search in searches:
-        values = [_option_value(search, p, norm) if search.missing[p] == 0 else float("-inf")
-                  for p in range(len(search.tree.paths))]
-        best.append(max(range(len(values)), key=values.__getitem__))
-    return best, fed_total
+        fed_total += _feed_round(decoder, cache, searches, chosen, ancestors, P > 0)
+    return [_best_option(search, norm) for search in searches], fed_total
+
+
+def _feed_round(decoder: Decoder, cache, searches: list[_Search], chosen: list[list[int]],
+                ancestors: list[torch.Tensor], with_prefix: bool) -> int:
+    """Feed each row's chosen nodes (right-padded), each attending to its row's chain and its own fed ancestors,
+    and learn the log-probs their distributions give; `ancestors` grows by the round's slots. Returns how many
+    nodes were fed."""
+    device = decoder.device
+    B, L = len(searches), max(len(c) for c in chosen)
+    width_so_far = ancestors[0].shape[0]  # the rows' cached slots so far: chains, then every earlier round
+    tokens = torch.full((B, L), decoder.pad_id, dtype=torch.long)
+    step_positions = torch.zeros((B, L), dtype=torch.long)
+    allowed = torch.zeros((B, L, width_so_far + L), dtype=torch.bool)
+    allowed[:, :, width_so_far:] = torch.eye(L, dtype=torch.bool)[None]  # each new token sees itself
+    keep = torch.zeros((B, L), dtype=torch.bool)
+    learned = []
+    for b, (search, nodes) in enumerate(zip(searches, chosen)):
+        tree = search.tree
+        for j, node in enumerate(nodes):
+            tokens[b, j] = tree.nodes[node]
+            step_positions[b, j] = tree.depths[node] + tree.root - 1
+            allowed[b, j, :width_so_far] = _seen_by(search, node, ancestors[b])
+            keep[b, j] = True
+            search.fed[node] = width_so_far + j
+            learned.append((b, node + 1))
+    logits = decoder.forward(cache, tokens.to(device), step_positions.to(device), allowed.to(device),
+                             keep.to(device), with_prefix, keep.to(device))  # every fed node is kept, pads are not
+    for b in range(B):
+        ancestors[b] = torch.cat([ancestors[b], torch.zeros(L, dtype=torch.bool)])
+    _learn(searches, learned, logits)
+    return sum(len(nodes) for nodes in chosen)
+
+
+def _seen_by(search: _Search, node: int, chain_slots: torch.Tensor) -> torch.Tensor:
+    """The cached slots a newly fed node attends to: its row's chain, and the slots of its fed ancestors."""
+    seen = chain_slots.clone()
+    parent = search.tree.parents[node]
+    while parent >= 0:
+        seen[search.fed[parent]] = True
+        parent = search.tree.parents[parent]
+    return seen
+
+
+def _best_option(search: _Search, norm: str) -> int:
+    """The complete option with the highest normalised score (the search ends with the best one complete)."""
+    values = [_option_value(search, p, norm) if search.missing[p] == 0 else float("-inf")
+              for p in range(len(search.tree.paths))]
+    return max(range(len(values)), key=values.__getitem__)
 
 
 def _learn(searches: list[_Search], distributions: list[tuple[int, int]], logits: torch.Tensor) -> None:
@@ -267,70 +265,96 @@ def token_log_probs(logits: torch.Tensor, rows: list[int], tokens: list[int], ch
     return (picked - norms[index]).double().cpu().tolist()
 
 
+@dataclass
+class _Chosen:
+    """Every example's answer so far, and its context: the prompt followed by that answer, as text and tokens."""
+
+    answers: list[str]
+    contexts: list[str]
+    context_ids: list[list[int]]
+
+    def append(self, i: int, text: str) -> None:
+        self.answers[i] += text
+        self.contexts[i] += text
+
+    def retokenise(self, chat: ChatFormat) -> None:
+        """Tokenise the contexts again (an answer may merge with the prompt's last token)."""
+        self.context_ids = [chat.encode(context) for context in self.contexts]
+
+
 def score_answers(decoder: Decoder, builder: PromptBuilder, texts: list[str], ids: list[list[int]], opts,
                   progress: Progress) -> tuple[list[Answer], dict[str, float]]:
     """The best answer of every example, and {"answer_tokens_fed_share": the share of the answer trees' tokens
-    that the exact search had to feed}."""
+    that the exact search had to feed}. The answer's groups are chosen in turn, each after the ones before it."""
     spec = builder.spec
     if spec.has_token_task:
         raise ClfbenchError("decision=score is not defined for token (slot) tasks; use constrained or generate")
     answer_groups: list[Group] = groups(constraint_parts(spec))
-    chat = decoder.chat
-    n = len(texts)
-    contexts = list(texts)
-    context_ids = [list(x) for x in ids]
-    chosen = [""] * n
-    calibration: dict[str, list[float]] = {}
-    content_free = chat.text(builder.render(opts.content_free)) if opts.score_norm == "calibrated" else ""
-
+    chosen = _Chosen(answers=[""] * len(texts), contexts=list(texts), context_ids=[list(x) for x in ids])
+    offsets = _offsets_function(decoder, builder, opts)
     stats = {"fed": 0, "all": 0}  # tree nodes fed by the search, and in all trees
-
     for g, group in enumerate(answer_groups):
         last = g == len(answer_groups) - 1
-        end = last and opts.score_end  # only the last group's answer is followed by the stop token
-        if len(group.options) == 1:
-            for i in range(n):
-                chosen[i] += group.options[0]
-                contexts[i] += group.options[0]
-                context_ids[i] = chat.encode(contexts[i])
+        if len(group.options) == 1:  # nothing to choose
+            for i in range(len(texts)):
+                chosen.append(i, group.options[0])
+            chosen.retokenise(decoder.chat)
             continue
-        for use_prefix, batch in prefix_batches(decoder, context_ids, opts.batch_size):
-            P = len(decoder.prefix_ids) if use_prefix else 0
-            trees = []
-            for i in batch:
-                try:
-                    trees.append(_tree(decoder, contexts[i], context_ids[i], group.options, end, P))
-                except ValueError:
-                    raise ClfbenchError("scoring: an answer merges with the shared prompt text; "
-                                        "use -o reuse_prefix=false") from None
-            offsets = []
-            for i in batch:
-                if opts.score_norm == "calibrated":
-                    cf_text = content_free + chosen[i]
-                    if cf_text not in calibration:
-                        calibration[cf_text] = _content_free_scores(decoder, cf_text, group.options, end)
-                    offsets.append(calibration[cf_text])
-                else:
-                    offsets.append([0.0] * len(group.options))
-            best, fed = search_batch(decoder, trees, P, offsets, opts.score_norm)
-            stats["fed"] += fed
-            stats["all"] += sum(len(t.nodes) for t in trees)
-            for i, b in zip(batch, best):
-                chosen[i] += group.options[b]
-                contexts[i] += group.options[b]
-            if last:
-                progress.add(len(batch))
+        # only the last group's answer is followed by the stop token
+        _choose_group(decoder, chosen, group.options, last and opts.score_end, opts, offsets, stats,
+                      progress if last else None)
         if not last:
-            for i in range(n):
-                context_ids[i] = chat.encode(contexts[i])
+            chosen.retokenise(decoder.chat)
     if stats["all"]:
         print(f"{LOG} the exact search fed {stats['fed']} of the answer trees' {stats['all']} tokens "
               f"({stats['fed'] / stats['all']:.0%})", flush=True)
-    answers = []
-    for i, item in enumerate(builder.items):
-        parsed = parse_answer(chosen[i], spec, item.n_words)
-        answers.append(Answer(raw=chosen[i], parsed=parsed, generated=0))
+    answers = [Answer(raw=raw, parsed=parse_answer(raw, spec, item.n_words), generated=0)
+               for raw, item in zip(chosen.answers, builder.items)]
     return answers, ({"answer_tokens_fed_share": stats["fed"] / stats["all"]} if stats["all"] else {})
+
+
+def _choose_group(decoder: Decoder, chosen: _Chosen, options: tuple[str, ...], end: bool, opts, offsets,
+                  stats: dict[str, int], progress: Progress | None) -> None:
+    """Append to every example its best option of this group, found by `search_batch` batch by batch; counts the
+    tree nodes fed and in all trees into `stats`, and the examples done into `progress` (given for the last
+    group)."""
+    for use_prefix, batch in prefix_batches(decoder, chosen.context_ids, opts.batch_size):
+        P = len(decoder.prefix_ids) if use_prefix else 0
+        trees = [_example_tree(decoder, chosen.contexts[i], chosen.context_ids[i], options, end, P) for i in batch]
+        best, fed = search_batch(decoder, trees, P, [offsets(chosen.answers[i], options, end) for i in batch],
+                                 opts.score_norm)
+        stats["fed"] += fed
+        stats["all"] += sum(len(t.nodes) for t in trees)
+        for i, b in zip(batch, best):
+            chosen.append(i, options[b])
+        if progress is not None:
+            progress.add(len(batch))
+
+
+def _example_tree(decoder: Decoder, ctx_text: str, ctx_ids: list[int], options: tuple[str, ...], end: bool,
+                  P: int) -> _Tree:
+    try:
+        return _tree(decoder, ctx_text, ctx_ids, options, end, P)
+    except ValueError:
+        raise ClfbenchError("scoring: an answer merges with the shared prompt text; "
+                            "use -o reuse_prefix=false") from None
+
+
+def _offsets_function(decoder: Decoder, builder: PromptBuilder, opts):
+    """offsets(answer so far, options, end) -> what each option's summed log-prob is reduced by: its content-free
+    sum for `calibrated` (computed once per distinct answer so far), else 0."""
+    if opts.score_norm != "calibrated":
+        return lambda answer, options, end: [0.0] * len(options)
+    content_free = decoder.chat.text(builder.render(opts.content_free))
+    calibration: dict[str, list[float]] = {}
+
+    def offsets(answer: str, options: tuple[str, ...], end: bool) -> list[float]:
+        text = content_free + answer
+        if text not in calibration:
+            calibration[text] = _content_free_scores(decoder, text, options, end)
+        return calibration[text]
+
+    return offsets
 
 
 def _content_free_scores(decoder: Decoder, text: str, options: tuple[str, ...], end: bool) -> list[float]:

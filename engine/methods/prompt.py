@@ -16,16 +16,16 @@ The method is this module's `run`; the decoding itself is the library `engine.de
   it out, lm-evaluation-harness's convention, which never feeds a label's last token), and the answers of one
   example form a prefix tree fed with a tree attention mask (no copy of the prompt per label). `score_norm`:
   ``sum``, ``mean`` (per token) or ``calibrated`` (minus the answer's sum for the content-free document "N/A",
-  Zhao et al. 2021). The argmax is found by an exact best-first branch and bound (`search_batch`): log-probs
-  are <= 0, so the part of an answer's sum known so far bounds it from above, and a subtree that cannot beat the
-  best complete answer is never fed (SmolLM2, MASSIVE, calibrated: 38% of the tree's tokens zero-shot). The
-  choice is the one scoring every label would make. Token tasks have no closed answer list: refused.
+  Zhao et al. 2021). The argmax is found by an exact best-first branch and bound (`engine.decoding.scoring`):
+  log-probs are <= 0, so the part of an answer's sum known so far bounds it from above, and a subtree that cannot
+  beat the best complete answer is never fed (SmolLM2, MASSIVE, calibrated: 38% of the tree's tokens zero-shot).
+  The choice is the one scoring every label would make. Token tasks have no closed answer list: refused.
 
 What every example shares is computed once: the prompt text before the document (system prompt, instruction,
 label list, few-shot examples) is run through the model once (`reuse_prefix`, default on), and its KV cache is
-held ONCE, not copied to each row: `engine.decoding.shared_prefix` attends every query of a batch to it in one product
-per KV head and merges that with each row's attention to its own tokens (log-sum-exp). Rows of a batch sit
-behind that prefix, their own part left-padded, with explicit position ids and an explicit attention mask over
+held ONCE, not copied to each row: `engine.decoding.shared_prefix` attends every query of a batch to it in one
+product per KV head and merges that with each row's attention to its own tokens (log-sum-exp). Rows of a batch
+sit behind that prefix, their own part left-padded, with explicit position ids and an explicit attention mask over
 their own tokens.
 
 Weights: `dtype=auto` is bfloat16 where the hardware multiplies it natively (a GPU that supports it, a CPU with

@@ -106,6 +106,12 @@ def output_spec(tasks: Sequence[TaskData], json_fields: dict[str, str] | None = 
     return OutputSpec(fields=tuple(fields))
 
 
+def answer_token_limit(spec: OutputSpec, n_words: int | None) -> int:
+    """How many tokens an answer may take when the run sets no limit: 48 for a label; for slots or a multi-task
+    JSON object, 64 plus 16 per word of the document. The `prompt` and `openai` methods both use it."""
+    return 64 + 16 * (n_words or 0) if spec.has_token_task or spec.multi else 48
+
+
 def _json_str(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
