@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,16 +9,15 @@ import pytest
 from clfbench.engine.methods.catalog import METHODS, PromptOptions
 from clfbench.engine.prompting.chat import ChatFormat, split_inst
 from clfbench.engine.prompting.library import PromptBuilder, draw_shots, label_list, load_prompt_set, neutralise
-from clfbench.engine.prompting.outputs import (Choice, Fixed, bio_from_types, constraint_parts, groups, output_spec,
-                                      slot_types, target_text, types_from_bio)
+from clfbench.engine.prompting.outputs import (Choice, Fixed, answer_token_limit, bio_from_types, constraint_parts,
+                                               groups, output_spec, slot_types, target_text, types_from_bio)
 from clfbench.engine.prompting.parse import parse_answer, parse_json_answer, parse_label, parse_slots
 from clfbench.engine.prompting.render import TemplateError, parse_template, render
 from clfbench.engine.spec import parse_spec
 from clfbench.engine.tasks import get_task, load_task
 from clfbench.engine.types import ClfbenchError, TaskData
 from tests.conftest import SAMPLES
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.test_boundaries import modules_after_import
 
 
 def task(name: str, test_limit: int | None = 5) -> TaskData:
@@ -168,6 +164,45 @@ def test_a_prompt_set_with_a_bad_template_fails_at_load(tmp_path):
     (tmp_path / "x.txt").write_text("[INST]{{Text}} {{Examples}}[/INST]\n")
     with pytest.raises(TemplateError, match="unknown variable"):
         load_prompt_set("custom2", root=str(tmp_path))
+
+
+ENTRY = {"task": "t", "shots": "zero", "file": "x.txt", "text": "Text",
+         "labels": {"Labels": {"task": "t", "style": "python"}}}  # a good entry of prompts.yaml
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"bogus": 1}, "unknown key\\(s\\) bogus"),
+    ({"shots": "one"}, "shots must be 'zero' or 'five', got 'one'"),
+    ({"file": "none.txt"}, "template file not found: .*none.txt"),
+    ({"text": 3}, "'text' must name the document's placeholder"),
+    ({"labels": {"Labels": {"task": "t"}}}, "labels.Labels needs task: and style: python\\|json"),
+    ({"task": " + "}, "needs task: \\(or kind: for a fallback\\)"),
+    ({"task": "t+u", "fields": {"task1": "t"}}, "fields must map one JSON field to each of t, u"),
+    ({"file": "twice.txt"}, "\\{\\{Text\\}\\} must appear exactly once in twice.txt"),
+    ({"labels": {}, "file": "y.txt"}, None),  # a template without label lists needs none
+    ({"file": "y.txt"}, "y.txt never uses \\{\\{Labels\\}\\}"),
+    ({"shots": "five", "file": "five.txt"}, "a five-shot prompt needs example:"),
+    ({"shots": "five"}, "x.txt never uses \\{\\{Examples\\}\\}"),
+])
+def test_each_mistake_in_a_prompt_set_entry_is_one_line_that_names_it(tmp_path, change, message):
+    (tmp_path / "x.txt").write_text("[INST]{{Labels}} {{Text}}[/INST]\n")
+    (tmp_path / "y.txt").write_text("[INST]{{Text}}[/INST]\n")
+    (tmp_path / "twice.txt").write_text("[INST]{{Labels}} {{Text}} {{Text}}[/INST]\n")
+    (tmp_path / "five.txt").write_text("[INST]{{Labels}} {{Examples}} {{Text}}[/INST]\n")
+    (tmp_path / "prompts.yaml").write_text(json.dumps({"version": 1, "prompts": [{**ENTRY, **change}]}))
+    if message is None:
+        assert load_prompt_set("custom", root=str(tmp_path)).prompts[0].label_vars == {}
+        return
+    with pytest.raises(ClfbenchError, match=f"prompts\\[0\\]: {message}"):
+        load_prompt_set("custom", root=str(tmp_path))
+
+
+def test_an_answer_may_take_48_tokens_for_a_label_and_more_per_word_for_slots_or_json():
+    intent, slots = task("massive-intent"), task("massive-slots")
+    assert answer_token_limit(output_spec([intent]), None) == 48
+    assert answer_token_limit(output_spec([slots]), 5) == 64 + 16 * 5
+    assert answer_token_limit(output_spec([intent, task("20ng-7class")], {"task1": "massive-intent",
+                                                                           "task2": "20ng-7class"}), None) == 64
 
 
 # ------------------------------------------------------------------------------------------ injections
@@ -333,11 +368,10 @@ def test_prompt_options_and_catalog_entry():
 
 
 def test_the_prompting_package_stays_torch_free():
-    code = ("import sys, engine.prompting.render, engine.prompting.library, engine.prompting.parse, "
-            "engine.prompting.outputs, engine.prompting.chat; "
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    loaded = modules_after_import("import clfbench.engine.prompting.render, clfbench.engine.prompting.library, "
+                                  "clfbench.engine.prompting.parse, clfbench.engine.prompting.outputs, "
+                                  "clfbench.engine.prompting.chat")
+    assert not loaded & {"torch", "transformers"}
 
 
 # ----------------------------------------------------------------------------------------- chat format

@@ -89,6 +89,7 @@ _ENTRY_KEYS = {"task", "kind", "shots", "file", "listing", "adapted_from", "text
 
 
 def _entry(raw: dict, folder: Path, set_name: str, version: int, where: str) -> PromptDef:
+    """One entry of `prompts.yaml`, checked: every problem is a one-line error that says where it is."""
     if not isinstance(raw, dict):
         raise ClfbenchError(f"{where}: expected a mapping, got {type(raw).__name__}")
     unknown = set(raw) - _ENTRY_KEYS
@@ -103,38 +104,58 @@ def _entry(raw: dict, folder: Path, set_name: str, version: int, where: str) -> 
     text_var = raw.get("text")
     if not isinstance(text_var, str):
         raise ClfbenchError(f"{where}: 'text' must name the document's placeholder")
+    label_vars = _label_vars(raw, where)
+    fields = {str(k): str(v) for k, v in (raw.get("fields") or {}).items()}
+    tasks = _entry_tasks(raw, fields, where)
+    template = _template(path, text_var, label_vars, shots, where)
+    example = _example_template(raw, text_var, where) if shots == "five" else None
+    return PromptDef(set_name=set_name, version=version, tasks=tasks, kind=raw.get("kind"), shots=shots, path=path,
+                     listing=raw.get("listing"), adapted_from=raw.get("adapted_from"), text_var=text_var,
+                     label_vars=label_vars, fields=fields, template=template, example=example)
+
+
+def _label_vars(raw: dict, where: str) -> dict[str, LabelVar]:
     label_vars = {}
     for name, spec in (raw.get("labels") or {}).items():
         if not isinstance(spec, dict) or spec.get("style") not in ("python", "json") or not spec.get("task"):
             raise ClfbenchError(f"{where}: labels.{name} needs task: and style: python|json")
         label_vars[name] = LabelVar(str(spec["task"]), spec["style"])
-    fields = {str(k): str(v) for k, v in (raw.get("fields") or {}).items()}
+    return label_vars
+
+
+def _entry_tasks(raw: dict, fields: dict[str, str], where: str) -> tuple[str, ...]:
+    """The tasks an entry is for: ("*",) for a fallback (it has `kind:`), else its `task:` split at "+"; a
+    multi-task prompt's in the order of its JSON fields."""
     if "kind" in raw:
-        tasks: tuple[str, ...] = ("*",)
-    else:
-        tasks = tuple(part.strip() for part in str(raw.get("task", "")).split("+") if part.strip())
-        if not tasks:
-            raise ClfbenchError(f"{where}: needs task: (or kind: for a fallback)")
+        return ("*",)
+    tasks = tuple(part.strip() for part in str(raw.get("task", "")).split("+") if part.strip())
+    if not tasks:
+        raise ClfbenchError(f"{where}: needs task: (or kind: for a fallback)")
     if len(tasks) > 1:
         if set(fields.values()) != set(tasks) or len(fields) != len(tasks):
             raise ClfbenchError(f"{where}: fields must map one JSON field to each of {', '.join(tasks)}")
         tasks = tuple(fields.values())  # field order
-    allowed = {text_var, *label_vars} | ({EXAMPLES_VAR} if shots == "five" else set())
-    template = parse_template(path.read_text(encoding="utf-8"), allowed=allowed, where=str(path))
+    return tasks
+
+
+def _template(path: Path, text_var: str, label_vars: dict[str, LabelVar], shots: str, where: str) -> Template:
+    """The template file: it may use only the document, its label lists and (five-shot) the examples, must use
+    each of them, and the document exactly once."""
     needed = {text_var, *label_vars} | ({EXAMPLES_VAR} if shots == "five" else set())
+    template = parse_template(path.read_text(encoding="utf-8"), allowed=needed, where=str(path))
     missing = needed - set(template.names)
     if missing:
         raise ClfbenchError(f"{where}: {path.name} never uses {', '.join('{{' + m + '}}' for m in sorted(missing))}")
     if sum(1 for kind, name in template.pieces if kind == "var" and name == text_var) != 1:
         raise ClfbenchError(f"{where}: {{{{{text_var}}}}} must appear exactly once in {path.name}")
-    example = None
-    if shots == "five":
-        if not isinstance(raw.get("example"), str):
-            raise ClfbenchError(f"{where}: a five-shot prompt needs example: (how one example is written)")
-        example = parse_template(raw["example"], allowed={text_var, TARGET_VAR}, where=f"{where} example")
-    return PromptDef(set_name=set_name, version=version, tasks=tasks, kind=raw.get("kind"), shots=shots, path=path,
-                     listing=raw.get("listing"), adapted_from=raw.get("adapted_from"), text_var=text_var,
-                     label_vars=label_vars, fields=fields, template=template, example=example)
+    return template
+
+
+def _example_template(raw: dict, text_var: str, where: str) -> Template:
+    """How a five-shot prompt writes one example: the document and its target."""
+    if not isinstance(raw.get("example"), str):
+        raise ClfbenchError(f"{where}: a five-shot prompt needs example: (how one example is written)")
+    return parse_template(raw["example"], allowed={text_var, TARGET_VAR}, where=f"{where} example")
 
 
 @dataclass(frozen=True)
@@ -252,8 +273,8 @@ class PromptBuilder:
         by_name = {t.name: t for t in tasks}
         ordered = [by_name[name] for name in prompt.tasks]  # field order for multi-task prompts
         spec = output_spec(ordered, prompt.fields or None)
-        builder = cls(prompt=prompt, tasks=ordered, spec=spec, shots=[], base_values={}, items=paired_items(ordered, "test"),
-                      max_text_chars=max_text_chars, forbidden=tuple(forbidden))
+        builder = cls(prompt=prompt, tasks=ordered, spec=spec, shots=[], base_values={},
+                      items=paired_items(ordered, "test"), max_text_chars=max_text_chars, forbidden=tuple(forbidden))
         values = {}
         for var, label_var in prompt.label_vars.items():
             task = by_name.get(label_var.task)
@@ -316,5 +337,5 @@ def draw_shots(pool: list[Item], shots: int, seed: int) -> list[Item]:
     return [pool[i] for i in sorted(rng.sample(range(len(pool)), min(shots, len(pool))))]
 
 
-__all__ = ["Item", "PromptBuilder", "paired_items", "PromptDef", "PromptSet", "TemplateError", "draw_shots", "label_list",
-           "load_prompt_set", "neutralise", "shot_key"]
+__all__ = ["Item", "PromptBuilder", "paired_items", "PromptDef", "PromptSet", "TemplateError", "draw_shots",
+           "label_list", "load_prompt_set", "neutralise", "shot_key"]
