@@ -49,11 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clfbench.engine.dev_split import held_out_indices
+from clfbench.engine.dev_split import split_held_out
 from clfbench.engine.models import resolve_model
 from clfbench.storage.paths import feature_cache_dir
 from clfbench.engine.context import RunContext
-from clfbench.engine.types import ClfbenchError, MethodOutput, Predicted
+from clfbench.engine.types import ClfbenchError, Example, MethodOutput, Predicted, TaskData
 
 LOG = "llmembed:"
 FEATURE_FORMAT = 1  # part of every cache key: bump when the meaning of a cached file changes
@@ -83,71 +83,20 @@ def run(ctx: RunContext) -> MethodOutput | None:
         return None
     opts = ctx.options
     (task,) = ctx.tasks  # one sequence task with training examples: checked by the worker against the catalog
-    seed = ctx.seed
     device = torch.device(ctx.device)
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-
     sources = [Source(ctx.spec.model, ctx.model_path, opts.layer_indices)]
     for name in opts.extra_model_names:
         sources.append(Source(name, resolve_model(name), opts.extra_layer_indices))
     for source in sources:  # before any extraction: a bad index fails the run at once
         check_layers(source)
-
-    splits = {"train": task.train, "dev": task.dev, "test": task.test}
-    cache = FeatureCache(feature_cache_dir())
     progress = Progress(ctx)
+    extraction = extract_features(sources, {"train": task.train, "dev": task.dev, "test": task.test}, opts, device,
+                                  dtype, progress)
 
-    # ---------------------------------------------------------------------------------- extraction
     started = time.perf_counter()
-    features: dict[str, list[torch.Tensor]] = {split: [] for split in splits}
-    extracted_texts = 0
-    forward_time = 0.0  # extraction without model loading: what examples_per_s divides by
-    from_cache = 0
-    # Look everything up first, so that the progress bar's total is known before the first forward pass.
-    keys, found = [], []
-    for source in sources:
-        keys.append({split: cache.key(source, opts.max_length, dtype, [ex.text for ex in examples])
-                     for split, examples in splits.items() if examples})
-        found.append({split: cache.load(key, len(splits[split]), len(source.layers))
-                      for split, key in keys[-1].items()})
-        from_cache += sum(1 for value in found[-1].values() if value is not None)
-    progress.add_extraction(sum(len(splits[split]) for hits in found for split, value in hits.items()
-                                if value is None))
-    for source, source_keys, hits in zip(sources, keys, found):
-        missing = [split for split, value in hits.items() if value is None]
-        if missing:
-            extractor = Extractor(source.path, device, dtype)
-            for split in missing:
-                texts = [ex.text for ex in splits[split]]
-                print(f"{LOG} extracting {len(texts)} {split} texts with {source.name} (layers "
-                      f"{','.join(map(str, source.layers))}, max_length {opts.max_length})", flush=True)
-                split_started = time.perf_counter()
-                hits[split] = extractor.extract(texts, source.layers, opts.max_length, opts.extract_batch_size,
-                                                progress.extracted)
-                forward_time += time.perf_counter() - split_started
-                cache.save(source_keys[split], hits[split], {"model": source.name, "split": split, "n": len(texts)})
-                extracted_texts += len(texts)
-            del extractor
-        for split, value in hits.items():
-            features[split].append(value)
-    extraction_time = time.perf_counter() - started
-    print(f"{LOG} features ready in {extraction_time:.1f} s: {extracted_texts} texts extracted, "
-          f"{from_cache} feature file(s) from the cache", flush=True)
-
-    # ---------------------------------------------------------------------------------- classifier
-    started = time.perf_counter()
-    label2id = {label: i for i, label in enumerate(task.labels)}
-    train_y = torch.tensor([label2id[ex.label] for ex in task.train])
-    train_x = features["train"]
-    if task.dev:
-        dev_x, dev_y = features["dev"], torch.tensor([label2id[ex.label] for ex in task.dev])
-    else:  # a seeded share of train, chosen by row index so the cached train features serve every seed
-        held = held_out_indices(len(task.train), opts.dev_fraction, seed)
-        held_set = set(held)
-        keep = [i for i in range(len(task.train)) if i not in held_set]
-        dev_x, dev_y = [f[held] for f in train_x], train_y[held]
-        train_x, train_y = [f[keep] for f in train_x], train_y[keep]
-    torch.manual_seed(seed)
+    train_x, train_y, dev_x, dev_y = labelled_features(task, extraction.features, opts.dev_fraction, ctx.seed)
+    torch.manual_seed(ctx.seed)
     model = FusionClassifier([tuple(f.shape[1:]) for f in train_x], len(task.labels), fusion=opts.fusion,
                              project_dim=opts.project_dim, hidden_size=opts.hidden_size, dropout=opts.dropout,
                              sigma=opts.sigma)
@@ -156,28 +105,42 @@ def run(ctx: RunContext) -> MethodOutput | None:
     model.to(device)
     print(f"{LOG} classifier: fusion={opts.fusion}, {len(train_y)} train / {len(dev_y)} dev examples, "
           f"fused features {model.fused_dim}, {sum(p.numel() for p in model.parameters())} parameters", flush=True)
-    history = train_classifier(model, train_x, train_y, dev_x, dev_y, opts, seed, device, ctx, progress)
-    test_logits = predict_logits(model, features["test"], device, opts.batch_size * 4) if task.test else None
+    history = train_classifier(model, train_x, train_y, dev_x, dev_y, opts, ctx.seed, device, ctx, progress)
+    test_logits = predict_logits(model, extraction.features["test"], device, opts.batch_size * 4) if task.test else None
     classifier_time = time.perf_counter() - started
     progress.done()
 
     predicted = test_logits.argmax(-1).tolist() if test_logits is not None else []
     predictions = {ex.id: Predicted(task.labels[p]) for ex, p in zip(task.test, predicted)}
     extra = {
-        "extraction_time_s": extraction_time,
+        "extraction_time_s": extraction.time_s,
         "classifier_time_s": classifier_time,
-        "examples_per_s": extracted_texts / forward_time if extracted_texts and forward_time > 0 else 0.0,
-        "extracted_texts": float(extracted_texts),
-        "cached_feature_files": float(from_cache),
+        "examples_per_s": extraction.texts / extraction.forward_time_s
+        if extraction.texts and extraction.forward_time_s > 0 else 0.0,
+        "extracted_texts": float(extraction.texts),
+        "cached_feature_files": float(extraction.from_cache),
         "fused_dim": float(model.fused_dim),
         "epochs_trained": float(history.epochs),
         "best_epoch": float(history.best_epoch),
     }
     if len(dev_y):
         extra["best_dev_accuracy"] = history.best_accuracy
-    print(f"{LOG} extraction {extraction_time:.1f} s, classifier {classifier_time:.1f} s "
-          f"({history.epochs} epochs, best {history.best_epoch}, dev accuracy {max(history.best_accuracy, 0):.4f})", flush=True)
+    print(f"{LOG} extraction {extraction.time_s:.1f} s, classifier {classifier_time:.1f} s ({history.epochs} epochs, "
+          f"best {history.best_epoch}, dev accuracy {max(history.best_accuracy, 0):.4f})", flush=True)
     return MethodOutput(predictions={task.name: predictions}, extra_results={task.name: extra})
+
+
+def labelled_features(task: TaskData, features: dict[str, list[torch.Tensor]], dev_fraction: float, seed: int
+                      ) -> tuple[list[torch.Tensor], torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """(train features, train labels, dev features, dev labels): dev is the task's dev split, else a seeded share of
+    train chosen by row index, so the cached train features serve every seed."""
+    label2id = {label: i for i, label in enumerate(task.labels)}
+    train_y = torch.tensor([label2id[ex.label] for ex in task.train])
+    train_x = features["train"]
+    if task.dev:
+        return train_x, train_y, features["dev"], torch.tensor([label2id[ex.label] for ex in task.dev])
+    keep, held = split_held_out(range(len(task.train)), dev_fraction, seed)
+    return [f[keep] for f in train_x], train_y[keep], [f[held] for f in train_x], train_y[held]
 
 
 class Progress:
@@ -314,6 +277,73 @@ class Extractor:
         if out is None:
             out = torch.empty(0, len(indices), 0)
         return out
+
+
+@dataclass
+class Extraction:
+    features: dict[str, list[torch.Tensor]]  # split -> one [texts, layers, hidden] tensor per source
+    texts: int  # texts run through a model (not read from the cache)
+    from_cache: int  # feature files read from the cache
+    forward_time_s: float  # extraction without model loading: what examples_per_s divides by
+    time_s: float  # the whole phase
+
+
+def _look_up(cache: FeatureCache, sources: list[Source], splits: dict[str, list[Example]], max_length: int,
+             dtype: torch.dtype) -> tuple[list[dict[str, str]], list[dict[str, torch.Tensor | None]]]:
+    """Per source, the cache key of every non-empty split and its cached features (None: not cached)."""
+    keys, found = [], []
+    for source in sources:
+        keys.append({split: cache.key(source, max_length, dtype, [ex.text for ex in examples])
+                     for split, examples in splits.items() if examples})
+        found.append({split: cache.load(key, len(splits[split]), len(source.layers))
+                      for split, key in keys[-1].items()})
+    return keys, found
+
+
+def _extract_missing(source: Source, keys: dict[str, str], hits: dict[str, torch.Tensor | None],
+                     splits: dict[str, list[Example]], opts, device: torch.device, dtype: torch.dtype,
+                     cache: FeatureCache, progress: Progress) -> tuple[int, float]:
+    """Extract (and cache) the splits `hits` lacks with `source`, filling them in; (texts, seconds of forward)."""
+    missing = [split for split, value in hits.items() if value is None]
+    if not missing:
+        return 0, 0.0
+    extractor = Extractor(source.path, device, dtype)
+    extracted, seconds = 0, 0.0
+    for split in missing:
+        texts = [ex.text for ex in splits[split]]
+        print(f"{LOG} extracting {len(texts)} {split} texts with {source.name} (layers "
+              f"{','.join(map(str, source.layers))}, max_length {opts.max_length})", flush=True)
+        split_started = time.perf_counter()
+        hits[split] = extractor.extract(texts, source.layers, opts.max_length, opts.extract_batch_size,
+                                        progress.extracted)
+        seconds += time.perf_counter() - split_started
+        cache.save(keys[split], hits[split], {"model": source.name, "split": split, "n": len(texts)})
+        extracted += len(texts)
+    return extracted, seconds
+
+
+def extract_features(sources: list[Source], splits: dict[str, list[Example]], opts, device: torch.device,
+                     dtype: torch.dtype, progress: Progress) -> Extraction:
+    """Every split's pooled features from every source: from the cache, else extracted and cached."""
+    cache = FeatureCache(feature_cache_dir())
+    started = time.perf_counter()
+    # Look everything up first, so that the progress bar's total is known before the first forward pass.
+    keys, found = _look_up(cache, sources, splits, opts.max_length, dtype)
+    from_cache = sum(1 for hits in found for value in hits.values() if value is not None)
+    progress.add_extraction(sum(len(splits[split]) for hits in found for split, value in hits.items()
+                                if value is None))
+    features: dict[str, list[torch.Tensor]] = {split: [] for split in splits}
+    extracted, forward_time = 0, 0.0
+    for source, source_keys, hits in zip(sources, keys, found):
+        texts, seconds = _extract_missing(source, source_keys, hits, splits, opts, device, dtype, cache, progress)
+        extracted, forward_time = extracted + texts, forward_time + seconds
+        for split, value in hits.items():
+            features[split].append(value)
+    elapsed = time.perf_counter() - started
+    print(f"{LOG} features ready in {elapsed:.1f} s: {extracted} texts extracted, "
+          f"{from_cache} feature file(s) from the cache", flush=True)
+    return Extraction(features=features, texts=extracted, from_cache=from_cache, forward_time_s=forward_time,
+                      time_s=elapsed)
 
 
 # ------------------------------------------------------------------------------------- feature cache
