@@ -86,7 +86,7 @@ def validate_for_queue(spec: RunSpec) -> None:
         spec.options.check_task_kinds([task.kind for task in tasks])
     except ValueError as error:
         raise ClfbenchError(f"invalid options for {spec.method}: {error}") from None
-    if spec.method_info.local_model:  # an API method's model is a name on its server, checked when the run starts
+    if spec.method_info.local_model:  # otherwise the model is a name (on an API server, or only a label)
         check_model(spec.model)
 
 

@@ -67,6 +67,13 @@ def _barrier(world_size: int) -> None:
             dist.barrier()
 
 
+def _resolve_model_once(name: str, rank: int, world_size: int) -> str:
+    """Rank 0 resolves first, the others after it: a conversion into the model cache then happens once."""
+    path = resolve_model(name) if rank == 0 else None
+    _barrier(world_size)
+    return path if path is not None else resolve_model(name)
+
+
 def load_tasks(spec: RunSpec) -> list[TaskData]:
     """The run's tasks with the options' train_limit / test_limit applied (every method that has them)."""
     options = spec.options
@@ -162,7 +169,7 @@ def _prepare(run: dict, recorder: Recorder, attempt: int) -> RunContext:
     local_model = spec.method_info.local_model
     if local_model:
         device = _setup_torch(world_size, local_rank, spec.seed)
-    else:  # an API method: the model runs on a server; no torch to import, seed, or share cores with
+    else:  # no local weights (an API method, a classical baseline): no torch to import, seed or set up
         device = "cpu"
         random.seed(spec.seed)
     tasks = load_tasks(spec)
@@ -171,12 +178,8 @@ def _prepare(run: dict, recorder: Recorder, attempt: int) -> RunContext:
         options = spec.options.resolved(spec.task_names)
     except ValueError as error:
         raise ClfbenchError(f"{spec.method}: {error}") from None
-    model_path = spec.model  # an API method: the model's name on the server
-    if local_model and rank == 0:  # rank 0 resolves first: a conversion into the model cache then happens once
-        model_path = resolve_model(spec.model)
-    _barrier(world_size)
-    if local_model and rank != 0:
-        model_path = resolve_model(spec.model)
+    # Without local weights the model is a name (the model on an API server, or just a label).
+    model_path = _resolve_model_once(spec.model, rank, world_size) if local_model else spec.model
     output_dir = Path(os.environ.get("CLFBENCH_RUN_DIR") or run["output_dir"] or ".")
     return RunContext(
         run_id=run["id"], attempt=attempt, spec=spec, options=options, tasks=tasks, model_path=model_path,
@@ -206,7 +209,7 @@ def _one_line(error: Exception) -> str:
 
 
 def _destroy_process_group() -> None:
-    if "torch" not in sys.modules:  # an API run never loaded torch: do not import it just to check
+    if "torch" not in sys.modules:  # a run without local weights never loaded torch: do not import it to check
         return
     try:
         import torch.distributed as dist

@@ -437,7 +437,8 @@ class MethodInfo:
     task_kinds: tuple[str, ...]  # which task kinds it can handle
     max_tasks: int  # 1, or more for joint/consolidated multi-task
     launch: Literal["torchrun", "process"]  # "process": API-only jobs, no GPU, no torchrun
-    # False for API methods: `model` is a name on a remote server, not an alias or folder to resolve locally.
+    # False for methods without local weights (an API server's model, a classical baseline): `model` is a name,
+    # not an alias or folder to resolve, and the worker neither resolves it nor imports torch.
     local_model: bool = True
     # The method trains on the task's train split (a task without training examples fails before any model
     # loads); prompting draws few-shot examples from it only when asked.
