@@ -24,6 +24,7 @@ from clfbench.engine.submit import build_specs, new_runs, parse_option_pairs, va
 from clfbench.engine.types import ClfbenchError
 from clfbench.storage import queries, queue
 from clfbench.storage.db import Store, StoreError, open_store
+from clfbench.storage.models import TERMINAL_STATUSES, RunStatus
 
 app = typer.Typer(
     name="clfbench",
@@ -191,7 +192,7 @@ def logs_command(
                 sys.stdout.flush()
             if not follow:
                 break
-            if queries.get_run(s, run_id)["status"] not in ("running", "queued"):
+            if queries.get_run(s, run_id)["status"] in TERMINAL_STATUSES:
                 rest = handle.read()
                 if rest:
                     sys.stdout.write(rest.decode("utf-8", errors="replace"))
@@ -387,7 +388,7 @@ def engine_status_data(s: Store) -> dict:
     counts = queries.count_by_status(s)
     engines = queries.live_engines(s, stale_after_s=30, now=time.time())
     return {"store": s.describe(), "engine_pid_on_this_host": pid, "live_engines": engines,
-            "queued": counts.get("queued", 0), "running": counts.get("running", 0)}
+            "queued": counts.get(RunStatus.queued.value, 0), "running": counts.get(RunStatus.running.value, 0)}
 
 
 @engine_app.callback(invoke_without_command=True)
@@ -521,7 +522,7 @@ def demo_command(
     started = time.time()
     if engine_lock_holder(s.url):
         typer.echo("an engine already runs for this store; waiting for it to finish the demo runs", err=True)
-        while any(queries.get_run(s, i)["status"] in ("queued", "running") for i in ids):
+        while any(queries.get_run(s, i)["status"] not in TERMINAL_STATUSES for i in ids):
             time.sleep(1)
     else:
         try:

@@ -14,13 +14,14 @@ import time
 
 from rich.text import Text
 
+from clfbench.storage.models import RunStatus
 from clfbench.storage.queries import Matrix
 
 FORMATS = ("table", "md", "csv", "latex", "json")
 # How the TUI colours a run status (`clfbench ls` prints statuses plain).
 STATUS_STYLES = {
-    "queued": "cyan", "running": "bold yellow", "succeeded": "green", "failed": "bold red",
-    "cancelled": "magenta", "interrupted": "red",
+    RunStatus.queued.value: "cyan", RunStatus.running.value: "bold yellow", RunStatus.succeeded.value: "green",
+    RunStatus.failed.value: "bold red", RunStatus.cancelled.value: "magenta", RunStatus.interrupted.value: "red",
 }
 
 
@@ -167,7 +168,7 @@ def progress_with_eta(run: dict, now: float) -> str:
     """progress_text and, while running, the time left at the run's average rate since it started (`12/47 ~3m20`)."""
     text = progress_text(run)
     step, total = run["progress_step"], run["progress_total"]
-    if text and run["status"] == "running" and step and run["started_at"] and step < total:
+    if text and run["status"] == RunStatus.running and step and run["started_at"] and step < total:
         per_step = (now - run["started_at"]) / step
         text += f" ~{clock(per_step * (total - step))}"
     return text

@@ -23,6 +23,7 @@ from clfbench.app.tui.messages import OpenErrors, OpenNewRun, OpenRun
 from clfbench.app.tui.screen_parts import TitleBar, copy_for_user, copy_key
 from clfbench.storage import queries, queue
 from clfbench.storage.db import Store
+from clfbench.storage.models import RunStatus
 
 REFRESH_S = 1.5
 # Rows shown at once: the newest runs; the filter searches all of them. A 10k-run store stays responsive.
@@ -33,7 +34,7 @@ COLUMNS = [("id", 4), ("status", 11), ("progress", 14), ("age", 4), ("task", 28)
 
 
 def run_cells(run: dict, now: float) -> tuple:
-    gpu = run["gpus_assigned"] or ("cpu" if run["status"] == "running" else "")
+    gpu = run["gpus_assigned"] or ("cpu" if run["status"] == RunStatus.running else "")
     return (str(run["id"]), render.status_text(run["status"]), render.progress_with_eta(run, now),
             render.age(run["created_at"], now), run["task"], run["model"], run["method"], str(run["shots"]), gpu)
 
@@ -70,7 +71,7 @@ class EngineInfo:
         elif self.pid:
             line.append(" · CPU only")
         line.append("\nqueue ")
-        for status in ("queued", "running", "succeeded", "failed", "cancelled", "interrupted"):
+        for status in (s.value for s in RunStatus):
             count = self.counts.get(status, 0)
             line.append(f"{status} ", style=render.STATUS_STYLES[status]).append(f"{count}  ")
         return line
@@ -143,7 +144,7 @@ class RunsScreen(Screen):
     def reload(self) -> None:
         runs = queries.list_runs(self.store)
         now = self.app.now()
-        engine = read_engine_info(self.store, now, [r for r in runs if r["status"] == "running"])
+        engine = read_engine_info(self.store, now, [r for r in runs if r["status"] == RunStatus.running])
         if not get_current_worker().is_cancelled:
             self.app.call_from_thread(self.show, runs, engine)
 
