@@ -427,6 +427,7 @@ class TfidfOptions(MethodOptions):
     train_limit: int | None = Field(None, ge=1, description="use only the first N training examples (after a seeded shuffle)")
     test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
 
+
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
