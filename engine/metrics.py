@@ -157,7 +157,7 @@ def per_label_report(
 
 
 # --------------------------------------------------------------------------------------------
-# Token classification (slot filling), as in MASSIVE's official evaluation
+# Token classification (slot filling): seqeval over BIO with MASSIVE's cut/pad and Other -> O
 # --------------------------------------------------------------------------------------------
 
 
@@ -188,7 +188,8 @@ def _normalised_pairs(
 def slot_scores(
     gold_tags: list[list[str]], predicted_tags: list[list[str] | None]
 ) -> dict[str, float]:
-    """Span-level micro precision/recall/F1 with seqeval, as MASSIVE's official evaluation does.
+    """Span-level micro precision/recall/F1 with seqeval on the BIO tags as given (MASSIVE's official rule first
+    rebuilds BIO from per-word slot types; for tags that are already such a rebuild, the two agree).
 
     seqeval runs in its default (non-strict, conlleval-like) mode, as in MASSIVE. zero_division=0
     gives the same numbers as seqeval's default ("warn") without the warning.
