@@ -14,6 +14,14 @@ from clfbench.engine.prompting.chat import ChatFormat
 SENTINEL = "\ue000clfbench-document\ue000"
 
 
+def prefix_token_ids(chat: ChatFormat, text: str) -> list[int]:
+    """The tokens of the prompt text every example shares, without its last one (it could merge with the
+    document's first characters); [] when fewer than two remain. The one rule for the prompt method's KV cache
+    and the generative fine-tune's shared prefix."""
+    ids = chat.encode(text)[:-1] if text else []
+    return ids if len(ids) >= 2 else []
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -52,8 +60,8 @@ class Decoder:
         """Run the shared prompt text once and keep its KV cache (its last token is left out: it could merge with
         the document's first characters)."""
         self.prefix_ids, self.prefix = [], None
-        ids = self.chat.encode(text)[:-1] if text else []
-        if len(ids) < 2:
+        ids = prefix_token_ids(self.chat, text)
+        if not ids:
             return
         self.prefix = PrefixKV.compute(self.model, ids, self.device)
         self.prefix_ids = ids

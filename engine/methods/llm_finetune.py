@@ -47,6 +47,7 @@ from torch import nn
 
 from clfbench.engine.context import RunContext
 from clfbench.engine.decoding import SENTINEL, DecisionSettings, Decoder, decide, load_model
+from clfbench.engine.decoding.decoder import prefix_token_ids
 from clfbench.engine.dev_split import split_dev_rows
 from clfbench.engine.fsdp import fsdp_training
 from clfbench.engine.prompting.chat import ChatFormat
@@ -172,11 +173,8 @@ def encode_items(decoder: Decoder, builder: PromptBuilder, items: list[Item], ma
 
 
 def shared_prefix_ids(chat: ChatFormat, builder: PromptBuilder) -> list[int]:
-    """The tokens of the prompt text before the document, without the last one (it could merge with the
-    document's first characters): the same rule as the prompt method's KV cache."""
-    text = chat.text(builder.render(SENTINEL)).partition(SENTINEL)[0]
-    ids = chat.encode(text)[:-1] if text else []
-    return ids if len(ids) >= 2 else []
+    """The tokens of the prompt text before the document, by the prompt method's own rule (`prefix_token_ids`)."""
+    return prefix_token_ids(chat, chat.text(builder.render(SENTINEL)).partition(SENTINEL)[0])
 
 
 @dataclass
