@@ -61,6 +61,8 @@ class TaskData:
     # Metrics over this task and another one of the same run, declared by the task definition (`joint_metrics:`),
     # e.g. MASSIVE intent's exact match with the slots: the intent and every slot tag right.
     joint_metrics: tuple[str, ...] = ()
+    # Token tasks: the rule slot F1 and exact match are computed under ("massive", "conlleval", "strict").
+    slot_metric: str | None = None
 
 
 @dataclass

@@ -192,6 +192,11 @@ class TaskDef(_Strict):
     # Metrics over this task and the other task of a joint run (a sequence task with a token task), e.g.
     # exact_match: the label and every tag of the same text right (MASSIVE's official exact match).
     joint_metrics: list[Literal["exact_match"]] = Field(default_factory=list)
+    # How slot F1 and exact match count spans (token tasks; see engine.metrics.SLOT_METRICS): "massive" (MASSIVE's
+    # official rule: per-word slot types, BIO rebuilt), "conlleval" (seqeval's default mode on the tags as
+    # predicted; the CoNLL/ATIS standard, where gold has adjacent same-type spans) or "strict" (seqeval IOB2
+    # strict). A property of the task, not of the method: every run on a task is scored the same way.
+    slot_metric: Literal["massive", "conlleval", "strict"] | None = None
 
     _origin: str = PrivateAttr(default="built-in")
 
@@ -255,7 +260,17 @@ class TaskDef(_Strict):
                 raise ValueError("'label_column' is for sequence tasks (this task has kind: token; use tags_column)")
             if self.label_transform is not None:
                 raise ValueError("'label_transform' is for sequence tasks")
+        if self.kind == "sequence" and self.slot_metric is not None:
+            raise ValueError("'slot_metric' is for token tasks (this task has kind: sequence)")
         return self
+
+    @property
+    def slot_rule(self) -> str | None:
+        """The rule slot F1 is computed under: the declared one, else "conlleval" for a token task (the standard
+        for user NER/slot data); None for a sequence task."""
+        if self.kind != "token":
+            return None
+        return self.slot_metric or "conlleval"
 
     # -- helpers ---------------------------------------------------------------------------------------------
 

@@ -113,7 +113,7 @@ def load_task(task: TaskDef, data_dir: Path | str | None = None, train_limit: in
         test = _shuffled(test, TEST_SUBSET_SEED)[:test_limit]
     return TaskData(name=task.name, kind=task.kind, labels=labels, train=train, test=test,
                     dev=splits.get("dev", []) if need_train else [], description=task.description,
-                    joint_metrics=tuple(task.joint_metrics))
+                    joint_metrics=tuple(task.joint_metrics), slot_metric=task.slot_rule)
 
 
 def check_task(task: TaskDef, data_dir: Path | str | None = None) -> None:
