@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
+import math
 import os
 import shutil
 import signal
@@ -171,6 +173,56 @@ def describe_exit(returncode: int | None) -> str:
     return f"worker exited with code {returncode}"
 
 
+# A core whose recent load is at most this much still counts as free: a shell, an editor or the engine's own polling
+# must not cost an idle host a core, while a core more than a quarter busy is not free (an OpenMP thread that
+# shares a core stalls its whole team at every barrier).
+FREE_CORE_SLACK = 0.25
+
+
+def cpu_threads_rule(cores: int, load: float, own_threads: int, slots: int) -> int:
+    """Threads for a CPU run about to start: the cores left free, at most its fair share of the slots, at least 1.
+
+    busy = max(load, own_threads): the load average already counts the threads of this engine's running CPU runs,
+    so they are not counted twice; but it trails by about a minute, so runs launched moments ago count at least
+    their threads. free = cores - busy, rounded down after FREE_CORE_SLACK. The clamp: never more than
+    cores // slots (each of the engine's CPU slots must find its share), never 0 (one thread on a saturated host
+    still progresses; two oversubscribed threads were measured not to finish a step where one did 10 ex/s).
+    """
+    fair_share = max(1, cores // max(1, slots))
+    busy = max(load, float(own_threads))
+    free = math.floor(cores - busy + FREE_CORE_SLACK)
+    return min(fair_share, max(1, free))
+
+
+def host_cpu_load() -> tuple[int, float]:
+    """(the cores this process may run on, the recent load on them).
+
+    The cores are the CPU affinity set where the OS has one (a job pinned by a batch scheduler or `taskset` must
+    not count CPUs it cannot use); the load is the one-minute load average, which the kernel gives for the whole
+    machine, scaled to that set's share of it. Unknown load counts as 0: the rule then gives the fair share.
+    """
+    machine = os.cpu_count() or 1
+    try:
+        cores = len(os.sched_getaffinity(0)) or machine
+    except (AttributeError, OSError):
+        cores = machine
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    return cores, load * min(1.0, cores / machine)
+
+
+def spec_threads(spec_json: str) -> int | None:
+    """The `threads:` a run's stored spec asks for, or None (left to the engine; also for specs stored before
+    the field existed). The spec was validated at queue time (an integer >= 1)."""
+    try:
+        threads = json.loads(spec_json).get("threads")
+    except (ValueError, AttributeError):
+        return None
+    return threads if isinstance(threads, int) and threads >= 1 else None
+
+
 @dataclass
 class Child:
     """A run this engine supervises: launched by it (popen) or adopted from a previous engine (pid only)."""
@@ -182,6 +234,7 @@ class Child:
     launch: str
     log_path: str
     tag: str = ""
+    threads: int = 0  # CPU threads its ranks use together (0: a GPU or API run, or adopted: already in the load)
     popen: subprocess.Popen | None = None
     log_handle: object = None
     term_sent_at: float | None = None
@@ -235,6 +288,38 @@ class Engine:
     def api_runs(self) -> int:
         return sum(1 for c in self.children.values() if c.launch == "process")
 
+    def cpu_threads(self, run: dict) -> tuple[int, str]:
+        """Threads for a CPU run about to launch (its spec's `threads:`, else cpu_threads_rule), and why."""
+        asked = spec_threads(run["spec_json"])
+        if asked is not None:
+            return asked, f"threads: {asked} from the spec"
+        cores, load = host_cpu_load()
+        own = sum(child.threads for child in self.children.values())
+        slots = self.config.max_cpu_runs
+        threads = cpu_threads_rule(cores, load, own, slots)
+        return threads, (f"load {load:.1f} of {cores} cores ({own} thread(s) of this engine's runs), "
+                         f"{slots} CPU slot(s): {threads} thread(s)")
+
+    def launch_env(self, run: dict, gpus: list[int], folder: Path) -> tuple[dict, int, str]:
+        """The worker's environment, the CPU threads its ranks will use together (0: a GPU or API run), and why."""
+        env = dict(os.environ)
+        env.update(
+            CLFBENCH_DB=self.config.url,
+            CLFBENCH_RUN_ATTEMPT=str(run["attempt"]),
+            CLFBENCH_RUN_TAG=run_tag(self.config.url, run["id"], run["attempt"]),
+            CLFBENCH_RUN_DIR=str(folder),
+            CLFBENCH_HOME=str(paths.home()),
+            CUDA_VISIBLE_DEVICES=",".join(str(g) for g in gpus),  # "" hides every GPU from CPU runs
+            PYTHONUNBUFFERED="1",
+        )
+        if gpus or run["launch"] == "process":  # threads matter only to a run that computes on the CPU
+            return env, 0, ""
+        # The worker splits these threads between the run's ranks (each gets at least 1). Oversubscribed OpenMP
+        # threads spin against each other and were measured to slow training many times over.
+        threads, why = self.cpu_threads(run)
+        env["CLFBENCH_CPU_THREADS"] = str(threads)
+        return env, max(threads, run["nproc"] or 1), why
+
     # ---- the loop ---------------------------------------------------------------------------
     def claim_and_launch(self) -> bool:
         """Claim one run that fits and launch it. Returns True if one was launched."""
@@ -268,27 +353,15 @@ class Engine:
         else:
             nproc = len(gpus) if gpus else run["nproc"]
             command = torchrun_command(nproc) + ["-m", "clfbench.engine.worker", str(run["id"])]
-        env = dict(os.environ)
-        env.update(
-            CLFBENCH_DB=self.config.url,
-            CLFBENCH_RUN_ATTEMPT=str(run["attempt"]),
-            CLFBENCH_RUN_TAG=run_tag(self.config.url, run["id"], run["attempt"]),
-            CLFBENCH_RUN_DIR=str(folder),
-            CLFBENCH_HOME=str(paths.home()),
-            CUDA_VISIBLE_DEVICES=",".join(str(g) for g in gpus),  # "" hides every GPU from CPU runs
-            PYTHONUNBUFFERED="1",
-        )
-        if not gpus:
-            # CPU runs share this host's cores: each of the max_cpu_runs slots gets its share (the worker splits
-            # it between its ranks). Oversubscribed OpenMP threads spin against each other and were measured to
-            # slow training many times over.
-            env["CLFBENCH_CPU_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, self.config.max_cpu_runs)))
+        env, threads, why = self.launch_env(run, gpus, folder)
+        if why:
+            queue.log_event_standalone(self.store, "threads", why, run["id"])
         log_handle = open(log_path, "ab")
-        log_handle.write(
-            f"\n===== clfbench: run {run['id']} attempt {run['attempt']} on {self.host} "
-            f"gpus [{','.join(map(str, gpus))}] at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n"
-            f"$ {' '.join(command)}\n".encode()
-        )
+        header = (f"\n===== clfbench: run {run['id']} attempt {run['attempt']} on {self.host} "
+                  f"gpus [{','.join(map(str, gpus))}] at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
+        if why:
+            header += f"clfbench engine: cpu threads: {why}\n"
+        log_handle.write(f"{header}$ {' '.join(command)}\n".encode())
         log_handle.flush()
         try:
             popen = subprocess.Popen(
@@ -303,7 +376,7 @@ class Engine:
         self.children[run["id"]] = Child(
             run_id=run["id"], attempt=run["attempt"], pid=popen.pid, gpus=gpus, launch=run["launch"],
             log_path=str(log_path), tag=run_tag(self.config.url, run["id"], run["attempt"]), popen=popen,
-            log_handle=log_handle,
+            log_handle=log_handle, threads=threads,
         )
         queue.set_launched(self.store, run["id"], run["attempt"], pid=popen.pid,
                            gpus_assigned=",".join(map(str, gpus)), log_path=str(log_path),

@@ -42,6 +42,9 @@ class RunSpec(BaseModel):
         None, ge=0, description="GPUs to use; empty: 1 on a GPU box, CPU otherwise; 0: CPU"
     )
     nproc: int = Field(1, ge=1, description="processes when running on CPU (torchrun --nproc-per-node)")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for the run, shared by its nproc processes; empty: chosen by the "
+        "engine from the cores free at launch (an execution setting: it never splits results)")
     data_dir: str | None = Field(None, description="folder with the dataset files (else CLFBENCH_DATA, else the hub)")
     name: str | None = Field(None, description="a label for this run shown in lists")
     # The method's own options model (validated against it: an unknown option is an error), not a dict: a method
@@ -85,7 +88,10 @@ class RunSpec(BaseModel):
 
     def canonical_json(self) -> str:
         """The resolved spec (option defaults filled in) as stable JSON: what is stored and hashed."""
-        return json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump()
+        if data["threads"] is None:  # a spec that leaves threads to the engine keeps the JSON and hash it had before
+            del data["threads"]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def spec_hash(self) -> str:
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]

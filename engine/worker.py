@@ -46,8 +46,8 @@ def _setup_torch(world_size: int, local_rank: int, seed: int) -> str:
         device = f"cuda:{local_rank}"
     else:
         device = "cpu"
-        # Share the cores given to this run (by the engine: its slot of the host) between its ranks instead of
-        # oversubscribing them.
+        # Share the threads given to this run (by the engine: the free cores at launch, or the spec's threads:)
+        # between its ranks instead of oversubscribing them.
         cores = int(os.environ.get("CLFBENCH_CPU_THREADS") or os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // world_size))
         print(f"clfbench worker: cpu, {torch.get_num_threads()} thread(s) per rank", flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -81,8 +82,8 @@ def test_two_process_torchrun_logs_each_loss_once(cli):
     assert shown["status"] == "succeeded", shown["error"]
     log = cli.run("logs", str(run["id"])).stdout
     assert "rank 0/2" in log and "rank 1/2" in log  # two real processes
-    # The two ranks share the run's cores instead of each taking all of them.
-    assert f"cpu, {max(1, (os.cpu_count() or 1) // 2)} thread(s) per rank" in log
+    # The two ranks share the run's cores instead of each taking all of them (fewer when the host is busy).
+    assert 1 <= threads_per_rank(log) <= max(1, (os.cpu_count() or 1) // 2)
     store = open_store()
     with store.read() as connection:
         duplicates = connection.execute(text(
@@ -276,6 +277,13 @@ def store_run(store, run_id: int) -> dict:
     return queries.get_run(store, run_id)
 
 
+def threads_per_rank(log: str) -> int:
+    """The CPU threads the worker says each rank uses (the engine picks them from the cores free at launch)."""
+    found = re.search(r"cpu, (\d+) thread\(s\) per rank", log)
+    assert found, log
+    return int(found.group(1))
+
+
 def events_of(store, run_id: int) -> list[str]:
     with store.read() as connection:
         return [row[0] for row in connection.execute(
@@ -303,9 +311,9 @@ def test_detached_engine_start_status_stop(cli):
         assert "already runs" in cli.run("engine", "start", check=False).stderr
         (run,) = cli.json("queue", *TINY, "--task", "massive-intent", "-o", "epochs=1", "-o", "test_limit=10")
         wait_for(lambda: cli.json("show", str(run["id"]))["status"] == "succeeded", 180, "the detached engine to run it")
-        # With 2 CPU slots, a run gets half of the host's cores.
+        # With 2 CPU slots, a run gets at most half of the host's cores (fewer when the host is busy).
         log = cli.run("logs", str(run["id"])).stdout
-        assert f"cpu, {max(1, (os.cpu_count() or 1) // 2)} thread(s) per rank" in log
+        assert 1 <= threads_per_rank(log) <= max(1, (os.cpu_count() or 1) // 2)
     finally:
         stopped = cli.run("engine", "stop")
     assert "stopped" in stopped.stdout
