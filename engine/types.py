@@ -11,6 +11,9 @@ from typing import Literal
 # A task either labels a whole text ("sequence") or each whitespace token of it ("token", BIO tags).
 TaskKind = Literal["sequence", "token"]
 
+# A task's `description:` when none is given: the generic prompts then keep their plain wording ("classify it").
+PLAIN_DESCRIPTION = "label"
+
 # Why an LLM output could not be turned into a label. "ok" for every prediction that parsed.
 ParseStatus = Literal[
     "ok", "empty", "not_in_label_set", "invalid_json", "wrong_length", "truncated", "missing_field"
@@ -56,11 +59,11 @@ class TaskData:
     train: list[Example]
     test: list[Example]
     dev: list[Example] = field(default_factory=list)
-    # Short human description of the label field (used by prompts), e.g. "news category".
+    # Short human description of the label field (used by the generic prompts), e.g. "news category";
+    # PLAIN_DESCRIPTION or "" when the task gives none.
     description: str = ""
-    # Metrics over this task and another one of the same run, declared by the task definition (`joint_metrics:`),
-    # e.g. MASSIVE intent's exact match with the slots: the intent and every slot tag right.
-    joint_metrics: tuple[str, ...] = ()
+    # What each label means (slot types for a token task), for the generic prompts; may name only some labels.
+    label_descriptions: dict[str, str] = field(default_factory=dict)
     # Token tasks: the rule slot F1 and exact match are computed under ("massive", "conlleval", "strict").
     slot_metric: str | None = None
 

@@ -25,7 +25,7 @@ from clfbench.engine.methods.catalog import check_task_fit
 from clfbench.engine.models import resolve_model
 from clfbench.engine.recorder import Recorder
 from clfbench.engine.spec import RunSpec, spec_from_json
-from clfbench.engine.tasks import get_task, load_task, resolve_data_dir
+from clfbench.engine.tasks import get_task, identity, load_task, resolve_data_dir
 from clfbench.engine.types import ClfbenchError, MethodOutput, Prediction, TaskData
 from clfbench.storage import queries, queue
 from clfbench.storage.db import open_store
@@ -74,15 +74,29 @@ def _resolve_model_once(name: str, rank: int, world_size: int) -> str:
     return path if path is not None else resolve_model(name)
 
 
-def load_tasks(spec: RunSpec) -> list[TaskData]:
-    """The run's tasks with the options' train_limit / test_limit applied (every method that has them)."""
+def load_tasks(spec: RunSpec, tasks_json: str | None = None) -> list[TaskData]:
+    """The run's tasks with the options' train_limit / test_limit applied (every method that has them).
+
+    With `tasks_json` (the tasks frozen at queue time) each task is the frozen definition, whatever its YAML says
+    now, and its data files must still have their frozen sha256 (else one line: the file changed). The hashes
+    are compared after loading, against the very bytes loaded (engine.tasks.rows hashes what it reads), and
+    also when loading fails, since a changed file is the likelier reason. Runs queued before tasks were frozen
+    look their tasks up by name or path, as then."""
     options = spec.options
-    return [
-        load_task(get_task(name), data_dir=resolve_data_dir(spec.data_dir),
-                  train_limit=getattr(options, "train_limit", None), test_limit=getattr(options, "test_limit", None),
-                  seed=spec.seed)
-        for name in spec.task_names
-    ]
+    entries = identity.frozen_tasks(tasks_json)
+    definitions = [identity.thaw_task(entry) for entry in entries] or [get_task(name) for name in spec.task_names]
+    loaded = []
+    for position, task in enumerate(definitions):
+        entry = entries[position] if entries else None
+        try:
+            loaded.append(load_task(task, data_dir=resolve_data_dir(spec.data_dir),
+                                    train_limit=getattr(options, "train_limit", None),
+                                    test_limit=getattr(options, "test_limit", None),
+                                    dev_limit=getattr(options, "dev_limit", None), seed=spec.seed))
+        finally:
+            if entry is not None:
+                identity.check_data_unchanged(entry)
+    return loaded
 
 
 def check_tasks(spec: RunSpec, tasks: list[TaskData]) -> None:
@@ -136,28 +150,34 @@ def _prediction_rows(task: str, predictions: list[Prediction]) -> list[dict]:
 
 def result_rows(tasks: list[TaskData], predictions: dict[str, list[Prediction]], extra: dict[str, dict[str, float]],
                 wall_time_s: float) -> list[dict]:
+    """Every task's scores, then the joint ones. A slot score's row names the rule its spans were read under
+    (`rule`), so a number never travels without the definition that produced it."""
     rows = []
     for task in tasks:
-        values = metrics.task_results(task.kind, predictions[task.name], task.labels)
+        values = metrics.task_results(task.kind, predictions[task.name], task.labels, task.slot_metric)
         values.update(extra.get(task.name, {}))
         values["wall_time_s"] = wall_time_s
-        rows += [{"task": task.name, "metric": name, "value": float(value)} for name, value in values.items()]
+        rows += [_result_row(task, name, value) for name, value in values.items()]
     return rows + joint_result_rows(tasks, predictions)
 
 
+def _result_row(task: TaskData, metric: str, value: float) -> dict:
+    rule = task.slot_metric or metrics.DEFAULT_SLOT_RULE if task.kind == "token" and metric in metrics.RULED_METRICS \
+        else None
+    return {"task": task.name, "metric": metric, "value": float(value), "rule": rule}
+
+
 def joint_result_rows(tasks: list[TaskData], predictions: dict[str, list[Prediction]]) -> list[dict]:
-    """Metrics that a task definition declares over itself and the run's other task (`joint_metrics:`): for
-    MASSIVE intent + slots, exact match (the intent and every slot tag right), stored under the token task."""
+    """Exact match (the label and every slot right, slots read under the token task's rule) for a run with one
+    sequence task and one token task over the same test examples, whatever the tasks are called (a user's SNIPS
+    intent + slots pair as much as MASSIVE's); stored under the token task."""
     sequence = [t for t in tasks if t.kind == "sequence"]
     token = [t for t in tasks if t.kind == "token"]
     if len(sequence) != 1 or len(token) != 1:
         return []
-    declared = set(sequence[0].joint_metrics) | set(token[0].joint_metrics)
-    rows = []
-    if "exact_match" in declared:
-        value = metrics.joint_exact_match(predictions[sequence[0].name], predictions[token[0].name])
-        rows.append({"task": token[0].name, "metric": "exact_match", "value": value})
-    return rows
+    value = metrics.joint_exact_match(predictions[sequence[0].name], predictions[token[0].name],
+                                      token[0].slot_metric or metrics.DEFAULT_SLOT_RULE)
+    return [] if value is None else [_result_row(token[0], "exact_match", value)]
 
 
 def _prepare(run: dict, recorder: Recorder, attempt: int) -> RunContext:
@@ -172,7 +192,7 @@ def _prepare(run: dict, recorder: Recorder, attempt: int) -> RunContext:
     else:  # no local weights (an API method, a classical baseline): no torch to import, seed or set up
         device = "cpu"
         random.seed(spec.seed)
-    tasks = load_tasks(spec)
+    tasks = load_tasks(spec, run.get("tasks_json"))
     check_tasks(spec, tasks)  # before any model loads: a slot task with decision=score fails at once
     try:
         options = spec.options.resolved(spec.task_names)

@@ -205,13 +205,18 @@ def test_shipped_user_task_yaml_loads_from_csv():
     check_task(task)
 
 
-def test_user_tasks_are_found_in_the_home(tmp_path, monkeypatch):
-    home = tmp_path / "myhome"
+def _home_with_the_user_task(home: Path, monkeypatch) -> Path:
+    """CLFBENCH_HOME at `home`, with the shipped user task (YAML and CSVs) in its tasks folder; returns the folder."""
     tdir = home / "tasks"
     tdir.mkdir(parents=True)
     for f in (SAMPLES / "user_task").iterdir():
         shutil.copy(f, tdir / f.name)
     monkeypatch.setenv("CLFBENCH_HOME", str(home))
+    return tdir
+
+
+def test_user_tasks_are_found_in_the_home(tmp_path, monkeypatch):
+    _home_with_the_user_task(tmp_path / "myhome", monkeypatch)
     names = [t.name for t in list_tasks()]
     assert names[-1] == "massive-subset-intent" and "20ng-20class" in names
     assert len(load_task(get_task("massive-subset-intent")).train) > 50
@@ -421,3 +426,120 @@ def test_full_real_data_counts_and_declared_labels():
         task = get_task(name)
         derived = load_task(task.model_copy(update={"labels": None}), SHARED_DATA, need_train=False).labels
         assert derived == task.labels, name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Token labels, label descriptions, dev_limit (issue 14)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _token_task(folder: Path, labels: str, extra: str = "") -> Path:
+    _write_jsonl(folder / "train.jsonl", [{"text": "Ann in Rome", "tags": ["B-PER", "O", "B-LOC"]}])
+    _write_jsonl(folder / "test.jsonl", [{"text": "Bob", "tags": ["B-PER"]}])
+    return _user_task(folder, f"name: ner\nkind: token\nfiles: {{train: train.jsonl, test: test.jsonl}}\n"
+                              f"tags_column: tags\nlabels: {labels}\n{extra}", "ner.yaml")
+
+
+def test_token_labels_take_slot_types_or_full_bio_tags_never_a_mix(tmp_path):
+    bio = ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+    assert load_task_file(_token_task(tmp_path, "[PER, LOC]")).labels == bio
+    assert load_task_file(_token_task(tmp_path, "[B-PER, I-PER, O, B-LOC, I-LOC]")).labels == ["O", *bio[3:], *bio[1:3]]
+    # "O" among slot types used to become the tags B-O and I-O without a word
+    msg = _raises(lambda: load_task_file(_token_task(tmp_path, "[O, PER, LOC]")), "ner.yaml")
+    assert msg.endswith("labels: a token task lists slot types (PER, LOC) or full BIO tags; 'O' is not a slot type")
+    _raises(lambda: load_task_file(_token_task(tmp_path, "[Other, PER]")), "slot types (PER)", "'Other' is not a slot type")
+    _raises(lambda: load_task_file(_token_task(tmp_path, "[O, B-PER, I-PER, LOC]")), "not both", "'B-PER'", "'LOC'")
+
+
+def test_description_and_label_descriptions_reach_the_loaded_task(tmp_path):
+    rows = [{"text": "great", "label": "pos"}, {"text": "awful", "label": "neg"}]
+    path = _seq_task(tmp_path, rows, rows, extra="description: sentiment\n"
+                                                 "label_descriptions: {pos: the writer likes it}\n")
+    td = load_task(load_task_file(path))
+    assert td.description == "sentiment" and td.label_descriptions == {"pos": "the writer likes it"}
+    plain = load_task(load_task_file(_seq_task(tmp_path, rows, rows)))
+    assert plain.description == "label" and plain.label_descriptions == {}
+    ner = load_task(load_task_file(_token_task(tmp_path, "[PER, LOC]", "label_descriptions: {LOC: a place}\n")))
+    assert ner.label_descriptions == {"LOC": "a place"}
+
+
+def test_a_label_description_must_name_a_label_of_the_task(tmp_path):
+    rows = [{"text": "great", "label": "pos"}, {"text": "awful", "label": "neg"}]
+    # declared labels: the schema refuses it when the file is read
+    path = _seq_task(tmp_path, rows, rows, extra="labels: [neg, pos]\nlabel_descriptions: {positive: liked}\n")
+    _raises(lambda: load_task_file(path), str(path), "label_descriptions: 'positive' is not a label of the task",
+            "neg, pos")
+    # labels read from train: refused when the data is checked (at queue time) and loaded
+    path = _seq_task(tmp_path, rows, rows, extra="label_descriptions: {positive: liked}\n")
+    task = load_task_file(path)
+    _raises(lambda: check_task(task), str(path), "'positive' is not a label of the task")
+    _raises(lambda: load_task(task), "'positive' is not a label")
+    # a token task's keys are slot types, not tags
+    _raises(lambda: load_task_file(_token_task(tmp_path, "[PER, LOC]", "label_descriptions: {B-PER: a person}\n")),
+            "'B-PER' is not a slot type of the task (its slot types: LOC, PER)")
+
+
+def test_dev_limit_is_a_fixed_subset_of_the_dev_split_whatever_the_seed():
+    task = get_task("massive-intent")
+    full = load_task(task, SAMPLES)
+    limited = [load_task(task, SAMPLES, dev_limit=5, seed=seed) for seed in (0, 1, 7)]
+    assert len(full.dev) == 100 and all(len(td.dev) == 5 for td in limited)
+    assert limited[0].dev == limited[1].dev == limited[2].dev
+    assert {e.id for e in limited[0].dev} <= {e.id for e in full.dev}
+    assert [e.id for e in limited[0].dev] != [e.id for e in full.dev[:5]]  # a shuffled subset, not the file's head
+    assert limited[0].train == full.train and limited[0].test == full.test
+    _raises(lambda: load_task(task, SAMPLES, dev_limit=-1), "dev_limit must be a whole number")
+
+
+def test_a_run_with_dev_limit_evaluates_that_many_dev_examples(capsys):
+    """Through the worker's task loading and a real method (tfidf scores its dev split)."""
+    from clfbench.engine.methods import tfidf
+    from clfbench.engine.methods.catalog import METHODS
+    from clfbench.engine.spec import parse_spec
+    from clfbench.engine.worker import load_tasks
+    from tests.conftest import method_context, run_method
+
+    with_dev = [name for name, m in METHODS.items() if "dev_limit" in m.options.model_fields]
+    assert sorted(with_dev) == ["encoder-finetune", "llm-finetune", "llmembed", "ls-llama", "ls-unllama", "tfidf"]
+    spec = parse_spec({"method": "tfidf", "model": "tfidf", "task": "massive-intent", "data_dir": str(SAMPLES),
+                       "options": {"dev_limit": 5}})
+    tasks = load_tasks(spec)
+    assert len(tasks[0].dev) == 5
+    points = []
+    ctx = method_context("tfidf", "tfidf", tasks, log_metric=lambda *a: points.append(a), dev_limit=5)
+    run_method(tfidf, ctx)
+    assert "dev accuracy" in capsys.readouterr().out.split("(5 examples)")[0]
+    (_, name, value), = points
+    assert name == "eval_accuracy" and value * 5 == pytest.approx(round(value * 5))  # k right out of 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A broken file in the tasks folder
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_a_broken_file_is_skipped_and_reported_not_fatal(tmp_path, monkeypatch):
+    from clfbench.engine.tasks import broken_definitions
+
+    tdir = _home_with_the_user_task(tmp_path / "home", monkeypatch)
+    (tdir / "typo.yaml").write_text("name: typo\nkind: [unclosed\n")
+    (tdir / "ner.yaml").write_text("name: my-ner\nkind: token\ndataset: massive_en\ntags_column: slots\n"
+                                   "labels: [O, PER]\n")
+    (tdir / "a.yaml").write_text("name: twice\nkind: sequence\ndataset: 20ng\nlabel_column: label\n")
+    (tdir / "b.yaml").write_text("name: twice\nkind: sequence\ndataset: 20ng\nlabel_column: label\n")
+    (tdir / "clash.yaml").write_text("name: massive-intent\nkind: sequence\ndataset: 20ng\nlabel_column: label\n")
+    names = [t.name for t in list_tasks()]
+    assert names[-1] == "massive-subset-intent" and "twice" not in names and "my-ner" not in names
+    broken = {b.path.name: b for b in broken_definitions()}
+    assert sorted(broken) == ["a.yaml", "b.yaml", "clash.yaml", "ner.yaml", "typo.yaml"]
+    assert broken["ner.yaml"].name == "my-ner" and "'O' is not a slot type" in broken["ner.yaml"].error
+    assert broken["typo.yaml"].name == "typo" and "invalid YAML" in broken["typo.yaml"].error
+    assert all("\n" not in b.error for b in broken.values())
+    # a good user task and every built-in are found while other files are broken
+    assert len(load_task(get_task("massive-subset-intent")).train) > 50
+    assert get_task("massive-intent").origin == "built-in"
+    # the broken task's own name gives its error, not "unknown task"
+    _raises(lambda: get_task("my-ner"), "ner.yaml", "'O' is not a slot type")
+    _raises(lambda: get_task("typo"), "invalid YAML", "typo.yaml")
+    _raises(lambda: get_task("twice"), "task 'twice' is also defined in", "a.yaml", "b.yaml")
+    _raises(lambda: get_task("nope"), "unknown task 'nope'", "massive-subset-intent")

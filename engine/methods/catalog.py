@@ -66,6 +66,9 @@ class EncoderFinetuneOptions(MethodOptions):
                            json_schema_extra=EXECUTION)
     train_limit: int | None = Field(None, ge=1, description="use only the first N training examples (after a seeded shuffle)")
     test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
+    dev_limit: int | None = Field(None, ge=1, description="evaluate only the first N dev examples (a fixed subset of "
+                                                         "the dev split, the same for every seed; without a dev "
+                                                         "split, lower dev_fraction)")
     dev_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of train held out for eval when the task has no dev split")
     bf16: bool = Field(True, description="bf16 autocast on GPUs that support it (ignored on CPU)")
 
@@ -225,6 +228,9 @@ class LlmEmbedOptions(MethodOptions):
                                        "dev split")
     train_limit: int | None = Field(None, ge=1, description="use only the first N training examples (after a seeded shuffle)")
     test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
+    dev_limit: int | None = Field(None, ge=1, description="evaluate only the first N dev examples (a fixed subset of "
+                                                         "the dev split, the same for every seed; without a dev "
+                                                         "split, lower dev_fraction)")
 
     @field_validator("layers", "extra_layers", mode="before")
     @classmethod
@@ -304,9 +310,10 @@ class LsLlamaOptions(MethodOptions):
     train_limit: int | None = Field(None, ge=1, description="use only the first N training examples (after a seeded shuffle)")
     test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
     dev_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of train held out for eval when the task has no dev split")
-    dev_limit: int | None = Field(None, ge=1, description="evaluate on only the first N dev examples (an LLM's "
-                                                         "forward passes over a full dev split can cost more than "
-                                                         "training)")
+    dev_limit: int | None = Field(None, ge=1, description="evaluate on only the first N dev examples (a fixed "
+                                                         "subset of the dev split, the same for every seed, or the "
+                                                         "first N held out of train; an LLM's forward passes over a "
+                                                         "full dev split can cost more than training)")
     bf16: bool = Field(True, description="on GPUs that support it: the frozen base in bf16 and bf16 autocast (LoRA "
                                          "and head weights stay float32); ignored on CPU")
 
@@ -379,7 +386,9 @@ class LlmFinetuneOptions(MethodOptions):
                            json_schema_extra=EXECUTION)
     train_limit: int | None = Field(None, ge=1, description="use only the first N training examples (after a seeded shuffle)")
     test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
-    dev_limit: int | None = Field(None, ge=1, description="compute eval_loss on the first N dev examples only")
+    dev_limit: int | None = Field(None, ge=1, description="compute eval_loss on the first N dev examples only (a "
+                                                         "fixed subset of the dev split, the same for every seed, "
+                                                         "or the first N held out of train)")
     dev_fraction: float = Field(0.05, ge=0, lt=0.5, description="share of train held out for eval when the task has no dev split")
     decision: Literal["generate", "constrained", "score"] = Field(
         "constrained", description="test prediction: generate + parse, constrained decoding, or label scoring")
@@ -426,6 +435,8 @@ class TfidfOptions(MethodOptions):
         "none", description="balanced: weight each class inversely to its share of train (rare labels count more)")
     train_limit: int | None = Field(None, ge=1, description="use only the first N training examples (after a seeded shuffle)")
     test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
+    dev_limit: int | None = Field(None, ge=1, description="report dev accuracy on only the first N dev examples (a "
+                                                         "fixed subset of the dev split, the same for every seed)")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,9 @@ slots]}]``). Hub ``ClassLabel`` integers are turned into their names from the da
 
 A *task* definition (``engine/task_defs/<name>.yaml``) names a dataset (or carries its own ``files:``/``hub:``),
 its kind (``sequence``: one label per text; ``token``: one BIO tag per whitespace token), the columns, an optional
-label transform by name (``root``), an optional declared ``labels:`` list and a ``description`` of the label.
+label transform by name (``root``), an optional declared ``labels:`` list (a token task lists slot types or full
+BIO tags), a ``description`` of the label and ``label_descriptions`` (what each label means; both for the generic
+prompts).
 
 User tasks use the same schema: ``$CLFBENCH_HOME/tasks/*.yaml`` (``CLFBENCH_HOME`` defaults to ``~/.clfbench``;
 ``*.dataset.yaml`` files there are dataset definitions), or a path passed as the task name (``.yaml``/``.yml``).
@@ -34,6 +36,7 @@ hub datasets with ``datasets`` (imported inside the hub loader only). Loading wr
 from clfbench.engine.tasks.definitions import (
     BUILTIN_DIR,
     DATASET_SUFFIXES,
+    BrokenDef,
     SAMPLE_DATA_DIR,
     SPLITS,
     DatasetDef,
@@ -41,6 +44,7 @@ from clfbench.engine.tasks.definitions import (
     HubSource,
     LocalSource,
     TaskDef,
+    broken_definitions,
     get_dataset,
     get_task,
     list_datasets,
@@ -64,7 +68,9 @@ __all__ = [
     "FilesSource",
     "HubSource",
     "LocalSource",
+    "BrokenDef",
     "TaskDef",
+    "broken_definitions",
     "check_task",
     "get_dataset",
     "get_task",

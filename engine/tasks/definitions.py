@@ -8,9 +8,10 @@ these models. Split in two, they would import each other.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Literal, TypeVar
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -25,7 +26,7 @@ from pydantic import (
 )
 
 from clfbench.engine.tasks.functions import DERIVE_FUNCTIONS, LABEL_TRANSFORMS
-from clfbench.engine.types import ClfbenchError, TaskKind, check_known
+from clfbench.engine.types import PLAIN_DESCRIPTION, ClfbenchError, TaskKind, check_known
 from clfbench.storage import paths
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
@@ -48,6 +49,42 @@ def as_list(v: str | list[str] | None) -> list[str]:
 def bio_labels(types: list[str] | set[str]) -> list[str]:
     """The BIO tag set of slot types: "O", then B-x, I-x for each type x, sorted."""
     return ["O"] + [f"{p}-{t}" for t in sorted(set(types)) for p in ("B", "I")]
+
+
+def is_bio_tag(label: str) -> bool:
+    """"O", or a tag that starts a span ("B-x") or continues one ("I-x")."""
+    return label == "O" or label.startswith(("B-", "I-"))
+
+
+def token_labels(declared: list[str]) -> list[str]:
+    """A token task's declared ``labels:`` as its BIO tag set ("O" first). The list holds slot types (PER, LOC:
+    B-/I- tags are made for each) or full BIO tags (O, B-PER, I-PER, ...); anything else is a ValueError, since
+    an "O" among slot types would silently become the tags B-O and I-O."""
+    others = [x for x in declared if not is_bio_tag(x)]
+    if not others:
+        if "O" not in declared:
+            raise ValueError("BIO labels must include 'O'")
+        return ["O"] + [x for x in declared if x != "O"]
+    prefixed = [x for x in declared if x.startswith(("B-", "I-"))]
+    if prefixed:
+        raise ValueError(f"a token task lists slot types or full BIO tags, not both: '{prefixed[0]}' is a BIO tag "
+                         f"and '{others[0]}' is not")
+    outside = next((x for x in ("O", "Other") if x in declared), None)
+    if outside is not None:
+        types = ", ".join([x for x in others if x != "Other"][:2]) or "PER, LOC"
+        raise ValueError(f"a token task lists slot types ({types}) or full BIO tags; '{outside}' is not a slot type")
+    return bio_labels(declared)
+
+
+def check_label_descriptions(descriptions: dict[str, str], labels: list[str], kind: str) -> None:
+    """Every key of ``label_descriptions`` names a label of the task (a slot type for a token task): ValueError
+    naming the first that does not."""
+    known = list(dict.fromkeys(tag[2:] for tag in labels if tag != "O")) if kind == "token" else labels
+    unknown = [key for key in descriptions if key not in known]
+    if unknown:
+        what = "slot type" if kind == "token" else "label"
+        shown = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "")
+        raise ValueError(f"label_descriptions: '{unknown[0]}' is not a {what} of the task (its {what}s: {shown})")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -179,7 +216,10 @@ class TaskDef(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     kind: TaskKind
-    description: str = Field("label", description="what the label is, for prompts: 'news category', 'intent', 'slot'")
+    # What the label is, for prompts ("news category", "intent", "slot"). The generic prompts of user tasks say
+    # "classify its <description>" when it is given (not the default "label": then they say "classify it").
+    description: str = Field(PLAIN_DESCRIPTION, description="what the label is, for prompts: 'news category', "
+                                                            "'intent', 'slot'")
     dataset: str
     files: FilesSource | None = None
     hub: HubSource | None = None
@@ -188,9 +228,14 @@ class TaskDef(_Strict):
     tokens_column: str | None = None  # token tasks; null: the text split on whitespace
     tags_column: str | None = None  # token tasks
     label_transform: str | None = None
-    labels: list[str] | None = None  # declared label set; token tasks may list slot types or full BIO tags
-    # Metrics over this task and the other task of a joint run (a sequence task with a token task), e.g.
-    # exact_match: the label and every tag of the same text right (MASSIVE's official exact match).
+    # The declared label set. A token task lists slot types (PER, LOC; B-/I- tags are made for each) or full
+    # BIO tags (O, B-PER, I-PER, ...), never a mix: "O" is not a slot type.
+    labels: list[str] | None = None
+    # What each label means, for the generic prompts ("- label: meaning" lines): keys are labels (slot types for
+    # a token task). Checked against the declared labels here, against the loaded label set when loading.
+    label_descriptions: dict[str, str] = Field(default_factory=dict)
+    # No longer needed (accepted so that task files written for earlier versions still load): exact match is
+    # computed for every run with one sequence and one token task over the same test examples.
     joint_metrics: list[Literal["exact_match"]] = Field(default_factory=list)
     # How slot F1 and exact match count spans (token tasks; see engine.metrics.SLOT_METRICS): "massive" (MASSIVE's
     # official rule: per-word slot types, BIO rebuilt), "conlleval" (seqeval's default mode on the tags as
@@ -234,12 +279,14 @@ class TaskDef(_Strict):
             dup = sorted({x for x in v if v.count(x) > 1})
             raise ValueError(f"duplicate labels: {', '.join(dup)}")
         if info.data.get("kind") == "token":
-            if all(x == "O" or x.startswith(("B-", "I-")) for x in v):
-                if "O" not in v:
-                    raise ValueError("BIO labels must include 'O'")
-                return ["O"] + [x for x in v if x != "O"]
-            return bio_labels(v)
+            return token_labels(v)
         return list(v)
+
+    @model_validator(mode="after")
+    def _descriptions_name_labels(self):
+        if self.labels is not None:
+            check_label_descriptions(self.label_descriptions, self.labels, self.kind)
+        return self
 
     @model_validator(mode="after")
     def _columns_fit_kind(self):
@@ -338,15 +385,20 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def _stem(path: Path) -> str:
+    """A definition file's name without its suffix: the name of a definition that has no ``name:``."""
+    stem = path.name
+    for suffix in (*DATASET_SUFFIXES, ".yaml", ".yml"):
+        stem = stem.removesuffix(suffix)
+    return stem
+
+
 def _load_def(path: Path) -> DatasetDef | TaskDef:
     path = Path(path).expanduser().resolve()
     data = _read_yaml(path)
     is_dataset = _is_dataset_file(path)
     if "name" not in data:
-        stem = path.name
-        for suffix in (*DATASET_SUFFIXES, ".yaml", ".yml"):
-            stem = stem.removesuffix(suffix)
-        data = {"name": stem, **data}
+        data = {"name": _stem(path), **data}
     model = DatasetDef if is_dataset else TaskDef
     try:
         obj = model.model_validate(data, context={"base_dir": path.parent})
@@ -366,81 +418,143 @@ def load_task_file(path: Path | str) -> TaskDef:
     return obj
 
 
-def _scan(folder: Path) -> tuple[dict[str, DatasetDef], dict[str, TaskDef]]:
-    datasets: dict[str, DatasetDef] = {}
-    tasks: dict[str, TaskDef] = {}
+@dataclass(frozen=True)
+class BrokenDef:
+    """A definition file of the user's folder that cannot be used, and why (one line). ``name`` is the name it
+    defines (its ``name:`` when the file reads as a mapping, else its file name), so that looking the name up
+    gives this error rather than "unknown task"."""
+
+    path: Path
+    name: str
+    is_dataset: bool
+    error: str
+
+
+@dataclass
+class _Folder:
+    """One folder's definitions by name, and the files that could not be used."""
+
+    datasets: dict[str, DatasetDef] = field(default_factory=dict)
+    tasks: dict[str, TaskDef] = field(default_factory=dict)
+    broken: list[BrokenDef] = field(default_factory=list)
+
+    def table(self, is_dataset: bool) -> dict:
+        return self.datasets if is_dataset else self.tasks
+
+
+def _name_in_file(path: Path) -> str:
+    """The name a (possibly broken) definition file defines, as far as it can be read."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return _stem(path)
+    name = data.get("name") if isinstance(data, dict) else None
+    return name if isinstance(name, str) and name else _stem(path)
+
+
+def _scan(folder: Path) -> _Folder:
+    """Every definition of a folder. A file that does not load, and every file of a name defined twice, is
+    recorded as broken (with its error) and left out; the others are kept: one bad file must not hide the rest."""
+    found = _Folder()
     if not folder.is_dir():
-        return datasets, tasks
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".yaml", ".yml"))
-    for path in files:
-        obj = _load_def(path)
-        table: dict = datasets if isinstance(obj, DatasetDef) else tasks
-        if obj.name in table:
-            what = "dataset" if isinstance(obj, DatasetDef) else "task"
-            raise one_line_error(f"{path}: {what} '{obj.name}' is also defined in {table[obj.name].origin}")
-        table[obj.name] = obj
-    return datasets, tasks
+        return found
+    by_name: dict[tuple[bool, str], list[DatasetDef | TaskDef]] = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".yaml", ".yml")):
+        try:
+            obj = _load_def(path)
+        except ClfbenchError as error:
+            found.broken.append(BrokenDef(path, _name_in_file(path), _is_dataset_file(path), str(error)))
+            continue
+        by_name.setdefault((isinstance(obj, DatasetDef), obj.name), []).append(obj)
+    for (is_dataset, name), same in by_name.items():
+        if len(same) == 1:
+            found.table(is_dataset)[name] = same[0]
+            continue
+        what = "dataset" if is_dataset else "task"
+        for obj in same:
+            others = ", ".join(o.origin for o in same if o is not obj)
+            found.broken.append(BrokenDef(Path(obj.origin), name, is_dataset,
+                                          str(one_line_error(f"{obj.origin}: {what} '{name}' is also defined in "
+                                                             f"{others}"))))
+    return found
 
 
 @lru_cache(maxsize=1)
 def _builtins() -> tuple[dict[str, DatasetDef], dict[str, TaskDef]]:
-    datasets, tasks = _scan(BUILTIN_DIR)
-    for d in datasets.values():
+    found = _scan(BUILTIN_DIR)
+    if found.broken:  # a packaging mistake, not the user's: every lookup says so
+        raise one_line_error(found.broken[0].error)
+    for d in found.datasets.values():
         d._origin = "built-in"
-    for t in tasks.values():
+    for t in found.tasks.values():
         t._origin = "built-in"
-    return datasets, tasks
+    return found.datasets, found.tasks
 
 
-def _user(home: Path | str | None) -> tuple[dict[str, DatasetDef], dict[str, TaskDef]]:
-    datasets, tasks = _scan(Path(home).expanduser() / "tasks" if home is not None else paths.user_tasks_dir())
-    b_datasets, b_tasks = _builtins()
-    for name, d in datasets.items():
-        if name in b_datasets:
-            raise one_line_error(f"{d.origin}: dataset '{name}' clashes with a built-in dataset; rename it")
-    for name, t in tasks.items():
-        if name in b_tasks:
-            raise one_line_error(f"{t.origin}: task '{name}' clashes with a built-in task; rename it")
-    return datasets, tasks
+def _user(home: Path | str | None) -> _Folder:
+    """The user's definitions; one whose name is a built-in one's is broken (a name means one thing)."""
+    found = _scan(Path(home).expanduser() / "tasks" if home is not None else paths.user_tasks_dir())
+    builtin = _builtins()
+    for is_dataset, what in ((True, "dataset"), (False, "task")):
+        table = found.table(is_dataset)
+        for name in [n for n in table if n in builtin[0 if is_dataset else 1]]:
+            origin = table.pop(name).origin
+            found.broken.append(BrokenDef(Path(origin), name, is_dataset, str(one_line_error(
+                f"{origin}: {what} '{name}' clashes with a built-in {what}; rename it"))))
+    found.broken.sort(key=lambda b: str(b.path))
+    return found
 
 
 def list_tasks(home: Path | str | None = None) -> list[TaskDef]:
-    """Built-in tasks (sorted by name), then the user's tasks from ``<home>/tasks/*.yaml`` (sorted by name)."""
+    """Built-in tasks (sorted by name), then the user's usable tasks from ``<home>/tasks/*.yaml`` (sorted by name;
+    see `broken_definitions` for the files left out)."""
     _, b_tasks = _builtins()
-    _, u_tasks = _user(home)
+    u_tasks = _user(home).tasks
     return [b_tasks[n] for n in sorted(b_tasks)] + [u_tasks[n] for n in sorted(u_tasks)]
 
 
 def list_datasets(home: Path | str | None = None) -> list[DatasetDef]:
     b, _ = _builtins()
-    u, _ = _user(home)
+    u = _user(home).datasets
     return [b[n] for n in sorted(b)] + [u[n] for n in sorted(u)]
 
 
-_Def = TypeVar("_Def", DatasetDef, TaskDef)
+def broken_definitions(home: Path | str | None = None) -> list[BrokenDef]:
+    """The files of ``<home>/tasks/`` that cannot be used (by path), each with its one-line error."""
+    return _user(home).broken
 
 
-def _by_name(name: str, what: str, builtin: dict[str, _Def], every: Callable[[], list[_Def]]) -> _Def:
-    """A built-in definition by name, found without reading the user's folder (where a broken file would stop
-    even a built-in lookup); else any definition, or an error that names every known one."""
+def _by_name(name: str, is_dataset: bool, home: Path | str | None) -> DatasetDef | TaskDef:
+    """A built-in definition by name, found without reading the user's folder; else the user's, or the error of
+    the broken file that defines the name, or an error that names every known one."""
+    what = "dataset" if is_dataset else "task"
+    builtin = _builtins()[0 if is_dataset else 1]
     if name in builtin:
         return builtin[name]
-    known = {d.name: d for d in every()}
-    if name not in known:
-        raise one_line_error(f"unknown {what} '{name}' (known: {', '.join(known)})")
-    return known[name]
+    user = _user(home)
+    if name in user.table(is_dataset):
+        return user.table(is_dataset)[name]
+    broken = next((b for b in user.broken if b.name == name and b.is_dataset == is_dataset), None)
+    if broken is not None:
+        raise ClfbenchError(broken.error)
+    known = [*sorted(builtin), *sorted(user.table(is_dataset))]
+    raise one_line_error(f"unknown {what} '{name}' (known: {', '.join(known)})")
 
 
 def get_task(name: str, home: Path | str | None = None) -> TaskDef:
     """A task by name, or by path when the name ends in .yaml/.yml (relative to the current folder)."""
     if name.endswith((".yaml", ".yml")):
         return load_task_file(name)
-    return _by_name(name, "task", _builtins()[1], lambda: list_tasks(home))
+    task = _by_name(name, False, home)
+    assert isinstance(task, TaskDef)
+    return task
 
 
 def get_dataset(name: str, home: Path | str | None = None) -> DatasetDef:
     """A dataset by name: built-in, else from ``<home>/tasks/*.dataset.yaml``."""
-    return _by_name(name, "dataset", _builtins()[0], lambda: list_datasets(home))
+    dataset = _by_name(name, True, home)
+    assert isinstance(dataset, DatasetDef)
+    return dataset
 
 
 def resolve_data_dir(explicit: str | Path | None = None) -> Path | None:

@@ -1,17 +1,26 @@
-"""Loading a task: choosing its source, reading the splits it needs, and the seeded subsets of ``train_limit`` and
-``test_limit`` (``load_task``); the same checks at queue time without the hub and without keeping the rows
+"""Loading a task: choosing its source, reading the splits it needs, and the seeded subsets of ``train_limit``,
+``dev_limit`` and ``test_limit`` (``load_task``); the same checks at queue time without the hub and without keeping the rows
 (``check_task``)."""
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-from clfbench.engine.tasks.definitions import SAMPLE_DATA_DIR, SPLITS, DatasetDef, Source, TaskDef, one_line_error
+from clfbench.engine.tasks.definitions import (
+    SAMPLE_DATA_DIR,
+    SPLITS,
+    DatasetDef,
+    Source,
+    TaskDef,
+    check_label_descriptions,
+    one_line_error,
+)
 from clfbench.engine.tasks.examples import Gold, examples_of, label_set
-from clfbench.engine.tasks.rows import Table, apply_columns, file_tables, hub_tables
+from clfbench.engine.tasks.rows import Table, apply_columns, file_tables, hub_tables, split_paths
 from clfbench.engine.types import Example, TaskData
 
 TEST_SUBSET_SEED = 0  # test_limit always takes the same subset, whatever the run's seed
+DEV_SUBSET_SEED = 0  # and so does dev_limit: dev scores of runs with different seeds compare the same examples
 
 
 def _shuffled(examples: list[Example], seed: int) -> list[Example]:
@@ -85,16 +94,22 @@ def _load(task: TaskDef, data_dir: Path | str | None, need_train: bool, allow_hu
     golds = {split: _split_golds(task, src, split, tables[split]) for split in wanted}
     train_where = ", ".join(t.where for t in tables.get("train", [])) or "no train split"
     labels = label_set(task, golds, train_where)
+    try:  # declared labels were checked with the schema; a label set read from train only now
+        check_label_descriptions(task.label_descriptions, labels, task.kind)
+    except ValueError as error:
+        raise one_line_error(f"{task.origin}: {error}") from None
     return labels, {split: [g.example for g in gs] for split, gs in golds.items()}
 
 
 def load_task(task: TaskDef, data_dir: Path | str | None = None, train_limit: int | None = None,
-              test_limit: int | None = None, seed: int = 0, need_train: bool = True) -> TaskData:
+              test_limit: int | None = None, seed: int = 0, need_train: bool = True,
+              dev_limit: int | None = None) -> TaskData:
     """Load a task's examples.
 
     Rows come from the task's own files, else ``<data_dir>/<local dir>/`` when ``data_dir`` is given, else the
     hub. ``train_limit``: the first N of a ``seed``-ed shuffle of train. ``test_limit``: the first N of a shuffle
-    with the fixed seed 0 (the same subset for every run and method). Without limits the file order is kept.
+    with the fixed seed 0 (the same subset for every run and method); ``dev_limit`` likewise for the dev split.
+    Without limits the file order is kept.
     The label set is the declared one, else it comes from the full train split (sorted; token tasks: "O", then
     B-x, I-x for each slot type x, sorted). The dev split is loaded when the dataset has one and ``need_train``;
     with ``need_train=False`` train and dev are empty (train is still read for the label set when no labels are
@@ -102,21 +117,40 @@ def load_task(task: TaskDef, data_dir: Path | str | None = None, train_limit: in
     """
     _check_limit("train_limit", train_limit)
     _check_limit("test_limit", test_limit)
+    _check_limit("dev_limit", dev_limit)
     loaded = _load(task, data_dir, need_train, allow_hub=True)
     assert loaded is not None
     labels, splits = loaded
     train = splits.get("train", []) if need_train else []
+    dev = splits.get("dev", []) if need_train else []
     test = splits["test"]
     if train_limit is not None:
         train = _shuffled(train, seed)[:train_limit]
     if test_limit is not None:
         test = _shuffled(test, TEST_SUBSET_SEED)[:test_limit]
-    return TaskData(name=task.name, kind=task.kind, labels=labels, train=train, test=test,
-                    dev=splits.get("dev", []) if need_train else [], description=task.description,
-                    joint_metrics=tuple(task.joint_metrics), slot_metric=task.slot_rule)
+    if dev_limit is not None:
+        dev = _shuffled(dev, DEV_SUBSET_SEED)[:dev_limit]
+    return TaskData(name=task.name, kind=task.kind, labels=labels, train=train, test=test, dev=dev,
+                    description=task.description, label_descriptions=dict(task.label_descriptions),
+                    slot_metric=task.slot_rule)
 
 
-def check_task(task: TaskDef, data_dir: Path | str | None = None) -> None:
+def check_task(task: TaskDef, data_dir: Path | str | None = None) -> dict[str, list[str]] | None:
     """Queue-time check of a task's local or user files: they exist, are UTF-8, have the columns, are not empty,
-    and their labels are valid. A no-op for hub sources (nothing is downloaded). Imports no torch/datasets."""
-    _load(task, data_dir, need_train=True, allow_hub=False)
+    and their labels are valid. Returns the example ids of each split read (for checks across a run's tasks);
+    None, having checked nothing, for hub sources (nothing is downloaded). Imports no torch/datasets."""
+    loaded = _load(task, data_dir, need_train=True, allow_hub=False)
+    if loaded is None:
+        return None
+    return {split: [example.id for example in examples] for split, examples in loaded[1].items()}
+
+
+def data_files(task: TaskDef, data_dir: Path | str | None = None) -> dict[str, list[Path]] | None:
+    """The files ``load_task`` reads for the task (train included), per split; None for a hub source."""
+    ds = task.dataset_def()
+    data_dir = Path(data_dir).expanduser() if data_dir is not None and str(data_dir) != "" else None
+    kind = _choose_source(task, ds, data_dir)
+    if kind == "hub":
+        return None
+    src = ds.files if kind == "files" else ds.local
+    return split_paths(ds, _wanted_splits(task, ds, src, need_train=True), data_dir)[1]
