@@ -325,16 +325,20 @@ def errors_command(
 
 @app.command("tasks")
 def tasks_command(as_json: bool = typer.Option(False, "--json")) -> None:
-    """List the tasks: built-in ones and your own (YAML files in CLFBENCH_HOME/tasks)."""
-    from clfbench.engine.tasks import list_tasks
+    """List the tasks: built-in ones and your own (YAML files in CLFBENCH_HOME/tasks); a file there that cannot
+    be used is skipped and named with its error (on stderr; in --json, under "broken")."""
+    from clfbench.engine.tasks import broken_definitions, list_tasks
 
     try:
         tasks = list_tasks()
+        broken = broken_definitions()
     except ClfbenchError as error:
         fail(str(error))
     if as_json:
-        print_json([{"name": t.name, "kind": t.kind, "dataset": t.dataset, "description": t.description,
-                     "source": t.source_summary()} for t in tasks])
+        print_json({"tasks": [{"name": t.name, "kind": t.kind, "dataset": t.dataset, "description": t.description,
+                               "source": t.source_summary()} for t in tasks],
+                    "broken": [{"path": str(b.path), "name": b.name, "dataset": b.is_dataset, "error": b.error}
+                               for b in broken]})
         return
     table = Table(box=None, header_style="bold")
     for column in ("task", "kind", "labels are", "source"):
@@ -342,6 +346,8 @@ def tasks_command(as_json: bool = typer.Option(False, "--json")) -> None:
     for t in tasks:
         table.add_row(t.name, t.kind, t.description, t.source_summary())
     console.print(table)
+    for b in broken:  # skipped, not fatal: the other tasks stay usable
+        typer.echo(f"skipped (broken): {b.error}", err=True)
 
 
 @app.command("models")

@@ -19,9 +19,10 @@ import yaml
 
 from clfbench.engine.methods.catalog import check_task_fit
 from clfbench.engine.models import check_model
+from clfbench.engine.prompting.library import load_prompt_set
 from clfbench.engine.spec import RunSpec, expand_sweep, parse_spec
-from clfbench.engine.tasks import check_task, get_task
-from clfbench.engine.types import ClfbenchError
+from clfbench.engine.tasks import TaskDef, check_task, get_task
+from clfbench.engine.types import ClfbenchError, TaskData
 from clfbench.storage.queue import NewRun
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the repository in a checkout; site-packages/clfbench installed
@@ -78,6 +79,7 @@ def validate_for_queue(spec: RunSpec) -> None:
     if spec.data_dir and not Path(spec.data_dir).is_dir():
         raise ClfbenchError(f"data_dir {spec.data_dir} does not exist")
     tasks = [get_task(name) for name in spec.task_names]
+    check_tasks_together(spec, tasks)
     check_task_fit(spec.method_info, [(task.name, task.kind) for task in tasks])
     for task in tasks:
         check_task(task, spec.data_dir)
@@ -88,6 +90,25 @@ def validate_for_queue(spec: RunSpec) -> None:
         raise ClfbenchError(f"invalid options for {spec.method}: {error}") from None
     if spec.method_info.local_model:  # otherwise the model is a name (on an API server, or only a label)
         check_model(spec.model)
+
+
+def check_tasks_together(spec: RunSpec, tasks: list[TaskDef]) -> None:
+    """What the run's tasks must satisfy together, known from their definitions alone (no data, no model), so
+    the queue says it rather than the worker half a minute later: no task named twice (a built-in name and a
+    YAML path whose `name:` is the same count as one task), and a method that prompts (its options have
+    `prompt_set`) finds a prompt for these tasks in its set, as `PromptSet.select` will when the run starts
+    (it needs the tasks' names and kinds only)."""
+    given_as: dict[str, str] = {}
+    for given, task in zip(spec.task_names, tasks):
+        if task.name in given_as:
+            first = given_as[task.name]
+            how = f"'{given}' is given twice" if given == first else f"'{first}' and '{given}' both define it"
+            raise ClfbenchError(f"task '{task.name}' is named twice in one run ({how}); a run's tasks must differ")
+        given_as[task.name] = given
+    prompt_set = getattr(spec.options, "prompt_set", None)
+    if prompt_set is not None:
+        names_and_kinds = [TaskData(name=t.name, kind=t.kind, labels=[], train=[], test=[]) for t in tasks]
+        load_prompt_set(prompt_set).select(names_and_kinds, spec.shots)
 
 
 def _absolute_task_path(name: str) -> str:

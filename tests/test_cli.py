@@ -125,7 +125,7 @@ def test_cancel_retry_show_and_rm(cli):
 
 
 def test_listing_commands(cli):
-    tasks = {t["name"] for t in cli.json("tasks")}
+    tasks = {t["name"] for t in cli.json("tasks")["tasks"]}
     assert {"20ng-20class", "20ng-7class", "massive-intent", "massive-slots"} <= tasks
     models = {m["alias"] for m in cli.json("models")}
     assert {"minilm", "smollm2-135m", "mpnet-base"} <= models
@@ -152,3 +152,76 @@ def test_every_command_has_help(cli):
     for command in ("queue", "ls", "show", "logs", "cancel", "retry", "rm", "results", "errors", "tasks",
                     "models", "methods", "demo", "engine", "engine start", "engine stop", "engine status"):
         assert "Usage" in cli.run(*command.split(), "--help").stdout
+
+
+# ------------------------------------------------------------------------------ queue-time task checks, tasks folder
+
+
+def _user_sequence_task(folder: Path, name: str) -> str:
+    """A copy of the shipped user task (its CSVs beside it) under another name; returns the YAML's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for csv_file in (SAMPLES / "user_task").glob("*.csv"):
+        (folder / csv_file.name).write_bytes(csv_file.read_bytes())
+    text = (SAMPLES / "user_task" / "massive-subset.yaml").read_text()
+    (folder / f"{name}.yaml").write_text(text.replace("name: massive-subset-intent", f"name: {name}"))
+    return str(folder / f"{name}.yaml")
+
+
+@pytest.mark.parametrize("method, model", [("prompt", "tiny-llama"), ("llm-finetune", "tiny-llama"),
+                                           ("openai", "some-model")])
+def test_a_prompt_run_on_a_task_pair_without_a_prompt_is_refused_at_queue_time(cli, tmp_path, method, model):
+    first = _user_sequence_task(tmp_path, "first")
+    second = _user_sequence_task(tmp_path, "second")
+    base = ["queue", "--method", method, "--model", model, "--data-dir", str(SAMPLES)]
+    assert_one_line_error(cli.run(*base, "--task", f"{first}+{second}", check=False),
+                          "prompt set 'paper' has no zero-shot prompt for first+second")
+    assert_one_line_error(cli.run(*base, "--task", "massive-intent+20ng-7class", "--shots", "5", check=False),
+                          "no five-shot prompt for massive-intent+20ng-7class")
+    assert cli.json("ls") == []
+    # the message is the one the worker gives when the run starts (the prompt set's own selection)
+    from clfbench.engine.prompting.library import load_prompt_set
+    from clfbench.engine.types import ClfbenchError, TaskData
+
+    with pytest.raises(ClfbenchError) as worker_error:
+        load_prompt_set("paper").select([TaskData("first", "sequence", ["a"], [], []),
+                                         TaskData("second", "sequence", ["a"], [], [])], 0)
+    queue_error = cli.run(*base, "--task", f"{first}+{second}", check=False).stderr.strip()
+    assert queue_error == f"error: {worker_error.value}"
+    # a single user task has the generic prompt; a pair with its own prompt is queued
+    cli.run(*base, "--task", first)
+    cli.run(*base, "--task", "massive-intent+massive-slots")
+    assert len(cli.json("ls")) == 2
+
+
+def test_a_task_named_twice_in_one_run_is_refused_at_queue_time(cli, tmp_path):
+    base = ["queue", "--method", "encoder-finetune", "--model", "tiny-bert", "--data-dir", str(SAMPLES)]
+    assert_one_line_error(cli.run(*base, "--task", "massive-intent+massive-intent", check=False),
+                          "task 'massive-intent' is named twice", "'massive-intent' is given twice")
+    same_name = _user_sequence_task(tmp_path, "massive-intent")
+    assert_one_line_error(cli.run(*base, "--task", f"massive-intent+{same_name}", check=False),
+                          "task 'massive-intent' is named twice", same_name, "both define it")
+    assert cli.json("ls") == []
+
+
+def test_a_broken_file_in_the_tasks_folder_does_not_block_the_others(cli, tmp_path):
+    folder = cli.home / "tasks"
+    _user_sequence_task(folder, "good-task")
+    (folder / "typo.yaml").write_text("name: typo\nkind: [unclosed\n")
+    (folder / "ner.yaml").write_text("name: my-ner\nkind: token\ndataset: massive_en\ntags_column: slots\n"
+                                     "labels: [O, PER, LOC]\n")
+    listing = cli.run("tasks")
+    assert listing.returncode == 0
+    assert "good-task" in listing.stdout and "massive-intent" in listing.stdout
+    skipped = listing.stderr.strip().splitlines()
+    assert len(skipped) == 2 and all(line.startswith("skipped (broken): ") for line in skipped)
+    assert "ner.yaml: labels: a token task lists slot types (PER, LOC) or full BIO tags; 'O' is not a slot type" \
+        in skipped[0] and "typo.yaml" in skipped[1] and "invalid YAML" in skipped[1]
+    as_json = cli.json("tasks")
+    assert "good-task" in {t["name"] for t in as_json["tasks"]}
+    assert [(b["name"], Path(b["path"]).name) for b in as_json["broken"]] == [("my-ner", "ner.yaml"),
+                                                                             ("typo", "typo.yaml")]
+    base = ["queue", "--method", "encoder-finetune", "--model", "tiny-bert", "--data-dir", str(SAMPLES)]
+    cli.run(*base, "--task", "good-task")
+    assert_one_line_error(cli.run(*base, "--task", "my-ner", check=False), "ner.yaml", "'O' is not a slot type")
+    assert_one_line_error(cli.run(*base, "--task", "typo", check=False), "invalid YAML", "typo.yaml")
+    assert [run["task"] for run in cli.json("ls")] == ["good-task"]

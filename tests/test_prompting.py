@@ -144,6 +144,84 @@ def test_other_tasks_use_the_adapted_fallbacks_and_unknown_pairs_fail():
         load_prompt_set().select([task("massive-intent"), task("20ng-7class")], 0)
 
 
+# sha256 (first 16 hex digits) of each built-in task's rendered prompt, first test example of the samples, seed 0:
+# the paper's prompts must not change by one byte when the generic prompts learn to use descriptions.
+PAPER_PROMPT_HASHES = {
+    ("20ng-20class", 0): "01f5ee46b16e7c38", ("20ng-20class", 5): "d5869bafd1937b7a",
+    ("20ng-7class", 0): "b754ceecffab07c2", ("20ng-7class", 5): "d96f12c6d86918ff",
+    ("20ng-7class+20ng-20class", 0): "553967f4925a85a3", ("20ng-7class+20ng-20class", 5): "8dd5290fad532ea0",
+    ("massive-intent", 0): "0d96b9d1a1e0773f", ("massive-intent", 5): "b8efd56319cb46a5",
+    ("massive-slots", 0): "d927e40e3b2182c1", ("massive-slots", 5): "95a8db4b56cd3edb",
+    ("massive-intent+massive-slots", 0): "d3a36a8c66cceb4f", ("massive-intent+massive-slots", 5): "f8ff747b4b9cea93",
+    ("massive-scenario", 0): "4142c3ca695d7732", ("massive-scenario", 5): "5c39dfe91a45678e",
+}
+
+
+def test_the_built_in_tasks_prompts_are_byte_for_byte_the_same():
+    import hashlib
+
+    for (name, shots), expected in PAPER_PROMPT_HASHES.items():
+        tasks = [task(n) for n in name.split("+")]
+        prompt = load_prompt_set("paper").select(tasks, shots)
+        assert prompt.description is None, name  # the built-in tasks' descriptions never reach their prompts
+        builder = PromptBuilder.create(prompt, tasks, shots, seed=0)
+        text = builder.render(builder.items[0].text)
+        assert hashlib.sha256(text.encode()).hexdigest()[:16] == expected, (name, shots)
+
+
+def _yaml_task(folder, body: str) -> TaskData:
+    """A user task from a YAML file next to small JSONL files, loaded as the worker loads it."""
+    (folder / "train.jsonl").write_text(
+        '{"id": "1", "text": "Ann loved it", "label": "pos", "tags": ["B-PER", "O", "O"]}\n'
+        '{"id": "2", "text": "dull in Rome", "label": "neg", "tags": ["O", "O", "B-LOC"]}\n')
+    (folder / "test.jsonl").write_text('{"id": "4", "text": "fine", "label": "pos", "tags": ["O"]}\n')
+    path = folder / "mine.yaml"
+    path.write_text("name: mine\nfiles: {train: train.jsonl, test: test.jsonl}\n" + body)
+    return load_task(get_task(str(path)), need_train=True)
+
+
+PLAIN_SEQUENCE_PROMPT = (
+    "[INST]You will be given a text.\nYour task is to classify it as one of the labels in the list ['neg', 'pos']."
+    "\n\nOutput the label only and absolutely nothing else.\nNow it is your turn.\n\nBeginning of <<Text>>\n"
+    "fine\nEnd of <<Text>>\n\nLabel: [/INST]\n")
+PLAIN_TOKEN_PROMPT = (
+    "[INST]You will be given a text.\nYour task is to classify each of the word in the text as one of the labels in "
+    "the list ['LOC', 'PER'].\nIf none of the labels in the list are correct, then output the label for that word "
+    "as \"Other\".\nPut all the labels in the slots list.\n\nOutput the Slots only and absolutely nothing else.\n"
+    "Now it is your turn.\n\nBeginning of <<Text>>\nfine\nEnd of <<Text>>\n\nSlots: [/INST]\n")
+
+
+def _rendered(tasks: list[TaskData], shots: int = 0) -> str:
+    """The prompt the `prompt` method renders for the test example (its selection and builder)."""
+    builder = PromptBuilder.create(load_prompt_set("paper").select(tasks, shots), tasks, shots, seed=0)
+    return builder.render(builder.items[0].text)
+
+
+def test_the_generic_prompt_uses_the_tasks_description_and_label_descriptions(tmp_path):
+    seq = "kind: sequence\nlabel_column: label\n"
+    described = _yaml_task(tmp_path, seq + "description: sentiment\n"
+                                          "label_descriptions: {pos: the writer liked it, neg: the writer did not}\n")
+    text = _rendered([described])
+    assert "Your task is to classify its sentiment as one of the labels in the list ['neg', 'pos'].\n" \
+           "The labels mean:\n- neg: the writer did not\n- pos: the writer liked it\n\nOutput the label" in text
+    assert "The labels mean:\n- neg: the writer did not" in _rendered([described], shots=1)
+    only_description = _yaml_task(tmp_path, seq + "description: sentiment\n")
+    assert _rendered([only_description]) == PLAIN_SEQUENCE_PROMPT.replace("classify it", "classify its sentiment")
+    token = "kind: token\ntags_column: tags\nlabels: [PER, LOC]\n"
+    ner = _yaml_task(tmp_path, token + "description: entity type\nlabel_descriptions: {PER: a person}\n")
+    assert "classify the entity type of each of the word in the text as one of the labels in the list " \
+           "['LOC', 'PER'].\nThe labels mean:\n- PER: a person\nIf none of the labels" in _rendered([ner])
+
+
+def test_a_user_task_without_descriptions_gets_the_plain_generic_prompt(tmp_path):
+    assert _rendered([_yaml_task(tmp_path, "kind: sequence\nlabel_column: label\n")]) == PLAIN_SEQUENCE_PROMPT
+    assert _rendered([_yaml_task(tmp_path, "kind: token\ntags_column: tags\nlabels: [PER, LOC]\n")]) \
+        == PLAIN_TOKEN_PROMPT
+    # "label" is the default description: written or not, the wording stays plain
+    assert _rendered([_yaml_task(tmp_path, "kind: sequence\nlabel_column: label\ndescription: label\n")]) \
+        == PLAIN_SEQUENCE_PROMPT
+
+
 def test_few_shot_draws_are_deterministic_per_seed():
     tasks = [task("massive-intent")]
     prompt = load_prompt_set().select(tasks, 5)
@@ -183,6 +261,11 @@ ENTRY = {"task": "t", "shots": "zero", "file": "x.txt", "text": "Text",
     ({"file": "y.txt"}, "y.txt never uses \\{\\{Labels\\}\\}"),
     ({"shots": "five", "file": "five.txt"}, "a five-shot prompt needs example:"),
     ({"shots": "five"}, "x.txt never uses \\{\\{Examples\\}\\}"),
+    ({"description": {"task": "t", "plain": "it"}}, "description needs task:, plain: .* and described:"),
+    ({"description": {"task": "t", "plain": "it", "described": "its {{Desc}}"}},
+     "description.described: unknown variable \\{\\{Desc\\}\\}"),
+    ({"description": {"task": "t", "plain": "it", "described": "its {{Description}}"}},
+     "x.txt never uses \\{\\{Label_Meanings\\}\\}, \\{\\{Subject\\}\\}"),
 ])
 def test_each_mistake_in_a_prompt_set_entry_is_one_line_that_names_it(tmp_path, change, message):
     (tmp_path / "x.txt").write_text("[INST]{{Labels}} {{Text}}[/INST]\n")

@@ -4,6 +4,12 @@
 `PromptSet.select(tasks, shots)` finds the prompt for a run's task(s); `PromptBuilder` renders it for each test
 example: the label lists, the few-shot examples (drawn once per run from train with the run's seed, so every
 example of a run sees the same shots and the text before the document is shared), and the document itself.
+
+An entry with `description:` (the generic fallbacks) also writes what its task says about itself: `{{Subject}}`
+is the entry's `plain` wording ("it") unless the task gives a `description:` other than the default "label",
+then its `described` wording with `{{Description}}` filled in ("its sentiment"); `{{Label_Meanings}}` is empty
+unless the task gives `label_descriptions:`, then a line break, "The labels mean:" and one "- label: meaning"
+line per described label, in label-set order. A task that gives neither gets the text the entry had before.
 """
 from __future__ import annotations
 
@@ -20,13 +26,16 @@ import yaml
 from clfbench.engine.prompting.outputs import OutputSpec, output_spec, slot_types, target_text
 from clfbench.engine.prompting.parse import Parsed
 from clfbench.engine.prompting.render import Template, TemplateError, parse_template
-from clfbench.engine.types import ClfbenchError, Example, Predicted, TaskData
+from clfbench.engine.types import PLAIN_DESCRIPTION, ClfbenchError, Example, Predicted, TaskData
 from clfbench.prompts import PROMPTS_DIR
 
 ShotKey = Literal["zero", "five"]
 LabelStyle = Literal["python", "json"]
 EXAMPLES_VAR = "Examples"
 TARGET_VAR = "Target"
+SUBJECT_VAR = "Subject"  # what is classified: "it", or "its <description>" (entries with `description:`)
+MEANINGS_VAR = "Label_Meanings"  # "" or the "- label: meaning" lines (entries with `description:`)
+DESCRIPTION_VAR = "Description"  # inside `description.described`: the task's description
 EXAMPLE_SEPARATOR = "\n\n"
 
 
@@ -51,6 +60,15 @@ class LabelVar:
 
 
 @dataclass(frozen=True)
+class DescriptionVar:
+    """How an entry writes its task's `description:` ({{Subject}}) and label meanings ({{Label_Meanings}})."""
+
+    task: str  # a task name, or "*" in fallbacks
+    plain: str  # {{Subject}} when the task gives no description
+    described: Template  # {{Subject}} when it does, with {{Description}}
+
+
+@dataclass(frozen=True)
 class PromptDef:
     """One prompt of a set: a template file for a task (or task pair) and a shot setting."""
 
@@ -67,6 +85,7 @@ class PromptDef:
     fields: dict[str, str]  # multi-task: JSON field -> task
     template: Template
     example: Template | None
+    description: DescriptionVar | None = None
 
     @property
     def key(self) -> str:
@@ -82,10 +101,14 @@ class PromptDef:
         if self.tasks != ("*",):
             return self
         label_vars = {k: LabelVar(task if v.task == "*" else v.task, v.style) for k, v in self.label_vars.items()}
-        return dataclasses.replace(self, tasks=(task,), label_vars=label_vars)
+        description = self.description
+        if description is not None and description.task == "*":
+            description = dataclasses.replace(description, task=task)
+        return dataclasses.replace(self, tasks=(task,), label_vars=label_vars, description=description)
 
 
-_ENTRY_KEYS = {"task", "kind", "shots", "file", "listing", "adapted_from", "text", "labels", "fields", "example"}
+_ENTRY_KEYS = {"task", "kind", "shots", "file", "listing", "adapted_from", "text", "labels", "fields", "example",
+               "description"}
 
 
 def _entry(raw: dict, folder: Path, set_name: str, version: int, where: str) -> PromptDef:
@@ -107,11 +130,27 @@ def _entry(raw: dict, folder: Path, set_name: str, version: int, where: str) -> 
     label_vars = _label_vars(raw, where)
     fields = {str(k): str(v) for k, v in (raw.get("fields") or {}).items()}
     tasks = _entry_tasks(raw, fields, where)
-    template = _template(path, text_var, label_vars, shots, where)
+    description = _description_var(raw, where)
+    described_vars = {SUBJECT_VAR, MEANINGS_VAR} if description is not None else set()
+    template = _template(path, text_var, {*label_vars, *described_vars}, shots, where)
     example = _example_template(raw, text_var, where) if shots == "five" else None
     return PromptDef(set_name=set_name, version=version, tasks=tasks, kind=raw.get("kind"), shots=shots, path=path,
                      listing=raw.get("listing"), adapted_from=raw.get("adapted_from"), text_var=text_var,
-                     label_vars=label_vars, fields=fields, template=template, example=example)
+                     label_vars=label_vars, fields=fields, template=template, example=example,
+                     description=description)
+
+
+def _description_var(raw: dict, where: str) -> DescriptionVar | None:
+    """The entry's `description: {task, plain, described}`, or None."""
+    spec = raw.get("description")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or not spec.get("task") or not isinstance(spec.get("plain"), str) \
+            or not isinstance(spec.get("described"), str):
+        raise ClfbenchError(f"{where}: description needs task:, plain: (the wording without a task description) "
+                            f"and described: (the wording with {{{{{DESCRIPTION_VAR}}}}})")
+    described = parse_template(spec["described"], allowed={DESCRIPTION_VAR}, where=f"{where}: description.described")
+    return DescriptionVar(str(spec["task"]), spec["plain"], described)
 
 
 def _label_vars(raw: dict, where: str) -> dict[str, LabelVar]:
@@ -138,10 +177,10 @@ def _entry_tasks(raw: dict, fields: dict[str, str], where: str) -> tuple[str, ..
     return tasks
 
 
-def _template(path: Path, text_var: str, label_vars: dict[str, LabelVar], shots: str, where: str) -> Template:
-    """The template file: it may use only the document, its label lists and (five-shot) the examples, must use
-    each of them, and the document exactly once."""
-    needed = {text_var, *label_vars} | ({EXAMPLES_VAR} if shots == "five" else set())
+def _template(path: Path, text_var: str, value_vars: set[str], shots: str, where: str) -> Template:
+    """The template file: it may use only the document, its label lists (and description placeholders) and
+    (five-shot) the examples, must use each of them, and the document exactly once."""
+    needed = {text_var, *value_vars} | ({EXAMPLES_VAR} if shots == "five" else set())
     template = parse_template(path.read_text(encoding="utf-8"), allowed=needed, where=str(path))
     missing = needed - set(template.names)
     if missing:
@@ -283,6 +322,8 @@ class PromptBuilder:
                                     f"which is not a task of this run")
             labels = slot_types(task.labels) if task.kind == "token" else task.labels
             values[var] = label_list(labels, label_var.style)
+        if prompt.description is not None:
+            values.update(description_values(prompt.description, by_name, prompt))
         if prompt.shots == "five":
             builder.shots = draw_shots(paired_items(ordered, "train"), shots, seed)
             if len(builder.shots) < shots:
@@ -327,6 +368,19 @@ class PromptBuilder:
                 out[task.name][item.by_task[task.name].id] = Predicted(
                     value=result.value, raw_output=raw, parse_status=result.status)
         return out
+
+
+def description_values(spec: DescriptionVar, by_name: dict[str, TaskData], prompt: PromptDef) -> dict[str, str]:
+    """{{Subject}} and {{Label_Meanings}} for the task `spec` names (see the module docstring)."""
+    task = by_name.get(spec.task)
+    if task is None:
+        raise ClfbenchError(f"{prompt.describe()}: description: names {spec.task}, which is not a task of this run")
+    described = task.description not in ("", PLAIN_DESCRIPTION)
+    subject = spec.described.render({DESCRIPTION_VAR: task.description}) if described else spec.plain
+    labels = slot_types(task.labels) if task.kind == "token" else task.labels
+    meanings = [f"- {label}: {' '.join(task.label_descriptions[label].split())}"  # one line each
+                for label in labels if label in task.label_descriptions]
+    return {SUBJECT_VAR: subject, MEANINGS_VAR: "\nThe labels mean:\n" + "\n".join(meanings) if meanings else ""}
 
 
 def draw_shots(pool: list[Item], shots: int, seed: int) -> list[Item]:
