@@ -25,7 +25,7 @@ from torch import nn
 from clfbench.engine.codec import IGNORE_INDEX, Codec, Row, align_labels, align_rows, cut_words, word_tags
 from clfbench.engine.context import RunContext
 from clfbench.engine.dev_split import split_dev_rows
-from clfbench.engine.metrics import slot_scores
+from clfbench.engine.metrics import DEFAULT_SLOT_RULE, slot_scores
 from clfbench.engine.training import (LoopTimes, StepPlan, Tally, Training, autocast_for, epoch_batcher, plan_steps,
                                       sampler_epochs, train_loop)
 from clfbench.engine.types import ClfbenchError, MethodOutput, Predicted, TaskData
@@ -36,11 +36,13 @@ from clfbench.engine.types import ClfbenchError, MethodOutput, Predicted, TaskDa
 
 @dataclass(frozen=True)
 class Head:
-    """One task's head: its name, kind ("sequence" | "token") and ordered label set."""
+    """One task's head: its name, kind ("sequence" | "token"), ordered label set, and (token) the slot rule its
+    dev slot F1 is read under: the same rule as the task's test results, so early stopping picks by that number."""
 
     name: str
     kind: str
     labels: list[str]
+    slot_rule: str | None = None
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -48,7 +50,7 @@ class Head:
 
 
 def heads_of(tasks: list[TaskData]) -> list[Head]:
-    return [Head(task.name, task.kind, list(task.labels)) for task in tasks]
+    return [Head(task.name, task.kind, list(task.labels), task.slot_metric) for task in tasks]
 
 
 class HeadsModel(nn.Module):
@@ -245,7 +247,7 @@ def evaluate(model, codec: Codec, heads: list[Head], dev: list[Row], ctx: RunCon
         if head.kind == "sequence":
             score["accuracy"] = float(totals[k, 2]) / n
         else:
-            score["slot_f1"] = slot_scores(tags[k][0], tags[k][1])["slot_f1"]
+            score["slot_f1"] = slot_scores(tags[k][0], tags[k][1], head.slot_rule or DEFAULT_SLOT_RULE)["slot_f1"]
         scores.append(score)
     return scores
 

@@ -1,7 +1,7 @@
-"""Scores for predictions: classification reports, MASSIVE-style slot scores, exact match.
+"""Scores for predictions: classification reports, slot scores under a task's slot rule, exact match.
 
 Pure Python on purpose: the CLI imports this module at queue time, so it must not pull torch, and
-seqeval (which pulls scikit-learn) is imported only inside `slot_scores`.
+seqeval (which pulls scikit-learn) is imported only inside the slot functions.
 
 Conventions shared by every function here:
 - a `None` prediction is a parse failure: it is wrong, and it still counts in the denominator;
@@ -157,16 +157,38 @@ def per_label_report(
 
 
 # --------------------------------------------------------------------------------------------
-# Token classification (slot filling): seqeval over BIO with MASSIVE's cut/pad and Other -> O
+# Token classification (slot filling): spans under a task's slot rule
 # --------------------------------------------------------------------------------------------
+
+# How slot spans are read, a property of the task (its `slot_metric:`), never of the method:
+SLOT_RULES = {
+    # MASSIVE's official evaluation (alexa/massive `eval_preds` + `convert_to_bio`): every tag is reduced to its
+    # word's slot type and BIO is rebuilt from runs of the same type, then seqeval's default mode. A head's
+    # "B-x B-x" over one two-word slot is one span, an "I-x" start opens a span. Gold is read the same way.
+    "massive": "MASSIVE official: per-word slot types, BIO rebuilt from runs, seqeval",
+    # seqeval's default mode on the tags as predicted (conlleval's reading: an I-x after O or another type opens a
+    # span). The standard for CoNLL-2003 / ATIS, whose gold has adjacent same-type spans the MASSIVE rule would merge.
+    "conlleval": "conlleval: seqeval default mode on the tags as predicted",
+    # seqeval strict IOB2: a span must start with B-x and continue with I-x of the same type; anything else is no span.
+    "strict": "strict IOB2: seqeval strict mode",
+}
+DEFAULT_SLOT_RULE = "conlleval"  # a token task that declares none (user NER / slot data)
+
+# The metrics that depend on the slot rule: their result rows name it.
+RULED_METRICS = ("slot_f1", "slot_precision", "slot_recall", "exact_match")
+
+
+def _check_rule(rule: str) -> None:
+    if rule not in SLOT_RULES:
+        raise ClfbenchError(f"unknown slot metric rule {rule!r} (known: {', '.join(SLOT_RULES)})")
 
 
 def normalise_tags(pred: Sequence[str] | None, gold_len: int) -> list[str]:
     """Make a tag sequence comparable with a gold sequence of `gold_len` tags.
 
-    The one place for MASSIVE's rules (alexa/massive `eval_preds`): "Other" becomes "O"; a longer
-    prediction is cut to the gold length and a shorter one padded with "O", so an LLM that drops or
-    adds tokens loses only those positions; a parse failure (None) becomes all "O", i.e. no slots.
+    MASSIVE's rules for length and outside tag (alexa/massive `eval_preds`), used by every slot rule: "Other"
+    becomes "O"; a longer prediction is cut to the gold length and a shorter one padded with "O", so an LLM that
+    drops or adds tokens loses only those positions; a parse failure (None) becomes all "O", i.e. no slots.
     Also used on gold sequences (with their own length) for the "Other" mapping.
     """
     if pred is None:
@@ -175,37 +197,64 @@ def normalise_tags(pred: Sequence[str] | None, gold_len: int) -> list[str]:
     return tags + [OUTSIDE_TAG] * (gold_len - len(tags))
 
 
-def _normalised_pairs(
-    gold_tags: Sequence[Sequence[str]], predicted_tags: Sequence[Sequence[str] | None]
+def massive_bio(tags: Sequence[str]) -> list[str]:
+    """MASSIVE's `convert_to_bio` on our tags: each tag becomes its word's slot type ("B-x", "I-x" and a bare "x"
+    all mean x; "O" means outside), then a word whose type differs from the previous word's opens "B-type" and a
+    word of the same type continues "I-type"."""
+    rebuilt, previous = [], None
+    for tag in tags:
+        slot_type = None if tag == OUTSIDE_TAG else tag[2:] if tag[:2] in ("B-", "I-") else tag
+        if slot_type is None:
+            rebuilt.append(OUTSIDE_TAG)
+        else:
+            rebuilt.append(("I-" if slot_type == previous else "B-") + slot_type)
+        previous = slot_type
+    return rebuilt
+
+
+def _rule_pairs(
+    gold_tags: Sequence[Sequence[str]], predicted_tags: Sequence[Sequence[str] | None], rule: str
 ) -> tuple[list[list[str]], list[list[str]]]:
-    """Gold and predicted sequences after `normalise_tags`, same lengths pairwise."""
+    """Gold and predicted sequences as the rule reads them: `normalise_tags`, then (massive) BIO rebuilt."""
+    _check_rule(rule)
     _require_same_length(gold_tags, predicted_tags, "slot scores")
     gold_out = [normalise_tags(gold, len(gold)) for gold in gold_tags]
     pred_out = [normalise_tags(pred, len(gold)) for gold, pred in zip(gold_tags, predicted_tags)]
+    if rule == "massive":
+        gold_out = [massive_bio(tags) for tags in gold_out]
+        pred_out = [massive_bio(tags) for tags in pred_out]
     return gold_out, pred_out
 
 
-def slot_scores(
-    gold_tags: list[list[str]], predicted_tags: list[list[str] | None]
-) -> dict[str, float]:
-    """Span-level micro precision/recall/F1 with seqeval on the BIO tags as given (MASSIVE's official rule first
-    rebuilds BIO from per-word slot types; for tags that are already such a rebuild, the two agree).
+def _seqeval_mode(rule: str) -> dict:
+    """seqeval's keyword arguments for a rule (imported here: seqeval pulls scikit-learn, which the CLI must not
+    pay for at import time)."""
+    if rule == "strict":
+        from seqeval.scheme import IOB2
 
-    seqeval runs in its default (non-strict, conlleval-like) mode, as in MASSIVE. zero_division=0
-    gives the same numbers as seqeval's default ("warn") without the warning.
+        return {"mode": "strict", "scheme": IOB2}
+    return {}
+
+
+def slot_scores(
+    gold_tags: list[list[str]], predicted_tags: list[list[str] | None], rule: str = DEFAULT_SLOT_RULE
+) -> dict[str, float]:
+    """Span-level micro precision/recall/F1 with seqeval, the spans read under `rule` (see SLOT_RULES).
+
+    zero_division=0 gives the same numbers as seqeval's default ("warn") without the warning.
     Returns {"slot_f1", "slot_precision", "slot_recall", "n"}.
     """
-    gold_norm, pred_norm = _normalised_pairs(gold_tags, predicted_tags)
+    gold_norm, pred_norm = _rule_pairs(gold_tags, predicted_tags, rule)
     if not gold_norm:
         return {"slot_f1": 0.0, "slot_precision": 0.0, "slot_recall": 0.0, "n": 0}
 
-    # Imported here: seqeval pulls scikit-learn, which the CLI must not pay for at import time.
     from seqeval.metrics import f1_score, precision_score, recall_score
 
+    mode = _seqeval_mode(rule)
     return {
-        "slot_f1": float(f1_score(gold_norm, pred_norm, zero_division=0)),
-        "slot_precision": float(precision_score(gold_norm, pred_norm, zero_division=0)),
-        "slot_recall": float(recall_score(gold_norm, pred_norm, zero_division=0)),
+        "slot_f1": float(f1_score(gold_norm, pred_norm, zero_division=0, **mode)),
+        "slot_precision": float(precision_score(gold_norm, pred_norm, zero_division=0, **mode)),
+        "slot_recall": float(recall_score(gold_norm, pred_norm, zero_division=0, **mode)),
         "n": len(gold_norm),
     }
 
@@ -213,11 +262,12 @@ def slot_scores(
 def token_accuracy(
     gold_tags: list[list[str]], predicted_tags: list[list[str] | None]
 ) -> float:
-    """Share of gold token positions whose normalised predicted tag equals the gold tag.
+    """Share of gold token positions whose normalised predicted tag equals the gold tag (the tags as predicted,
+    whatever the slot rule: a per-position score, not a span score).
 
     Counted over positions, not sentences (long sentences weigh more), the usual tagging accuracy.
     """
-    gold_norm, pred_norm = _normalised_pairs(gold_tags, predicted_tags)
+    gold_norm, pred_norm = _rule_pairs(gold_tags, predicted_tags, "conlleval")
     positions = sum(len(gold) for gold in gold_norm)
     correct = sum(
         1 for gold, pred in zip(gold_norm, pred_norm) for g, p in zip(gold, pred) if g == p
@@ -230,19 +280,22 @@ def exact_match(
     predicted_labels: list[str | None],
     gold_tags: list[list[str]],
     predicted_tags: list[list[str] | None],
+    rule: str = DEFAULT_SLOT_RULE,
 ) -> float:
-    """Share of examples whose intent is right AND whose whole normalised tag sequence equals gold.
+    """Share of examples whose label is right AND whose tag sequence, read under `rule`, equals gold's.
 
-    MASSIVE's "exact match accuracy": one utterance is understood only if both parts are right.
+    MASSIVE's "exact match accuracy" (one utterance is understood only if both parts are right). Under "massive"
+    the sequences compared are the rebuilt BIO ones, as in alexa/massive `eval_preds` (so "B-x B-x" over a
+    two-word slot matches gold "B-x I-x"); under "conlleval" and "strict" the normalised tags as predicted, as
+    ATIS/SNIPS "sentence frame accuracy" compares them (an "I-x" start that seqeval's default mode reads as the
+    right span is still not an exact match).
     """
     _require_same_length(gold_labels, predicted_labels, "exact_match intents")
     _require_same_length(gold_labels, gold_tags, "exact_match intents vs tags")
-    gold_norm, pred_norm = _normalised_pairs(gold_tags, predicted_tags)
+    gold_norm, pred_norm = _rule_pairs(gold_tags, predicted_tags, rule)
     matches = sum(
         1
-        for gold_label, pred_label, gold_seq, pred_seq in zip(
-            gold_labels, predicted_labels, gold_norm, pred_norm
-        )
+        for gold_label, pred_label, gold_seq, pred_seq in zip(gold_labels, predicted_labels, gold_norm, pred_norm)
         if pred_label is not None and pred_label == gold_label and pred_seq == gold_seq
     )
     return _safe_ratio(matches, len(gold_labels))
@@ -267,11 +320,13 @@ def _as_tags(value: str | Sequence[str] | None) -> list[str] | None:
     return list(value)
 
 
-def task_results(kind: str, predictions: list[Prediction], labels: list[str]) -> dict[str, float]:
+def task_results(kind: str, predictions: list[Prediction], labels: list[str],
+                 slot_rule: str | None = None) -> dict[str, float]:
     """The result rows the worker stores for one task.
 
     "sequence": accuracy, macro_f1, parse_failure_rate, n.
-    "token": slot_f1, slot_precision, slot_recall, token_accuracy, parse_failure_rate, n.
+    "token": slot_f1, slot_precision, slot_recall (spans read under `slot_rule`, default DEFAULT_SLOT_RULE),
+    token_accuracy, parse_failure_rate, n.
     `labels` is the task's label set (used by the sequence scores; tag sets need no list).
     """
     failure_rate = parse_failure_rate([p.parse_status for p in predictions])
@@ -288,7 +343,7 @@ def task_results(kind: str, predictions: list[Prediction], labels: list[str]) ->
     if kind == "token":
         gold_tags = [_as_tags(p.gold) or [] for p in predictions]
         predicted_tags = [_as_tags(p.predicted) for p in predictions]
-        slots = slot_scores(gold_tags, predicted_tags)
+        slots = slot_scores(gold_tags, predicted_tags, slot_rule or DEFAULT_SLOT_RULE)
         return {
             "slot_f1": slots["slot_f1"],
             "slot_precision": slots["slot_precision"],
@@ -301,22 +356,21 @@ def task_results(kind: str, predictions: list[Prediction], labels: list[str]) ->
 
 
 def joint_exact_match(
-    intent_predictions: list[Prediction], slot_predictions: list[Prediction]
-) -> float:
-    """MASSIVE's exact match for an intent task and a slot task over the same utterances.
+    intent_predictions: list[Prediction], slot_predictions: list[Prediction], rule: str = DEFAULT_SLOT_RULE
+) -> float | None:
+    """Exact match of a sequence task and a token task over the same texts (MASSIVE's intent + slots), the
+    slots read under `rule`; None when the two tasks' test sets are not the same examples (no pairing to score).
 
-    Pairs predictions by example_id (only ids present in both, in the intent list's order), because
-    the two tasks may be run, filtered or ordered separately.
+    Pairs predictions by example_id (in the sequence list's order): the two tasks may order them differently.
     """
     slots_by_id = {p.example_id: p for p in slot_predictions}
-    pairs = [
-        (intent, slots_by_id[intent.example_id])
-        for intent in intent_predictions
-        if intent.example_id in slots_by_id
-    ]
+    if not intent_predictions or set(slots_by_id) != {p.example_id for p in intent_predictions}:
+        return None
+    pairs = [(intent, slots_by_id[intent.example_id]) for intent in intent_predictions]
     return exact_match(
         [intent.gold for intent, _ in pairs],
         [intent.predicted for intent, _ in pairs],
         [_as_tags(slot.gold) or [] for _, slot in pairs],
         [_as_tags(slot.predicted) for _, slot in pairs],
+        rule,
     )

@@ -346,21 +346,24 @@ def _slots(example_id, gold, predicted, status="ok"):
 def test_joint_exact_match_pairs_by_id_not_position():
     intents = [
         _intent("e1", "alarm", "alarm"),
-        _intent("e2", "alarm", "alarm"),  # no slot prediction for e2: left out
+        _intent("e2", "alarm", "weather"),
         _intent("e3", "weather", "weather"),
     ]
     slots = [
         _slots("e3", ["B-city"], ["B-city"]),
-        _slots("e4", ["O"], ["O"]),  # no intent prediction for e4: left out
+        _slots("e2", ["O"], ["O"]),
         _slots("e1", ["B-time", "O"], ["O", "O"]),
     ]
-    # Pairs: e1 (intent right, tags wrong) and e3 (both right) -> 1/2.
-    # Pairing by position would score e1 with e3's tags etc.; leaving no id out would give /3 or /4.
-    assert joint_exact_match(intents, slots) == 0.5
+    # e1: intent right, slots wrong; e2: intent wrong; e3: both right -> 1/3. Pairing by position would score
+    # e1's intent with e3's slots.
+    assert joint_exact_match(intents, slots) == pytest.approx(1 / 3)
 
 
-def test_joint_exact_match_without_common_ids_is_zero():
-    assert joint_exact_match([_intent("a", "x", "x")], [_slots("b", ["O"], ["O"])]) == 0.0
+def test_joint_exact_match_needs_the_same_examples_on_both_sides():
+    # Different test sets are not one set of utterances: no exact match rather than one over a silent subset.
+    assert joint_exact_match([_intent("a", "x", "x")], [_slots("b", ["O"], ["O"])]) is None
+    assert joint_exact_match([_intent("a", "x", "x"), _intent("b", "x", "x")], [_slots("b", ["O"], ["O"])]) is None
+    assert joint_exact_match([], []) is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -70,21 +70,32 @@ def test_a_missing_or_unknown_answer_fails_the_run(answers, message):
     assert message in str(error.value)
 
 
-def test_exact_match_is_declared_by_the_task_definition_not_by_its_name():
+def test_exact_match_for_any_sequence_and_token_pair_over_the_same_examples():
     intent, slots = (load_task(get_task(name), data_dir=SAMPLES, test_limit=4, seed=0)
                      for name in ("massive-intent", "massive-slots"))
-    assert intent.joint_metrics == ("exact_match",) and slots.joint_metrics == ()
     output = MethodOutput(predictions={
         "massive-intent": {ex.id: Predicted(ex.label) for ex in intent.test},
         "massive-slots": {ex.id: Predicted(list(ex.tags)) if i % 2 else Predicted(["O"] * len(ex.tags))
                           for i, ex in enumerate(slots.test)},
     })
     joined = join_predictions([intent, slots], output)
-    rows = {(r["task"], r["metric"]): r["value"] for r in result_rows([intent, slots], joined, {}, 1.0)}
+    rows = {(r["task"], r["metric"]): r for r in result_rows([intent, slots], joined, {}, 1.0)}
     expected = sum(list(ex.tags) == (list(ex.tags) if i % 2 else ["O"] * len(ex.tags))
                    for i, ex in enumerate(slots.test)) / len(slots.test)
-    assert rows[("massive-slots", "exact_match")] == pytest.approx(expected)
-    # The same pair without the declaration (a user's copy of the tasks) gets no exact match.
-    intent.joint_metrics = ()
+    assert rows[("massive-slots", "exact_match")]["value"] == pytest.approx(expected)
+    # Slot scores name the task's rule; other rows name none.
+    assert rows[("massive-slots", "exact_match")]["rule"] == rows[("massive-slots", "slot_f1")]["rule"] == "massive"
+    assert rows[("massive-slots", "token_accuracy")]["rule"] is None
+    assert rows[("massive-intent", "accuracy")]["rule"] is None
+    # The same pair under other names (a user's copy of the tasks) gets it too, under the user task's rule.
+    renamed = {"massive-intent": "my-intents", "massive-slots": "my-slots"}
+    intent.name, slots.name, slots.slot_metric = "my-intents", "my-slots", None
+    joined = {renamed[name]: predictions for name, predictions in joined.items()}
+    rows = {(r["task"], r["metric"]): r for r in result_rows([intent, slots], joined, {}, 1.0)}
+    assert rows[("my-slots", "exact_match")]["value"] == pytest.approx(expected)
+    assert rows[("my-slots", "exact_match")]["rule"] == "conlleval"
+    # Test sets that are not the same examples have no exact match (nothing to pair).
+    joined["my-slots"] = joined["my-slots"][1:]
+    slots.test = slots.test[1:]
     rows = {(r["task"], r["metric"]) for r in result_rows([intent, slots], joined, {}, 1.0)}
-    assert ("massive-slots", "exact_match") not in rows
+    assert ("my-slots", "exact_match") not in rows

@@ -16,7 +16,7 @@
 
 Dev evaluation every `eval_every` steps (dev = the tasks' dev split, or `dev_fraction` of train held out with
 the run's seed, the same rows for every task) logs `eval_loss` (the summed objective), `eval_accuracy` for a
-sequence head and `eval_slot_f1` (engine.metrics.slot_scores, MASSIVE's official rule) for a token head. When
+sequence head and `eval_slot_f1` (engine.metrics.slot_scores, under the task's slot rule) for a token head. When
 two heads would log the same name (two sequence heads) each logs `<name>/<task>` instead; joint runs also log
 `eval_loss/<task>` and `train_loss/<task>` per head next to the summed `train_loss`. Checkpoints every
 `checkpoint_every` steps into `ctx.output_dir/checkpoint` (resumed on a retry); rank 0 predicts the test set.
