@@ -60,7 +60,20 @@ def _migration_1_initial(connection: Connection) -> None:
     SQLModel.metadata.create_all(connection)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1_initial]
+def _add_column(connection: Connection, table: str, column: str, sql_type: str) -> None:
+    """ALTER TABLE ... ADD COLUMN, skipped when the column is there: migration 1 creates the tables from today's
+    models, so a store made fresh already has every column a later migration adds."""
+    if column not in {c["name"] for c in inspect(connection).get_columns(table)}:
+        connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+
+
+def _migration_2_task_identity(connection: Connection) -> None:
+    """Runs keep their tasks frozen at queue time (runs.tasks_json); results name their metric's rule."""
+    _add_column(connection, "runs", "tasks_json", "TEXT")
+    _add_column(connection, "results", "rule", "TEXT")
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1_initial, _migration_2_task_identity]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

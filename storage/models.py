@@ -37,6 +37,9 @@ class Run(SQLModel, table=True):
     seed: int = 0
     spec_json: str
     spec_hash: str = Field(index=True)
+    # The run's tasks frozen at queue time (engine.tasks.identity): definition, source, data files and their
+    # sha256, identity. NULL for runs queued before schema v2.
+    tasks_json: str | None = None
     code_version: str = ""
     status: str = Field(default=RunStatus.queued.value)
     priority: int = 0
@@ -100,6 +103,7 @@ class Result(SQLModel, table=True):
     task: str
     metric: str
     value: float
+    rule: str | None = None  # the rule the metric was computed under (e.g. slot F1's "massive"); NULL: none named
 
 
 class Event(SQLModel, table=True):

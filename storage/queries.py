@@ -56,6 +56,20 @@ def run_results(store: Store, run_id: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def run_result_rules(store: Store, run_id: int) -> dict[str, dict[str, str]]:
+    """{task: {metric: rule}} for one run's results that name the rule they were computed under (slot F1
+    under "massive", ...); metrics without a rule are left out."""
+    with store.read() as connection:
+        rows = connection.execute(
+            select(RESULTS.c.task, RESULTS.c.metric, RESULTS.c.rule)
+            .where(RESULTS.c.run_id == run_id, RESULTS.c.rule.is_not(None))
+        ).all()
+    out: dict[str, dict[str, str]] = {}
+    for task, metric, rule in rows:
+        out.setdefault(task, {})[metric] = rule
+    return out
+
+
 def metric_series(store: Store, run_id: int, after_id: int = 0) -> list[dict]:
     """Metric points of a run, oldest first; `after_id` lets a live view fetch only new points."""
     with store.read() as connection:
@@ -151,8 +165,13 @@ RowKey = tuple[str, str, int, str]
 class Matrix:
     metric: str
     rows: list[RowKey]
-    columns: list[str]  # task, with " (multi)" when measured inside a multi-task run
+    # task, "task (2)" for the second task definition/data under one name, with " (multi)" last when measured
+    # inside a multi-task run
+    columns: list[str]
     cells: dict[tuple[RowKey, str], Cell]
+    warnings: list[str] = field(default_factory=list)  # e.g. one name used by two different tasks
+    rules: dict[str, set[str]] = field(default_factory=dict)  # column -> the rules its results name
+    column_tasks: dict[str, str] = field(default_factory=dict)  # column -> the task name its results carry
 
 
 def _option_variants(specs: dict[int, tuple[tuple[str, str, int, str], dict]],
@@ -224,6 +243,68 @@ def _short(value) -> str:
     return "–" if value is None else value if isinstance(value, str) else json.dumps(value)
 
 
+def _run_options(spec_json: str) -> dict:
+    try:
+        return json.loads(spec_json).get("options") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
+def _task_identities(tasks_json: str | None) -> dict[str, str | None]:
+    """Task name -> identity of one run's frozen tasks (engine.tasks.identity); empty for a run queued before
+    identities were recorded (every task then counts as identity None)."""
+    try:
+        entries = json.loads(tasks_json) if tasks_json else []
+    except ValueError:
+        entries = []
+    identities: dict[str, str | None] = {}
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and "name" in entry:
+            identities.setdefault(entry["name"], entry.get("identity"))
+    return identities
+
+
+def _run_list(run_ids: list[int]) -> str:
+    return ",".join(map(str, run_ids[:6])) + (",…" if len(run_ids) > 6 else "")
+
+
+def _identity_labels(seen: dict[str, dict[str | None, list[int]]]) -> tuple[dict[tuple[str, str | None], str],
+                                                                             list[str]]:
+    """The column label of each (task name, identity): the name alone when one identity has it, else the name,
+    "name (2)", ... in order of first run id; and a warning for each name that several identities share."""
+    labels: dict[tuple[str, str | None], str] = {}
+    warnings = []
+    for name, identities in seen.items():
+        names = [name if k == 0 else f"{name} ({k + 1})" for k in range(len(identities))]
+        labels.update({(name, identity): label for identity, label in zip(identities, names)})
+        if len(identities) > 1:
+            groups = [_run_list(run_ids) + (" (queued before task identities were recorded)" if identity is None
+                                           else "") for identity, run_ids in identities.items()]
+            shown = ", ".join(names[:-1]) + f" and {names[-1]}"
+            warnings.append(f"task '{name}' names {len(identities)} different task definitions/data: "
+                            f"runs {' vs '.join(groups)}; shown as {shown}")
+    return labels, warnings
+
+
+def _identity_columns(rows: list) -> tuple[dict[tuple[int, str], str], list[str]]:
+    """(run id, result task) -> its column: the task's label among the identities sharing its name, with
+    " (multi)" when measured inside a multi-task run; and the warnings of _identity_labels."""
+    identities_of: dict[int, dict[str, str | None]] = {}
+    seen: dict[str, dict[str | None, list[int]]] = {}
+    for run_id, run_task, tasks_json, result_task in rows:
+        if run_id not in identities_of:
+            identities_of[run_id] = _task_identities(tasks_json)
+        run_ids = seen.setdefault(result_task, {}).setdefault(identities_of[run_id].get(result_task), [])
+        if run_id not in run_ids:
+            run_ids.append(run_id)
+    labels, warnings = _identity_labels(seen)
+    columns = {}
+    for run_id, run_task, _tasks_json, result_task in rows:
+        label = labels[(result_task, identities_of[run_id].get(result_task))]
+        columns[(run_id, result_task)] = f"{label} (multi)" if "+" in run_task else label
+    return columns, warnings
+
+
 def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
                    method: str | None = None, task: str | None = None,
                    ignore: Mapping[str, Collection[str]] | None = None,
@@ -233,14 +314,17 @@ def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
     An experiment is (model, method, shots) plus the options in which its runs differ (see RowKey), so only
     runs that differ in nothing but the seed share a cell. A task measured inside a multi-task run ("a+b")
     gets its own column "a (multi)", so single-task and consolidated numbers sit side by side as in the main
-    paper's Table 3. `ignore`: per method, options that never split rows (the CLI and the TUI pass the
-    catalog's execution-only options, such as the prompt method's batch_size); `defaults`: per method, the
-    value of an option that a run's spec lacks (the CLI and the TUI pass the catalog's defaults).
+    paper's Table 3. Columns are keyed by the task's identity (its frozen definition and data, see
+    engine.tasks.identity), not its name alone: two different tasks sharing a name are shown apart as "name" and
+    "name (2)", with a warning in `Matrix.warnings`. `ignore`: per method, options that never split rows (the
+    CLI and the TUI pass the catalog's execution-only options, such as the prompt method's batch_size);
+    `defaults`: per method, the value of an option that a run's spec lacks (the CLI and the TUI pass the
+    catalog's defaults).
     """
     wanted = PRIMARY_METRICS if metric == "auto" else (metric,)
     query = (
         select(RUNS.c.id, RUNS.c.model, RUNS.c.method, RUNS.c.shots, RUNS.c.task.label("run_task"),
-               RUNS.c.spec_json, RESULTS.c.task, RESULTS.c.metric, RESULTS.c.value)
+               RUNS.c.spec_json, RUNS.c.tasks_json, RESULTS.c.task, RESULTS.c.value, RESULTS.c.rule)
         .join(RESULTS, RESULTS.c.run_id == RUNS.c.id)
         .where(RUNS.c.status == RunStatus.succeeded.value, RESULTS.c.metric.in_(wanted))
         .order_by(RUNS.c.id)
@@ -253,29 +337,25 @@ def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
         query = query.where(RESULTS.c.task.contains(task))
     with store.read() as connection:
         rows = connection.execute(query).all()
-    specs: dict[int, tuple[tuple[str, str, int, str], dict]] = {}
-    for run_id, run_model, run_method, shots, run_task, spec_json, *_rest in rows:
-        if run_id not in specs:
-            try:
-                options = json.loads(spec_json).get("options") or {}
-            except (ValueError, AttributeError):
-                options = {}
-            specs[run_id] = ((run_model, run_method, shots, run_task), options)
+    specs = {run_id: ((run_model, run_method, shots, run_task), _run_options(spec_json))
+             for run_id, run_model, run_method, shots, run_task, spec_json, *_rest in rows}
     variants = _option_variants(specs, ignore or {}, defaults or {})
-    cells: dict[tuple[RowKey, str], Cell] = {}
-    row_keys: list[RowKey] = []
-    columns: list[str] = []
-    for run_id, run_model, run_method, shots, run_task, _spec, result_task, _metric, value in rows:
+    columns_of, warnings = _identity_columns([(row[0], row[4], row[6], row[7]) for row in rows])
+    matrix = Matrix(metric=metric, rows=[], columns=[], cells={}, warnings=warnings)
+    for run_id, run_model, run_method, shots, _task, _spec, _tasks, result_task, value, rule in rows:
         row_key = (run_model, run_method, shots, variants[run_id])
-        column = f"{result_task} (multi)" if "+" in run_task else result_task
-        if row_key not in row_keys:
-            row_keys.append(row_key)
-        if column not in columns:
-            columns.append(column)
-        cell = cells.setdefault((row_key, column), Cell())
+        column = columns_of[(run_id, result_task)]
+        if row_key not in matrix.rows:
+            matrix.rows.append(row_key)
+        matrix.column_tasks[column] = result_task
+        rules = matrix.rules.setdefault(column, set())
+        if rule:
+            rules.add(rule)
+        cell = matrix.cells.setdefault((row_key, column), Cell())
         cell.values.append(value)
         cell.run_ids.append(run_id)
-    return Matrix(metric=metric, rows=row_keys, columns=sorted(columns), cells=cells)
+    matrix.columns = sorted(matrix.column_tasks)
+    return matrix
 
 
 # ---- TUI: results metric picker, errors run picker ---------------------------------------------

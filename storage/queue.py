@@ -68,6 +68,7 @@ class NewRun:
     code_version: str = ""
     name: str | None = None
     priority: int = 0
+    tasks_json: str | None = None  # the tasks frozen at queue time (engine.tasks.identity)
 
 
 def enqueue(store: Store, runs: Iterable[NewRun]) -> list[int]:
@@ -184,7 +185,8 @@ def _replace_outputs(connection: Connection, run_id: int, attempt: int, predicti
     if predictions:
         connection.execute(insert(PredictionRow.__table__), [{"run_id": run_id, **p} for p in predictions])
     if results:
-        connection.execute(insert(Result.__table__), [{"run_id": run_id, **r} for r in results])
+        # "rule" is optional per row (slot metrics name theirs); one executemany needs the same keys in every row.
+        connection.execute(insert(Result.__table__), [{"run_id": run_id, "rule": None, **r} for r in results])
     log_event(connection, "succeeded", f"attempt {attempt}", run_id)
 
 

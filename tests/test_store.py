@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import sqlite3
 import stat
 import time
 
@@ -276,3 +277,66 @@ def test_an_option_added_later_does_not_split_old_runs_from_new_ones_at_its_defa
     constrained = ("tiny-bert", "prompt", 0, "decision=constrained")
     assert matrix.rows == [with_end, without, constrained]
     assert len(matrix.cells[(with_end, "massive-intent")].values) == 2
+
+
+def test_a_version_1_store_migrates_in_place_keeping_its_runs_and_results(tmp_path):
+    url = f"sqlite:///{tmp_path}/old.db"
+    store = open_store(url)
+    run_id, = queue.enqueue(store, [new_run(task="massive-intent")])
+    run = claim_cpu(store)
+    queue.finish_succeeded(store, run["id"], run["attempt"],
+                           [dict(task="massive-intent", example_id="1", text="wake me up", gold="alarm_set",
+                                 predicted="alarm_set")],
+                           [dict(task="massive-intent", metric="accuracy", value=0.75)])
+    store.engine.dispose()
+    with sqlite3.connect(tmp_path / "old.db") as connection:  # the store as schema v1 left it
+        connection.execute("ALTER TABLE runs DROP COLUMN tasks_json")
+        connection.execute("ALTER TABLE results DROP COLUMN rule")
+        connection.execute("UPDATE schema_info SET version = 1")
+    with sqlite3.connect(tmp_path / "old.db") as connection:
+        assert "tasks_json" not in {row[1] for row in connection.execute("PRAGMA table_info(runs)")}
+
+    migrated = open_store(url)
+    with migrated.read() as connection:
+        assert connection.execute(text("SELECT version FROM schema_info")).scalar() == SCHEMA_VERSION == 2
+    assert queries.get_run(migrated, run_id)["tasks_json"] is None
+    assert queries.get_run(migrated, run_id)["status"] == "succeeded"
+    assert queries.run_results(migrated, run_id) == {"massive-intent": {"accuracy": 0.75}}
+    assert queries.run_result_rules(migrated, run_id) == {}
+    assert [p["predicted"] for p in queries.predictions(migrated, run_id, "massive-intent")] == ["alarm_set"]
+    # A run from before the migration and one after it, side by side: new rows carry the new columns.
+    later, = queue.enqueue(migrated, [new_run(task="massive-slots", tasks_json="[]")])
+    run = claim_cpu(migrated)
+    queue.finish_succeeded(migrated, run["id"], run["attempt"], [],
+                           [dict(task="massive-slots", metric="slot_f1", value=0.5, rule="massive"),
+                            dict(task="massive-slots", metric="n", value=10.0)])
+    assert queries.run_result_rules(migrated, later) == {"massive-slots": {"slot_f1": "massive"}}
+
+
+def _identity_run(store, task: str, identity: str | None, value: float, run_task: str | None = None) -> int:
+    entries = None if identity is None else json.dumps([{"name": name, "identity": identity}
+                                                        for name in (run_task or task).split("+")])
+    run_id, = queue.enqueue(store, [new_run(task=run_task or task, tasks_json=entries)])
+    run = claim_cpu(store)
+    queue.finish_succeeded(store, run["id"], run["attempt"], [],
+                           [dict(task=task, metric="slot_f1", value=value, rule="conlleval")])
+    return run_id
+
+
+def test_results_matrix_keeps_tasks_that_share_a_name_apart(store):
+    old = _identity_run(store, "mytask", None, 0.1)  # queued before identities were recorded
+    first = _identity_run(store, "mytask", "aaa", 0.2)
+    seed = _identity_run(store, "mytask", "aaa", 0.4)
+    other = _identity_run(store, "mytask", "bbb", 0.9)
+    multi = _identity_run(store, "mytask", "bbb", 0.5, run_task="mytask+intents")
+    matrix = queries.results_matrix(store)
+    row = ("tiny-bert", "encoder-finetune", 0, "")
+    assert matrix.columns == ["mytask", "mytask (2)", "mytask (3)", "mytask (3) (multi)"]
+    assert {column: cell.run_ids for (_, column), cell in matrix.cells.items()} == {
+        "mytask": [old], "mytask (2)": [first, seed], "mytask (3)": [other], "mytask (3) (multi)": [multi]}
+    assert matrix.cells[(row, "mytask (2)")].mean == pytest.approx(0.3)
+    assert matrix.warnings == [
+        f"task 'mytask' names 3 different task definitions/data: runs {old} (queued before task identities were "
+        f"recorded) vs {first},{seed} vs {other},{multi}; shown as mytask, mytask (2) and mytask (3)"]
+    assert matrix.column_tasks == {column: "mytask" for column in matrix.columns}
+    assert matrix.rules == {column: {"conlleval"} for column in matrix.columns}
