@@ -21,6 +21,7 @@ from clfbench.app import render
 from clfbench.engine.methods.catalog import METHODS, execution_options, option_defaults, option_fields
 from clfbench.engine.spec import parse_spec
 from clfbench.engine.submit import build_specs, new_runs, parse_option_pairs, validate_for_queue
+from clfbench.engine.tasks.identity import frozen_tasks, task_for_user
 from clfbench.engine.types import ClfbenchError
 from clfbench.storage import queries, queue
 from clfbench.storage.db import Store, StoreError, open_store
@@ -155,8 +156,11 @@ def show_command(run_id: int = typer.Argument(...), as_json: bool = typer.Option
     s = store()
     run = get_run_or_fail(s, run_id)
     results = queries.run_results(s, run_id)
+    rules = queries.run_result_rules(s, run_id)
+    tasks = frozen_tasks(run.pop("tasks_json"))
     if as_json:
-        print_json({**run, "spec": json.loads(run["spec_json"]), "results": results})
+        print_json({**run, "spec": json.loads(run["spec_json"]), "tasks": tasks, "results": results,
+                    "result_rules": rules})
         return
     for key in ("id", "name", "status", "method", "model", "task", "shots", "seed", "attempt", "host", "pid",
                 "gpus_assigned", "code_version", "spec_hash", "log_path", "output_dir"):
@@ -165,10 +169,37 @@ def show_command(run_id: int = typer.Argument(...), as_json: bool = typer.Option
     typer.echo(f"{'progress':>14}: {render.progress_text(run) or '–'}")
     typer.echo(f"{'time':>14}: {render.duration(run['started_at'], run['finished_at'])}")
     typer.echo(f"{'spec':>14}: {run['spec_json']}")
+    for line in frozen_task_lines(tasks):
+        typer.echo(line)
     if run["error"]:
         typer.echo(f"{'error':>14}: {run['error']}")
     for task, values in results.items():
-        typer.echo(f"results {task}: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(values.items())))
+        named = rules.get(task, {})
+        typer.echo(f"results {task}: " + ", ".join(f"{k}={v:.4g}" + (f" ({named[k]})" if k in named else "")
+                                                   for k, v in sorted(values.items())))
+
+
+def file_size(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def frozen_task_lines(entries: list[dict]) -> list[str]:
+    """Per task frozen at queue time: where its definition came from, and each data file with its short sha256
+    and size (or the hub dataset); nothing for a run queued before tasks were frozen."""
+    lines = []
+    for entry in entries:
+        source = entry["source"] + (f" (sha256 {entry['yaml_sha256'][:12]})" if entry.get("yaml_sha256") else "")
+        lines.append(f"{'task':>14}: {entry['name']} · {source} · identity {entry['identity']}")
+        for split, items in entry["data"].items():
+            for item in items:
+                where = (f"{item['path']}  sha256 {item['sha256'][:12]}  {file_size(item['bytes'])}" if "path" in item
+                         else f"hub {item['hub']}" + (f" ({item['config']})" if item.get("config") else "")
+                         + f" [{item.get('split')}] revision {item.get('revision') or 'latest (not pinned)'}")
+                lines.append(f"{split:>16}: {where}")
+    return lines
 
 
 @app.command("logs")
@@ -257,6 +288,8 @@ def results_command(
                                     ignore=execution_options(), defaults=option_defaults())
     if fmt != "table":
         typer.echo(render.render_matrix(matrix, fmt))
+        for warning in matrix.warnings:  # on stderr: a csv/latex/json body stays a clean file
+            typer.echo(f"warning: {warning}", err=True)
         return
     if not matrix.rows:
         typer.echo("no results yet (runs appear here when they succeed)")
@@ -274,6 +307,8 @@ def results_command(
             cells.append(f"[bold green]{text}[/]" if best.get(column) == row else text)
         table.add_row(render.row_label(row), *cells)
     console.print(table)
+    for warning in matrix.warnings:
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 
 
 @app.command("errors")
@@ -289,7 +324,8 @@ def errors_command(
 
     s = store()
     run = get_run_or_fail(s, run_id)
-    task = task or run["task"].split("+")[0]
+    # Predictions are stored under the task's name; a user may give it as a name or as its YAML path.
+    task = task_for_user(frozen_tasks(run["tasks_json"]), run["task"].split("+"), task)
     rows = queries.predictions(s, run_id, task)
     if not rows:
         fail(f"run {run_id} has no predictions for task '{task}' (tasks: {run['task']}, status {run['status']})")

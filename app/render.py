@@ -89,6 +89,7 @@ def render_matrix(matrix: Matrix, fmt: str) -> str:
                     }
                     for r in matrix.rows
                 ],
+                "warnings": matrix.warnings,
             },
             indent=2,
         )

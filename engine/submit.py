@@ -10,6 +10,7 @@ registries.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -22,6 +23,7 @@ from clfbench.engine.models import check_model
 from clfbench.engine.prompting.library import load_prompt_set
 from clfbench.engine.spec import RunSpec, expand_sweep, parse_spec
 from clfbench.engine.tasks import TaskDef, check_task, get_task
+from clfbench.engine.tasks.identity import freeze_tasks
 from clfbench.engine.types import ClfbenchError, TaskData
 from clfbench.storage.queue import NewRun
 
@@ -81,8 +83,8 @@ def validate_for_queue(spec: RunSpec) -> None:
     tasks = [get_task(name) for name in spec.task_names]
     check_tasks_together(spec, tasks)
     check_task_fit(spec.method_info, [(task.name, task.kind) for task in tasks])
-    for task in tasks:
-        check_task(task, spec.data_dir)
+    example_ids = [check_task(task, spec.data_dir) for task in tasks]
+    check_joint_ids(tasks, example_ids)
     try:  # options that depend on the tasks (a preset, label scoring on slots)
         spec.options.resolved(spec.task_names)
         spec.options.check_task_kinds([task.kind for task in tasks])
@@ -109,6 +111,24 @@ def check_tasks_together(spec: RunSpec, tasks: list[TaskDef]) -> None:
     if prompt_set is not None:
         names_and_kinds = [TaskData(name=t.name, kind=t.kind, labels=[], train=[], test=[]) for t in tasks]
         load_prompt_set(prompt_set).select(names_and_kinds, spec.shots)
+
+
+def check_joint_ids(tasks: list[TaskDef], example_ids: list[dict[str, list[str]] | None]) -> None:
+    """A joint run (one sequence and one token task) pairs the two tasks' examples by id, split by split
+    (engine.codec.align_rows): ids that disagree are refused here, from the ids `check_task` read, rather than
+    by the worker 20-30 s later. Skipped when either task's data is on the hub (nothing is downloaded here)."""
+    if sorted(task.kind for task in tasks) != ["sequence", "token"] or None in example_ids:
+        return
+    (first, first_ids), (second, second_ids) = zip(tasks, example_ids)
+    for split in sorted(set(first_ids) | set(second_ids)):
+        a, b = set(first_ids.get(split, [])), set(second_ids.get(split, []))
+        if a != b:
+            only = sorted(a - b) or sorted(b - a)
+            owner = first.name if a - b else second.name
+            raise ClfbenchError(
+                f"joint tasks {first.name} and {second.name} must have the same examples: their {split} splits hold "
+                f"{len(a)} and {len(b)} ids, {len(a & b)} shared ({len(a ^ b)} in one only, e.g. '{only[0]}' only "
+                f"in {owner})")
 
 
 def _absolute_task_path(name: str) -> str:
@@ -162,13 +182,15 @@ def build_specs(spec_file: Path | None, flags: dict[str, Any], options: dict[str
 
 
 def new_runs(specs: list[RunSpec], priority: int) -> list[NewRun]:
-    """The store rows for validated specs (queued together, in one transaction, by `queue.enqueue`)."""
+    """The store rows for validated specs (queued together, in one transaction, by `queue.enqueue`), each with
+    its tasks frozen (engine.tasks.identity): what was validated is what the run trains on."""
     version = code_version()
     return [
         NewRun(
             method=s.method, model=s.model, task=s.task, shots=s.shots, seed=s.seed,
             spec_json=s.canonical_json(), spec_hash=s.spec_hash(), launch=s.method_info.launch,
             gpus_requested=s.gpus_needed(), nproc=s.nproc, code_version=version, name=s.name, priority=priority,
+            tasks_json=json.dumps(freeze_tasks(s.task_names, s.data_dir)),
         )
         for s in specs
     ]

@@ -159,7 +159,9 @@ class PreparedMatrix:
         matrix = self.matrix
         keys = [matrix.rows[i] for i in rows]
         cells = {(r, c): matrix.cells[(r, c)] for r in keys for c in columns if (r, c) in matrix.cells}
-        return Matrix(metric=matrix.metric, rows=keys, columns=columns, cells=cells)
+        return Matrix(metric=matrix.metric, rows=keys, columns=columns, cells=cells, warnings=matrix.warnings,
+                      rules={c: matrix.rules[c] for c in columns if c in matrix.rules},
+                      column_tasks={c: matrix.column_tasks[c] for c in columns if c in matrix.column_tasks})
 
     def best(self, rows: list[int], columns: list[str]) -> set[tuple[int, int]]:
         """(row index, shown column position) of each column's best cell: render.best_per_column's rule
@@ -269,6 +271,8 @@ class ResultsScreen(Screen):
     ResultsScreen #metric { width: 28; }
     ResultsScreen #status { height: 1; color: $text-muted; padding: 0 1; }
     ResultsScreen #status.error { color: $error; }
+    ResultsScreen #notice { height: auto; max-height: 1; color: $warning; padding: 0 1; display: none; }
+    ResultsScreen #notice.shown { display: block; }
     """
 
     def __init__(self, store: Store, metric: str = "auto") -> None:
@@ -291,6 +295,7 @@ class ResultsScreen(Screen):
             yield Input(placeholder="filter: model:smollm method:prompt task:massive shots:5 words", id="query")
             yield Select([(m, m) for m in PREFERRED_METRICS], value=self.metric, allow_blank=False, id="metric")
         yield MatrixView(id="matrix")
+        yield Static("", id="notice", markup=False)
         yield Static("loading…", id="status")
         yield Footer()
 
@@ -343,7 +348,16 @@ class ResultsScreen(Screen):
             select.set_options([(m, m) for m in options])
             select.value = self.metric
         self.prepared = prepared
+        self.show_notice(prepared.matrix.warnings)
         self.refresh_view()
+
+    def show_notice(self, warnings: list[str]) -> None:
+        """One line under the matrix when a task name stands for several tasks (queries.results_matrix's
+        warnings): the first, and how many more."""
+        notice = self.query_one("#notice", Static)
+        more = f" (+{len(warnings) - 1} more: clfbench results lists them)" if len(warnings) > 1 else ""
+        notice.update(f"warning: {warnings[0]}{more}" if warnings else "")
+        notice.set_class(bool(warnings), "shown")
 
     # ---- the view: filter, layout, sort --------------------------------------------------------
     def refresh_view(self) -> None:
@@ -465,7 +479,9 @@ class ResultsScreen(Screen):
         if values is None:
             self.notify("no run in this cell")
             return
-        self.post_message(OpenErrors(values.run_ids[0], base_task(column)))
+        # "mytask (2)" is a label: the predictions are stored under the task's own name
+        self.post_message(OpenErrors(values.run_ids[0], self.prepared.matrix.column_tasks.get(column,
+                                                                                            base_task(column))))
 
     def action_copy_cell(self) -> None:
         view = self.query_one("#matrix", MatrixView)

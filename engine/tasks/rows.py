@@ -1,11 +1,20 @@
 """Reading a split's rows: local JSONL/CSV/TSV with the standard library, Parquet with pyarrow and hub datasets
 with ``datasets`` (both imported only when a task needs them), then the source's column mapping and derived
-columns. Every row keeps where it came from (file and line, or hub split and row) for error messages."""
+columns. Every row keeps where it came from (file and line, or hub split and row) for error messages.
+
+Each local file is read from disk and hashed (sha256) once per process and file version: parsed tables and
+digests are cached by (resolved path, size, mtime_ns). Queueing a sweep of 20 runs over one task checks the
+task 20 times and freezes its data hashes (engine.tasks.identity) without reading a file twice; an edited file
+has another size or mtime and is read again. Tables are handed out as copies (the column mapping adds keys to
+rows), and the cache keeps at most TABLE_CACHE_BYTES of files (by file size; least recently used out first),
+so a long-lived process (the TUI) does not grow without bound."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -52,8 +61,7 @@ def _format_of(path: Path, declared: str | None) -> str:
     return fmt
 
 
-def _decode(path: Path) -> str:
-    data = path.read_bytes()
+def _decode(path: Path, data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -63,8 +71,8 @@ def _decode(path: Path) -> str:
                              f"(byte 0x{data[e.start]:02x} at column {col})") from None
 
 
-def _read_jsonl(path: Path) -> Table:
-    text = _decode(path)
+def _read_jsonl(path: Path, data: bytes) -> Table:
+    text = _decode(path, data)
     rows, lines, columns = [], [], {}
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
@@ -93,8 +101,8 @@ def _read_jsonl(path: Path) -> Table:
     return Table(str(path), rows, list(columns), lines, unit)
 
 
-def _read_csv(path: Path, delimiter: str) -> Table:
-    text = _decode(path)
+def _read_csv(path: Path, data: bytes, delimiter: str) -> Table:
+    text = _decode(path, data)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader, None)
@@ -119,34 +127,81 @@ def _read_csv(path: Path, delimiter: str) -> Table:
     return Table(str(path), rows, header, lines)
 
 
-def _read_parquet(path: Path) -> Table:
+def _read_parquet(path: Path, data: bytes) -> Table:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise one_line_error(f"reading {path} needs pyarrow: pip install pyarrow") from None
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(io.BytesIO(data))
     except Exception as e:  # pyarrow raises several types for a broken file
         raise one_line_error(f"cannot read Parquet file {path}: {e}") from None
     rows = table.to_pylist()
     return Table(str(path), rows, list(table.column_names), list(range(1, len(rows) + 1)), "row")
 
 
+TABLE_CACHE_BYTES = 128 * 2**20  # parsed tables kept, counted by the size of their files
+FileKey = tuple[str, int, int]  # (resolved path, size, mtime_ns): one version of a file
+_DIGESTS: dict[FileKey, str] = {}  # sha256 of every file version read or hashed in this process
+_TABLES: OrderedDict[tuple[FileKey, str], tuple[Table, int]] = OrderedDict()  # (key, format) -> (table, size)
+file_reads: Counter[str] = Counter()  # resolved path -> times read from disk (tests count them)
+
+
+def _file_key(path: Path) -> FileKey:
+    resolved = path.resolve()
+    stat = resolved.stat()
+    return str(resolved), stat.st_size, stat.st_mtime_ns
+
+
+def _read_bytes(key: FileKey) -> bytes:
+    """A file's bytes from disk, its digest recorded under this version's key."""
+    data = Path(key[0]).read_bytes()
+    file_reads[key[0]] += 1
+    # Recorded under the version read: a file edited since the stat gets its own key at the next look.
+    _DIGESTS[key] = hashlib.sha256(data).hexdigest()
+    return data
+
+
+def file_digest(path: Path | str) -> tuple[str, int]:
+    """(sha256, size in bytes) of a file, read only when this version of it was neither read nor hashed yet."""
+    key = _file_key(Path(path))
+    if key not in _DIGESTS:
+        _read_bytes(key)
+    return _DIGESTS[key], key[1]
+
+
+def _parse(path: Path, data: bytes, fmt: str) -> Table:
+    if fmt == "jsonl":
+        return _read_jsonl(path, data)
+    if fmt in ("csv", "tsv"):
+        return _read_csv(path, data, "," if fmt == "csv" else "\t")
+    return _read_parquet(path, data)
+
+
+def _cached_table(path: Path, fmt: str) -> Table:
+    """The parsed file, from the cache when this version was parsed before; always a copy (callers add keys)."""
+    key = (_file_key(path), fmt)
+    if key in _TABLES:
+        _TABLES.move_to_end(key)
+        table = _TABLES[key][0]
+    else:
+        table = _parse(path, _read_bytes(key[0]), fmt)
+        _TABLES[key] = (table, key[0][1])
+        while len(_TABLES) > 1 and sum(size for _, size in _TABLES.values()) > TABLE_CACHE_BYTES:
+            _TABLES.popitem(last=False)
+    return Table(str(path), [dict(row) for row in table.rows], list(table.columns), table.lines, table.unit)
+
+
 def _read_file(path: Path, fmt: str | None, split: str, task: TaskDef) -> Table:
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "not found"
         raise one_line_error(f"file {what}: {path} (task {task.name}, split {split})")
-    fmt = _format_of(path, fmt)
-    if fmt == "jsonl":
-        return _read_jsonl(path)
-    if fmt in ("csv", "tsv"):
-        return _read_csv(path, "," if fmt == "csv" else "\t")
-    return _read_parquet(path)
+    return _cached_table(path, _format_of(path, fmt))
 
 
-def file_tables(task: TaskDef, ds: DatasetDef, splits: list[str], data_dir: Path | None
-                ) -> dict[str, list[Table]]:
-    """The tables of each split from the dataset's own files, else from its folder under ``data_dir``."""
+def split_paths(ds: DatasetDef, splits: list[str], data_dir: Path | None
+                ) -> tuple[LocalSource | FilesSource, dict[str, list[Path]]]:
+    """The source and the files of each split: the dataset's own files, else its folder under ``data_dir``."""
     if ds.files is not None:
         src: LocalSource | FilesSource = ds.files
         base = None
@@ -160,11 +215,16 @@ def file_tables(task: TaskDef, ds: DatasetDef, splits: list[str], data_dir: Path
         if not base.is_dir():
             raise one_line_error(f"data folder not found: {base} "
                                  f"(dataset {ds.name} expects {src.dir}/ in data dir {data_dir})")
-    tables: dict[str, list[Table]] = {}
-    for split in splits:
-        paths = as_list(getattr(src, split))
-        tables[split] = [_read_file(Path(p) if base is None else base / p, src.format, split, task) for p in paths]
-    return tables
+    return src, {split: [Path(p) if base is None else base / p for p in as_list(getattr(src, split))]
+                 for split in splits}
+
+
+def file_tables(task: TaskDef, ds: DatasetDef, splits: list[str], data_dir: Path | None
+                ) -> dict[str, list[Table]]:
+    """The tables of each split from the dataset's own files, else from its folder under ``data_dir``."""
+    src, paths = split_paths(ds, splits, data_dir)
+    return {split: [_read_file(path, src.format, split, task) for path in split_files]
+            for split, split_files in paths.items()}
 
 
 def hub_tables(task: TaskDef, hub: HubSource, splits: list[str]) -> dict[str, list[Table]]:
