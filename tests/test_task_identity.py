@@ -185,6 +185,26 @@ def test_queueing_a_sweep_reads_and_hashes_each_file_once_and_freezes_the_tasks(
         load_tasks(specs[0], None)  # a run queued before tasks were frozen looks its YAML up again
 
 
+def test_a_task_on_a_user_dataset_freezes_the_dataset_too(home, tmp_path):
+    from clfbench.engine.tasks import load_task
+    from clfbench.engine.tasks.identity import freeze_task, thaw_task
+
+    folder = home / "tasks"
+    folder.mkdir(parents=True)
+    for csv in ("massive_subset_train.csv", "massive_subset_test.csv"):
+        shutil.copy(USER_TASK / csv, folder / csv)
+    (folder / "subset.dataset.yaml").write_text(
+        "name: subset\nfiles:\n  train: massive_subset_train.csv\n  test: massive_subset_test.csv\n"
+        "  columns: {id: uid, text: utterance, label: intent_name}\n")
+    (folder / "intents.yaml").write_text("name: intents\nkind: sequence\ndataset: subset\nlabel_column: label\n")
+    entry = json.loads(json.dumps(freeze_task("intents", None)))
+    assert entry["dataset_source"] == str(folder / "subset.dataset.yaml") and list(entry["data"]) == ["train", "test"]
+    (folder / "subset.dataset.yaml").unlink()
+    (folder / "intents.yaml").unlink()
+    task = load_task(thaw_task(entry))
+    assert (task.name, len(task.train), len(task.test)) == ("intents", 94, 38)
+
+
 def test_the_same_data_elsewhere_keeps_its_identity_and_other_data_does_not(home, tmp_path):
     from clfbench.engine.tasks.identity import freeze_task
 
@@ -194,3 +214,38 @@ def test_the_same_data_elsewhere_keeps_its_identity_and_other_data_does_not(home
     other = freeze_task(str(massive_task(tmp_path / "d")), None)
     assert first["identity"] == copy["identity"]
     assert len({first["identity"], relabelled["identity"], other["identity"]}) == 3
+
+
+def test_the_results_screen_says_a_name_stands_for_two_tasks_and_opens_the_right_one(home, tmp_path):
+    from clfbench.app.tui.errors import ErrorsScreen
+    from clfbench.app.tui.matrix_view import MatrixView
+    from clfbench.storage import queue
+    from clfbench.storage.db import open_store
+    from tests.test_tui_results import make_app, open_results, run_app, settle
+
+    store = open_store()
+    for identity, predicted in (("aaa", "alarm_set"), ("bbb", "play_music")):
+        queue.enqueue(store, [queue.NewRun(method="tfidf", model="tfidf", task="mytask", shots=0, seed=0,
+                                           spec_json="{}", spec_hash="h", launch="process", gpus_requested=None,
+                                           nproc=1, tasks_json=json.dumps([{"name": "mytask", "identity": identity}]))])
+        run = queue.claim(store, host="h", engine_id=1, default_gpus=0, free_gpus=0, cpu_free=True, api_free=True)
+        queue.finish_succeeded(store, run["id"], run["attempt"],
+                               [dict(task="mytask", example_id="1", text="wake me up", gold="alarm_set",
+                                     predicted=predicted)],
+                               [dict(task="mytask", metric="accuracy", value=float(predicted == "alarm_set"))])
+
+    async def scenario(pilot):
+        screen = await open_results(pilot)
+        assert screen.columns == ["mytask", "mytask (2)"]
+        notice = str(screen.query_one("#notice").render())
+        assert notice == ("warning: task 'mytask' names 2 different task definitions/data: runs 1 vs 2; shown as "
+                          "mytask and mytask (2)")
+        screen.query_one("#matrix", MatrixView).move_cursor(row=0, column=2)
+        await pilot.press("enter")
+        await settle(pilot)
+        await settle(pilot)
+        errors = pilot.app.screen
+        assert isinstance(errors, ErrorsScreen)
+        assert (errors.run_id, errors.task_name) == (2, "mytask")  # the stored name, not the column's label
+
+    run_app(make_app(store.url), scenario)
