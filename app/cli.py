@@ -307,6 +307,8 @@ def results_command(
             cells.append(f"[bold green]{text}[/]" if best.get(column) == row else text)
         table.add_row(render.row_label(row), *cells)
     console.print(table)
+    for note in render.rule_notes(matrix):
+        console.print(note, style="yellow" if note.startswith("warning:") else "dim", markup=False, highlight=False)
     for warning in matrix.warnings:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 
@@ -357,6 +359,39 @@ def errors_command(
         typer.echo(f"    gold: {r['gold']}   predicted: {r['predicted']}   parse: {r['parse_status']}")
         if r["raw_output"]:
             typer.echo(f"    raw output: {r['raw_output'][:200]!r}")
+
+
+@app.command("rescore")
+def rescore_command(
+    run_ids: list[int] = typer.Argument(None, help="run ids (default: every succeeded run with a token task)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print what would change, write nothing"),
+) -> None:
+    """Recompute stored runs' slot F1 and exact match under their task's slot rule, from their predictions.
+
+    Runs scored before slot rules existed were scored under "conlleval"; built-in massive-slots now uses
+    MASSIVE's official rule. Nothing is trained again; only the rule-dependent results change.
+    """
+    from clfbench.engine.rescore import rescore_run
+
+    s = store()
+    if not run_ids:
+        run_ids = [r["id"] for r in queries.list_runs(s, status="succeeded")]
+    changed = failed = 0
+    for run_id in sorted(run_ids):
+        try:
+            changes = rescore_run(s, run_id, write=not dry_run)
+        except ClfbenchError as error:  # one run that cannot be rescored does not stop the others
+            typer.echo(f"run {run_id}: {error}", err=True)
+            failed += 1
+            continue
+        for c in changes:
+            before = "–" if c.old_value is None else f"{c.old_value:.4f} ({c.old_rule or 'no rule'})"
+            typer.echo(f"run {run_id} {c.task} {c.metric}: {before} -> {c.value:.4f} ({c.rule})")
+        changed += bool(changes)
+    verb = "would change" if dry_run else "changed"
+    typer.echo(f"{verb} {changed} of {len(run_ids)} run(s)" + (f"; {failed} could not be rescored" if failed else ""))
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command("tasks")

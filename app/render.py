@@ -14,6 +14,7 @@ import time
 
 from rich.text import Text
 
+from clfbench.engine.metrics import SLOT_RULES
 from clfbench.storage.models import RunStatus
 from clfbench.storage.queries import Matrix
 
@@ -69,60 +70,94 @@ def is_percent_metric(metric: str) -> bool:
                       "exact_match", "parse_failure_rate", "token_accuracy")
 
 
-def render_matrix(matrix: Matrix, fmt: str) -> str:
+def rule_notes(matrix: Matrix) -> list[str]:
+    """The footnote of a matrix: one line per slot rule its shown results were computed under (which columns, and
+    what the rule reads as a span), so an exported slot F1 never travels without its definition; and a warning
+    for a column whose results were computed under different rules."""
+    columns_of: dict[str, list[str]] = {}
+    for column in matrix.columns:
+        for rule in sorted(matrix.rules.get(column, ())):
+            columns_of.setdefault(rule, []).append(column)
+    notes = [f"slot rule '{rule}' ({', '.join(columns)}): {SLOT_RULES.get(rule, 'a rule this version does not know')}"
+             for rule, columns in columns_of.items()]
+    mixed = [column for column in matrix.columns if len(matrix.rules.get(column, ())) > 1]
+    if mixed:
+        notes.append(f"warning: {', '.join(mixed)} mix results computed under different slot rules; "
+                     f"`clfbench rescore` recomputes stored runs under their task's rule")
+    return notes
+
+
+def _matrix_json(matrix: Matrix, notes: list[str]) -> str:
+    rows = [{"model": r[0], "method": r[1], "shots": r[2], "variant": r[3],
+             "cells": {c: {"mean": matrix.cells[(r, c)].mean, "std": matrix.cells[(r, c)].std,
+                           "n": len(matrix.cells[(r, c)].values), "runs": matrix.cells[(r, c)].run_ids}
+                       for c in matrix.columns if (r, c) in matrix.cells}}
+            for r in matrix.rows]
+    return json.dumps({"metric": matrix.metric, "columns": matrix.columns, "rows": rows, "warnings": matrix.warnings,
+                       "rules": {c: sorted(matrix.rules.get(c, ())) for c in matrix.columns}, "notes": notes},
+                      indent=2)
+
+
+def _matrix_csv(matrix: Matrix, notes: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["model", "method", "shots", "variant"] + matrix.columns)
+    for r in matrix.rows:
+        writer.writerow(list(r) + [
+            (f"{matrix.cells[(r, c)].mean:.6g}" if (r, c) in matrix.cells else "") for c in matrix.columns
+        ])
+    # "#" lines after the rows: pandas reads them away with comment="#", a spreadsheet shows them.
+    return out.getvalue() + "".join(f"# {note}\n" for note in notes)
+
+
+def _matrix_body(matrix: Matrix) -> tuple[list[str], list[list[str]]]:
+    """The header and the rows of cell texts (row label first) that md and LaTeX lay out."""
     percent = is_percent_metric(matrix.metric)
     header = ["model · method · shots"] + matrix.columns
-    body = [[row_label(r)] + [cell_text(matrix, r, c, percent) for c in matrix.columns] for r in matrix.rows]
-    if fmt == "json":
-        return json.dumps(
-            {
-                "metric": matrix.metric,
-                "columns": matrix.columns,
-                "rows": [
-                    {
-                        "model": r[0], "method": r[1], "shots": r[2], "variant": r[3],
-                        "cells": {
-                            c: {"mean": matrix.cells[(r, c)].mean, "std": matrix.cells[(r, c)].std,
-                                "n": len(matrix.cells[(r, c)].values), "runs": matrix.cells[(r, c)].run_ids}
-                            for c in matrix.columns if (r, c) in matrix.cells
-                        },
-                    }
-                    for r in matrix.rows
-                ],
-                "warnings": matrix.warnings,
-            },
-            indent=2,
-        )
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out)
-        writer.writerow(["model", "method", "shots", "variant"] + matrix.columns)
-        for r in matrix.rows:
-            writer.writerow(list(r) + [
-                (f"{matrix.cells[(r, c)].mean:.6g}" if (r, c) in matrix.cells else "") for c in matrix.columns
-            ])
-        return out.getvalue()
-    best = best_per_column(matrix)
-    if fmt == "md":
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for r, cells in zip(matrix.rows, body):
-            marked = [cells[0]] + [f"**{v}**" if best.get(c) == r else v for c, v in zip(matrix.columns, cells[1:])]
-            lines.append("| " + " | ".join(marked) + " |")
-        return "\n".join(lines)
-    if fmt == "latex":
-        def esc(text: str) -> str:
-            return text.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+    return header, [[row_label(r)] + [cell_text(matrix, r, c, percent) for c in matrix.columns] for r in matrix.rows]
 
-        lines = ["\\begin{tabular}{l" + "r" * len(matrix.columns) + "}", "\\toprule",
-                 " & ".join(esc(h) for h in header).replace("·", "/") + " \\\\", "\\midrule"]
-        for r, cells in zip(matrix.rows, body):
-            marked = [esc(cells[0]).replace("·", "/")] + [
-                f"\\textbf{{{esc(v)}}}" if best.get(c) == r else esc(v) for c, v in zip(matrix.columns, cells[1:])
-            ]
-            lines.append(" & ".join(marked).replace("±", "$\\pm$") + " \\\\")
-        lines += ["\\bottomrule", "\\end{tabular}"]
-        return "\n".join(lines)
-    raise ValueError(f"unknown format {fmt}")
+
+def _matrix_md(matrix: Matrix, notes: list[str]) -> str:
+    header, body = _matrix_body(matrix)
+    best = best_per_column(matrix)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r, cells in zip(matrix.rows, body):
+        marked = [cells[0]] + [f"**{v}**" if best.get(c) == r else v for c, v in zip(matrix.columns, cells[1:])]
+        lines.append("| " + " | ".join(marked) + " |")
+    return "\n".join(lines + ([""] + [f"{note}  " for note in notes] if notes else []))
+
+
+def _latex_escape(text: str) -> str:
+    return text.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+
+
+def _matrix_latex(matrix: Matrix, notes: list[str]) -> str:
+    header, body = _matrix_body(matrix)
+    best = best_per_column(matrix)
+    esc = _latex_escape
+    lines = ["\\begin{tabular}{l" + "r" * len(matrix.columns) + "}", "\\toprule",
+             " & ".join(esc(h) for h in header).replace("·", "/") + " \\\\", "\\midrule"]
+    for r, cells in zip(matrix.rows, body):
+        marked = [esc(cells[0]).replace("·", "/")] + [
+            f"\\textbf{{{esc(v)}}}" if best.get(c) == r else esc(v) for c, v in zip(matrix.columns, cells[1:])
+        ]
+        lines.append(" & ".join(marked).replace("±", "$\\pm$") + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    if notes:
+        lines += ["", "{\\footnotesize " + " \\\\ ".join(esc(note) for note in notes) + "}"]
+    return "\n".join(lines)
+
+
+_MATRIX_FORMATS = {"json": _matrix_json, "csv": _matrix_csv, "md": _matrix_md, "latex": _matrix_latex}
+
+
+def render_matrix(matrix: Matrix, fmt: str) -> str:
+    """The matrix as md, csv, latex or json, each with the slot rules' footnote (`rule_notes`) in the format's
+    own way: text under the md table, `#` lines after the csv rows, a small paragraph after the LaTeX table,
+    and "rules"/"notes" keys in json."""
+    if fmt not in _MATRIX_FORMATS:
+        raise ValueError(f"unknown format {fmt}")
+    return _MATRIX_FORMATS[fmt](matrix, rule_notes(matrix))
 
 
 def age(seconds_since_epoch: float | None, now: float | None = None) -> str:

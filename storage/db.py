@@ -68,9 +68,16 @@ def _add_column(connection: Connection, table: str, column: str, sql_type: str) 
 
 
 def _migration_2_task_identity(connection: Connection) -> None:
-    """Runs keep their tasks frozen at queue time (runs.tasks_json); results name their metric's rule."""
+    """Runs keep their tasks frozen at queue time (runs.tasks_json); results name their metric's rule, and the
+    slot rows stored before say the rule they were computed under (`clfbench rescore` recomputes them under
+    their task's rule, e.g. built-in massive-slots' official one)."""
     _add_column(connection, "runs", "tasks_json", "TEXT")
     _add_column(connection, "results", "rule", "TEXT")
+    # Before version 2 every slot score was computed one way, seqeval's default mode on the tags as predicted and
+    # exact match on those tags: what "conlleval" computes. The names are written out, not imported from
+    # engine.metrics: a migration must do the same thing forever, whatever later code calls its metrics.
+    connection.execute(text("UPDATE results SET rule = 'conlleval' WHERE rule IS NULL AND metric IN "
+                            "('slot_f1', 'slot_precision', 'slot_recall', 'exact_match')"))
 
 
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1_initial, _migration_2_task_identity]

@@ -320,3 +320,22 @@ def unregister_engine(store: Store, engine_id: int, pid: int) -> None:
     with store.write() as connection:
         connection.execute(update(ENGINES).where(ENGINES.c.id == engine_id).values(stopped_at=now()))
         log_event(connection, "engine_stopped", f"pid {pid}")
+
+
+def replace_result_values(store: Store, run_id: int, rows: list[dict]) -> bool:
+    """Set the value and rule of some of a succeeded run's results ({"task", "metric", "value", "rule"}), adding
+    the rows it lacks, in one transaction (`clfbench rescore`); False, and nothing written, if the run is not
+    succeeded (a running run's worker would write its own results over them)."""
+    table = Result.__table__
+    with store.write() as connection:
+        status = connection.execute(select(Run.__table__.c.status).where(Run.__table__.c.id == run_id)).scalar()
+        if status != RunStatus.succeeded.value:
+            return False
+        for row in rows:
+            where = (table.c.run_id == run_id) & (table.c.task == row["task"]) & (table.c.metric == row["metric"])
+            values = {"value": row["value"], "rule": row.get("rule")}
+            if connection.execute(update(table).where(where).values(**values)).rowcount == 0:
+                connection.execute(insert(table).values(run_id=run_id, task=row["task"], metric=row["metric"],
+                                                        **values))
+        log_event(connection, "rescored", f"{len(rows)} result(s)", run_id)
+    return True

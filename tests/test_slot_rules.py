@@ -217,3 +217,100 @@ def test_task_results_use_the_rule_given():
                                                                                          "strict")}
     assert by_rule == pytest.approx({"massive": 1.0, "conlleval": 2 / 3, "strict": 0.5})
     assert json.dumps(by_rule)  # plain floats, storable as they are
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A store from before slot rules: its rows say "conlleval", and `clfbench rescore` brings them to the task's rule
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _legacy_store_with_a_joint_run(home: Path) -> int:
+    """A schema-v1 store holding one succeeded massive-intent+massive-slots run, scored the old way."""
+    import sqlite3
+
+    from clfbench.storage import queue
+    from clfbench.storage.db import open_store
+
+    home.mkdir(parents=True, exist_ok=True)
+    store = open_store()
+    run_id, = queue.enqueue(store, [queue.NewRun(
+        method="encoder-finetune", model="tiny-bert", task="massive-intent+massive-slots", shots=0, seed=0,
+        spec_json="{}", spec_hash="h", launch="torchrun", gpus_requested=None, nproc=1)])
+    run = queue.claim(store, host="h", engine_id=1, default_gpus=0, free_gpus=0, cpu_free=True, api_free=True)
+    predictions = [dict(task="massive-intent", example_id=str(i), text="t", gold=label, predicted=label)
+                   for i, label in enumerate(INTENTS)]
+    predictions += [dict(task="massive-slots", example_id=str(i), text="t", gold=" ".join(gold),
+                         predicted=" ".join(predicted)) for i, (gold, predicted) in enumerate(zip(GOLD, PREDICTED))]
+    old_rule = slot_scores(GOLD, PREDICTED, "conlleval")  # what clfbench computed before slot rules
+    results = [dict(task="massive-slots", metric=name, value=old_rule[name])
+               for name in ("slot_f1", "slot_precision", "slot_recall")]
+    results += [dict(task="massive-slots", metric="exact_match", value=0.5),
+                dict(task="massive-slots", metric="wall_time_s", value=12.0),
+                dict(task="massive-intent", metric="accuracy", value=1.0)]
+    queue.finish_succeeded(store, run["id"], run["attempt"], predictions, results)
+    store.engine.dispose()
+    with sqlite3.connect(home / "clfbench.db") as connection:  # the store as schema v1 left it
+        connection.execute("ALTER TABLE runs DROP COLUMN tasks_json")
+        connection.execute("ALTER TABLE results DROP COLUMN rule")
+        connection.execute("UPDATE schema_info SET version = 1")
+    return run_id
+
+
+def test_rescore_brings_a_legacy_run_to_its_tasks_rule(cli):
+    run_id = _legacy_store_with_a_joint_run(cli.home)
+    before = cli.json("show", str(run_id))  # opening the store migrates it: the old rows say their rule
+    assert before["result_rules"]["massive-slots"] == {"slot_f1": "conlleval", "slot_precision": "conlleval",
+                                                        "slot_recall": "conlleval", "exact_match": "conlleval"}
+    assert before["results"]["massive-slots"]["slot_f1"] == pytest.approx(2 / 3)
+    assert "slot rule 'conlleval'" in cli.run("results", "-f", "md").stdout
+
+    dry = cli.run("rescore", "--dry-run").stdout
+    assert f"run {run_id} massive-slots slot_f1: 0.6667 (conlleval) -> 1.0000 (massive)" in dry
+    assert "would change 1 of 1 run(s)" in dry
+    assert cli.json("show", str(run_id))["results"] == before["results"]  # a dry run writes nothing
+
+    cli.run("rescore", str(run_id))
+    after = cli.json("show", str(run_id))
+    # The hand-checked numbers of the massive rule; what does not depend on the rule is kept as it was.
+    assert after["results"]["massive-slots"]["slot_f1"] == 1.0
+    assert after["results"]["massive-slots"]["exact_match"] == 1.0
+    assert after["results"]["massive-slots"]["wall_time_s"] == 12.0
+    assert after["results"]["massive-intent"] == {"accuracy": 1.0}
+    assert set(after["result_rules"]["massive-slots"].values()) == {"massive"}
+    assert "slot rule 'massive' (massive-slots (multi))" in cli.run("results", "-f", "md").stdout
+    assert "changed 0 of 1 run(s)" in cli.run("rescore").stdout  # rescoring again changes nothing
+
+
+def test_rescore_refuses_a_run_without_results(cli):
+    queued = cli.json("queue", "--method", "tfidf", "--model", "tfidf", "--task", "massive-intent",
+                      "--data-dir", str(SAMPLES))
+    result = cli.run("rescore", str(queued[0]["id"]), check=False)
+    assert result.returncode == 1
+    assert f"run {queued[0]['id']} is queued: only succeeded runs have results to rescore" in result.stderr
+
+
+def test_every_export_of_the_matrix_names_the_slot_rule():
+    import csv
+    import io
+
+    from clfbench.app import render
+    from clfbench.storage.queries import Cell, Matrix
+
+    row = ("minilm", "encoder-finetune", 0, "")
+    matrix = Matrix(metric="auto", rows=[row], columns=["massive-intent", "massive-slots"],
+                    cells={(row, "massive-intent"): Cell([0.8], [1]), (row, "massive-slots"): Cell([0.5], [1])},
+                    rules={"massive-intent": set(), "massive-slots": {"massive"}})
+    note = "slot rule 'massive' (massive-slots): " + render.SLOT_RULES["massive"]
+    assert render.render_matrix(matrix, "md").splitlines()[-1] == note + "  "
+    table = render.render_matrix(matrix, "csv")
+    assert table.splitlines()[-1] == "# " + note
+    assert list(csv.reader(io.StringIO(table)))[1][-1] == "0.5"  # the data rows are untouched
+    assert "{\\footnotesize slot rule 'massive' (massive-slots)" in render.render_matrix(matrix, "latex")
+    exported = json.loads(render.render_matrix(matrix, "json"))
+    assert exported["rules"] == {"massive-intent": [], "massive-slots": ["massive"]} and exported["notes"] == [note]
+    # A column whose runs were scored under two rules says so.
+    matrix.rules["massive-slots"] = {"massive", "conlleval"}
+    assert render.rule_notes(matrix)[-1].startswith("warning: massive-slots mix results computed under different")
+    # No token column, no footnote.
+    matrix.rules["massive-slots"] = set()
+    assert render.rule_notes(matrix) == [] and not render.render_matrix(matrix, "md").endswith("  ")

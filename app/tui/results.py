@@ -273,6 +273,8 @@ class ResultsScreen(Screen):
     ResultsScreen #status.error { color: $error; }
     ResultsScreen #notice { height: auto; max-height: 1; color: $warning; padding: 0 1; display: none; }
     ResultsScreen #notice.shown { display: block; }
+    ResultsScreen #rules { height: auto; max-height: 2; color: $text-muted; padding: 0 1; display: none; }
+    ResultsScreen #rules.shown { display: block; }
     """
 
     def __init__(self, store: Store, metric: str = "auto") -> None:
@@ -296,6 +298,7 @@ class ResultsScreen(Screen):
             yield Select([(m, m) for m in PREFERRED_METRICS], value=self.metric, allow_blank=False, id="metric")
         yield MatrixView(id="matrix")
         yield Static("", id="notice", markup=False)
+        yield Static("", id="rules", markup=False)
         yield Static("loading…", id="status")
         yield Footer()
 
@@ -379,7 +382,18 @@ class ResultsScreen(Screen):
         data = MatrixData(headers=data.headers, texts=data.texts, widths=data.widths,
                           best=self.prepared.best(self.rows, self.columns))
         self.query_one("#matrix", MatrixView).show(data, self.rows)
+        self.show_rules()
         self.update_status()
+
+    def show_rules(self) -> None:
+        """Under the matrix, the slot rules of the shown columns (render.rule_notes, the exports' footnote)."""
+        matrix = self.prepared.matrix
+        # Only the columns and their rules: rule_notes reads nothing else, and the cells need no copy per keystroke.
+        notes = render.rule_notes(Matrix(metric=matrix.metric, rows=[], columns=self.columns, cells={},
+                                         rules=matrix.rules))
+        rules = self.query_one("#rules", Static)
+        rules.update("\n".join(notes))
+        rules.set_class(bool(notes), "shown")
 
     def update_status(self) -> None:
         total = len(self.prepared.matrix.rows)
