@@ -81,6 +81,8 @@ def queue_command(
     seed: list[int] = typer.Option([], "--seed", help="seed; repeat to sweep"),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs per run (default: 1 on a GPU box, else CPU)"),
     nproc: Optional[int] = typer.Option(None, "--nproc", help="processes per run on CPU (torchrun)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads per run (default: the cores free at "
+                                                                 "launch)"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="dataset folder (else CLFBENCH_DATA, else the hub)"),
     option: list[str] = typer.Option([], "--option", "-o", help="method option KEY=VALUE (a,b sweeps)"),
     name: Optional[str] = typer.Option(None, "--name", help="label shown in lists"),
@@ -90,7 +92,7 @@ def queue_command(
 ) -> None:
     """Validate a spec (file and/or flags) and queue its runs; a sweep is queued whole or not at all."""
     flags = {"method": method, "model": model, "task": task, "shots": shots, "seed": seed, "gpus": gpus,
-             "nproc": nproc, "data_dir": data_dir, "name": name}
+             "nproc": nproc, "threads": threads, "data_dir": data_dir, "name": name}
     try:
         specs = build_specs(spec_file, flags, parse_option_pairs(option))
     except ClfbenchError as error:

@@ -75,6 +75,11 @@ def test_the_cli_refuses_threads_zero(cli, tmp_path):
     assert refused.returncode != 0
     assert "threads" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     assert cli.json("ls") == []
+    # The same field as a flag.
+    flagged = cli.run("queue", *TFIDF, "--threads", "0", check=False)
+    assert flagged.returncode != 0 and "threads" in flagged.stderr
+    (queued,) = cli.json("queue", *TFIDF, "--threads", "3")
+    assert queued["threads"] == 3
 
 
 def test_the_launch_environment_takes_the_specs_threads_else_the_rule(cli, tmp_path):
