@@ -196,7 +196,7 @@ def test_detail_shows_curves_results_spec_and_log_tail(seeded):
         results = screen.query_one("#results-table", DataTable)
         rows = [tuple(map(str, results.get_row_at(i))) for i in range(results.row_count)]
         accuracy = queries.run_results(pilot.app.store, SUCCEEDED_ENCODER)["20ng-20class"]["accuracy"]
-        assert ("20ng-20class", "accuracy", f"{accuracy:.4g}") in rows
+        assert ("20ng-20class", "accuracy", f"{accuracy:.4g}", "") in rows
         assert '"batch_size": 16' in str(screen.query_one("#spec").render())
         await pilot.press("5")
         log = screen.query_one("#log-view", Log)

@@ -88,6 +88,7 @@ class DetailScreen(Screen):
         self.last_point_id = 0
         self.log_offset = 0
         self.results: dict[str, dict[str, float]] = {}
+        self.result_rules: dict[str, dict[str, str]] = {}  # task -> metric -> the rule it was computed under
 
     def compose(self) -> ComposeResult:
         yield TitleBar(f"run {self.run_id}", id="title")
@@ -101,7 +102,7 @@ class DetailScreen(Screen):
                 yield Static("", classes="summary", id="parse-failures")
             with TabPane("3 Results", id="results"):
                 table = DataTable(cursor_type="row", zebra_stripes=True, id="results-table")
-                table.add_columns("task", "metric", "value")
+                table.add_columns("task", "metric", "value", "rule")
                 yield table
             with TabPane("4 Config", id="config"):
                 with VerticalScroll():
@@ -124,15 +125,17 @@ class DetailScreen(Screen):
             return
         new_points = queries.metric_series(self.store, self.run_id, after_id=self.last_point_id)
         results = queries.run_results(self.store, self.run_id)
+        rules = queries.run_result_rules(self.store, self.run_id)
         log_text, log_offset = read_log(run["log_path"], self.log_offset)
         if not get_current_worker().is_cancelled:
-            self.app.call_from_thread(self.show, run, new_points, results, log_text, log_offset)
+            self.app.call_from_thread(self.show, run, new_points, results, log_text, log_offset, rules)
 
     def gone(self) -> None:
         self.notify(f"run {self.run_id} no longer exists", severity="warning")
         self.dismiss()
 
-    def show(self, run: dict, new_points: list[dict], results: dict, log_text: str, log_offset: int) -> None:
+    def show(self, run: dict, new_points: list[dict], results: dict, log_text: str, log_offset: int,
+             rules: dict | None = None) -> None:
         spec_changed = self.run is None or self.run["spec_json"] != run["spec_json"] or \
             self.run["error"] != run["error"]
         if self.run is not None and run["attempt"] != self.run["attempt"]:
@@ -146,8 +149,8 @@ class DetailScreen(Screen):
                 self.points.setdefault(point["name"], []).append((point["step"], point["value"]))
             self.last_point_id = new_points[-1]["id"]
             self.draw_charts()
-        if results != self.results:
-            self.results = results
+        if results != self.results or (rules or {}) != self.result_rules:  # `clfbench rescore` changes rules
+            self.results, self.result_rules = results, rules or {}
             self.fill_results()
         self.update_summaries()
         if spec_changed:
@@ -216,7 +219,8 @@ class DetailScreen(Screen):
         table.clear()
         for task, values in sorted(self.results.items()):
             for metric, value in sorted(values.items()):
-                table.add_row(task, metric, f"{value:.4g}")
+                rule = self.result_rules.get(task, {}).get(metric, "")  # how slot spans were read
+                table.add_row(task, metric, f"{value:.4g}", rule)
 
     def update_spec(self) -> None:
         try:
