@@ -6,7 +6,6 @@ run stuck in a long model load still shows as alive.
 """
 from __future__ import annotations
 
-import math
 import threading
 import time
 
@@ -30,9 +29,7 @@ class Recorder:
     def log_metric(self, step: int, name: str, value: float) -> None:
         if not self.enabled:
             return
-        value = float(value)
-        if not math.isfinite(value):
-            value = float("nan")
+        value = float(value)  # NaN and inf are kept as they are: the store keeps them on every backend
         with self._lock:
             self._buffer.append((int(step), name, value, time.time()))
             due = len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_s

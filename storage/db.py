@@ -80,7 +80,34 @@ def _migration_2_task_identity(connection: Connection) -> None:
                             "('slot_f1', 'slot_precision', 'slot_recall', 'exact_match')"))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1_initial, _migration_2_task_identity]
+def _migration_3_nonfinite_metrics(connection: Connection) -> None:
+    """metric_points.value becomes nullable and metric_points.nonfinite says 'nan', 'inf' or '-inf' where the value
+    is not a finite number: SQLite stores a NaN as NULL (the NOT NULL column refused it and the batch was lost)
+    while PostgreSQL stores NaN itself, so every backend now stores NULL plus the word, and reads get the float
+    back (storage.queries.metric_series)."""
+    _add_column(connection, "metric_points", "nonfinite", "VARCHAR")
+    value = next(c for c in inspect(connection).get_columns("metric_points") if c["name"] == "value")
+    if value["nullable"]:  # a store made fresh from today's models
+        return
+    if connection.dialect.name != "sqlite":
+        connection.execute(text("ALTER TABLE metric_points ALTER COLUMN value DROP NOT NULL"))
+        return
+    # SQLite cannot drop NOT NULL in place: rebuild the table (nothing references metric_points), written out
+    # here rather than taken from the model so the migration does the same thing forever.
+    connection.execute(text("DROP INDEX IF EXISTS ix_metric_points_run_name_step"))
+    connection.execute(text("ALTER TABLE metric_points RENAME TO metric_points_v2"))
+    connection.execute(text(
+        "CREATE TABLE metric_points (id INTEGER NOT NULL, run_id INTEGER NOT NULL, attempt INTEGER NOT NULL, "
+        "step INTEGER NOT NULL, name VARCHAR NOT NULL, value FLOAT, time FLOAT NOT NULL, nonfinite VARCHAR, "
+        "PRIMARY KEY (id), FOREIGN KEY(run_id) REFERENCES runs (id) ON DELETE CASCADE)"))
+    connection.execute(text("INSERT INTO metric_points (id, run_id, attempt, step, name, value, time, nonfinite) "
+                            "SELECT id, run_id, attempt, step, name, value, time, nonfinite FROM metric_points_v2"))
+    connection.execute(text("DROP TABLE metric_points_v2"))
+    connection.execute(text("CREATE INDEX ix_metric_points_run_name_step ON metric_points (run_id, name, step)"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1_initial, _migration_2_task_identity,
+                                                  _migration_3_nonfinite_metrics]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -128,14 +155,26 @@ def _schema_version(connection: Connection) -> int:
     return int(row[0]) if row else 0
 
 
+def _refuse_newer(version: int) -> None:
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"store schema v{version} is newer than this clfbench (v{SCHEMA_VERSION}); upgrade clfbench")
+
+
 def migrate(store: Store) -> None:
-    """Bring the schema to SCHEMA_VERSION; refuse a store written by a newer clfbench."""
+    """Bring the schema to SCHEMA_VERSION; refuse a store written by a newer clfbench.
+
+    The version is read first in a plain read transaction: opening a current store (every command, the TUI, each
+    worker) must not take SQLite's write lock, or a reader waits behind every ingest batch and fails with
+    "database is locked" behind a long one. Only a store that is behind opens a write transaction, and reads the
+    version again inside it: two processes that both saw it behind migrate once, the second finds it current."""
+    with store.read() as connection:
+        version = _schema_version(connection)
+    _refuse_newer(version)
+    if version == SCHEMA_VERSION:
+        return
     with store.write() as connection:
         version = _schema_version(connection)
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"store schema v{version} is newer than this clfbench (v{SCHEMA_VERSION}); upgrade clfbench"
-            )
+        _refuse_newer(version)
         for index in range(version, SCHEMA_VERSION):
             MIGRATIONS[index](connection)
         if version != SCHEMA_VERSION:

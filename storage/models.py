@@ -5,6 +5,7 @@ and easy to freeze in tests.
 """
 from __future__ import annotations
 
+import math
 from enum import Enum
 
 from sqlalchemy import Index, UniqueConstraint
@@ -74,8 +75,21 @@ class MetricPoint(SQLModel, table=True):
     attempt: int = 1
     step: int
     name: str
-    value: float
+    value: float | None  # None where `nonfinite` names the value (every backend stores a NaN the same way)
     time: float
+    nonfinite: str | None = None  # "nan", "inf" or "-inf"; None for a finite value (schema v3)
+
+
+def metric_value_columns(value: float) -> tuple[float | None, str | None]:
+    """(value, nonfinite) as metric_points stores them: NaN and the infinities as NULL plus their name."""
+    if math.isfinite(value):
+        return value, None
+    return None, "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def metric_value(value: float | None, nonfinite: str | None) -> float:
+    """The float a stored point stands for (the inverse of metric_value_columns)."""
+    return float(nonfinite) if nonfinite else (float("nan") if value is None else value)
 
 
 class PredictionRow(SQLModel, table=True):

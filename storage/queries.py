@@ -12,7 +12,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from clfbench.storage.db import Store
-from clfbench.storage.models import EngineRow, Event, MetricPoint, PredictionRow, Result, Run, RunStatus
+from clfbench.storage.models import (EngineRow, Event, MetricPoint, PredictionRow, Result, Run, RunStatus,
+                                     metric_value)
 
 RUNS = Run.__table__
 RESULTS = Result.__table__
@@ -76,7 +77,8 @@ def metric_series(store: Store, run_id: int, after_id: int = 0) -> list[dict]:
         rows = connection.execute(
             select(METRICS).where(METRICS.c.run_id == run_id, METRICS.c.id > after_id).order_by(METRICS.c.id)
         ).mappings()
-        return [dict(row) for row in rows]
+        # A NaN or infinite point reads back as that float on every backend (stored as NULL plus its name).
+        return [{**row, "value": metric_value(row["value"], row["nonfinite"])} for row in rows]
 
 
 def predictions(store: Store, run_id: int, task: str) -> list[dict]:

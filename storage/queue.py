@@ -14,7 +14,8 @@ from sqlalchemy.engine import Connection
 
 from clfbench.storage import dialect
 from clfbench.storage.db import Store, now
-from clfbench.storage.models import EngineRow, Event, MetricPoint, PredictionRow, Result, Run, RunStatus
+from clfbench.storage.models import (EngineRow, Event, MetricPoint, PredictionRow, Result, Run, RunStatus,
+                                     metric_value_columns)
 from clfbench.storage.states import DELETABLE, ENDED_WITH_ERROR, Writer, allowed, kept_by, sources
 
 RUNS = Run.__table__
@@ -138,17 +139,17 @@ def heartbeat(store: Store, run_id: int, attempt: int, progress: tuple[int, int]
 
 
 def add_metric_points(store: Store, run_id: int, attempt: int, points: list[tuple[int, str, float, float]]) -> None:
-    """Insert a batch of (step, name, value, time) points in one transaction."""
+    """Insert a batch of (step, name, value, time) points in one transaction (one executemany). A NaN or infinite
+    value is stored as NULL plus its name in `nonfinite` (storage.models.metric_value_columns)."""
     if not points:
         return
+    rows = []
+    for step, name, value, t in points:
+        stored, nonfinite = metric_value_columns(float(value))
+        rows.append({"run_id": run_id, "attempt": attempt, "step": step, "name": name, "value": stored,
+                     "nonfinite": nonfinite, "time": t})
     with store.write() as connection:
-        connection.execute(
-            insert(MetricPoint.__table__),
-            [
-                {"run_id": run_id, "attempt": attempt, "step": step, "name": name, "value": value, "time": t}
-                for step, name, value, t in points
-            ],
-        )
+        connection.execute(insert(MetricPoint.__table__), rows)
 
 
 def finish_succeeded(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import sqlite3
 import stat
@@ -292,13 +293,14 @@ def test_a_version_1_store_migrates_in_place_keeping_its_runs_and_results(tmp_pa
     with sqlite3.connect(tmp_path / "old.db") as connection:  # the store as schema v1 left it
         connection.execute("ALTER TABLE runs DROP COLUMN tasks_json")
         connection.execute("ALTER TABLE results DROP COLUMN rule")
+        _make_metric_points_version_2(connection)
         connection.execute("UPDATE schema_info SET version = 1")
     with sqlite3.connect(tmp_path / "old.db") as connection:
         assert "tasks_json" not in {row[1] for row in connection.execute("PRAGMA table_info(runs)")}
 
     migrated = open_store(url)
     with migrated.read() as connection:
-        assert connection.execute(text("SELECT version FROM schema_info")).scalar() == SCHEMA_VERSION == 2
+        assert connection.execute(text("SELECT version FROM schema_info")).scalar() == SCHEMA_VERSION == 3
     assert queries.get_run(migrated, run_id)["tasks_json"] is None
     assert queries.get_run(migrated, run_id)["status"] == "succeeded"
     assert queries.run_results(migrated, run_id) == {"massive-intent": {"accuracy": 0.75}}
@@ -340,3 +342,64 @@ def test_results_matrix_keeps_tasks_that_share_a_name_apart(store):
         f"recorded) vs {first},{seed} vs {other},{multi}; shown as mytask, mytask (2) and mytask (3)"]
     assert matrix.column_tasks == {column: "mytask" for column in matrix.columns}
     assert matrix.rules == {column: {"conlleval"} for column in matrix.columns}
+
+
+def _make_metric_points_version_2(connection) -> None:
+    """metric_points as schema v1 and v2 made it: value NOT NULL, no nonfinite column."""
+    connection.execute("DROP TABLE metric_points")
+    connection.execute("CREATE TABLE metric_points (id INTEGER NOT NULL, run_id INTEGER NOT NULL, attempt INTEGER "
+                       "NOT NULL, step INTEGER NOT NULL, name VARCHAR NOT NULL, value FLOAT NOT NULL, time FLOAT "
+                       "NOT NULL, PRIMARY KEY (id), FOREIGN KEY(run_id) REFERENCES runs (id) ON DELETE CASCADE)")
+    connection.execute("CREATE INDEX ix_metric_points_run_name_step ON metric_points (run_id, name, step)")
+
+
+NONFINITE = [(1, "train_loss", 2.5, 1.0), (2, "train_loss", float("nan"), 2.0), (3, "lr", float("inf"), 3.0),
+             (4, "lr", float("-inf"), 4.0)]
+
+
+def _assert_nonfinite_points_read_back(store, run_id) -> None:
+    values = [(p["step"], p["name"], p["value"]) for p in queries.metric_series(store, run_id)]
+    assert values[0] == (1, "train_loss", 2.5)
+    assert values[1][:2] == (2, "train_loss") and math.isnan(values[1][2])
+    assert values[2:] == [(3, "lr", float("inf")), (4, "lr", float("-inf"))]
+
+
+def test_nan_and_infinite_metric_points_are_stored_and_read_back(store):
+    run_id, = queue.enqueue(store, [new_run()])
+    run = claim_cpu(store)
+    queue.add_metric_points(store, run_id, run["attempt"], NONFINITE)
+    _assert_nonfinite_points_read_back(store, run_id)
+
+
+def test_a_version_2_store_migrates_metric_points_to_take_nan_keeping_its_points(tmp_path):
+    url = f"sqlite:///{tmp_path}/old.db"
+    store = open_store(url)
+    run_id, = queue.enqueue(store, [new_run()])
+    run = claim_cpu(store)
+    store.engine.dispose()
+    with sqlite3.connect(tmp_path / "old.db") as connection:
+        _make_metric_points_version_2(connection)
+        connection.execute("INSERT INTO metric_points (run_id, attempt, step, name, value, time) "
+                            "VALUES (?, 1, 1, 'train_loss', 2.5, 1.0)", (run_id,))
+        connection.execute("UPDATE schema_info SET version = 2")
+    migrated = open_store(url)
+    queue.add_metric_points(migrated, run_id, run["attempt"], NONFINITE[1:])
+    _assert_nonfinite_points_read_back(migrated, run_id)
+    with sqlite3.connect(tmp_path / "old.db") as connection:
+        assert connection.execute("SELECT version FROM schema_info").fetchone()[0] == SCHEMA_VERSION
+        indexes = {row[1] for row in connection.execute("PRAGMA index_list(metric_points)")}
+        assert "ix_metric_points_run_name_step" in indexes
+
+
+def test_opening_a_current_store_takes_no_write_lock(store):
+    """Another connection holds SQLite's write lock; opening the store and reading it neither waits nor fails."""
+    holder = sqlite3.connect(store.engine.url.database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        opened = open_store(store.url)
+        assert queries.list_runs(opened) == []
+        assert time.monotonic() - started < 2  # the busy timeout is 30 s: no wait for the lock at all
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

@@ -7,6 +7,7 @@ costs the same per tick as a short one's.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -192,7 +193,13 @@ class DetailScreen(Screen):
             plt.clear_figure()
             names = sorted(name for name in self.points if wanted(name))
             for name in names:
-                steps, values = zip(*self.points[name])
+                # plotext cannot scale an axis holding NaN or inf (a diverged loss): chart the finite points only.
+                finite = [(step, value) for step, value in self.points[name] if math.isfinite(value)]
+                if not finite:
+                    continue
+                steps, values = zip(*finite)
+                if len(finite) < len(self.points[name]):
+                    name = f"{name} (not finite at step {self.first_nonfinite_step(name)})"
                 if len(steps) > 1:
                     plt.plot(list(steps), list(values), label=name, marker="braille")
                 else:  # a lone point (the first evaluation) would be invisible as a line
@@ -200,6 +207,9 @@ class DetailScreen(Screen):
             plt.title(title if names else f"{title}: no points yet")
             plt.xlabel("step")
             plot.refresh()
+
+    def first_nonfinite_step(self, name: str) -> int:
+        return next(step for step, value in self.points[name] if not math.isfinite(value))
 
     def update_summaries(self) -> None:
         parts = []
