@@ -7,6 +7,7 @@ The CLI and the TUI both use these functions, so a file exported from the TUI ha
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -14,6 +15,7 @@ import time
 
 from rich.text import Text
 
+from clfbench.engine.methods.catalog import METHODS
 from clfbench.engine.metrics import SLOT_RULES
 from clfbench.storage.models import RunStatus
 from clfbench.storage.queries import Matrix
@@ -36,9 +38,27 @@ def run_label(model: str, method: str, shots: int) -> str:
     return row_label((model, method, shots, ""))
 
 
+def metric_applies(metric: str, method: str) -> bool:
+    """Whether a method's value of this metric means something. A parse failure rate does only for methods
+    that parse generated text (the catalog's parses_output): an encoder's stored 0.0 is shown blank, never as
+    the best rate. A method this version does not know keeps its number."""
+    if metric != "parse_failure_rate":
+        return True
+    info = METHODS.get(method)
+    return info is None or info.parses_output
+
+
+def applicable_cells(matrix: Matrix) -> Matrix:
+    """The matrix without the cells whose metric does not apply to their row's method (rows stay, blank)."""
+    cells = {key: cell for key, cell in matrix.cells.items() if metric_applies(matrix.metric, key[0][1])}
+    if len(cells) == len(matrix.cells):
+        return matrix
+    return dataclasses.replace(matrix, cells=cells)
+
+
 def cell_text(matrix: Matrix, row, column, percent: bool = True) -> str:
     cell = matrix.cells.get((row, column))
-    if cell is None or not cell.values:
+    if cell is None or not cell.values or not metric_applies(matrix.metric, row[1]):
         return "–"
     scale = 100.0 if percent else 1.0
     text = f"{cell.mean * scale:.1f}"
@@ -58,7 +78,7 @@ def best_per_column(matrix: Matrix) -> dict[str, tuple]:
     best = {}
     for column in matrix.columns:
         scored = [(sign * matrix.cells[(r, column)].mean, -i, r) for i, r in enumerate(matrix.rows)
-                  if (r, column) in matrix.cells]
+                  if (r, column) in matrix.cells and metric_applies(matrix.metric, r[1])]
         scored = [item for item in scored if not math.isnan(item[0])]
         if scored:
             best[column] = max(scored)[2]
@@ -157,6 +177,7 @@ def render_matrix(matrix: Matrix, fmt: str) -> str:
     and "rules"/"notes" keys in json."""
     if fmt not in _MATRIX_FORMATS:
         raise ValueError(f"unknown format {fmt}")
+    matrix = applicable_cells(matrix)  # blank in every format, as in the table (json: no cell, csv: empty)
     return _MATRIX_FORMATS[fmt](matrix, rule_notes(matrix))
 
 

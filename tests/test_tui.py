@@ -16,6 +16,7 @@ from textual.widgets import DataTable, Input, Log
 from clfbench.app.tui.app import ClfbenchApp
 from clfbench.app.tui.detail import DetailScreen
 from clfbench.app.tui.dialogs import ConfirmScreen, HelpScreen
+from clfbench.app.tui.messages import OpenErrors
 from clfbench.app.tui.new_run import NewRunScreen, parse_value, sweep_size
 from clfbench.app.tui.runs import RunsScreen
 from clfbench.storage import queries, queue
@@ -141,14 +142,30 @@ def test_cancel_retry_and_delete_with_confirmation(seeded):
         app = pilot.app
         store = app.store
         await select_run(pilot, QUEUED_PROMPT)
+        await pilot.press("c")  # cancel asks first; n (or escape) keeps the run
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        assert "Cancel run 24" in str(app.screen.query_one("#question").render())
+        await pilot.press("n")
+        await settle(pilot)
+        assert queries.get_run(store, QUEUED_PROMPT)["status"] == "queued"
         await pilot.press("c")
+        await pilot.pause()
+        await pilot.press("y")
         await until(pilot, lambda: queries.get_run(store, QUEUED_PROMPT)["status"] == "cancelled", what="cancel")
         await settle(pilot)
         assert cell(app.screen, QUEUED_PROMPT, "status") == "cancelled"
 
         await select_run(pilot, FAILED)
-        await pilot.press("r")
+        await pilot.press("r")  # a failed run loses nothing by a retry: no question
         await until(pilot, lambda: queries.get_run(store, FAILED)["status"] == "queued", what="retry")
+        await select_run(pilot, 2)  # a succeeded run would lose its results: asked
+        await pilot.press("r")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("escape")
+        await settle(pilot)
+        assert queries.get_run(store, 2)["status"] == "succeeded"
 
         await select_run(pilot, SUCCEEDED_ENCODER)
         await pilot.press("x")
@@ -164,6 +181,43 @@ def test_cancel_retry_and_delete_with_confirmation(seeded):
         assert queries.run_results(store, SUCCEEDED_ENCODER) == {}
         await settle(pilot)
         assert SUCCEEDED_ENCODER not in table_ids(app.screen)
+
+    run_app(make_app(seeded), scenario)
+
+
+def test_cancelling_a_running_run_says_its_progress_is_lost_and_a_finished_one_has_nothing_to_cancel(seeded):
+    async def scenario(pilot):
+        app = pilot.app
+        await select_run(pilot, RUNNING_ENCODER)
+        await pilot.press("c")
+        await pilot.pause()
+        question = str(app.screen.query_one("#question").render())
+        assert "Cancel run 22" in question and "progress is lost" in question
+        await pilot.press("escape")
+        await settle(pilot)
+        run = queries.get_run(app.store, RUNNING_ENCODER)
+        assert run["status"] == "running" and not run["cancel_requested"]
+        await select_run(pilot, SUCCEEDED_ENCODER)
+        await pilot.press("c")
+        await pilot.pause()
+        assert isinstance(app.screen, RunsScreen)  # nothing to ask: it finished
+
+    run_app(make_app(seeded), scenario)
+
+
+def test_j_k_g_and_G_move_in_the_run_list(seeded):
+    async def scenario(pilot):
+        screen = pilot.app.screen
+        ids = table_ids(screen)
+        assert screen.selected_run_id() == ids[0]
+        await pilot.press("j", "j")
+        assert screen.selected_run_id() == ids[2]
+        await pilot.press("k")
+        assert screen.selected_run_id() == ids[1]
+        await pilot.press("G")
+        assert screen.selected_run_id() == ids[-1]
+        await pilot.press("g")
+        assert screen.selected_run_id() == ids[0]
 
     run_app(make_app(seeded), scenario)
 
@@ -224,6 +278,21 @@ def test_detail_of_a_prompt_run_shows_parse_failures_and_throughput(seeded):
         assert f"massive-intent {rate:.1%}" in str(screen.query_one("#parse-failures").render())
         assert "examples_per_s" in str(screen.query_one("#throughput").render())
         assert "examples/s" in screen.query_one("#loss-plot").render().plain  # no loss: throughput is charted
+
+    run_app(make_app(seeded), scenario)
+
+
+def test_an_encoder_has_no_parse_failure_rate_a_blank_not_zero(seeded):
+    async def scenario(pilot):
+        assert queries.run_results(pilot.app.store, SUCCEEDED_ENCODER)["20ng-20class"]["parse_failure_rate"] == 0.0
+        await select_run(pilot, SUCCEEDED_ENCODER)
+        await pilot.press("enter")
+        await settle(pilot)
+        screen = pilot.app.screen
+        assert str(screen.query_one("#parse-failures").render()) == "parse failures: –"
+        results = screen.query_one("#results-table", DataTable)
+        rows = [tuple(map(str, results.get_row_at(i))) for i in range(results.row_count)]
+        assert ("20ng-20class", "parse_failure_rate", "–", "") in rows
 
     run_app(make_app(seeded), scenario)
 
@@ -370,6 +439,15 @@ def test_m_and_e_open_the_results_and_errors_screens(seeded):
         await pilot.press("m")
         await pilot.pause()
         assert isinstance(pilot.app.screen, ResultsScreen)
+        await pilot.press("m")  # again: no second matrix on the stack
+        await pilot.pause()
+        assert [type(s).__name__ for s in pilot.app.screen_stack] == ["RunsScreen", "ResultsScreen"]
+        pilot.app.post_message(OpenErrors(SUCCEEDED_ENCODER))  # a cell's errors, then m: back to that matrix
+        await pilot.pause()
+        assert isinstance(pilot.app.screen, ErrorsScreen)
+        await pilot.press("m")
+        await pilot.pause()
+        assert [type(s).__name__ for s in pilot.app.screen_stack] == ["RunsScreen", "ResultsScreen"]
         await pilot.press("escape")
         await pilot.pause()
         await select_run(pilot, SUCCEEDED_ENCODER)

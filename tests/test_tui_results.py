@@ -170,18 +170,18 @@ def test_sort_by_the_cursor_column_best_first_then_reversed_then_by_row_name(see
         column = "massive-intent"
         table = screen.query_one("#matrix", MatrixView)
         table.move_cursor(row=0, column=screen.columns.index(column) + 1)
-        await pilot.press("s")
+        await pilot.press("o")
         await pilot.pause()
         means = [screen.shown.cells[(r, column)].mean for r in screen.shown.rows if (r, column) in screen.shown.cells]
         assert means == sorted(means, reverse=True) and len(means) == 4
         assert "sort: massive-intent, best first" in status(screen)
-        await pilot.press("s")
+        await pilot.press("o")
         await pilot.pause()
         reversed_means = [screen.shown.cells[(r, column)].mean for r in screen.shown.rows
                           if (r, column) in screen.shown.cells]
         assert reversed_means == sorted(means)
         table.move_cursor(column=0)
-        await pilot.press("s")
+        await pilot.press("o")
         await pilot.pause()
         assert shown_rows(screen) == sorted(shown_rows(screen))
 
@@ -193,16 +193,21 @@ def test_metric_switch_reloads_and_lower_failure_rates_are_best(seeded):
 
     async def scenario(pilot):
         screen = await open_results(pilot)
-        await pilot.press("c")
+        await pilot.press("right_square_bracket")  # ] next metric, [ back
         await settle(pilot)
         assert screen.metric == "accuracy"
+        await pilot.press("left_square_bracket")
+        await settle(pilot)
+        assert screen.metric == "auto"
+        await pilot.press("right_square_bracket")
+        await settle(pilot)
         assert screen.query_one("#metric", Select).value == "accuracy"
         # accuracy has no slot columns, unlike "auto" (accuracy / slot F1)
         assert "massive-slots" not in screen.shown.columns
         for _ in range(10):
             if screen.metric == "parse_failure_rate":
                 break
-            await pilot.press("c")
+            await pilot.press("right_square_bracket")
             await settle(pilot)
         assert screen.metric == "parse_failure_rate"
         expected = queries.results_matrix(store, metric="parse_failure_rate")
@@ -211,6 +216,11 @@ def test_metric_switch_reloads_and_lower_failure_rates_are_best(seeded):
         best_row = screen.shown.rows[[str(v) for v in column_values(screen, column)].index(
             min((v for v in column_values(screen, column) if v != "–"), key=lambda v: float(v.split()[0])))]
         assert render.best_per_column(screen.shown)[column] == best_row
+        # An encoder cannot fail to parse: its stored 0.0 is blank, and never the best (lowest) rate.
+        encoder = screen.shown.rows.index(("minilm", "encoder-finetune", 0, ""))
+        assert (("minilm", "encoder-finetune", 0, ""), column) in screen.shown.cells  # stored as 0.0
+        assert column_values(screen, column)[encoder] == "–"
+        assert best_row[1] != "encoder-finetune"
         assert "parse_failure_rate (%)" in str(screen.query_one("#results-title", Static).render())
 
     run_app(make_app(seeded), scenario)
@@ -235,6 +245,17 @@ def test_export_writes_exactly_what_clfbench_results_prints(seeded, cli, tmp_pat
     printed = cli.run("--db", seeded, "results", "--model", "smollm", "--format", fmt).stdout
     assert target.read_text() == printed
     assert "smollm2-135m" in printed and "minilm" not in printed
+
+
+def test_clfbench_results_leaves_an_encoders_parse_failure_rate_blank_in_every_format(seeded, cli):
+    table = cli.run("--db", seeded, "results", "--metric", "parse_failure_rate", "--task", "massive-intent").stdout
+    encoder_line = next(line for line in table.splitlines() if "encoder-finetune" in line)
+    assert "–" in encoder_line and "0.0" not in encoder_line
+    rows = cli.json("--db", seeded, "results", "--metric", "parse_failure_rate", "--format", "json")["rows"]
+    assert all(row["cells"] == {} for row in rows if row["method"] == "encoder-finetune")
+    assert any(row["cells"] for row in rows if row["method"] == "prompt")  # the generating methods keep theirs
+    csv_lines = cli.run("--db", seeded, "results", "--metric", "parse_failure_rate", "--format", "csv").stdout
+    assert any(line.startswith("minilm,encoder-finetune,0,,,") for line in csv_lines.splitlines())
 
 
 def test_export_refuses_an_unknown_extension_inline(seeded, tmp_path):

@@ -20,6 +20,7 @@ from textual.screen import Screen
 
 from clfbench.app.tui.dialogs import HelpScreen
 from clfbench.app.tui.messages import OpenErrors, OpenNewRun, OpenRun
+from clfbench.app.tui.palette import GuardedCommandPalette
 from clfbench.app.tui.runs import RunsScreen
 from clfbench.engine.types import ClfbenchError
 from clfbench.storage.db import open_store
@@ -112,9 +113,16 @@ class ClfbenchApp(App):
 
     # ---- screens ------------------------------------------------------------------------------
     def action_results(self) -> None:
+        """Open the results matrix; when one is open already (under the errors of a cell, say), go back to it
+        with its filter and sort rather than stacking a second one."""
         from clfbench.app.tui.results import ResultsScreen
 
-        self.push_screen(ResultsScreen(self.store))
+        open_matrices = [screen for screen in self.screen_stack if isinstance(screen, ResultsScreen)]
+        if not open_matrices:
+            self.push_screen(ResultsScreen(self.store))
+            return
+        while self.screen is not open_matrices[-1]:
+            self.pop_screen()
 
     @on(OpenRun)
     def open_run(self, message: OpenRun) -> None:
@@ -152,6 +160,16 @@ class ClfbenchApp(App):
         keys.append(("ctrl+p", "command palette"))
         title = getattr(self.screen, "HELP_TITLE", type(self.screen).__name__)
         self.push_screen(HelpScreen(title, keys))
+
+    # ---- the command palette: Textual's, guarded against bursts of keys (see app.tui.palette) -------------
+    def action_command_palette(self) -> None:
+        if self.use_command_palette and not GuardedCommandPalette.is_open(self):
+            self.push_screen(GuardedCommandPalette(id="--command-palette"))
+
+    def search_themes(self) -> None:
+        from textual.theme import ThemeProvider
+
+        self.push_screen(GuardedCommandPalette(providers=[ThemeProvider], placeholder="Search for themes…"))
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield SystemCommand("New run", "Open the form that queues a run or a sweep",

@@ -23,7 +23,7 @@ from textual_plotext import PlotextPlot
 
 from clfbench.app import render
 from clfbench.app.tui.messages import OpenErrors, OpenNewRun
-from clfbench.app.tui.screen_parts import TitleBar, copy_for_user, copy_key, tab_keys
+from clfbench.app.tui.screen_parts import KeyTable, TitleBar, call_if_open, copy_for_user, copy_key, tab_keys
 from clfbench.storage import queries
 from clfbench.storage.db import Store
 
@@ -102,7 +102,7 @@ class DetailScreen(Screen):
                 yield PlotextPlot(id="eval-plot")
                 yield Static("", classes="summary", id="parse-failures")
             with TabPane("3 Results", id="results"):
-                table = DataTable(cursor_type="row", zebra_stripes=True, id="results-table")
+                table = KeyTable(cursor_type="row", zebra_stripes=True, id="results-table")
                 table.add_columns("task", "metric", "value", "rule")
                 yield table
             with TabPane("4 Config", id="config"):
@@ -122,14 +122,14 @@ class DetailScreen(Screen):
     def reload(self) -> None:
         run = queries.get_run(self.store, self.run_id)
         if run is None:
-            self.app.call_from_thread(self.gone)
+            call_if_open(self, self.gone)
             return
         new_points = queries.metric_series(self.store, self.run_id, after_id=self.last_point_id)
         results = queries.run_results(self.store, self.run_id)
         rules = queries.run_result_rules(self.store, self.run_id)
         log_text, log_offset = read_log(run["log_path"], self.log_offset)
         if not get_current_worker().is_cancelled:
-            self.app.call_from_thread(self.show, run, new_points, results, log_text, log_offset, rules)
+            call_if_open(self, self.show, run, new_points, results, log_text, log_offset, rules)
 
     def gone(self) -> None:
         self.notify(f"run {self.run_id} no longer exists", severity="warning")
@@ -221,8 +221,12 @@ class DetailScreen(Screen):
                 parts.append(f"{task} {metric} {values[metric]:.1f}")
         self.query_one("#throughput", Static).update("throughput: " + ("; ".join(parts) or "–"))
         failures = [f"{task} {values['parse_failure_rate']:.1%}" for task, values in sorted(self.results.items())
-                    if "parse_failure_rate" in values]
+                    if "parse_failure_rate" in values and self.metric_applies("parse_failure_rate")]
         self.query_one("#parse-failures", Static).update("parse failures: " + (", ".join(failures) or "–"))
+
+    def metric_applies(self, metric: str) -> bool:
+        """False for a rate this run's method cannot have (an encoder's parse failures): shown '–', not 0."""
+        return self.run is None or render.metric_applies(metric, self.run["method"])
 
     def fill_results(self) -> None:
         table = self.query_one("#results-table", DataTable)
@@ -230,7 +234,7 @@ class DetailScreen(Screen):
         for task, values in sorted(self.results.items()):
             for metric, value in sorted(values.items()):
                 rule = self.result_rules.get(task, {}).get(metric, "")  # how slot spans were read
-                table.add_row(task, metric, f"{value:.4g}", rule)
+                table.add_row(task, metric, f"{value:.4g}" if self.metric_applies(metric) else "–", rule)
 
     def update_spec(self) -> None:
         try:

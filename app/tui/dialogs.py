@@ -5,7 +5,9 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Static
+from textual.widgets import Button, Static
+
+from clfbench.app.tui.screen_parts import KeyTable
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -64,7 +66,7 @@ class HelpScreen(ModalScreen[None]):
         with Vertical():
             yield Static(f"Keys · {self.title_text}", id="title")
             with VerticalScroll():
-                table = DataTable(cursor_type="row", show_header=False, zebra_stripes=True)
+                table = KeyTable(cursor_type="row", show_header=False, zebra_stripes=True)
                 table.add_columns("key", "what it does")
                 for key, description in self.keys:
                     table.add_row(key, description)

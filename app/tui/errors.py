@@ -19,7 +19,7 @@ from textual.widgets import DataTable, Footer, Select, Static, TabbedContent, Ta
 
 from clfbench.app import render
 from clfbench.app.error_analysis import UNPARSED_COLUMN, ErrorReport, error_report, examples_for
-from clfbench.app.tui.screen_parts import TitleBar, copy_for_user, copy_key, tab_keys
+from clfbench.app.tui.screen_parts import KeyTable, TitleBar, call_if_open, copy_for_user, copy_key, tab_keys
 from clfbench.storage import queries
 from clfbench.storage.db import Store
 
@@ -65,14 +65,15 @@ class ErrorsScreen(Screen):
 
     HELP_TITLE = "Errors"
     BINDINGS = [
+        Binding("escape", "back", "Back"),
         *tab_keys([("labels", "Labels"), ("confusion", "Confusion"), ("examples", "Examples")]),
         Binding("plus", "top_k(4)", "More labels", show=False),
         Binding("minus", "top_k(-4)", "Fewer labels", show=False),
         Binding("a", "all_labels", "All labels", show=False),
-        Binding("r", "focus_run", "Run", show=False),
-        Binding("t", "focus_task", "Task", show=False),
+        # R and T, not r and t: r retries a run on the runs screen, and a key means one thing everywhere.
+        Binding("R", "focus_run", "Pick run", show=False),
+        Binding("T", "focus_task", "Pick task", show=False),
         copy_key("copy_text", "Copy text"),
-        Binding("escape", "back", "Back", show=False),
     ]
     DEFAULT_CSS = """
     ErrorsScreen #pickers { height: 1; }
@@ -107,16 +108,16 @@ class ErrorsScreen(Screen):
         yield Static("loading…", id="summary")
         with TabbedContent(id="tabs"):
             with TabPane("Labels (1)", id="labels"):
-                yield DataTable(id="per-label", cursor_type="row", zebra_stripes=True)
+                yield KeyTable(id="per-label", cursor_type="row", zebra_stripes=True)
             with TabPane("Confusion (2)", id="confusion"):
                 yield Static("", id="confusion-help")
-                yield DataTable(id="matrix", cursor_type="cell", fixed_columns=1)
+                yield KeyTable(id="matrix", cursor_type="cell", fixed_columns=1)
             with TabPane("Examples (3)", id="examples-tab"):
                 yield Static("pick a label (1) or a cell (2)", id="examples-title")
-                yield DataTable(id="examples", cursor_type="row")
+                yield KeyTable(id="examples", cursor_type="row")
                 with VerticalScroll(id="example-detail"):
                     yield Static("", id="example-text")
-                yield DataTable(id="others", cursor_type="row")
+                yield KeyTable(id="others", cursor_type="row")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -137,7 +138,7 @@ class ErrorsScreen(Screen):
     @work(thread=True, exclusive=True, group="errors-runs")
     def load_runs(self) -> None:
         runs = queries.runs_with_predictions(self.store)
-        self.app.call_from_thread(self.runs_loaded, runs)
+        call_if_open(self, self.runs_loaded, runs)
 
     def runs_loaded(self, runs: list[dict]) -> None:
         self.runs = {run["id"]: run for run in runs}
@@ -168,7 +169,7 @@ class ErrorsScreen(Screen):
     @work(thread=True, exclusive=True, group="errors-report")
     def load_report(self, run_id: int, task: str) -> None:
         report = error_report(queries.predictions(self.store, run_id, task))
-        self.app.call_from_thread(self.report_loaded, run_id, task, report)
+        call_if_open(self, self.report_loaded, run_id, task, report)
 
     def report_loaded(self, run_id: int, task: str, report: ErrorReport) -> None:
         if (run_id, task) != (self.run_id, self.task_name):  # the user picked another one meanwhile
@@ -250,7 +251,7 @@ class ErrorsScreen(Screen):
     @work(thread=True, exclusive=True, group="errors-others")
     def load_others(self, task: str, example_id: str) -> None:
         rows = queries.predictions_for_example(self.store, task, example_id)
-        self.app.call_from_thread(self.others_loaded, task, example_id, rows)
+        call_if_open(self, self.others_loaded, task, example_id, rows)
 
     def others_loaded(self, task: str, example_id: str, rows: list[dict]) -> None:
         table = self.query_one("#others", DataTable)

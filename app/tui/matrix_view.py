@@ -51,6 +51,11 @@ class MatrixView(ScrollView, can_focus=True):
         Binding("pagedown", "page(1)", show=False),
         Binding("home", "edge(-1)", show=False),
         Binding("end", "edge(1)", show=False),
+        # The vi keys every table of the TUI answers to (app.tui.screen_parts.KeyTable).
+        Binding("j", "move(1, 0)", "Down", show=False),
+        Binding("k", "move(-1, 0)", "Up", show=False),
+        Binding("g", "edge(-1)", "First row", show=False),
+        Binding("G", "edge(1)", "Last row", show=False),
         Binding("enter", "select", show=False),
     ]
     DEFAULT_CSS = "MatrixView { height: 1fr; }"

@@ -21,7 +21,7 @@ from textual.screen import Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, Footer, Input, Label, Select, Static
 
-from clfbench.app.tui.screen_parts import TitleBar
+from clfbench.app.tui.screen_parts import TitleBar, call_if_open
 from clfbench.engine.methods.catalog import METHODS, option_fields
 from clfbench.engine.types import ClfbenchError
 from clfbench.storage import queue
@@ -183,7 +183,7 @@ class NewRunScreen(Screen):
             tasks = [t.name for t in list_tasks()]
         except ClfbenchError:
             tasks = []
-        self.app.call_from_thread(self.set_suggestions, models, tasks)
+        call_if_open(self, self.set_suggestions, models, tasks)
 
     def set_suggestions(self, models: list[str], tasks: list[str]) -> None:
         self.query_one("#field-model", Input).suggester = SuggestFromList(models, case_sensitive=False)
@@ -250,7 +250,7 @@ class NewRunScreen(Screen):
         try:
             specs = build_specs(None, flags, options)
         except ClfbenchError as error:
-            self.app.call_from_thread(self.show_error, str(error))
+            call_if_open(self, self.show_error, str(error))
             return
         ids = queue.enqueue(self.store, new_runs(specs, priority=0))
         self.app.call_from_thread(self.queued, ids)
@@ -258,7 +258,8 @@ class NewRunScreen(Screen):
     def queued(self, ids: list[int]) -> None:
         self.app.notify(f"queued {len(ids)} run(s): {', '.join(map(str, ids))}")
         self.app.reload_screens()
-        self.dismiss()
+        if self.app.screen is self:  # the user may have left the form while the runs were validated
+            self.dismiss()
 
     def clear_errors(self) -> None:
         for error in self.query(".field-error"):

@@ -28,7 +28,7 @@ from textual.widgets import Footer, Input, Select, Static
 from clfbench.app import render
 from clfbench.app.tui.matrix_view import MatrixData, MatrixView
 from clfbench.app.tui.messages import OpenErrors
-from clfbench.app.tui.screen_parts import TitleBar, copy_for_user, copy_key
+from clfbench.app.tui.screen_parts import TitleBar, call_if_open, copy_for_user, copy_key
 from clfbench.engine.methods.catalog import execution_options, option_defaults
 from clfbench.storage import queries
 from clfbench.storage.db import Store
@@ -121,8 +121,9 @@ class PreparedMatrix:
         self.first_runs: list[list[int | None]] = []
         for row, name in zip(matrix.rows, self.names):
             cells = [matrix.cells.get((row, column)) for column in matrix.columns]
+            applies = render.metric_applies(matrix.metric, row[1])  # an encoder's parse failure rate: blank, not 0
             self.texts.append([name] + [render.cell_text(matrix, row, column, percent) for column in matrix.columns])
-            self.means.append([cell.mean if cell else math.nan for cell in cells])
+            self.means.append([cell.mean if cell and applies else math.nan for cell in cells])
             self.first_runs.append([min(cell.run_ids) if cell else None for cell in cells])
         self.lower_is_better = render.lower_is_better(matrix.metric)
         self._views: dict[tuple, MatrixData] = {}
@@ -256,14 +257,17 @@ class ResultsScreen(Screen):
 
     HELP_TITLE = "Results matrix"
     BINDINGS = [
+        # One meaning per key across the screens (issue 15): c and r cancel and retry runs, s starts the engine,
+        # so the metric cycles with ] and [, sorting is o (order) and a reload is ctrl+r.
+        Binding("escape", "back", "Back"),
         Binding("slash", "filter", "Filter"),
-        Binding("c", "next_metric", "Metric"),
-        Binding("s", "sort", "Sort by column"),
+        Binding("right_square_bracket", "next_metric(1)", "Metric"),
+        Binding("left_square_bracket", "next_metric(-1)", "Previous metric", show=False),
+        Binding("o", "sort", "Order by column"),
         Binding("p", "toggle_paper", "Paper layout"),
         Binding("w", "export", "Export"),
         copy_key("copy_cell", "Copy cell"),
-        Binding("r", "reload", "Reload", show=False),
-        Binding("escape", "back", "Back", show=False),
+        Binding("ctrl+r", "reload", "Reload", show=False),
     ]
     DEFAULT_CSS = """
     ResultsScreen #controls { height: 3; }
@@ -332,12 +336,12 @@ class ResultsScreen(Screen):
                                                           defaults=option_defaults()))
         names = queries.result_metric_names(self.store)
         self.loaded_version = version
-        self.app.call_from_thread(self.loaded, metric, prepared, names)
+        call_if_open(self, self.loaded, metric, prepared, names)
 
     @work(thread=True, exclusive=True, group="results-poll")
     def poll(self) -> None:
         if self.loaded_version is not None and queries.results_version(self.store) != self.loaded_version:
-            self.app.call_from_thread(self.load)
+            call_if_open(self, self.load)
 
     def loaded(self, metric: str, prepared: PreparedMatrix, names: list[str]) -> None:
         if metric != self.metric:  # the user switched metric again while this one was read
@@ -440,10 +444,10 @@ class ResultsScreen(Screen):
         self.query_one("#status", Static).update(f"loading {metric}…")
         self.load()
 
-    def action_next_metric(self) -> None:
+    def action_next_metric(self, step: int = 1) -> None:
         options = self.metric_options
         position = options.index(self.metric) if self.metric in options else -1
-        metric = options[(position + 1) % len(options)]
+        metric = options[(position + step) % len(options)]
         select = self.query_one("#metric", Select)
         with select.prevent(Select.Changed):
             select.value = metric

@@ -20,7 +20,7 @@ from textual.worker import get_current_worker
 from clfbench.app import render
 from clfbench.app.tui.dialogs import ConfirmScreen
 from clfbench.app.tui.messages import OpenErrors, OpenNewRun, OpenRun
-from clfbench.app.tui.screen_parts import TitleBar, copy_for_user, copy_key
+from clfbench.app.tui.screen_parts import KeyTable, TitleBar, call_if_open, copy_for_user, copy_key
 from clfbench.storage import queries, queue
 from clfbench.storage.db import Store
 from clfbench.storage.models import RunStatus
@@ -50,6 +50,11 @@ def matches(run: dict, terms: list[str]) -> bool:
                      for key in ("id", "status", "method", "model", "task", "name", "gpus_assigned")):
             return False
     return True
+
+
+def describe(run: dict) -> str:
+    """`7 (prompt · smollm2-135m · massive-intent, running)`: enough to be sure which run a question is about."""
+    return f"{run['id']} ({run['method']} · {run['model']} · {run['task']}, {run['status']})"
 
 
 @dataclass
@@ -126,7 +131,7 @@ class RunsScreen(Screen):
         yield TitleBar("runs", self.store.label())
         yield Input(placeholder="filter: text, or field:text (status:running model:minilm)", id="filter",
                     compact=True)
-        table = DataTable(cursor_type="row", zebra_stripes=True, id="runs")
+        table = KeyTable(cursor_type="row", zebra_stripes=True, id="runs")
         for name, width in COLUMNS:
             table.add_column(name, key=name, width=width)
         yield table
@@ -146,7 +151,7 @@ class RunsScreen(Screen):
         now = self.app.now()
         engine = read_engine_info(self.store, now, [r for r in runs if r["status"] == RunStatus.running])
         if not get_current_worker().is_cancelled:
-            self.app.call_from_thread(self.show, runs, engine)
+            call_if_open(self, self.show, runs, engine)
 
     def show(self, runs: list[dict], engine: EngineInfo) -> None:
         self.runs = {r["id"]: r for r in runs}
@@ -246,26 +251,40 @@ class RunsScreen(Screen):
         if run is not None:
             self.post_message(OpenErrors(run["id"]))
 
+    # Cancel, delete and the retry of a succeeded run cannot be undone (a cancelled run loses its progress, a
+    # retried one its results), and c/x/r sit beside keys pressed all the time: each asks first, the safe
+    # answer focused. Retrying a failed, cancelled or interrupted run loses nothing, so it does not ask.
     def action_cancel(self) -> None:
         run = self.selected_run()
-        if run is not None:
-            self.change_run("cancel", run["id"])
+        if run is None:
+            return
+        if run["status"] not in (RunStatus.queued, RunStatus.running):
+            self.notify(f"run {run['id']} is {run['status']}: nothing to cancel", severity="warning")
+            return
+        lost = ("its worker is stopped and its progress is lost" if run["status"] == RunStatus.running
+                else "it will not start")
+        self.confirm_change("cancel", run, f"Cancel run {describe(run)}? {lost[0].upper()}{lost[1:]}.")
 
     def action_retry(self) -> None:
         run = self.selected_run()
-        if run is not None:
+        if run is None:
+            return
+        if run["status"] == RunStatus.succeeded:
+            self.confirm_change("retry", run, f"Run {describe(run)} again? Its results are replaced by the new "
+                                              "attempt's.")
+        else:
             self.change_run("retry", run["id"])
 
     def action_delete(self) -> None:
         run = self.selected_run()
-        if run is None:
-            return
-        question = (f"Delete run {run['id']} ({run['method']} · {run['model']} · {run['task']}, {run['status']}) "
-                    "with its metrics, predictions and results?")
+        if run is not None:
+            self.confirm_change("delete", run, f"Delete run {describe(run)} with its metrics, predictions and "
+                                               "results?")
 
+    def confirm_change(self, what: str, run: dict, question: str) -> None:
         def answered(yes: bool | None) -> None:
             if yes:
-                self.change_run("delete", run["id"])
+                self.change_run(what, run["id"])
 
         self.app.push_screen(ConfirmScreen(question), answered)
 

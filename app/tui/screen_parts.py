@@ -1,13 +1,16 @@
 """What every screen is built from: the title bar, the keys the screens share, copying for the user.
 
 One place for them, so that the screens look and answer alike: a screen's title reads `clfbench · <where>`,
-the number keys switch its tabs, `y` copies the value under the cursor.
+the number keys switch its tabs, `y` copies the value under the cursor, j/k/g/G move in every table, and a
+store read finished in a thread worker is shown only while its screen is still open.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from textual.binding import Binding
 from textual.screen import Screen
-from textual.widgets import Static
+from textual.widgets import DataTable, Static
 
 APP_NAME = "clfbench"
 
@@ -46,3 +49,27 @@ def copy_for_user(screen: Screen, text: str, what: str) -> None:
     (OSC 52), which reaches the local clipboard over SSH and in tmux."""
     screen.app.copy_to_clipboard(text)
     screen.notify(f"copied {what}")
+
+
+def call_if_open(screen: Screen, callback: Callable, *args) -> None:
+    """From a thread worker: run callback(*args) on the UI thread if the screen is still open.
+
+    A read can finish after the user left its screen (escape while the matrix loads); the screen's widgets are
+    being removed then, and filling them would raise NoMatches and stop the app (found by the soak test).
+    """
+    def deliver() -> None:
+        if screen in screen.app.screen_stack:
+            callback(*args)
+
+    screen.app.call_from_thread(deliver)
+
+
+class KeyTable(DataTable):
+    """A DataTable that also moves with the vi keys every list and table of the TUI answers to."""
+
+    BINDINGS = [
+        Binding("j", "cursor_down", "Down", show=False),
+        Binding("k", "cursor_up", "Up", show=False),
+        Binding("g", "scroll_top", "First row", show=False),
+        Binding("G", "scroll_bottom", "Last row", show=False),
+    ]

@@ -457,6 +457,10 @@ class MethodInfo:
     needs_train: bool = True
     # Runs on the CPU whatever the box has (a classical baseline): it never claims a GPU, it takes a CPU slot.
     cpu_only: bool = False
+    # Predicts by generating text that is then parsed into labels: only such a method can fail to parse, so
+    # only its parse_failure_rate means something (the others store 0.0; the TUI and `clfbench results` show
+    # it blank, not as a perfect 0.0 that would be highlighted best).
+    parses_output: bool = False
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -482,6 +486,7 @@ METHODS: dict[str, MethodInfo] = {
         max_tasks=2,
         launch="torchrun",
         needs_train=False,
+        parses_output=True,
     ),
     "llm-finetune": MethodInfo(
         name="llm-finetune",
@@ -493,6 +498,7 @@ METHODS: dict[str, MethodInfo] = {
         task_kinds=("sequence", "token"),
         max_tasks=2,
         launch="torchrun",
+        parses_output=True,
     ),
     "openai": MethodInfo(
         name="openai",
@@ -506,6 +512,7 @@ METHODS: dict[str, MethodInfo] = {
         launch="process",
         local_model=False,
         needs_train=False,
+        parses_output=True,
     ),
     "llmembed": MethodInfo(
         name="llmembed",
