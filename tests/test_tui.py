@@ -394,6 +394,8 @@ def test_help_lists_the_keys_of_the_current_screen(seeded):
         table = help_screen.query_one(DataTable)
         rows = {str(table.get_row_at(i)[1]) for i in range(table.row_count)}
         assert {"Cancel", "Retry", "Delete", "Dup+edit", "Filter", "Engine start", "Engine stop", "Quit"} <= rows
+        keys = ", ".join(str(table.get_row_at(i)[0]) for i in range(table.row_count)).split(", ")
+        assert {"j", "k", "g", "G"} <= set(keys)  # the focused list's vi keys, beside its arrows
         await pilot.press("escape")
         await pilot.press("enter")
         await settle(pilot)
