@@ -92,3 +92,34 @@ def test_queue_a_run_in_the_tui_and_see_it_succeed(home):
             patch.setenv("CLFBENCH_HOME", str(home))
             stop_engine(url)
     assert os.path.exists(home / "clfbench.db")
+
+
+def test_cancel_asks_first_and_n_keeps_the_run(home, tmp_path):
+    """On the seeded store, without an engine: c on a queued run asks; n keeps it queued, y cancels it."""
+    from tests.tui_seed import seed_store
+
+    home.mkdir(parents=True, exist_ok=True)
+    url = seed_store(home / "clfbench.db")
+    env = {"CLFBENCH_HOME": str(home), "PYTHONPATH": str(ROOT), "TERM": "xterm-256color"}
+    exports = " ".join(f"{key}={value}" for key, value in env.items())
+    name = f"clfbench-tui-{uuid.uuid4().hex[:8]}"
+    command = f"cd {ROOT} && env {exports} {sys.executable} -m clfbench.app.cli --db {url} tui --no-engine; sleep 5"
+    subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "80", "-y", "24", command], check=True)
+    pane = Pane(name)
+    try:
+        pane.wait_for(r"^\s*28\s+interrupted", 60, "the seeded runs")
+        pane.keys("/")
+        pane.type("status:queued")
+        pane.keys("Enter")
+        pane.wait_for(r"2 of 28 runs", 10, "the two queued runs")  # 25 then 24; the cursor is on 25
+        pane.keys("c")
+        pane.wait_for(r"Cancel run 25", 10, "the question")
+        pane.keys("n")
+        screen = pane.wait_for(r"2 of 28 runs", 10, "the list again")
+        assert "Cancel run 25" not in screen and re.search(r"^\s*25\s+queued", screen, re.MULTILINE)
+        pane.keys("c")
+        pane.wait_for(r"Cancel run 25", 10, "the question again")
+        pane.keys("y")
+        pane.wait_for(r"run 25: cancelled", 20, "the run cancelled")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
