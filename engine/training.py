@@ -284,6 +284,16 @@ def _log_window(ctx: RunContext, training: Training, window: _Window, step: int,
     ctx.set_progress(step, total)
     if echo and ctx.is_main:
         print(f"{echo} step {step}/{total} train_loss {loss:.4f} ({count / elapsed:.0f} {counted}/s)", flush=True)
+    stop_if_loss_not_finite(loss, step)  # every rank holds the same summed loss, so every rank stops here
+
+
+def stop_if_loss_not_finite(loss: float, step: int) -> None:
+    """A NaN or infinite training loss ends the run `failed` with one line, its points up to this step kept (the
+    caller logs them first; the worker flushes them before it writes the failure): the weights are NaN from here
+    on, so training further would only spend hours. `step` is the point that showed it: the loss is checked where
+    it is logged (every `log_every` steps), not per step, which would cost a device-to-host sync each step."""
+    if not math.isfinite(loss):
+        raise ClfbenchError(f"loss became {'NaN' if math.isnan(loss) else f'{loss}'} at step {step}")
 
 
 def _pause(ctx: RunContext, training: Training, evaluate_dev: Callable[[int], float] | None, step: int,
@@ -450,9 +460,17 @@ def restore(checkpoint: dict, optimizer, scheduler, rank: int) -> int:
     return int(checkpoint["step"])
 
 
+def remove_unfinished_checkpoints(output_dir: Path) -> None:
+    """Delete the `.checkpoint.tmp-<pid>` folders of saves an earlier attempt did not finish (killed mid-save): each
+    is as big as a checkpoint, and nothing ever reads one. Called when a run starts, before any save of its own."""
+    for folder in output_dir.glob(f".{CHECKPOINT_DIR}.tmp-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def load_checkpoint(output_dir: Path, fingerprint: dict, verbose: bool) -> dict | None:
     """The checkpoint left by an earlier attempt of this run, or None (missing, unreadable, other setup)."""
     output_dir = Path(output_dir)
+    remove_unfinished_checkpoints(output_dir)
     for folder in (output_dir / CHECKPOINT_DIR, output_dir / f".{CHECKPOINT_DIR}.old"):
         path = folder / "state.pt"
         if not path.is_file():

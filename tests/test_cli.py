@@ -46,6 +46,16 @@ def test_bad_specs_are_refused_at_queue_time(cli, tmp_path, spec_text, words):
     assert cli.json("ls") == []
 
 
+@pytest.mark.parametrize("option, words", [
+    ("lr=inf", ["lr", "finite"]), ("lr=nan", ["lr", "finite"]), ("lr=1e30", ["lr", "less than or equal to 10"]),
+    ("epochs=1e12", ["epochs", "1000"]), ("batch_size=1000000000", ["batch_size", "65536"]),
+])
+def test_non_finite_and_absurd_option_values_are_refused_at_queue_time(cli, option, words):
+    result = cli.run("queue", *BASE, "--task", "massive-intent", "-o", option, check=False)
+    assert_one_line_error(result, *words)
+    assert cli.json("ls") == []
+
+
 def test_non_utf8_spec_and_missing_files(cli, tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("method: encoder-finetune\nmodel: caf\xe9\n".encode("latin-1"))
@@ -225,3 +235,95 @@ def test_a_broken_file_in_the_tasks_folder_does_not_block_the_others(cli, tmp_pa
     assert_one_line_error(cli.run(*base, "--task", "my-ner", check=False), "ner.yaml", "'O' is not a slot type")
     assert_one_line_error(cli.run(*base, "--task", "typo", check=False), "invalid YAML", "typo.yaml")
     assert [run["task"] for run in cli.json("ls")] == ["good-task"]
+
+
+def test_retry_and_rm_of_a_running_run_refuse_and_exit_non_zero(cli):
+    from clfbench.storage import queue
+    from clfbench.storage.db import open_store
+
+    first, second = (run["id"] for run in cli.json("queue", *BASE, "--task", "massive-intent", "--seed", "0",
+                                                   "--seed", "1"))
+    claimed = queue.claim(open_store(), host="h", engine_id=1, default_gpus=0, free_gpus=0, cpu_free=True,
+                          api_free=True)
+    assert claimed["id"] == first
+    cli.run("cancel", str(second))
+    retried = cli.run("retry", str(first), str(second), check=False)
+    assert retried.returncode == 1
+    assert f"run {first}: not retried (status running)" in retried.stdout
+    assert f"run {second}: queued again" in retried.stdout  # the others are still done
+    removed = cli.run("rm", "-y", str(first), check=False)
+    assert removed.returncode == 1 and "not deleted (running)" in removed.stdout
+    assert cli.json("show", str(first))["status"] == "running"
+
+
+def test_ls_with_an_unknown_status_names_the_valid_ones(cli):
+    assert_one_line_error(cli.run("ls", "--status", "bogus", check=False), "bogus", "queued", "running", "failed")
+    assert cli.json("ls", "--status", "queued") == []
+
+
+@pytest.mark.parametrize("url, words", [
+    ("postgresql+nosuchdriver://user@localhost/db", ["no database driver", "postgresql+nosuchdriver"]),
+    ("mysql://user@localhost/db", ["driver for mysql", "not installed", "MySQLdb"]),
+])
+def test_a_missing_database_driver_is_one_line(cli, url, words):
+    assert_one_line_error(cli.run("--db", url, "ls", check=False), *words)
+
+
+def test_ctrl_c_at_start_up_is_one_line_and_a_non_zero_exit(cli):
+    import signal
+    import time
+
+    for delay in (0.1, 0.4, 1.0):  # during the imports, the store's opening, the engine's start
+        engine = cli.popen("engine", "--foreground")
+        time.sleep(delay)
+        engine.send_signal(signal.SIGINT)
+        output, _ = engine.communicate(timeout=60)
+        assert engine.returncode != 0 or "engine: store" in output, (delay, output)
+        assert "Traceback" not in output, (delay, output)
+        if engine.returncode != 0:
+            assert output.strip().splitlines()[-1] == "error: interrupted", (delay, output)
+
+
+def test_run_folders_logs_and_locks_are_private_with_the_store_elsewhere(cli, tmp_path):
+    import stat
+
+    elsewhere = tmp_path / "stores"
+    elsewhere.mkdir()
+    url = f"sqlite:///{elsewhere}/other.db"
+    cli.run("--db", url, "queue", "--method", "tfidf", "--model", "none", "--task", "massive-intent",
+            "--data-dir", str(SAMPLES), "-o", "train_limit=40", "-o", "test_limit=10")
+    assert not cli.home.exists()  # the store is elsewhere: the home is made by the engine, below
+    cli.run("--db", url, "engine", "--until-idle")
+    assert cli.json("--db", url, "ls")[0]["status"] == "succeeded"
+    made = [cli.home, *cli.home.rglob("*")]
+    assert any(path.name == "log.txt" for path in made) and any(path.suffix == ".lock" for path in made)
+    for path in made:
+        if path.parent.name in ("models", "features"):  # caches of public models: not run data
+            continue
+        wanted = 0o700 if path.is_dir() else 0o600
+        assert stat.S_IMODE(path.stat().st_mode) == wanted, path
+
+
+def test_ls_answers_at_once_while_another_process_holds_the_write_lock(cli):
+    """A writer (an ingest batch, a long migration elsewhere) holds SQLite's write lock; `clfbench ls`, `show` and
+    `results` neither wait for it (the busy timeout is 30 s) nor fail with "database is locked"."""
+    import sqlite3
+    import time
+
+    (run,) = cli.json("queue", *BASE, "--task", "massive-intent")
+    started = time.monotonic()
+    cli.run("ls")
+    idle = time.monotonic() - started
+    holder = sqlite3.connect(cli.home / "clfbench.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        listed = cli.json("ls")
+        held = time.monotonic() - started
+        assert [r["id"] for r in listed] == [run["id"]]
+        assert held < idle + 1.0, (held, idle)
+        assert cli.json("show", str(run["id"]))["status"] == "queued"
+        cli.run("results")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

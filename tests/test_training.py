@@ -185,6 +185,34 @@ def test_a_checkpoint_resumes_only_the_same_setup(tmp_path, capsys):
     assert other.start_step == 0 and "made for another setup" in capsys.readouterr().out
 
 
+def test_a_resume_removes_the_temp_folders_of_saves_killed_midway(tmp_path):
+    save_one(tmp_path, 4)
+    killed = tmp_path / ".checkpoint.tmp-99999"  # what a worker killed inside save_checkpoint leaves
+    killed.mkdir()
+    (killed / "state.pt").write_bytes(b"x" * 1000)
+    model, _ = toy_training(tmp_path, [])
+    again = training.start_training(make_ctx(tmp_path), model, StepPlan(10, 20, 0), {"setup": 1}, lr=0.1,
+                                    weight_decay=0.0, log_prefix="toy:")
+    assert again.start_step == 4
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".checkpoint")) == []
+
+
+def test_a_loss_that_becomes_nan_stops_the_loop_with_one_line_after_logging_it(tmp_path):
+    recorder = Recorder()
+    ctx = make_ctx(tmp_path, recorder, log_every=2)
+    model, run = toy_training(tmp_path, [])
+
+    def gradients(step):  # finite for 3 steps, then NaN
+        loss = model(torch.ones(1, 3)).sum() * 0 + (float("nan") if step >= 3 else 1.0)
+        loss.backward()
+        return [Tally(loss.detach(), weight=1.0, count=1.0)]
+
+    with pytest.raises(training.ClfbenchError, match=r"^loss became NaN at step 4$"):
+        training.train_loop(ctx, run, StepPlan(10, 10, 0), gradients, evaluate_dev=None)
+    losses = recorder.values("train_loss")
+    assert losses[0] == (2, 1.0) and losses[1][0] == 4 and losses[1][1] != losses[1][1]  # NaN, kept
+
+
 AGREEMENT_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path

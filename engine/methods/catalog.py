@@ -19,10 +19,18 @@ from clfbench.engine.types import ClfbenchError
 EXECUTION = {"execution": True}
 
 
-class MethodOptions(BaseModel):
-    """Base for every method's options: frozen, and an unknown key is an error that names it."""
+# Bounds on values no run means: `epochs=1e12` or a batch of 1e9 would be accepted, then fail (or run forever) in
+# a worker; refused at queue time instead. Generous: far above anything the methods' papers or a GPU use.
+MAX_EPOCHS = 1000
+MAX_BATCH = 65536
+MAX_LR = 10.0
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class MethodOptions(BaseModel):
+    """Base for every method's options: frozen, and an unknown key is an error that names it. A float option is
+    never NaN or infinite (`lr=inf` passes `gt=0`): refused at queue time with its name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     def check_task_kinds(self, kinds: list[str]) -> None:
         """Raise ValueError when these options do not fit the run's task kinds ("sequence", "token"); checked
@@ -51,9 +59,9 @@ class EncoderFinetuneOptions(MethodOptions):
     preset: Literal["none", "paper"] = Field(
         "none", description="'paper': batch 32, lr 1e-5, Adam without weight decay, 10 epochs (20NG) / 20 (MASSIVE); "
                             "overrides those options")
-    epochs: float = Field(3.0, gt=0, description="passes over the training set")
-    batch_size: int = Field(32, ge=1, description="examples per optimizer step, per process")
-    lr: float = Field(5e-5, gt=0, description="peak learning rate")
+    epochs: float = Field(3.0, gt=0, le=MAX_EPOCHS, description="passes over the training set")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="examples per optimizer step, per process")
+    lr: float = Field(5e-5, gt=0, le=MAX_LR, description="peak learning rate")
     optimizer: Literal["adamw", "adam"] = Field(
         "adamw", description="adamw: decoupled weight decay; adam: plain Adam (weight_decay as L2, if any)")
     weight_decay: float = Field(0.01, ge=0, description="weight decay (not on biases and norms)")
@@ -117,7 +125,7 @@ class PromptOptions(MethodOptions):
     max_new_tokens: int | None = Field(
         None, ge=1, description="generate: token limit per answer (empty: 48 for a label, 16 per word + 64 for "
                                 "slots or JSON)")
-    batch_size: int = Field(32, ge=1, description="examples decoded or scored together", json_schema_extra=EXECUTION)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="examples decoded or scored together", json_schema_extra=EXECUTION)
     test_limit: int | None = Field(None, ge=1, description="evaluate only the first N test examples (a fixed subset)")
     train_limit: int | None = Field(None, ge=1, description="draw few-shot examples from the first N training "
                                                             "examples only (after a seeded shuffle)")
@@ -210,7 +218,7 @@ class LlmEmbedOptions(MethodOptions):
         "paper", description="paper: per-vector projections, their Gram matrix and the main model's layer "
                              "mean; concat: the pooled vectors concatenated")
     max_length: int = Field(128, ge=1, description="tokens kept per text for extraction (longer texts are cut)")
-    extract_batch_size: int = Field(32, ge=1, description="texts per forward pass during extraction",
+    extract_batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="texts per forward pass during extraction",
                                     json_schema_extra=EXECUTION)
     project_dim: int = Field(256, ge=1, description="fusion=paper: size of each per-layer/per-model projection")
     sigma: float = Field(0.05, gt=0, description="fusion=paper: scale inside the Gram matrix's 2*sigmoid(sigma*x)-1")
@@ -219,10 +227,10 @@ class LlmEmbedOptions(MethodOptions):
                           "hidden states have a few huge dimensions)")
     hidden_size: int = Field(1024, ge=4, description="MLP width (the second hidden layer has a quarter of it)")
     dropout: float = Field(0.5, ge=0, lt=1, description="dropout in the projections and the MLP")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the classifier")
-    epochs: int = Field(50, ge=1, description="classifier epochs at most (early stopping may end sooner)")
+    lr: float = Field(1e-3, gt=0, le=MAX_LR, description="Adam learning rate of the classifier")
+    epochs: int = Field(50, ge=1, le=MAX_EPOCHS, description="classifier epochs at most (early stopping may end sooner)")
     patience: int = Field(5, ge=0, description="epochs without a better dev accuracy before stopping (0: never)")
-    batch_size: int = Field(64, ge=1, description="classifier examples per step")
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH, description="classifier examples per step")
     dev_fraction: float = Field(
         0.1, ge=0, lt=0.5, description="share of train held out (seeded) for early stopping when the task has no "
                                        "dev split")
@@ -296,9 +304,9 @@ class LsLlamaOptions(MethodOptions):
     lora_target_modules: str = Field(
         "q_proj+v_proj", pattern=r"^[A-Za-z0-9_.]+(\+[A-Za-z0-9_.]+)*$",
         description="names of the linear layers that get adapters, joined with '+' (e.g. q_proj+k_proj+v_proj+o_proj)")
-    epochs: float = Field(3.0, gt=0, description="passes over the training set")
-    batch_size: int = Field(8, ge=1, description="examples per optimizer step, per process")
-    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    epochs: float = Field(3.0, gt=0, le=MAX_EPOCHS, description="passes over the training set")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="examples per optimizer step, per process")
+    lr: float = Field(1e-4, gt=0, le=MAX_LR, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.01, ge=0, description="weight decay (not on biases)")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of steps with linear warm-up (then linear decay)")
     max_length: int = Field(64, ge=8, description="tokens kept per text (longer texts are cut; cut words are tagged O)")
@@ -362,10 +370,10 @@ class LlmFinetuneOptions(MethodOptions):
     JSON answer. After training, rank 0 predicts the test set with the prompt method's decision modes.
     """
 
-    epochs: float = Field(1.0, gt=0, description="passes over the training set")
-    batch_size: int = Field(8, ge=1, description="examples per micro-batch, per process")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(2e-5, gt=0, description="peak learning rate")
+    epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS, description="passes over the training set")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="examples per micro-batch, per process")
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH, description="micro-batches per optimizer step")
+    lr: float = Field(2e-5, gt=0, le=MAX_LR, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases and norms)")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps with linear warm-up (then linear decay)")
     max_length: int = Field(1024, ge=16, description="tokens per training sequence (prompt + answer + stop token)")
@@ -396,7 +404,7 @@ class LlmFinetuneOptions(MethodOptions):
     content_free: str = Field("N/A", description="score_norm=calibrated: the content-free document")
     score_end: bool = Field(True, description="decision=score: as in `prompt`")
     max_new_tokens: int | None = Field(None, ge=1, description="decision=generate: token limit per answer (as in `prompt`)")
-    eval_batch_size: int = Field(8, ge=1, description="examples decoded or scored together at test time",
+    eval_batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="examples decoded or scored together at test time",
                                  json_schema_extra=EXECUTION)
     chat_format: Literal["template", "raw"] = Field(
         "template", description="the tokenizer's chat template, or the paper's [INST] ... [/INST] text as is")

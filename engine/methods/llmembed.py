@@ -53,6 +53,7 @@ from clfbench.engine.dev_split import split_held_out
 from clfbench.engine.models import resolve_model
 from clfbench.storage.paths import feature_cache_dir
 from clfbench.engine.context import RunContext
+from clfbench.engine.training import stop_if_loss_not_finite
 from clfbench.engine.types import ClfbenchError, Example, MethodOutput, Predicted, TaskData
 
 LOG = "llmembed:"
@@ -550,6 +551,7 @@ def train_classifier(model: FusionClassifier, train_x: list[torch.Tensor], train
             total += float(loss.detach()) * len(index)
             count += len(index)
         ctx.log_metric(step, "train_loss", total / max(count, 1))
+        stop_if_loss_not_finite(total / max(count, 1), step)
         history.epochs = epoch
         progress.epoch(epoch)
         if len(dev_y):
