@@ -8,8 +8,26 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
+
+
+def _interrupted(_signum, _frame) -> None:
+    """Ctrl-C in a command: one line and exit 130, at any moment (typer turns a KeyboardInterrupt into a silent
+    exit, and one during the imports below would be a traceback). Store writes are transactions, so nothing is
+    half-written; the engine puts its own handler in place (a graceful stop) once it runs."""
+    try:
+        sys.stdout.flush()
+    finally:
+        os.write(2, b"error: interrupted\n")
+        os._exit(130)
+
+
+# Only when this process is the command line (`clfbench ...`, `python -m clfbench.app.cli`), not when a test or
+# another program imports the module; installed before the slow imports so start-up is covered too.
+if __name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "clfbench":
+    signal.signal(signal.SIGINT, _interrupted)
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +42,7 @@ from clfbench.engine.submit import build_specs, new_runs, parse_option_pairs, va
 from clfbench.engine.tasks.identity import frozen_tasks, task_for_user
 from clfbench.engine.types import ClfbenchError
 from clfbench.storage import queries, queue
-from clfbench.storage.db import Store, StoreError, open_store
+from clfbench.storage.db import Store, StoreError, open_store, store_failure
 from clfbench.storage.models import TERMINAL_STATUSES, RunStatus
 
 app = typer.Typer(
@@ -120,6 +138,9 @@ def list_command(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """List runs, newest first."""
+    statuses = [s.value for s in RunStatus]
+    if status is not None and status not in statuses:
+        fail(f"unknown status '{status}' (choose from {', '.join(statuses)})")
     runs = queries.list_runs(store(), status=status, limit=limit or None)
     if as_json:
         print_json(runs)
@@ -250,12 +271,16 @@ def cancel_command(run_ids: list[int] = typer.Argument(..., help="run ids")) -> 
 def retry_command(run_ids: list[int] = typer.Argument(..., help="run ids")) -> None:
     """Put finished runs (failed, cancelled, interrupted, succeeded) back in the queue."""
     s = store()
+    refused = 0
     for run_id in run_ids:
         run = get_run_or_fail(s, run_id)
         if queue.requeue(s, run_id):
             typer.echo(f"run {run_id}: queued again")
         else:
             typer.echo(f"run {run_id}: not retried (status {run['status']})")
+            refused += 1
+    if refused:  # a script must see that not every run it named was retried
+        raise typer.Exit(1)
 
 
 @app.command("rm")
@@ -269,8 +294,13 @@ def remove_command(run_ids: list[int] = typer.Argument(..., help="run ids"),
         raise typer.Exit(1)
     from clfbench.engine.daemon import delete_run
 
+    refused = 0
     for run_id in run_ids:
-        typer.echo(f"run {run_id}: {'deleted' if delete_run(s.url, s, run_id) else 'not deleted (running)'}")
+        deleted = delete_run(s.url, s, run_id)
+        typer.echo(f"run {run_id}: {'deleted' if deleted else 'not deleted (running)'}")
+        refused += not deleted
+    if refused:  # a script must see that not every run it named was deleted
+        raise typer.Exit(1)
 
 
 @app.command("results")
@@ -619,7 +649,16 @@ def demo_command(
 
 
 def main() -> None:
-    app()
+    """The command line. A store failure anywhere (a read-only file, a full disk, a lost server) and Ctrl-C are one
+    line and a non-zero exit, not a traceback; any other exception is a bug and keeps its traceback."""
+    try:
+        app()
+    except Exception as error:
+        line = store_failure(error)
+        if line is None:
+            raise
+        typer.echo(f"error: {line}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -62,8 +62,7 @@ def delete_run(url: str, store: Store, run_id: int) -> bool:
 def acquire_engine_lock(url: str):
     """Hold an exclusive flock for this store on this host, or raise if another engine holds it."""
     path = paths.engine_lock_path(url)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")
+    handle = paths.open_private(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -345,8 +344,7 @@ class Engine:
         if run["launch"] == "process":
             need = 0
         gpus = free[:need]
-        folder = run_dir(self.config.url, run["id"])
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = paths.private_dir(run_dir(self.config.url, run["id"]))
         log_path = folder / "log.txt"
         if run["launch"] == "process":
             command = [sys.executable, "-m", "clfbench.engine.worker", str(run["id"])]
@@ -356,7 +354,7 @@ class Engine:
         env, threads, why = self.launch_env(run, gpus, folder)
         if why:
             queue.log_event_standalone(self.store, "threads", why, run["id"])
-        log_handle = open(log_path, "ab")
+        log_handle = paths.open_private(log_path)
         header = (f"\n===== clfbench: run {run['id']} attempt {run['attempt']} on {self.host} "
                   f"gpus [{','.join(map(str, gpus))}] at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
         if why:
@@ -508,12 +506,11 @@ def start_detached(url: str, gpus: str | None, max_cpu_runs: int) -> int:
     if holder:
         raise ClfbenchError(f"an engine already runs for this store on this host (pid {holder})")
     log = engine_log_path(url)
-    log.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "clfbench.engine.daemon", "--db", url, "--max-cpu-runs", str(max_cpu_runs)]
     if gpus is not None:
         command += ["--gpus", gpus]
     env = dict(os.environ)
-    with open(log, "ab") as handle:
+    with paths.open_private(log) as handle:
         popen = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  start_new_session=True, env=env, cwd=str(paths.home()))
     # Wait until it holds the lock (or died) so `start` reports the truth.

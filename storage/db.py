@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlmodel import SQLModel
 
 from clfbench.storage import dialect, paths
@@ -184,6 +184,39 @@ def migrate(store: Store) -> None:
             )
 
 
+def _create_engine(url: str) -> Engine:
+    """The SQLAlchemy engine for `url`; a driver that SQLAlchemy does not know or that is not installed is a one-line
+    StoreError naming it (create_engine imports the driver, so this is where it fails)."""
+    parsed = make_url(url)
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            return create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        return create_engine(url, pool_pre_ping=True)
+    except NoSuchModuleError:
+        raise StoreError(f"no database driver '{parsed.drivername}' for {parsed.render_as_string(hide_password=True)} "
+                         f"(SQLAlchemy knows no such dialect or driver)") from None
+    except ImportError as error:
+        raise StoreError(f"the database driver for {parsed.drivername}:// is not installed: {error} "
+                         f"(pip install the package that provides it)") from None
+
+
+def store_failure(error: BaseException) -> str | None:
+    """One line for an error the database raised through SQLAlchemy (a read-only file, a full disk, a lost server),
+    or None for any other exception (a bug keeps its traceback). The command line prints it instead of a
+    traceback; the driver's own message is kept, it names the problem."""
+    if isinstance(error, DBAPIError) and error.orig is not None:
+        message = str(error.orig)
+    elif isinstance(error, SQLAlchemyError):
+        message = str(error)
+    else:
+        return None
+    lines = message.strip().splitlines()
+    first = lines[0] if lines else type(error).__name__
+    hint = {"attempt to write a readonly database": " (the store file or its folder is read-only)",
+            "database or disk is full": " (free space where the store lives; finished runs are kept)"}
+    return f"store failed: {first}{hint.get(first, '')}"
+
+
 def open_store(url: str | None = None, create: bool = True) -> Store:
     """Open (and migrate) the store. Raises StoreError with one line on any problem."""
     url = resolve_url(url)
@@ -196,9 +229,7 @@ def open_store(url: str | None = None, create: bool = True) -> Store:
         if not create and database and not Path(database).exists():
             raise StoreError(f"no store at {database}")
         _prepare_sqlite_file(url)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-    else:
-        engine = create_engine(url, pool_pre_ping=True)
+    engine = _create_engine(url)
     dialect.configure_engine(engine)
     store = Store(url=url, engine=engine)
     try:

@@ -11,6 +11,10 @@
 
 It lives in storage/ because every side needs it (the CLI, the TUI, the engine, the worker) and storage is the
 package all of them may import. The store key separates two stores under one home.
+
+Everything clfbench creates here is private to the user (folders 0700, files 0600: logs and run folders may hold
+data, prompts and API errors): `private_dir` and `open_private` make them so whatever the umask, and whether or not
+the home already existed (a `--db` elsewhere leaves the home to be created by whatever writes there first).
 """
 from __future__ import annotations
 
@@ -56,3 +60,29 @@ def model_cache_dir() -> Path:
 
 def feature_cache_dir() -> Path:
     return home() / "cache" / "features"
+
+
+def private_dir(folder: Path) -> Path:
+    """`folder` and each missing folder above it, created 0700 (an existing folder keeps its mode)."""
+    folder = Path(folder)
+    missing = []
+    for level in (folder, *folder.parents):
+        if level.exists():
+            break
+        missing.append(level)
+    for level in reversed(missing):
+        try:
+            level.mkdir(mode=0o700)
+        except FileExistsError:  # another process made it meanwhile
+            continue
+        os.chmod(level, 0o700)  # mkdir's mode passes through the umask
+    return folder
+
+
+def open_private(path: Path, mode: str = "ab"):
+    """Open `path` for appending (`mode` "ab" or "a+"), creating it 0600 (and its folder 0700) when missing."""
+    path = Path(path)
+    private_dir(path.parent)
+    access = os.O_RDWR if "+" in mode else os.O_WRONLY
+    descriptor = os.open(path, access | os.O_APPEND | os.O_CREAT, 0o600)
+    return os.fdopen(descriptor, mode)
