@@ -515,7 +515,7 @@ def engine_command(
     if not (foreground or until_idle):
         start_engine(gpus, max_cpu_runs)
         return
-    from clfbench.engine.daemon import EngineConfig, run_engine
+    from clfbench.engine.daemon import EngineConfig
     from clfbench.engine.gpus import discover_gpus
 
     s = store()
@@ -523,9 +523,24 @@ def engine_command(
         found = discover_gpus(gpus)
         typer.echo(f"engine: store {s.describe()}, GPUs [{','.join(map(str, found))}]"
                    f"{' (CPU only)' if not found else ''}", err=True)
-        run_engine(EngineConfig(url=s.url, gpus=found, until_idle=until_idle, max_cpu_runs=max_cpu_runs))
+        engine_with_progress(s, EngineConfig(url=s.url, gpus=found, until_idle=until_idle,
+                                             max_cpu_runs=max_cpu_runs))
     except ClfbenchError as error:
         fail(str(error))
+
+
+def engine_with_progress(s: Store, config) -> None:
+    """Run the engine in this process with a progress bar per run on stdout (plain lines when not a terminal)."""
+    from clfbench.app.progress import RunWatcher
+    from clfbench.engine.daemon import run_engine
+
+    watcher = RunWatcher(store=s, console=console)
+    config.on_tick = watcher.tick
+    watcher.start()
+    try:
+        run_engine(config)
+    finally:
+        watcher.stop()
 
 
 def start_engine(gpus: Optional[str], max_cpu_runs: int) -> None:
@@ -625,17 +640,24 @@ def demo_command(
     typer.echo(f"queued demo runs {', '.join(map(str, ids))} on {folder}")
     if not run:
         return
-    from clfbench.engine.daemon import EngineConfig, engine_lock_holder, run_engine
+    from clfbench.app.progress import RunWatcher
+    from clfbench.engine.daemon import EngineConfig, engine_lock_holder
     from clfbench.engine.gpus import discover_gpus
 
     started = time.time()
     if engine_lock_holder(s.url):
         typer.echo("an engine already runs for this store; waiting for it to finish the demo runs", err=True)
-        while any(queries.get_run(s, i)["status"] not in TERMINAL_STATUSES for i in ids):
-            time.sleep(1)
+        watcher = RunWatcher(store=s, console=console)
+        watcher.start()
+        try:
+            while any(queries.get_run(s, i)["status"] not in TERMINAL_STATUSES for i in ids):
+                time.sleep(1)
+                watcher.tick()
+        finally:
+            watcher.stop()
     else:
         try:
-            run_engine(EngineConfig(url=s.url, gpus=discover_gpus(None), until_idle=True))
+            engine_with_progress(s, EngineConfig(url=s.url, gpus=discover_gpus(None), until_idle=True))
         except ClfbenchError as error:
             fail(str(error))
     typer.echo(f"demo finished in {time.time() - started:.0f} s")

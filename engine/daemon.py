@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,6 +263,8 @@ class EngineConfig:
     max_api_runs: int = 4
     poll_s: float = 0.5
     cancel_grace_s: float = 10.0
+    # Called once per loop tick (a foreground CLI shows progress from it); it must be quick and only read.
+    on_tick: Callable[[], None] | None = None
 
 
 @dataclass
@@ -452,6 +455,8 @@ class Engine:
             launched = False
             while not self.stopping and self.claim_and_launch():
                 launched = True
+            if self.config.on_tick is not None:
+                self.config.on_tick()
             if self.config.until_idle and self.idle() and not launched:
                 break
             time.sleep(self.config.poll_s)
