@@ -3,6 +3,13 @@
 Points are buffered and written every `flush_every` points or `flush_s` seconds, whichever comes first.
 A background thread writes the run's heartbeat (with the latest progress) every `heartbeat_s`, so a
 run stuck in a long model load still shows as alive.
+
+Fencing: every write names (run, attempt) and the store writes only while the run is `running` under that
+attempt. When a heartbeat or a flush is refused, the run is no longer this worker's (cancelled, or re-claimed by
+an engine that judged it dead): the Recorder then writes nothing more (its buffer is dropped) and the training
+thread's next `log_metric` / `set_progress` raises RunNotOurs, which the worker turns into a prompt exit. Two
+attempts training at once must not mix their points, and the owner of the new attempt is the only one entitled
+to write the run's status and results.
 """
 from __future__ import annotations
 
@@ -11,6 +18,14 @@ import time
 
 from clfbench.storage import queue
 from clfbench.storage.db import Store
+
+
+class RunNotOurs(Exception):
+    """The store refused a write: this attempt of the run is no longer running (cancelled or re-claimed)."""
+
+    def __init__(self, run_id: int, attempt: int):
+        super().__init__(f"run {run_id} attempt {attempt} is no longer ours (cancelled or re-claimed)")
+        self.run_id, self.attempt = run_id, attempt
 
 
 class Recorder:
@@ -24,28 +39,48 @@ class Recorder:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._not_ours = threading.Event()  # set once a write was refused; never cleared
+
+    @property
+    def not_ours(self) -> bool:
+        """Whether the store has refused a write of this attempt (the run is someone else's now)."""
+        return self._not_ours.is_set()
+
+    def check_ours(self) -> None:
+        """Raise RunNotOurs if a write of this attempt was refused."""
+        if self._not_ours.is_set():
+            raise RunNotOurs(self.run_id, self.attempt)
+
+    def _refused(self) -> None:
+        with self._lock:
+            self._buffer = []  # points of an attempt that lost the run are never written
+        self._not_ours.set()
 
     # Safe to call on every rank: only rank 0 (enabled) records.
     def log_metric(self, step: int, name: str, value: float) -> None:
         if not self.enabled:
             return
+        self.check_ours()
         value = float(value)  # NaN and inf are kept as they are: the store keeps them on every backend
         with self._lock:
             self._buffer.append((int(step), name, value, time.time()))
             due = len(self._buffer) >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_s
         if due:
             self.flush()
+            self.check_ours()
 
     def set_progress(self, step: int, total: int) -> None:
         if self.enabled:
+            self.check_ours()
             self._progress = (int(step), int(total))
 
     def flush(self) -> None:
+        """Write the buffered points (fenced by attempt); a refusal marks the run as not ours."""
         with self._lock:
             batch, self._buffer = self._buffer, []
             self._last_flush = time.monotonic()
-        if batch:
-            queue.add_metric_points(self.store, self.run_id, self.attempt, batch)
+        if batch and not self.not_ours and not queue.add_metric_points(self.store, self.run_id, self.attempt, batch):
+            self._refused()
 
     def start_heartbeat(self) -> None:
         if not self.enabled:
@@ -54,19 +89,25 @@ class Recorder:
         self._thread.start()
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
+        while not self._stop.wait(self.heartbeat_s) and not self.not_ours:
             try:
-                queue.heartbeat(self.store, self.run_id, self.attempt, self._progress)
+                if not queue.heartbeat(self.store, self.run_id, self.attempt, self._progress):
+                    self._refused()
+                    print(f"clfbench: run {self.run_id} attempt {self.attempt}: heartbeat refused, the run is no "
+                          "longer ours", flush=True)
+                    return
                 if time.monotonic() - self._last_flush >= self.flush_s:
                     self.flush()
             except Exception as error:  # a busy store must not kill the run; the next beat retries
                 print(f"clfbench: heartbeat failed: {error}", flush=True)
 
     def close(self) -> None:
+        """Stop the heartbeat and write what is buffered, unless the run is no longer ours (then nothing)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        if self.enabled:
+        if self.enabled and not self.not_ours:
             self.flush()
-            if self._progress is not None:
-                queue.heartbeat(self.store, self.run_id, self.attempt, self._progress)
+            if self._progress is not None and not self.not_ours and \
+                    not queue.heartbeat(self.store, self.run_id, self.attempt, self._progress):
+                self._refused()

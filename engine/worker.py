@@ -23,7 +23,7 @@ from clfbench.engine import metrics
 from clfbench.engine.context import RunContext
 from clfbench.engine.methods.catalog import check_task_fit
 from clfbench.engine.models import resolve_model
-from clfbench.engine.recorder import Recorder
+from clfbench.engine.recorder import Recorder, RunNotOurs
 from clfbench.engine.spec import RunSpec, spec_from_json
 from clfbench.engine.tasks import get_task, identity, load_task, resolve_data_dir
 from clfbench.engine.types import ClfbenchError, MethodOutput, Prediction, TaskData
@@ -255,11 +255,19 @@ def run_worker(run_id: int) -> int:
         ctx = _prepare(run, recorder, attempt)
         output = importlib.import_module(ctx.spec.method_info.module).run(ctx)
         recorder.close()
+        recorder.check_ours()  # a refused heartbeat after the method's last point: nothing to finish
         if rank == 0:
             _finish(store, ctx, output, started)
         # No closing barrier: ranks with nothing left to do (e.g. while rank 0 alone predicts or prompts)
         # simply exit; waiting would risk the process-group timeout on long rank-0-only work.
         return 0
+    except RunNotOurs as lost:
+        # Another attempt (or a cancel) owns the run now: it alone writes its status; finish_failed would be
+        # refused anyway, and the log says why this process stopped.
+        recorder.close()
+        print(f"clfbench worker: run {lost.run_id} attempt {lost.attempt} is no longer ours (cancelled or "
+              "re-claimed): stopping without writing", flush=True)
+        return 3
     except Exception as error:
         recorder.close()
         traceback.print_exc()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import bindparam, cast, delete, exists, insert, literal, select, text, update
 from sqlalchemy.engine import Connection
 
 from clfbench.storage import dialect
@@ -138,18 +138,41 @@ def heartbeat(store: Store, run_id: int, attempt: int, progress: tuple[int, int]
         return _write_fields(connection, run_id, Writer.worker, values, attempt)
 
 
-def add_metric_points(store: Store, run_id: int, attempt: int, points: list[tuple[int, str, float, float]]) -> None:
-    """Insert a batch of (step, name, value, time) points in one transaction (one executemany). A NaN or infinite
-    value is stored as NULL plus its name in `nonfinite` (storage.models.metric_value_columns)."""
-    if not points:
-        return
+def add_metric_points(store: Store, run_id: int, attempt: int, points: list[tuple[int, str, float, float]]) -> bool:
+    """Insert a batch of (step, name, value, time) points in one transaction (one executemany), fenced by (run,
+    attempt): each INSERT ... SELECT writes its row only while the run is `running` under `attempt`, so a worker
+    whose run was cancelled or re-claimed writes nothing. Returns whether the batch was written (an empty batch
+    of a run that is still ours counts as written). A NaN or infinite value is stored as NULL plus its name in
+    `nonfinite` (storage.models.metric_value_columns)."""
     rows = []
     for step, name, value, t in points:
         stored, nonfinite = metric_value_columns(float(value))
-        rows.append({"run_id": run_id, "attempt": attempt, "step": step, "name": name, "value": stored,
-                     "nonfinite": nonfinite, "time": t})
+        rows.append({"step": step, "name": name, "value": stored, "nonfinite": nonfinite, "time": t})
     with store.write() as connection:
-        connection.execute(insert(MetricPoint.__table__), rows)
+        # The run's row is read first (FOR SHARE on PostgreSQL: a requeue/claim waits until this batch commits;
+        # SQLite's write transaction already excludes every other writer), so a batch is written whole or not at
+        # all, and the answer is known without a backend's executemany rowcount.
+        ours = connection.execute(select(RUNS.c.id).where(*_running_under(run_id, attempt))
+                                  .with_for_update(read=True)).first() is not None
+        if ours and rows:
+            connection.execute(_fenced_point_insert(run_id, attempt), rows)
+        return ours
+
+
+def _running_under(run_id: int, attempt: int) -> list:
+    return [RUNS.c.id == run_id, RUNS.c.attempt == attempt, RUNS.c.status == RunStatus.running.value]
+
+
+def _fenced_point_insert(run_id: int, attempt: int):
+    """INSERT INTO metric_points (...) SELECT :run, :attempt, :step, ... WHERE EXISTS (the run is running under
+    :attempt): the fence is in the very statement that writes, executed once per point (executemany)."""
+    points = MetricPoint.__table__
+    per_point = ["step", "name", "value", "nonfinite", "time"]
+    values = [literal(run_id, points.c.run_id.type), literal(attempt, points.c.attempt.type)]
+    # CAST: PostgreSQL cannot infer a parameter's type in a SELECT list (a NULL value would arrive as text).
+    values += [cast(bindparam(column, type_=points.c[column].type), points.c[column].type) for column in per_point]
+    fence = exists().where(*_running_under(run_id, attempt))
+    return insert(points).from_select(["run_id", "attempt", *per_point], select(*values).where(fence))
 
 
 def finish_succeeded(
