@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from sqlalchemy import text
 
 from clfbench.app.tui.detail import DetailScreen
 from clfbench.storage import queries, queue
@@ -15,8 +16,14 @@ from tests.test_tui import SUCCEEDED_ENCODER, make_app, run_app, seeded, select_
 def test_the_detail_charts_a_loss_that_became_nan_without_crashing(seeded):  # noqa: F811
     store = open_store(seeded)
     attempt = queries.get_run(store, SUCCEEDED_ENCODER)["attempt"]
-    queue.add_metric_points(store, SUCCEEDED_ENCODER, attempt, [(1000, "train_loss", float("nan"), 1.0),
-                                                                (1001, "train_loss", float("inf"), 2.0)])
+    # Metric points are written only while their run runs under their attempt (add_metric_points is fenced): the
+    # seeded run is put back to running for the write, as its worker was, then finished again.
+    with store.write() as connection:
+        connection.execute(text("UPDATE runs SET status = 'running' WHERE id = :r"), {"r": SUCCEEDED_ENCODER})
+    assert queue.add_metric_points(store, SUCCEEDED_ENCODER, attempt, [(1000, "train_loss", float("nan"), 1.0),
+                                                                       (1001, "train_loss", float("inf"), 2.0)])
+    with store.write() as connection:
+        connection.execute(text("UPDATE runs SET status = 'succeeded' WHERE id = :r"), {"r": SUCCEEDED_ENCODER})
 
     async def scenario(pilot):
         await select_run(pilot, SUCCEEDED_ENCODER)
