@@ -21,7 +21,9 @@ from tests.tui_seed import SEED_NOW, seed_store
 
 KEYS = int(os.environ.get("CLFBENCH_SOAK_KEYS", "1500"))
 BURST = 12  # keys that arrive together, as from a fast typist on a busy machine, before the app catches up
-SEED = int(os.environ.get("CLFBENCH_SOAK_SEED", "15"))
+# 1002: a sequence that crashed the confirmation dialog (Escape, then a queued Enter on its button: two dismisses)
+# before ConfirmScreen answered once only; seeds 1001-1005 pass now.
+SEED = int(os.environ.get("CLFBENCH_SOAK_SEED", "1002"))
 SIZES = [(80, 24), (100, 30), (160, 45), (60, 20), (120, 40)]
 
 # Letters and keys the screens bind, and navigation keys. Not here: q and ctrl+q (quitting ends the soak)

@@ -27,6 +27,7 @@ class ConfirmScreen(ModalScreen[bool]):
     def __init__(self, question: str) -> None:
         super().__init__()
         self.question = question
+        self.answered = False
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -39,9 +40,15 @@ class ConfirmScreen(ModalScreen[bool]):
         self.query_one("#no", Button).focus()  # the safe answer is the default
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "yes")
+        self.action_answer(event.button.id == "yes")
 
     def action_answer(self, yes: bool) -> None:
+        # The first answer only: on a busy box keys queue up (Escape, then Enter on the focused button), and a
+        # second dismiss, before or after the first one's pop completes, sets the answer twice (InvalidStateError)
+        # or pops the screen underneath (ScreenStackError); both found by the soak test.
+        if self.answered or not self.is_current:
+            return
+        self.answered = True
         self.dismiss(yes)
 
 
@@ -61,6 +68,7 @@ class HelpScreen(ModalScreen[None]):
         super().__init__()
         self.title_text = title
         self.keys = keys
+        self.closed = False
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -74,4 +82,7 @@ class HelpScreen(ModalScreen[None]):
             yield Static("ctrl+p: command palette · escape: close", id="hint")
 
     def action_close(self) -> None:
+        if self.closed or not self.is_current:  # a queued second close: see ConfirmScreen.action_answer
+            return
+        self.closed = True
         self.dismiss(None)
