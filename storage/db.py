@@ -106,8 +106,38 @@ def _migration_3_nonfinite_metrics(connection: Connection) -> None:
     connection.execute(text("CREATE INDEX ix_metric_points_run_name_step ON metric_points (run_id, name, step)"))
 
 
+def _migration_4_phases_changes_leases(connection: Connection) -> None:
+    """Runs say their phase and the reason their last attempt ended; every insert or update of a run bumps a
+    store-wide change counter (a trigger, so no write path can forget it) that lists read incrementally; engines
+    get an identity, a host identity and a lease on the database's clock."""
+    for column, sql_type in (("phase", "VARCHAR"), ("phase_step", "INTEGER"), ("phase_total", "INTEGER"),
+                             ("attempt_note", "VARCHAR"), ("change_seq", "INTEGER")):
+        _add_column(connection, "runs", column, sql_type)
+    for column, sql_type in (("identity", "VARCHAR"), ("host_id", "VARCHAR"), ("lease_until", "FLOAT")):
+        _add_column(connection, "engines", column, sql_type)
+    connection.execute(text("CREATE INDEX IF NOT EXISTS ix_runs_change_seq ON runs (change_seq)"))
+    if connection.dialect.name == "sqlite":
+        # Writes are serialised by the write lock, so MAX + 1 (an index lookup) is a strict order. The WHEN clause
+        # keeps the trigger's own UPDATE from firing it again.
+        for when, action in (("INSERT", ""), ("UPDATE", "WHEN NEW.change_seq IS OLD.change_seq ")):
+            connection.execute(text(
+                f"CREATE TRIGGER IF NOT EXISTS runs_change_seq_{when.lower()} AFTER {when} ON runs {action}"
+                "BEGIN UPDATE runs SET change_seq = (SELECT COALESCE(MAX(change_seq), 0) + 1 FROM runs) "
+                "WHERE id = NEW.id; END"))
+    else:
+        # A sequence orders by start, not by commit: readers re-read a margin below the last value they saw.
+        connection.execute(text("CREATE SEQUENCE IF NOT EXISTS runs_change_seq"))
+        connection.execute(text(
+            "CREATE OR REPLACE FUNCTION runs_bump_change_seq() RETURNS trigger AS $$ "
+            "BEGIN NEW.change_seq := nextval('runs_change_seq'); RETURN NEW; END $$ LANGUAGE plpgsql"))
+        connection.execute(text("DROP TRIGGER IF EXISTS runs_change_seq ON runs"))
+        connection.execute(text("CREATE TRIGGER runs_change_seq BEFORE INSERT OR UPDATE ON runs "
+                                "FOR EACH ROW EXECUTE FUNCTION runs_bump_change_seq()"))
+    connection.execute(text("UPDATE runs SET change_seq = id WHERE change_seq IS NULL"))
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1_initial, _migration_2_task_identity,
-                                                  _migration_3_nonfinite_metrics]
+                                                  _migration_3_nonfinite_metrics, _migration_4_phases_changes_leases]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -64,6 +64,18 @@ class Run(SQLModel, table=True):
     output_dir: str | None = None
     progress_step: int | None = None
     progress_total: int | None = None
+    # Schema v4. What the worker is doing now ("loading model", "converting", "training", "evaluating on dev",
+    # "testing", "writing results") and its progress within that phase; progress_step/total stay the training
+    # steps, so the ETA can add evaluation to training.
+    phase: str | None = None
+    phase_step: int | None = None
+    phase_total: int | None = None
+    # Why the last attempt ended or the run was requeued ("worker killed by SIGKILL; attempt 2 resumed from step
+    # 300"), shown in the list and the detail.
+    attempt_note: str | None = None
+    # A store-wide counter bumped by a trigger on every insert or update of a row (schema v4), so a list reads
+    # only the rows changed since the version it last saw instead of every row on every tick.
+    change_seq: int | None = Field(default=None, index=True)
 
 
 class MetricPoint(SQLModel, table=True):
@@ -142,6 +154,12 @@ class EngineRow(SQLModel, table=True):
     heartbeat_at: float
     stopped_at: float | None = None
     gpus: str = ""  # GPUs it manages, e.g. "0,1"; "" on a CPU box
+    # Schema v4. identity: a uuid per engine process; host_id: the host's identity (hostname + machine id + boot
+    # id, so cloned images and reboots differ); lease_until: the lease's end on the database's clock, renewed by
+    # the engine's heartbeat. A run is reclaimable only when its engine's lease has expired.
+    identity: str | None = None
+    host_id: str | None = None
+    lease_until: float | None = None
 
 
 class SchemaInfo(SQLModel, table=True):

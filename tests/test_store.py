@@ -300,7 +300,7 @@ def test_a_version_1_store_migrates_in_place_keeping_its_runs_and_results(tmp_pa
 
     migrated = open_store(url)
     with migrated.read() as connection:
-        assert connection.execute(text("SELECT version FROM schema_info")).scalar() == SCHEMA_VERSION == 3
+        assert connection.execute(text("SELECT version FROM schema_info")).scalar() == SCHEMA_VERSION == 4
     assert queries.get_run(migrated, run_id)["tasks_json"] is None
     assert queries.get_run(migrated, run_id)["status"] == "succeeded"
     assert queries.run_results(migrated, run_id) == {"massive-intent": {"accuracy": 0.75}}
