@@ -37,6 +37,9 @@ class RunContext:
     device: str  # "cuda:N" or "cpu"
     log_metric: Callable[[int, str, float], None]
     set_progress: Callable[[int, int], None]
+    # (phase name, step, total): "loading model", "converting", "training", "evaluating on dev", "testing",
+    # "writing results". A default that records nothing, so tests and benches that build a context need not care.
+    set_phase: Callable[..., None] = lambda name, step=None, total=None: None
 
     @property
     def is_main(self) -> bool:

@@ -36,6 +36,8 @@ class Recorder:
         self._buffer: list[tuple[int, str, float, float]] = []
         self._last_flush = time.monotonic()
         self._progress: tuple[int, int] | None = None
+        self._phase: tuple[str, int | None, int | None] | None = None
+        self._wake = threading.Event()  # a new phase is written at once, not at the next heartbeat
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -74,6 +76,17 @@ class Recorder:
             self.check_ours()
             self._progress = (int(step), int(total))
 
+    def set_phase(self, name: str, step: int | None = None, total: int | None = None) -> None:
+        """What the worker is doing now ("loading model", "evaluating on dev", ...) and its progress in it. A new
+        phase wakes the heartbeat thread so the list shows it at once; a step within a phase waits for the beat."""
+        if not self.enabled:
+            return
+        self.check_ours()
+        changed = self._phase is None or self._phase[0] != name
+        self._phase = (name, None if step is None else int(step), None if total is None else int(total))
+        if changed:
+            self._wake.set()
+
     def flush(self) -> None:
         """Write the buffered points (fenced by attempt); a refusal marks the run as not ours."""
         with self._lock:
@@ -89,9 +102,13 @@ class Recorder:
         self._thread.start()
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s) and not self.not_ours:
+        while not self._stop.is_set() and not self.not_ours:
+            self._wake.wait(self.heartbeat_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
-                if not queue.heartbeat(self.store, self.run_id, self.attempt, self._progress):
+                if not queue.heartbeat(self.store, self.run_id, self.attempt, self._progress, self._phase):
                     self._refused()
                     print(f"clfbench: run {self.run_id} attempt {self.attempt}: heartbeat refused, the run is no "
                           "longer ours", flush=True)
@@ -104,10 +121,11 @@ class Recorder:
     def close(self) -> None:
         """Stop the heartbeat and write what is buffered, unless the run is no longer ours (then nothing)."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
         if self.enabled and not self.not_ours:
             self.flush()
-            if self._progress is not None and not self.not_ours and \
-                    not queue.heartbeat(self.store, self.run_id, self.attempt, self._progress):
+            if (self._progress or self._phase) is not None and not self.not_ours and \
+                    not queue.heartbeat(self.store, self.run_id, self.attempt, self._progress, self._phase):
                 self._refused()

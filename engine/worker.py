@@ -204,7 +204,7 @@ def _prepare(run: dict, recorder: Recorder, attempt: int) -> RunContext:
     return RunContext(
         run_id=run["id"], attempt=attempt, spec=spec, options=options, tasks=tasks, model_path=model_path,
         output_dir=output_dir, rank=rank, world_size=world_size, local_rank=local_rank, device=device,
-        log_metric=recorder.log_metric, set_progress=recorder.set_progress,
+        log_metric=recorder.log_metric, set_progress=recorder.set_progress, set_phase=recorder.set_phase,
     )
 
 

@@ -129,11 +129,15 @@ def set_launched(store: Store, run_id: int, attempt: int, *, pid: int, gpus_assi
         log_event(connection, "launched", f"pid {pid} gpus [{gpus_assigned}]", run_id)
 
 
-def heartbeat(store: Store, run_id: int, attempt: int, progress: tuple[int, int] | None = None) -> bool:
-    """Record that the run is alive. Returns False if the run is no longer ours (cancelled, re-claimed)."""
+def heartbeat(store: Store, run_id: int, attempt: int, progress: tuple[int, int] | None = None,
+              phase: tuple[str, int | None, int | None] | None = None) -> bool:
+    """Record that the run is alive, with its training progress (step, total) and its phase (name, step, total)
+    when given. Returns False if the run is no longer ours (cancelled, re-claimed)."""
     values: dict = {"heartbeat_at": now()}
     if progress is not None:
         values["progress_step"], values["progress_total"] = progress
+    if phase is not None:
+        values["phase"], values["phase_step"], values["phase_total"] = phase
     with store.write() as connection:
         return _write_fields(connection, run_id, Writer.worker, values, attempt)
 
