@@ -43,10 +43,14 @@ def _task_kinds_and_rules(run: dict) -> dict[str, tuple[str, str | None]]:
     return {task.name: (task.kind, task.slot_rule) for task in definitions}
 
 
-def _as_predictions(rows: list[dict]) -> list[Prediction]:
-    return [Prediction(example_id=row["example_id"], text=row["text"], gold=row["gold"].split(),
-                       predicted=row["predicted"].split() if row["predicted"] is not None else None,
-                       raw_output=row["raw_output"], parse_status=row["parse_status"]) for row in rows]
+def _as_predictions(rows: list[dict], token: bool) -> list[Prediction]:
+    """Stored prediction rows as Predictions: a token task's gold and predicted tags are stored joined by spaces."""
+    def tags(value: str | None):
+        return value.split() if token and value is not None else value
+
+    return [Prediction(example_id=row["example_id"], text=row["text"], gold=tags(row["gold"]),
+                       predicted=tags(row["predicted"]), raw_output=row["raw_output"],
+                       parse_status=row["parse_status"]) for row in rows]
 
 
 def rescored_rows(store: Store, run: dict) -> list[dict]:
@@ -58,15 +62,14 @@ def rescored_rows(store: Store, run: dict) -> list[dict]:
     rows = []
     for name in token:
         rule = tasks[name][1] or metrics.DEFAULT_SLOT_RULE
-        stored = _as_predictions(queries.predictions(store, run["id"], name))
+        stored = _as_predictions(queries.predictions(store, run["id"], name), token=True)
         if not stored:
             continue
         scores = metrics.slot_scores([p.gold for p in stored], [p.predicted for p in stored], rule)
         rows += [{"task": name, "metric": metric, "value": scores[metric], "rule": rule}
                  for metric in ("slot_f1", "slot_precision", "slot_recall")]
         if len(token) == 1 and len(sequence) == 1:
-            intents = [Prediction(example_id=r["example_id"], text=r["text"], gold=r["gold"], predicted=r["predicted"])
-                       for r in queries.predictions(store, run["id"], sequence[0])]
+            intents = _as_predictions(queries.predictions(store, run["id"], sequence[0]), token=False)
             value = metrics.joint_exact_match(intents, stored, rule)
             if value is not None:
                 rows.append({"task": name, "metric": "exact_match", "value": value, "rule": rule})
