@@ -141,11 +141,13 @@ def list_command(
     statuses = [s.value for s in RunStatus]
     if status is not None and status not in statuses:
         fail(f"unknown status '{status}' (choose from {', '.join(statuses)})")
-    runs = queries.list_runs(store(), status=status, limit=limit or None)
+    s = store()
+    runs = queries.list_runs(s, status=status, limit=limit or None)
     if as_json:
         print_json(runs)
         return
     now = time.time()
+    mark_dead_engines(s, runs, now)
     columns = ["id", "status", "method", "model", "task"]
     # Columns that say nothing for these runs (all zero-shot, all seed 0, no GPUs) are left out,
     # so the list fits 80 columns.
@@ -159,11 +161,22 @@ def list_command(
     for r in runs:
         values = {"id": str(r["id"]), "status": r["status"], "method": r["method"], "model": r["model"],
                   "task": r["task"], "shots": str(r["shots"]), "seed": str(r["seed"]),
-                  "gpus": r["gpus_assigned"] or "", "progress": render.progress_text(r),
+                  "gpus": r["gpus_assigned"] or "", "progress": render.progress_with_eta(r, now),
                   "age": render.age(r["created_at"], now),
                   "time": render.duration(r["started_at"], r["finished_at"], now)}
         table.add_row(*(values[c] for c in columns))
     console.print(table)
+
+
+def mark_dead_engines(s: Store, runs: list[dict], now: float) -> None:
+    """Set `engine_alive` on the running runs: whether the engine that claimed each still beats (the progress
+    column says `engine gone` instead of a time left that no process is working towards)."""
+    if not any(r["status"] == RunStatus.running.value for r in runs):
+        return
+    alive = {engine["id"] for engine in queries.live_engines(s, stale_after_s=render.STALE_AFTER_S, now=now)}
+    for r in runs:
+        if r["status"] == RunStatus.running.value and r.get("engine_id") is not None:
+            r["engine_alive"] = r["engine_id"] in alive
 
 
 def get_run_or_fail(s: Store, run_id: int) -> dict:
@@ -189,7 +202,14 @@ def show_command(run_id: int = typer.Argument(...), as_json: bool = typer.Option
                 "gpus_assigned", "code_version", "spec_hash", "log_path", "output_dir"):
         if run[key] not in (None, ""):
             typer.echo(f"{key:>14}: {run[key]}")
-    typer.echo(f"{'progress':>14}: {render.progress_text(run) or '–'}")
+    now = time.time()
+    mark_dead_engines(s, [run], now)
+    typer.echo(f"{'progress':>14}: {render.progress_with_eta(run, now) or render.progress_text(run) or '–'}")
+    if run["status"] == RunStatus.running.value and run.get("phase"):
+        typer.echo(f"{'phase':>14}: {run['phase']}" + (f" {run['phase_step'] or 0}/{run['phase_total']}"
+                                                       if run.get("phase_total") else ""))
+    if run.get("attempt_note"):
+        typer.echo(f"{'retries':>14}: {run['attempt_note']}")
     typer.echo(f"{'time':>14}: {render.duration(run['started_at'], run['finished_at'])}")
     typer.echo(f"{'spec':>14}: {run['spec_json']}")
     for line in frozen_task_lines(tasks):

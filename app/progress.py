@@ -2,7 +2,8 @@
 
 The watcher only reads the store (queries.list_runs / get_run), at most once a second, from the engine loop's tick
 hook (EngineConfig.on_tick) so it needs no thread of its own and never writes. Each run gets one bar: id,
-method · model · task, status, step/total, rate and ETA. The rate comes from the first and the latest (time, step)
+method · model · task, status, its phase with the phase's progress (`eval 120/400`; the bar follows the phase),
+rate and ETA (in a phase, render.eta_seconds: an evaluation's rest plus the training left). The rate comes from the first and the latest (time, step)
 samples this process saw for the run's current attempt, so a resumed attempt or a counter that starts over
 (a new phase) does not report a rate from numbers that belong to something else; there is no ETA before the first
 step, when there is nothing to extrapolate from.
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
+from clfbench.app import render
 from clfbench.storage import queries
 from clfbench.storage.models import TERMINAL_STATUSES, RunStatus
 
@@ -79,16 +81,33 @@ def status_text(run: dict) -> str:
 
 
 def steps_text(run: dict) -> str:
+    """A running run's phase and its progress (`train 12/47`, `eval 120/400`, `loading`); otherwise, or from a
+    worker older than phases, its steps."""
+    if run.get("status") == RunStatus.running and run.get("phase"):
+        return render.phase_text(run)
     step, total = run.get("progress_step"), run.get("progress_total")
     if step is None:
         return ""
     return f"step {step}/{total}" if total else f"step {step}"
 
 
+def bar_position(run: dict) -> tuple[int, int | None]:
+    """(completed, total) of a run's bar: the phase's when it counts something, else the training steps."""
+    if run.get("status") == RunStatus.running and run.get("phase_total"):
+        return run.get("phase_step") or 0, run["phase_total"]
+    return run.get("progress_step") or 0, run.get("progress_total") or None
+
+
 def progress_fields(run: dict, samples: Samples) -> dict[str, str]:
     """The text of one run's bar: label, status, steps, rate and ETA (blank where unknown or over)."""
     rate, eta = rate_and_eta(samples.first, samples.last, run.get("progress_total"))
     running = run["status"] == RunStatus.running
+    if running and run.get("phase"):  # the ETA adds an evaluation's rest to the training's (render.eta_seconds)
+        eta = render.eta_seconds(run, time.time())
+        eta = eta if eta is not None and eta <= render.MAX_ETA_S else None
+        rate = rate if run["phase"] == "training" else None
+    if running and render.engine_gone(run, time.time()):
+        return {"label": run_label(run), "status": "engine gone", "steps": steps_text(run), "rate": "", "eta": ""}
     return {
         "label": run_label(run),
         "status": status_text(run),
@@ -159,15 +178,14 @@ class RunWatcher:
         if run["status"] == RunStatus.running:
             samples.add(run["attempt"], at, run["progress_step"])
         if self.progress is None:
-            if previous is None or previous["status"] != run["status"]:
+            if previous is None or previous["status"] != run["status"] or previous.get("phase") != run.get("phase"):
                 self.console.print(progress_line(run, samples), highlight=False, soft_wrap=True)
             return
         self.show(run, samples)
 
     def show(self, run: dict, samples: Samples) -> None:
         fields = progress_fields(run, samples)
-        total = run["progress_total"] or None
-        completed = run["progress_step"] or 0
+        completed, total = bar_position(run)
         if run["status"] in TERMINAL_STATUSES:  # a full bar for success, the bar where it stopped otherwise
             succeeded = run["status"] == RunStatus.succeeded
             total = total or 1

@@ -221,11 +221,128 @@ def progress_text(run: dict) -> str:
     return f"{run['progress_step']}/{run['progress_total']}"
 
 
+# ---- a running run's phase, its time left, and whether its engine is gone -------------------------------
+
+# The phases workers report (engine.context.PHASES), as the run list names them in a few columns.
+PHASE_SHORT = {"loading model": "loading", "converting": "converting", "training": "train",
+               "evaluating on dev": "eval", "testing": "test", "writing results": "writing"}
+# A running run whose worker has not written a heartbeat for this long has no live engine: a live engine ends
+# such a run itself (the engine's own rule, engine.daemon.STALE_AFTER_S; workers beat every 5 s).
+STALE_AFTER_S = 180.0
+# A time left longer than this comes from too few steps (or a stopped clock), not from a rate: never shown.
+MAX_ETA_S = 7 * 86400.0
+# Per run: the phase seen last (attempt, name, first seen at, its step then) and the last measured rate of each
+# phase, so a screen that refreshes (the TUI, the live bars) times a phase by its own steps. Bounded below.
+_SEEN: dict[int, tuple[int, str, float, int]] = {}
+_RATES: dict[int, dict[str, float]] = {}
+
+
+def engine_gone(run: dict, now: float) -> bool:
+    """A `running` run that nothing runs any more: its engine is known dead (`engine_alive` False, set by callers
+    that read the engines), or its worker's heartbeat is older than STALE_AFTER_S."""
+    if run.get("status") != RunStatus.running:
+        return False
+    if run.get("engine_alive") is False:
+        return True
+    beat = run.get("heartbeat_at") or run.get("started_at")
+    return beat is not None and now - beat > STALE_AFTER_S
+
+
+def phase_text(run: dict) -> str:
+    """The phase and its progress: `train 12/47`, `eval 120/400`, `converting 0/100`, `loading`; empty when the
+    run has not said (a worker older than phases)."""
+    phase = run.get("phase")
+    if not phase:
+        return ""
+    short = PHASE_SHORT.get(phase, phase)
+    step, total = run.get("phase_step"), run.get("phase_total")
+    if phase == "training" and not total:
+        step, total = run.get("progress_step"), run.get("progress_total")
+    return f"{short} {step or 0}/{total}" if total else short
+
+
+def _observe(run: dict, now: float) -> float | None:
+    """This phase's rate in steps per second, from what this process saw of it (None: not measured yet), or the
+    rate the same phase had the last time (a dev evaluation runs over the same dev set each time)."""
+    run_id, phase, step = run.get("id"), run.get("phase"), run.get("phase_step") or 0
+    if phase == "training" and not run.get("phase_total"):
+        step = run.get("progress_step") or 0
+    if len(_SEEN) > 5000:  # a long session over many runs: forget, rather than grow
+        _SEEN.clear()
+        _RATES.clear()
+    seen = _SEEN.get(run_id)
+    mark = (run.get("attempt") or 0, phase)
+    if seen is None or seen[:2] != mark or step < seen[3]:
+        _SEEN[run_id] = (*mark, now, step)
+        return _RATES.get(run_id, {}).get(phase)
+    if step > seen[3] and now > seen[2]:
+        _RATES.setdefault(run_id, {})[phase] = (step - seen[3]) / (now - seen[2])
+    return _RATES.get(run_id, {}).get(phase)
+
+
+def resumed_step(run: dict) -> int:
+    """The step this attempt resumed from, as its worker noted it (`attempt 2 resumed from step 300`); 0 if none."""
+    note, attempt = run.get("attempt_note") or "", run.get("attempt")
+    marker = f"attempt {attempt} resumed from step "
+    if attempt and marker in note:
+        digits = note.split(marker, 1)[1].split(";", 1)[0].strip()
+        return int(digits) if digits.isdigit() else 0
+    return 0
+
+
+def _training_left(run: dict, now: float, rate: float | None) -> float | None:
+    """Seconds of training left: at the measured rate, else at this attempt's average since it started (steps
+    since its resume over the time since its start)."""
+    step, total = run.get("progress_step") or 0, run.get("progress_total") or 0
+    if total and step >= total:
+        return 0.0
+    if not total:
+        return None
+    if rate:
+        return (total - step) / rate
+    done, started = step - resumed_step(run), run.get("started_at")
+    if done <= 0 or not started:
+        return None
+    return (now - started) / done * (total - step)
+
+
+def eta_seconds(run: dict, now: float) -> float | None:
+    """The time left of a running run, None when unknown. In an evaluation the rest of the evaluation at its rate
+    plus the training left (training goes on after it); in training the training left; in testing (and
+    converting) the rest of the phase at its rate. A phase's rate needs two looks at it (a refreshing screen);
+    a single look (`clfbench ls`) knows training's, from the attempt's average."""
+    phase = run.get("phase")
+    rate = _observe(run, now) if phase else None
+    if not phase or phase == "training":
+        return _training_left(run, now, rate if phase else None)
+    step, total = run.get("phase_step") or 0, run.get("phase_total") or 0
+    if phase == "testing" and not rate and total and run.get("progress_total") == total:
+        return _training_left(run, now, None)  # a prompted run: its progress is the test examples
+    if not total or not rate:
+        return None
+    left = (total - step) / rate
+    if phase == "evaluating on dev":
+        training = _training_left(run, now, _RATES.get(run.get("id"), {}).get("training"))
+        return None if training is None else left + training
+    return left
+
+
 def progress_with_eta(run: dict, now: float) -> str:
-    """progress_text and, while running, the time left at the run's average rate since it started (`12/47 ~3m20`)."""
-    text = progress_text(run)
-    step, total = run["progress_step"], run["progress_total"]
-    if text and run["status"] == RunStatus.running and step and run["started_at"] and step < total:
-        per_step = (now - run["started_at"]) / step
-        text += f" ~{clock(per_step * (total - step))}"
-    return text
+    """What a run list shows of a run's progress. Running: its phase and progress with the time left
+    (`train 12/47 ~3m20`, `eval 120/400 ~1m10`, `loading`), `engine gone` for a run nothing runs any more, and
+    ` try 2` on a retry; queued after an interruption: why (`retry: attempt 1: worker killed by SIGKILL`);
+    otherwise `step/total`. A time left past MAX_ETA_S is not shown."""
+    status = run.get("status")
+    if status == RunStatus.queued and run.get("attempt_note") and (run.get("attempt") or 0) > 0:
+        return f"retry: {run['attempt_note']}"
+    if status != RunStatus.running:
+        return progress_text(run)
+    if engine_gone(run, now):
+        return " ".join(part for part in ("engine gone", progress_text(run)) if part)
+    text = phase_text(run) or progress_text(run)
+    eta = eta_seconds(run, now)
+    if text and eta is not None and 0 < eta <= MAX_ETA_S:
+        text += f" ~{clock(eta)}"
+    if (run.get("attempt") or 0) > 1:
+        text += f" try {run['attempt']}"
+    return text.strip()

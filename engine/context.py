@@ -18,6 +18,12 @@ from clfbench.engine.methods.catalog import MethodOptions
 from clfbench.engine.spec import RunSpec
 from clfbench.engine.types import TaskData
 
+# The phases a run reports through `RunContext.set_phase`, in the order a run goes through them; the run list,
+# the detail and `clfbench ls`/`show` print them with the phase's progress, and the ETA adds an evaluation's rest.
+LOADING_MODEL, CONVERTING, TRAINING = "loading model", "converting", "training"
+EVALUATING, TESTING, WRITING_RESULTS = "evaluating on dev", "testing", "writing results"
+PHASES = (LOADING_MODEL, CONVERTING, TRAINING, EVALUATING, TESTING, WRITING_RESULTS)
+
 
 @dataclass
 class RunContext:
@@ -40,6 +46,8 @@ class RunContext:
     # (phase name, step, total): "loading model", "converting", "training", "evaluating on dev", "testing",
     # "writing results". A default that records nothing, so tests and benches that build a context need not care.
     set_phase: Callable[..., None] = lambda name, step=None, total=None: None
+    # Appends to the run's attempt_note how this attempt began ("attempt 2 resumed from step 300"); rank 0 writes.
+    note_attempt: Callable[[str], None] = lambda note: None
 
     @property
     def is_main(self) -> bool:

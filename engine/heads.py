@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -26,8 +26,8 @@ from clfbench.engine.codec import IGNORE_INDEX, Codec, Row, align_labels, align_
 from clfbench.engine.context import RunContext
 from clfbench.engine.dev_split import split_dev_rows
 from clfbench.engine.metrics import DEFAULT_SLOT_RULE, slot_scores
-from clfbench.engine.training import (LoopTimes, StepPlan, Tally, Training, autocast_for, epoch_batcher, plan_steps,
-                                      sampler_epochs, train_loop)
+from clfbench.engine.training import (EVALUATING, TESTING, LoopTimes, StepPlan, Tally, Training, autocast_for,
+                                      epoch_batcher, plan_steps, report_examples, sampler_epochs, train_loop)
 from clfbench.engine.types import ClfbenchError, MethodOutput, Predicted, TaskData
 
 
@@ -182,17 +182,23 @@ def eval_metric_names(heads: list[Head]) -> list[str]:
 # ------------------------------------------------------------------------------- evaluate, predict
 
 
-def _forward_batches(model, codec: Codec, rows: list[Row], device: torch.device, autocast, batch_size: int
+def _forward_batches(model, codec: Codec, rows: list[Row], device: torch.device, autocast, batch_size: int,
+                     report: Callable[[int], None] | None = None
                      ) -> Iterator[tuple[list[int], object, list[torch.Tensor]]]:
-    """(row indices, encoding, logits per head) for length-sorted batches of `rows`, in eval mode, no grad."""
+    """(row indices, encoding, logits per head) for length-sorted batches of `rows`, in eval mode, no grad;
+    `report(rows done)` after each batch (the run's phase progress)."""
     was_training = model.training
     model.eval()
+    done = 0
     try:
         for batch in codec.length_sorted_batches(rows, batch_size):
             encoding = codec.encode([rows[i].inputs for i in batch])
             with torch.no_grad(), autocast:
                 logits = model(**{key: value.to(device) for key, value in encoding.items()})
             yield batch, encoding, [head_logits.float() for head_logits in logits]
+            done += len(batch)
+            if report is not None:
+                report(done)
     finally:
         model.train(was_training)
 
@@ -221,7 +227,8 @@ def evaluate(model, codec: Codec, heads: list[Head], dev: list[Row], ctx: RunCon
     shard = dev[ctx.rank::ctx.world_size]
     totals = torch.zeros(len(heads), 3, dtype=torch.float64, device=device)  # loss sum, loss count, correct
     tags: list[tuple[list[list[str]], list[list[str]]]] = [([], []) for _ in heads]  # (gold, predicted)
-    for batch, encoding, logits in _forward_batches(model, codec, shard, device, autocast, batch_size):
+    report = report_examples(ctx, EVALUATING, len(dev), ranks=ctx.world_size)
+    for batch, encoding, logits in _forward_batches(model, codec, shard, device, autocast, batch_size, report):
         batch_rows = [shard[i] for i in batch]
         targets = batch_targets(heads, batch_rows, encoding, device)
         for k, head in enumerate(heads):
@@ -253,12 +260,12 @@ def evaluate(model, codec: Codec, heads: list[Head], dev: list[Row], ctx: RunCon
 
 
 def predict(model, codec: Codec, heads: list[Head], rows: list[Row], device: torch.device, autocast,
-            batch_size: int) -> tuple[list[list[str | list[str]]], int]:
+            batch_size: int, report: Callable[[int], None] | None = None) -> tuple[list[list[str | list[str]]], int]:
     """Per head, the prediction for every row in order (a label, or one tag per word); and how many words
-    max_length cut off (predicted "O")."""
+    max_length cut off (predicted "O"). `report(rows done)` after each batch."""
     out: list[list] = [[None] * len(rows) for _ in heads]
     truncated = 0
-    for batch, encoding, logits in _forward_batches(model, codec, rows, device, autocast, batch_size):
+    for batch, encoding, logits in _forward_batches(model, codec, rows, device, autocast, batch_size, report):
         batch_rows = [rows[i] for i in batch]
         for k, head in enumerate(heads):
             for i, value in zip(batch, _decode(head, logits[k], encoding, batch_rows)):
@@ -358,8 +365,10 @@ def train_heads(ctx: RunContext, fit: HeadFit, training: Training) -> LoopTimes:
 def _test_output(ctx: RunContext, fit: HeadFit, training: Training, times: LoopTimes, extra: dict[str, float]
                  ) -> MethodOutput:
     device, test = torch.device(ctx.device), fit.rows.test
+    ctx.set_phase(TESTING, 0, len(test))
     started = time.perf_counter()
-    predicted, truncated = predict(fit.model, fit.codec, fit.heads, test, device, fit.autocast, fit.batch_size * 2)
+    predicted, truncated = predict(fit.model, fit.codec, fit.heads, test, device, fit.autocast, fit.batch_size * 2,
+                                   report_examples(ctx, TESTING, len(test)))
     test_time = time.perf_counter() - started
     train_time = times.train_time_s
     common = {

@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from clfbench.engine.context import RunContext
+from clfbench.engine.context import CONVERTING, EVALUATING, TESTING, TRAINING, RunContext  # noqa: F401 (re-exported)
 from clfbench.engine.types import ClfbenchError
 
 MAX_GRAD_NORM = 1.0
@@ -302,6 +302,7 @@ def _pause(ctx: RunContext, training: Training, evaluate_dev: Callable[[int], fl
     opts = ctx.options
     evaluated = 0.0
     if evaluate_dev is not None and opts.eval_every and step % opts.eval_every == 0 and step < total:
+        ctx.set_phase(EVALUATING)  # the evaluation's own batches say how far it is (`report_examples`)
         evaluated = evaluate_dev(step)
     saving = 0.0
     if opts.checkpoint_every and (step % opts.checkpoint_every == 0 or step == total):
@@ -325,9 +326,11 @@ def train_loop(ctx: RunContext, training: Training, plan: StepPlan, gradients: C
     device = torch.device(ctx.device)
     step, total = training.start_step, plan.total_steps
     ctx.set_progress(step, total)
+    note_resume(ctx, step)
     loop_started, paused, dev_eval_time, seen = time.perf_counter(), 0.0, 0.0, 0.0  # seen: this rank, attempt
     window = _Window.empty(len(part_names), device)
     while step < total:
+        ctx.set_phase(TRAINING, step, total)  # only stores a tuple: the heartbeat thread writes it
         for tally in gradients(step):
             window.add(tally)
             seen += tally.count
@@ -342,8 +345,23 @@ def train_loop(ctx: RunContext, training: Training, plan: StepPlan, gradients: C
     train_time = time.perf_counter() - loop_started - paused
     ctx.set_progress(total, total)
     if evaluate_dev is not None:
+        ctx.set_phase(EVALUATING)
         dev_eval_time += evaluate_dev(total)
     return LoopTimes(train_time_s=train_time, dev_eval_time_s=dev_eval_time, counted=all_ranks_sum(seen, ctx))
+
+
+def note_resume(ctx: RunContext, start_step: int) -> None:
+    """A retry says how it began, after the reason its previous attempt ended (the run list and `clfbench show`
+    print both): from a checkpoint's step, or over from the start."""
+    if ctx.attempt > 1 and ctx.is_main:
+        ctx.note_attempt(f"attempt {ctx.attempt} resumed from step {start_step}" if start_step
+                         else f"attempt {ctx.attempt} started over")
+
+
+def report_examples(ctx: RunContext, phase: str, total: int, ranks: int = 1) -> Callable[[int], None]:
+    """done -> the run's phase with `done` of `total` examples. `ranks`: how many ranks share the examples
+    equally (dev evaluation): rank 0, the one that writes, counts its share times the ranks."""
+    return lambda done: ctx.set_phase(phase, min(total, done * ranks), total)
 
 
 def all_ranks_sum(value: float, ctx: RunContext) -> float:

@@ -20,8 +20,9 @@ import traceback
 from pathlib import Path
 
 from clfbench.engine import metrics
-from clfbench.engine.context import RunContext
+from clfbench.engine.context import CONVERTING, LOADING_MODEL, WRITING_RESULTS, RunContext
 from clfbench.engine.methods.catalog import check_task_fit
+from clfbench.engine.models import _plan as model_plan
 from clfbench.engine.models import resolve_model
 from clfbench.engine.recorder import Recorder, RunNotOurs
 from clfbench.engine.spec import RunSpec, spec_from_json
@@ -67,9 +68,17 @@ def _barrier(world_size: int) -> None:
             dist.barrier()
 
 
-def _resolve_model_once(name: str, rank: int, world_size: int) -> str:
-    """Rank 0 resolves first, the others after it: a conversion into the model cache then happens once."""
-    path = resolve_model(name) if rank == 0 else None
+def _resolve_model_once(name: str, rank: int, world_size: int, recorder: Recorder) -> str:
+    """Rank 0 resolves first, the others after it: a conversion into the model cache then happens once. While
+    it converts (a GGUF into safetensors, a zip unpacked, a tiny model built) the run's phase says so."""
+    path = None
+    if rank == 0:
+        converts = model_plan(name).action == "build"
+        if converts:
+            recorder.set_phase(CONVERTING)
+        path = resolve_model(name)
+        if converts:
+            recorder.set_phase(LOADING_MODEL)
     _barrier(world_size)
     return path if path is not None else resolve_model(name)
 
@@ -183,6 +192,7 @@ def joint_result_rows(tasks: list[TaskData], predictions: dict[str, list[Predict
 def _prepare(run: dict, recorder: Recorder, attempt: int) -> RunContext:
     """Everything up to the method's call: spec, device, tasks and their checks, model, the context."""
     rank, world_size, local_rank = _distributed_env()
+    recorder.set_phase(LOADING_MODEL)  # until the method trains or tests: tasks, weights, tokenizer
     spec = spec_from_json(run["spec_json"])
     print(f"clfbench worker: run {run['id']} attempt {attempt} rank {rank}/{world_size}: "
           f"{spec.method} {spec.model} {spec.task}", flush=True)
@@ -199,13 +209,24 @@ def _prepare(run: dict, recorder: Recorder, attempt: int) -> RunContext:
     except ValueError as error:
         raise ClfbenchError(f"{spec.method}: {error}") from None
     # Without local weights the model is a name (the model on an API server, or just a label).
-    model_path = _resolve_model_once(spec.model, rank, world_size) if local_model else spec.model
+    model_path = _resolve_model_once(spec.model, rank, world_size, recorder) if local_model else spec.model
     output_dir = Path(os.environ.get("CLFBENCH_RUN_DIR") or run["output_dir"] or ".")
     return RunContext(
         run_id=run["id"], attempt=attempt, spec=spec, options=options, tasks=tasks, model_path=model_path,
         output_dir=output_dir, rank=rank, world_size=world_size, local_rank=local_rank, device=device,
         log_metric=recorder.log_metric, set_progress=recorder.set_progress, set_phase=recorder.set_phase,
+        note_attempt=lambda note: _note_attempt(recorder, note),
     )
+
+
+def _note_attempt(recorder: Recorder, note: str) -> None:
+    """Rank 0 appends how this attempt began to the run's attempt_note (fenced: nothing if no longer ours)."""
+    if not recorder.enabled:
+        return
+    try:
+        queue.set_attempt_note(recorder.store, recorder.run_id, recorder.attempt, note)
+    except Exception as error:  # a note is for people: a store hiccup here must not fail the training
+        print(f"clfbench worker: could not note '{note}': {_one_line(error)}", flush=True)
 
 
 def _finish(store, ctx: RunContext, output: MethodOutput | None, started: float) -> None:
@@ -254,6 +275,8 @@ def run_worker(run_id: int) -> int:
     try:
         ctx = _prepare(run, recorder, attempt)
         output = importlib.import_module(ctx.spec.method_info.module).run(ctx)
+        if rank == 0:
+            recorder.set_phase(WRITING_RESULTS)  # the closing heartbeat writes it: scoring and the transaction
         recorder.close()
         recorder.check_ours()  # a refused heartbeat after the method's last point: nothing to finish
         if rank == 0:

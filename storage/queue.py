@@ -253,13 +253,32 @@ def _end_without_result(run: Mapping, reason: str) -> tuple[RunStatus, dict, str
     if run["cancel_requested"]:
         return RunStatus.cancelled, {"finished_at": now(), "error": "cancelled by user"}, "cancelled"
     limit = run["max_interruptions"]
+    # The reason why this attempt ended, kept in attempt_note (the next attempt appends how it resumed), and the
+    # phase cleared: a queued run is doing nothing, whatever its last worker was doing.
+    ended = {"attempt_note": f"attempt {run['attempt']}: {reason}", "phase": None, "phase_step": None,
+             "phase_total": None}
     if run["interruptions"] < limit:
         retry = run["interruptions"] + 1
         values = {"interruptions": retry, "error": f"{reason}; requeued (retry {retry} of {limit})",
-                  "pid": None, "gpus_assigned": None}
+                  "pid": None, "gpus_assigned": None, **ended}
         return RunStatus.queued, values, "requeued"
     error = f"{reason}; no retries left ({limit})"
-    return RunStatus.interrupted, {"finished_at": now(), "error": error}, "interrupted"
+    return RunStatus.interrupted, {"finished_at": now(), "error": error, **ended}, "interrupted"
+
+
+def set_attempt_note(store: Store, run_id: int, attempt: int, note: str) -> bool:
+    """Append `note` ("attempt 2 resumed from step 300") to the run's attempt_note, after the reason the last
+    attempt ended. Fenced like every worker write: only while the run is running under `attempt`, so a worker
+    whose run was cancelled or re-claimed writes nothing. Returns whether it was written."""
+    with store.write() as connection:
+        row = connection.execute(select(RUNS.c.attempt_note).where(*_running_under(run_id, attempt))).first()
+        if row is None:
+            return False
+        earlier = (row[0] or "").strip()
+        if note in earlier:  # said already (a method that builds its training twice)
+            return True
+        return _write_fields(connection, run_id, Writer.worker,
+                             {"attempt_note": f"{earlier}; {note}" if earlier else note}, attempt)
 
 
 def request_cancel(store: Store, run_id: int) -> str:
@@ -288,7 +307,8 @@ def requeue(store: Store, run_id: int) -> bool:
     """Put a finished (failed/cancelled/interrupted/succeeded) run back in the queue; retries reset."""
     with store.write() as connection:
         fresh = {"cancel_requested": False, "interruptions": 0, "error": None, "finished_at": None, "pid": None,
-                 "gpus_assigned": None, "progress_step": None, "progress_total": None}
+                 "gpus_assigned": None, "progress_step": None, "progress_total": None, "phase": None,
+                 "phase_step": None, "phase_total": None, "attempt_note": "retried by user"}
         requeued = _move(connection, run_id, RunStatus.queued, Writer.user, fresh)
         if requeued:
             log_event(connection, "requeued", "by user", run_id)

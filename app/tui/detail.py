@@ -85,7 +85,10 @@ class DetailScreen(Screen):
         self.store = store
         self.run_id = run_id
         self.run: dict | None = None
-        self.points: dict[str, list[tuple[int, float]]] = {}  # metric name → (step, value), in order
+        self.points: dict[str, list[tuple[int, float]]] = {}  # the charted attempt's: name → (step, value)
+        # Every attempt's points as read (attempt → name → points): the charts show the run's current attempt,
+        # even when a retry's first points arrive in the same read as the row that still names the old one.
+        self.points_by_attempt: dict[int, dict[str, list[tuple[int, float]]]] = {}
         self.last_point_id = 0
         self.log_offset = 0
         self.results: dict[str, dict[str, float]] = {}
@@ -124,6 +127,9 @@ class DetailScreen(Screen):
         if run is None:
             call_if_open(self, self.gone)
             return
+        if run["status"] == "running" and run["engine_id"] is not None:  # else its progress says "engine gone"
+            engines = queries.live_engines(self.store, stale_after_s=render.STALE_AFTER_S, now=self.app.now())
+            run["engine_alive"] = any(engine["id"] == run["engine_id"] for engine in engines)
         new_points = queries.metric_series(self.store, self.run_id, after_id=self.last_point_id)
         results = queries.run_results(self.store, self.run_id)
         rules = queries.run_result_rules(self.store, self.run_id)
@@ -139,16 +145,16 @@ class DetailScreen(Screen):
              rules: dict | None = None) -> None:
         spec_changed = self.run is None or self.run["spec_json"] != run["spec_json"] or \
             self.run["error"] != run["error"]
-        if self.run is not None and run["attempt"] != self.run["attempt"]:
-            self.points.clear()  # a retry starts its curves again
+        attempt_changed = self.run is None or run["attempt"] != self.run["attempt"]
         self.run = run
         self.update_header()
+        for point in new_points:
+            by_name = self.points_by_attempt.setdefault(point["attempt"], {})
+            by_name.setdefault(point["name"], []).append((point["step"], point["value"]))
         if new_points:
-            for point in new_points:
-                if point["attempt"] != run["attempt"]:
-                    continue
-                self.points.setdefault(point["name"], []).append((point["step"], point["value"]))
             self.last_point_id = new_points[-1]["id"]
+        self.points = self.points_by_attempt.setdefault(run["attempt"], {})
+        if new_points or attempt_changed:  # a retry charts its own points, not the first attempt's
             self.draw_charts()
         if results != self.results or (rules or {}) != self.result_rules:  # `clfbench rescore` changes rules
             self.results, self.result_rules = results, rules or {}
@@ -176,6 +182,8 @@ class DetailScreen(Screen):
             second.append(f"progress {progress}")
         second.append(f"time {render.duration(run['started_at'], run['finished_at'], now)}")
         second.append(f"attempt {run['attempt']}")
+        if run.get("attempt_note"):
+            second.append(run["attempt_note"])  # why it was retried, and how the retry began
         if run["gpus_assigned"]:
             second.append(f"GPU {run['gpus_assigned']}")
         if run["error"]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from clfbench.engine.context import RunContext
+from clfbench.engine.context import TESTING, RunContext
 from clfbench.engine.prompting.parse import Parsed
 
 LOG = "prompt:"
@@ -20,16 +20,18 @@ class Answer:
 
 
 class Progress:
-    """Examples decided so far: the run's progress on every batch; a log line and the `examples_per_s` metric at
-    most every 10 s, and at the end."""
+    """Examples decided so far: the run's progress and its "testing" phase on every batch; a log line and the
+    `examples_per_s` metric at most every 10 s, and at the end."""
 
     def __init__(self, ctx: RunContext, total: int):
         self.ctx, self.total, self.done, self.started, self.last_log = ctx, total, 0, time.perf_counter(), 0.0
         ctx.set_progress(0, total)
+        ctx.set_phase(TESTING, 0, total)
 
     def add(self, count: int) -> None:
         self.done += count
         self.ctx.set_progress(self.done, self.total)
+        self.ctx.set_phase(TESTING, self.done, self.total)
         now = time.perf_counter()
         if now - self.last_log > 10 or self.done == self.total:
             self.last_log = now

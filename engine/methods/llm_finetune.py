@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +53,9 @@ from clfbench.engine.dev_split import split_dev_rows
 from clfbench.engine.fsdp import fsdp_training
 from clfbench.engine.prompting.chat import ChatFormat
 from clfbench.engine.prompting.library import Item, PromptBuilder, load_prompt_set, paired_items
-from clfbench.engine.training import (LoopTimes, StepPlan, Tally, Training, all_ranks_sum, autocast_for,
-                                      epoch_batcher, gradient_sync, length_grouped_epochs, plan_steps,
-                                      require_process_group, start_training, train_loop)
+from clfbench.engine.training import (CONVERTING, EVALUATING, LoopTimes, StepPlan, Tally, Training, all_ranks_sum,
+                                      autocast_for, epoch_batcher, gradient_sync, length_grouped_epochs, plan_steps,
+                                      report_examples, require_process_group, start_training, train_loop)
 from clfbench.engine.types import ClfbenchError, MethodOutput
 
 LOG = "llm-finetune:"
@@ -140,11 +141,12 @@ def encode_item(decoder: Decoder, builder: PromptBuilder, item: Item, text: str 
 
 
 def encode_items(decoder: Decoder, builder: PromptBuilder, items: list[Item], max_length: int, cut_long: bool,
-                 what: str, verbose: bool) -> list[Encoded]:
+                 what: str, verbose: bool, report: Callable[[int], None] = lambda done: None) -> list[Encoded]:
     """Every item's sequence. One longer than `max_length` is an error, or with `cut_long` its document is cut
-    (the longest prefix of it that fits, by bisection over characters)."""
+    (the longest prefix of it that fits, by bisection over characters). `report(items done)` after each item."""
     out, too_long, cut = [], [], 0
-    for item in items:
+    for done, item in enumerate(items):
+        report(done)
         encoded = encode_item(decoder, builder, item)
         if len(encoded.ids) > max_length:
             if not cut_long:
@@ -196,8 +198,11 @@ def training_sequences(ctx: RunContext, decoder: Decoder, builder: PromptBuilder
         dev_items = dev_items[: opts.dev_limit]
     if not train_items:
         raise ClfbenchError(f"llm-finetune: task {'+'.join(t.name for t in builder.tasks)} has no training examples")
-    train = encode_items(decoder, builder, train_items, opts.max_length, opts.cut_long, "training", ctx.is_main)
-    dev = encode_items(decoder, builder, dev_items, opts.max_length, True, "dev", ctx.is_main)
+    convert = report_examples(ctx, CONVERTING, len(train_items) + len(dev_items))  # examples into sequences
+    train = encode_items(decoder, builder, train_items, opts.max_length, opts.cut_long, "training", ctx.is_main,
+                         convert)
+    dev = encode_items(decoder, builder, dev_items, opts.max_length, True, "dev", ctx.is_main,
+                       lambda done: convert(len(train_items) + done))
     share = opts.share_prefix and not opts.gradient_checkpointing  # HF drops the KV cache under checkpointing
     prefix = shared_prefix_ids(decoder.chat, builder) if share else []
     if ctx.is_main:
@@ -359,6 +364,7 @@ def dev_loss(ctx: RunContext, training: Training, model: nn.Module, data: Sequen
     device, batch_size = torch.device(ctx.device), ctx.options.batch_size
     shard = sorted(data.dev[ctx.rank::ctx.world_size], key=lambda s: len(s.ids))
     totals = torch.zeros(2, dtype=torch.float64, device=device)
+    report = report_examples(ctx, EVALUATING, len(data.dev), ranks=ctx.world_size)
     was_training = model.training
     model.eval()
     try:
@@ -368,6 +374,7 @@ def dev_loss(ctx: RunContext, training: Training, model: nn.Module, data: Sequen
                 summed = training.wrapped(**_inputs(collate(rows, data.prefix, pad_id), device))
             totals += torch.tensor([float(summed), sum(s.n_labels for s in rows)], dtype=torch.float64,
                                    device=device)
+            report(start_at + len(rows))
     finally:
         model.train(was_training)
     if ctx.distributed:

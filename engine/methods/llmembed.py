@@ -52,7 +52,7 @@ from torch import nn
 from clfbench.engine.dev_split import split_held_out
 from clfbench.engine.models import resolve_model
 from clfbench.storage.paths import feature_cache_dir
-from clfbench.engine.context import RunContext
+from clfbench.engine.context import CONVERTING, TESTING, TRAINING, RunContext
 from clfbench.engine.training import stop_if_loss_not_finite
 from clfbench.engine.types import ClfbenchError, Example, MethodOutput, Predicted, TaskData
 
@@ -107,6 +107,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
     print(f"{LOG} classifier: fusion={opts.fusion}, {len(train_y)} train / {len(dev_y)} dev examples, "
           f"fused features {model.fused_dim}, {sum(p.numel() for p in model.parameters())} parameters", flush=True)
     history = train_classifier(model, train_x, train_y, dev_x, dev_y, opts, ctx.seed, device, ctx, progress)
+    ctx.set_phase(TESTING, 0, len(task.test))
     test_logits = predict_logits(model, extraction.features["test"], device, opts.batch_size * 4) if task.test else None
     classifier_time = time.perf_counter() - started
     progress.done()
@@ -159,10 +160,12 @@ class Progress:
     def add_extraction(self, count: int) -> None:
         self.total_texts += count
         self._show()
+        self.ctx.set_phase(CONVERTING, self.texts, self.total_texts)  # texts into features
 
     def extracted(self, count: int) -> None:
         self.texts += count
         self._show()
+        self.ctx.set_phase(CONVERTING, self.texts, self.total_texts)
         now = time.perf_counter()
         if now - self.last_log > 10:
             self.last_log = now
@@ -173,6 +176,7 @@ class Progress:
     def epoch(self, epoch: int) -> None:
         self.epochs = epoch
         self._show()
+        self.ctx.set_phase(TRAINING, epoch, self.epochs_total)
 
     def done(self) -> None:
         self.epochs = self.epochs_total

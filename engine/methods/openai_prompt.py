@@ -33,7 +33,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
-from clfbench.engine.context import RunContext
+from clfbench.engine.context import TESTING, RunContext
 from clfbench.engine.prompting.chat import MARKERS, split_inst
 from clfbench.engine.prompting.library import Item, PromptBuilder, load_prompt_set
 from clfbench.engine.prompting.outputs import FieldSpec, OutputSpec, answer_token_limit
@@ -485,6 +485,7 @@ def _answer_all(ctx: RunContext, client: ApiClient, answer: Callable[[int], tupl
     results: list = [None] * total
     done, last_log = 0, 0.0
     ctx.set_progress(0, total)
+    ctx.set_phase(TESTING, 0, total)
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="clfbench-api") as pool:
         pending = {pool.submit(answer, i): i for i in range(total)}
         try:
@@ -494,6 +495,7 @@ def _answer_all(ctx: RunContext, client: ApiClient, answer: Callable[[int], tupl
                     results[pending.pop(future)] = future.result()  # a failed request raises here and ends the run
                 done += len(finished)
                 ctx.set_progress(done, total)
+                ctx.set_phase(TESTING, done, total)
                 now = time.perf_counter()
                 if finished and (now - last_log > 10 or done == total):
                     last_log = now

@@ -17,7 +17,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from clfbench.engine.context import RunContext
+from clfbench.engine.context import EVALUATING, TESTING, TRAINING, RunContext
 from clfbench.engine.methods.catalog import TfidfOptions
 from clfbench.engine.types import Example, MethodOutput, Predicted, TaskData
 
@@ -84,15 +84,18 @@ def predict(vectorizer: TfidfVectorizer, classifier: LogisticRegression, example
 def classify(task: TaskData, opts: TfidfOptions, ctx: RunContext) -> tuple[dict[str, Predicted], dict[str, float]]:
     """Fit on train, report dev, predict test: the test predictions by example id, and the numbers to store."""
     total = 2 + bool(task.dev)  # stages: fit, (dev,) test
+    ctx.set_phase(TRAINING)
     vectorizer, classifier, extra = fit(task, opts, ctx.seed)
     ctx.set_progress(1, total)
     if task.dev:  # reported only: nothing is chosen by it
+        ctx.set_phase(EVALUATING, 0, len(task.dev))
         dev_accuracy = accuracy(predict(vectorizer, classifier, task.dev), task.dev)
         extra["dev_accuracy"] = dev_accuracy
         ctx.log_metric(int(extra["iterations"]), "eval_accuracy", dev_accuracy)
         print(f"{LOG} dev accuracy {dev_accuracy:.4f} ({len(task.dev)} examples)", flush=True)
         ctx.set_progress(2, total)
     started = time.perf_counter()
+    ctx.set_phase(TESTING, 0, len(task.test))
     predicted = predict(vectorizer, classifier, task.test)
     extra["predict_time_s"] = time.perf_counter() - started
     print(f"{LOG} predicted {len(task.test)} test texts in {extra['predict_time_s']:.1f}s", flush=True)
