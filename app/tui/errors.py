@@ -6,6 +6,10 @@ workers; the report is app.error_analysis.error_report, the same numbers as `clf
 
 At 80×24 the confusion matrix shows the TOP_K labels most involved in errors (as gold or as prediction),
 numbered, with keys to show more, fewer or all of them; the table scrolls both ways.
+
+The run list follows the store (every REFRESH_S, one read at a time): a run that finishes joins the picker, and
+a screen opened on a run that is still queued or running says so in one line, shows no other run, and opens
+that run's errors once it has predictions.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from clfbench.storage import queries
 from clfbench.storage.db import Store
 
 TOP_K = 12
+REFRESH_S = 2.0
+WAITING_STATUSES = ("queued", "running")  # a run in these has no predictions yet: wait for it, show no other
 LABEL_WIDTH = 22  # characters of a label in the confusion matrix's row names
 
 
@@ -99,6 +105,8 @@ class ErrorsScreen(Screen):
         self.matrix_labels: list[str] = []  # rows of the shown confusion matrix
         self.matrix_columns: list[str] = []
         self.example_rows: list[dict] = []
+        self.reading = False  # a run-list read in flight: the next tick does not start another
+        self.shown: tuple[int, str] | None = None  # the (run, task) chosen last: its report is shown or loading
 
     def compose(self) -> ComposeResult:
         yield TitleBar("errors", id="errors-title")
@@ -129,31 +137,57 @@ class ErrorsScreen(Screen):
         self.query_one("#examples", DataTable).add_columns("id", "gold", "predicted", "parse", "text")
         self.query_one("#others", DataTable).add_columns("run", "model · method · shots", "predicted", "")
         per_label.focus()
-        self.load_runs()
+        self.reload()
+        self.set_interval(REFRESH_S, self.reload)
 
     # ---- reading the store (thread workers) ----------------------------------------------------
     def reload(self) -> None:
-        self.load_runs()
+        """Read the run list again, unless the last read is still running (reads never pile up)."""
+        if not self.reading:
+            self.reading = True
+            self.load_runs()
 
     @work(thread=True, exclusive=True, group="errors-runs")
     def load_runs(self) -> None:
-        runs = queries.runs_with_predictions(self.store)
-        call_if_open(self, self.runs_loaded, runs)
+        try:
+            runs = queries.runs_with_predictions(self.store)
+            asked = None
+            if self.run_id is not None and all(run["id"] != self.run_id for run in runs):
+                asked = queries.get_run(self.store, self.run_id)  # why the asked run has none (still running?)
+        finally:
+            self.reading = False
+        call_if_open(self, self.runs_loaded, runs, asked)
 
-    def runs_loaded(self, runs: list[dict]) -> None:
+    def runs_loaded(self, runs: list[dict], asked: dict | None = None) -> None:
+        changed = [(run["id"], run["tasks"]) for run in runs] != \
+            [(run["id"], run["tasks"]) for run in self.runs.values()]
         self.runs = {run["id"]: run for run in runs}
-        if not runs:
-            self.query_one("#summary", Static).update("no run has predictions yet (they appear when runs succeed)")
-            return
+        summary = self.query_one("#summary", Static)
         if self.run_id not in self.runs:
+            if asked is not None and asked["status"] in WAITING_STATUSES:
+                self.fill_run_picker(runs, changed)
+                summary.update(f"run {self.run_id} is {asked['status']}: its errors appear here when it "
+                               "succeeds")
+                return
+            if not runs:
+                summary.update("no run has predictions yet (they appear when runs succeed)")
+                return
             if self.run_id is not None:
                 self.notify(f"run {self.run_id} has no predictions; showing run {runs[0]['id']}", severity="warning")
-            self.run_id = runs[0]["id"]
+            self.run_id, changed = runs[0]["id"], True
+        self.fill_run_picker(runs, changed)
+        if self.shown != (self.run_id, self.task_name):
+            self.choose_run(self.run_id, self.task_name)
+
+    def fill_run_picker(self, runs: list[dict], changed: bool) -> None:
+        """The run picker's options (only when the list changed: a refresh must not close an open picker)."""
         run_select = self.query_one("#run", Select)
+        if not changed and run_select.value == self.run_id:
+            return
         with run_select.prevent(Select.Changed):
             run_select.set_options([(run_title(run), run["id"]) for run in runs])
-            run_select.value = self.run_id
-        self.choose_run(self.run_id, self.task_name)
+            if self.run_id in self.runs:
+                run_select.value = self.run_id
 
     def choose_run(self, run_id: int, task: str | None) -> None:
         run = self.runs[run_id]
@@ -163,6 +197,7 @@ class ErrorsScreen(Screen):
         with task_select.prevent(Select.Changed):
             task_select.set_options([(name, name) for name in run["tasks"]])
             task_select.value = self.task_name
+        self.shown = (run_id, self.task_name)
         self.query_one("#summary", Static).update(f"loading run {run_id} · {self.task_name}…")
         self.load_report(run_id, self.task_name)
 
