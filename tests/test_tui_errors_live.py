@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
 from textual.widgets import Static
 
 from clfbench.app.tui.app import ClfbenchApp
@@ -13,13 +12,6 @@ from clfbench.app.tui.errors import REFRESH_S, ErrorsScreen
 from clfbench.storage import queries, queue
 from clfbench.storage.db import open_store
 from tests.tui_seed import SEED_NOW, seed_store
-
-
-@pytest.fixture
-def seeded(home, tmp_path) -> str:
-    folder = tmp_path / "store"
-    folder.mkdir()
-    return seed_store(folder / "clfbench.db")
 
 
 def summary(screen: ErrorsScreen) -> str:
@@ -52,7 +44,8 @@ def run_screen(url: str, scenario) -> None:
     asyncio.run(main())
 
 
-def test_e_on_a_running_run_says_so_and_opens_its_errors_when_it_succeeds(seeded):
+def test_e_on_a_running_run_says_so_and_opens_its_errors_when_it_succeeds(home, tmp_path):
+    seeded = seed_store(tmp_path / "clfbench.db")
     store = open_store(seeded)
     running = queries.list_runs(store, status="running")[0]
 
