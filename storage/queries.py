@@ -33,6 +33,78 @@ def list_runs(store: Store, status: str | None = None, limit: int | None = None)
         return [dict(row) for row in connection.execute(query).mappings()]
 
 
+# ---- incremental run lists (the TUI's runs screen) ------------------------------------------------
+# runs.change_seq is a store-wide counter that a trigger bumps on every insert or update of a run row (schema v4),
+# so a live list reads only the rows changed since the highest value it has seen, not every row on every tick.
+# SQLite serialises writes, so every value below the highest one a read saw belongs to a committed row: re-reading
+# `change_seq > seen` misses nothing. PostgreSQL takes the value from a sequence when the statement starts, not
+# when it commits, so a row can appear later with a lower value: its readers re-read from a value they saw some
+# seconds earlier (change_order_is_strict tells which). Deletes bump nothing: count_runs tells a reader when rows
+# went away, run_ids which.
+
+INCREMENTAL_READ_LIMIT = 2000  # rows per changed-since read; a reader that gets this many reads on next time
+
+
+def change_order_is_strict(store: Store) -> bool:
+    """Whether change_seq values become visible in order (SQLite), so a reader needs no margin below them."""
+    return store.is_sqlite
+
+
+def max_change_seq(store: Store) -> int:
+    """The highest change counter of any run (0 for an empty store): where a list's next changed-since read
+    starts after it read a page."""
+    with store.read() as connection:
+        return int(connection.execute(select(func.coalesce(func.max(RUNS.c.change_seq), 0))).scalar_one())
+
+
+def runs_page(store: Store, before_id: int | None = None, limit: int = 200) -> list[dict]:
+    """Up to `limit` runs, newest first, with ids below `before_id` (None: from the newest): a list's first page,
+    and the older pages it reads after it painted."""
+    query = select(RUNS).order_by(RUNS.c.id.desc()).limit(limit)
+    if before_id is not None:
+        query = query.where(RUNS.c.id < before_id)
+    with store.read() as connection:
+        return [dict(row) for row in connection.execute(query).mappings()]
+
+
+def runs_changed_since(store: Store, seq: int, limit: int = INCREMENTAL_READ_LIMIT) -> list[dict]:
+    """Runs whose change counter is above `seq`, in counter order, at most `limit` (the index ix_runs_change_seq
+    makes this cost the rows returned, not the store's size)."""
+    query = select(RUNS).where(RUNS.c.change_seq > seq).order_by(RUNS.c.change_seq).limit(limit)
+    with store.read() as connection:
+        return [dict(row) for row in connection.execute(query).mappings()]
+
+
+def count_runs(store: Store, min_id: int = 0) -> int:
+    """How many runs have an id of at least `min_id`: a list compares it with the rows it holds to notice deletes."""
+    with store.read() as connection:
+        return int(connection.execute(select(func.count()).select_from(RUNS).where(RUNS.c.id >= min_id)).scalar_one())
+
+
+def run_ids(store: Store, min_id: int = 0) -> set[int]:
+    """The ids of the runs with an id of at least `min_id` (which rows a list must drop after deletes)."""
+    with store.read() as connection:
+        return set(connection.execute(select(RUNS.c.id).where(RUNS.c.id >= min_id)).scalars())
+
+
+def headline_results(store: Store, run_ids: Collection[int]) -> dict[int, dict[str, tuple[str, float]]]:
+    """{run id: {task: (metric, value)}}: each run's primary result per task (accuracy, or slot F1 for slot
+    filling; see PRIMARY_METRICS), for the run list's result column. Runs without results are left out."""
+    wanted = list(run_ids)
+    found: dict[int, dict[str, dict[str, float]]] = {}
+    with store.read() as connection:
+        for start in range(0, len(wanted), 500):  # well under every backend's limit on bound parameters
+            rows = connection.execute(
+                select(RESULTS.c.run_id, RESULTS.c.task, RESULTS.c.metric, RESULTS.c.value)
+                .where(RESULTS.c.run_id.in_(wanted[start:start + 500]), RESULTS.c.metric.in_(PRIMARY_METRICS))
+            ).all()
+            for run_id, task, metric, value in rows:
+                found.setdefault(run_id, {}).setdefault(task, {})[metric] = value
+    return {run_id: {task: next((m, values[m]) for m in PRIMARY_METRICS if m in values)
+                     for task, values in sorted(tasks.items())}
+            for run_id, tasks in found.items()}
+
+
 def get_run(store: Store, run_id: int) -> dict | None:
     with store.read() as connection:
         row = connection.execute(select(RUNS).where(RUNS.c.id == run_id)).mappings().first()
