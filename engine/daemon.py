@@ -1,7 +1,7 @@
 """The engine: claims queued runs that fit the free GPUs and supervises their worker processes.
 
-One engine per store per host (an flock on a lock file in the clfbench home; the OS drops it when the
-process dies, even under SIGKILL). Each run is launched as
+One engine per (store, host identity) (an flock on a lock file in /tmp/clfbench-<uid>, not in the clfbench home;
+the OS drops it when the process dies, even under SIGKILL). Each run is launched as
 
     torchrun --standalone --nproc-per-node=N -m clfbench.engine.worker RUN_ID      (methods that train or infer)
     python -m clfbench.engine.worker RUN_ID                                        (API-only methods)
@@ -12,9 +12,12 @@ with CUDA_VISIBLE_DEVICES set to its GPUs and output appended to a per-run log f
 State rules (the table in storage.states): the worker writes succeeded/failed itself; the engine writes
 only what a worker cannot say about itself: cancelled (after killing it), interrupted or requeued (it died),
 and failed when the launch itself fails. Every statement is storage's; there is no SQL here.
-On start the engine reconciles runs left `running` on this host: a worker still alive is adopted
-(found by the CLFBENCH_RUN_TAG its processes inherit), a dead one is marked interrupted and requeued
-while retries are left.
+
+Ownership (docs/ARCHITECTURE.md): a run belongs to the engine that claimed it while that engine's lease, renewed by
+`heartbeat` and judged on the database's clock, is live. `reconcile` runs at start and then every third of a lease
+(from `heartbeat`): on this host it adopts the runs whose worker still lives (found by the CLFBENCH_RUN_TAG its
+processes inherit) and ends those whose worker died; on any host it requeues the runs of engines whose lease ran
+out. An engine that finds its own lease taken kills its workers and stops.
 
 No torch here: `clfbench engine --foreground` runs this loop inside the CLI process.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -31,6 +35,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +43,25 @@ from pathlib import Path
 from clfbench.engine.gpus import discover_gpus
 from clfbench.engine.types import ClfbenchError
 from clfbench.storage import paths, queries, queue
-from clfbench.storage.db import Store, now, open_store
+from clfbench.storage.db import Store, StoreError, open_store
 from clfbench.storage.models import RunStatus
+from clfbench.storage.outage import FIRST_DELAY_S, MAX_DELAY_S, first_line, is_outage
 from clfbench.storage.paths import engine_log_path, run_dir, store_key
 from clfbench.storage.states import Writer
 
-HEARTBEAT_S = 5.0
-# A run on another host whose worker has not written a heartbeat for this long is taken as dead.
-STALE_AFTER_S = 180.0
+
+
+def _lease_s_or_default() -> float:
+    try:
+        return queue.engine_lease_s()
+    except StoreError:
+        return queue.DEFAULT_ENGINE_LEASE_S  # run_engine reports the bad value in one line
+
+
+# The engine's lease (CLFBENCH_ENGINE_LEASE_S, default 60 s): renewed at every heartbeat, four or more per lease,
+# so a renewal delayed by a busy store (SQLite's 30 s busy timeout) does not lose it.
+LEASE_S = _lease_s_or_default()
+HEARTBEAT_S = min(5.0, LEASE_S / 4)
 
 
 def delete_run(url: str, store: Store, run_id: int) -> bool:
@@ -60,36 +76,101 @@ def delete_run(url: str, store: Store, run_id: int) -> bool:
     return True
 
 
-def acquire_engine_lock(url: str):
-    """Hold an exclusive flock for this store on this host, or raise if another engine holds it."""
-    path = paths.engine_lock_path(url)
-    handle = paths.open_private(path, "a+")
+def host_identity() -> str:
+    """This host as engines tell hosts apart: the hostname, the machine id and the boot id (a cloned image keeps
+    the hostname and maybe the machine id, never the boot id; a reboot is a new host, as no process survives it).
+    CLFBENCH_HOST_ID overrides it (tests run two "hosts" on one machine)."""
+    override = os.environ.get("CLFBENCH_HOST_ID", "").strip()
+    if override:
+        return override
+    machine = _first_line("/etc/machine-id") or _first_line("/var/lib/dbus/machine-id")
+    boot = _first_line("/proc/sys/kernel/random/boot_id")
+    return f"{socket.gethostname()}:{hashlib.sha256(f'{machine}:{boot}'.encode()).hexdigest()[:12]}"
+
+
+def host_label() -> str:
+    """The host's name as runs and engines show it: CLFBENCH_HOST_ID when set, else the hostname."""
+    return os.environ.get("CLFBENCH_HOST_ID", "").strip() or socket.gethostname()
+
+
+def _first_line(path: str) -> str:
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def engine_lock_path(url: str, host_id: str | None = None) -> Path:
+    """The lock of one engine per (store, host): in CLFBENCH_LOCK_DIR, else /tmp/clfbench-<uid> (never under the
+    clfbench home, which two engines of one host may not share; not under $TMPDIR or $XDG_RUNTIME_DIR, which
+    differ between a login shell, a batch job and cron on the same host)."""
+    folder = Path(os.environ.get("CLFBENCH_LOCK_DIR") or f"/tmp/clfbench-{os.getuid()}")
+    key = hashlib.sha256(f"{url}\0{host_id or host_identity()}".encode()).hexdigest()[:16]
+    return folder / f"engine-{key}.lock"
+
+
+def _open_lock(path: Path):
+    """Open the lock file (0600, its folder 0700), refusing a folder that another user owns (/tmp is shared)."""
+    handle = paths.open_private(path, "a+")
+    owner = os.fstat(handle.fileno()).st_uid
+    if owner != os.getuid():
         handle.close()
-        if error.errno in (errno.EAGAIN, errno.EACCES):
-            raise ClfbenchError(f"an engine already runs for this store on this host (lock {path})") from None
-        raise
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
+        raise ClfbenchError(f"the engine lock {path} belongs to another user (uid {owner})")
     return handle
 
 
-def engine_lock_holder(url: str) -> int | None:
-    """The pid of the engine holding this store's lock on this host, or None."""
-    path = paths.engine_lock_path(url)
-    if not path.exists():
-        return None
-    with open(path, "a+") as handle:
+# How long a starting engine retries a lock it found taken: a probe (engine_lock_holder) holds it for microseconds.
+LOCK_RETRY_S = 2.0
+
+
+def acquire_engine_lock(url: str, identity: str, host_id: str | None = None) -> tuple[object, str | None]:
+    """Hold this store's engine lock on this host (an exclusive flock), or raise if another engine holds it.
+
+    Returns (the open lock file, the identity of the engine that held it last, or None). The OS drops a flock only
+    when its process dies, so that engine is dead: the caller takes its runs over (queue.take_over_engine) without
+    waiting for its lease to run out. The file then names this engine: "pid identity".
+    """
+    path = engine_lock_path(url, host_id)
+    handle = _open_lock(path)
+    deadline = time.monotonic() + LOCK_RETRY_S
+    while True:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                handle.close()
+                raise
+            if time.monotonic() > deadline:
+                handle.close()
+                raise ClfbenchError(f"an engine already runs for this store on this host (lock {path})") from None
+            time.sleep(0.02)
+    handle.seek(0)
+    previous = handle.read().split()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {identity}\n")
+    handle.flush()
+    return handle, previous[1] if len(previous) == 2 else None
+
+
+def engine_lock_holder(url: str) -> int | None:
+    """The pid of the engine holding this store's lock on this host, or None.
+
+    A probe takes a SHARED lock for a moment: probes never exclude each other, and a starting engine retries its
+    exclusive lock for LOCK_RETRY_S, so `engine status` or the TUI polling can never make an engine refuse to start.
+    """
+    path = engine_lock_path(url)
+    try:
+        handle = open(path)
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            handle.seek(0)
-            text = handle.read().strip()
-            return int(text) if text.isdigit() else -1
+            text = handle.read().split()
+            return int(text[0]) if text and text[0].isdigit() else -1
         fcntl.flock(handle, fcntl.LOCK_UN)
         return None
 
@@ -272,15 +353,24 @@ class Engine:
     config: EngineConfig
     store: Store
     engine_id: int
-    host: str = field(default_factory=socket.gethostname)
+    host: str = field(default_factory=host_label)
+    host_id: str = field(default_factory=host_identity)
     children: dict[int, Child] = field(default_factory=dict)
     stopping: bool = False
+    lease_s: float = LEASE_S
+    # Monotonic times (never compared across hosts; they only pace this engine): the last renewal of its lease, the
+    # start of its current run of renewals without a gap longer than a lease, and the last reconcile.
+    renewed_at: float = field(default_factory=time.monotonic)
+    renewed_since: float = field(default_factory=time.monotonic)
+    reconciled_at: float | None = None
 
     # ---- capacity ---------------------------------------------------------------------------
     def busy_gpus(self) -> set[int]:
         return {gpu for child in self.children.values() for gpu in child.gpus}
 
     def free_gpus(self) -> list[int]:
+        """This engine's GPUs that its own children do not use. The claim also subtracts, in the store, the GPUs of
+        every running run of this host (another engine's too): the store, not this process, is the ledger."""
         busy = self.busy_gpus()
         return [gpu for gpu in self.config.gpus if gpu not in busy]
 
@@ -334,19 +424,17 @@ class Engine:
             free_gpus=len(free),
             cpu_free=self.cpu_runs() < self.config.max_cpu_runs,
             api_free=self.api_runs() < self.config.max_api_runs,
+            host_id=self.host_id,
+            gpu_ids=free,
         )
         if run is None:
             return False
-        self.launch(run, free)
+        self.launch(run)
         return True
 
-    def launch(self, run: dict, free: list[int]) -> None:
-        need = run["gpus_requested"]
-        if need is None:
-            need = 1 if self.config.gpus else 0
-        if run["launch"] == "process":
-            need = 0
-        gpus = free[:need]
+    def launch(self, run: dict) -> None:
+        """Start the worker of a run just claimed, on the GPUs the claim assigned it in the store."""
+        gpus = [int(gpu) for gpu in (run["gpus_assigned"] or "").split(",") if gpu.strip()]
         folder = paths.private_dir(run_dir(self.config.url, run["id"]))
         log_path = folder / "log.txt"
         if run["launch"] == "process":
@@ -414,52 +502,156 @@ class Engine:
                 kill_processes(child.processes(), signal.SIGKILL)
 
     def heartbeat(self) -> None:
-        queue.engine_heartbeat(self.store, self.engine_id)
+        """Renew this engine's lease, and reconcile when due (every third of a lease). The engine loop calls it every
+        HEARTBEAT_S. A renewal refused means another engine declared this one lost and took its runs: lose_lease."""
+        if not queue.engine_heartbeat(self.store, self.engine_id):
+            self.lose_lease()
+            return
+        moment = time.monotonic()
+        if moment - self.renewed_at > self.lease_s:
+            self.renewed_since = moment  # a gap (a pause, an outage): the lease may have lapsed meanwhile
+        self.renewed_at = moment
+        touch_lock(self.config.url, self.host_id)
+        if self.reconcile_due():
+            self.reconcile()
+
+    def reconcile_due(self) -> bool:
+        return self.reconciled_at is None or time.monotonic() - self.reconciled_at >= self.lease_s / 3
+
+    def lose_lease(self) -> None:
+        """Another engine declared this one lost (its lease ran out: it was paused, or cut off from the store) and
+        requeued its runs: their workers are no longer this engine's. Kill them, claim nothing more, stop."""
+        print(f"clfbench engine: {self.host} pid {os.getpid()} lost its lease (no renewal for over {self.lease_s:g} s) "
+              f"and its runs were taken by another engine; killing its {len(self.children)} worker(s) and stopping",
+              file=sys.stderr, flush=True)
+        for child in self.children.values():
+            signal_group(child.pid, signal.SIGKILL)
+            kill_processes(child.processes(), signal.SIGKILL)
+            if child.log_handle is not None:
+                child.log_handle.close()
+        self.children.clear()
+        self.stopping = True
 
     def reconcile(self) -> None:
-        """Runs left `running` by a dead engine or worker: adopt the live, mark the dead.
+        """Runs left `running` by a dead engine or worker.
 
-        A run is alive while any process carrying its attempt's tag lives (the launcher or any rank).
+        On this host (engine/worker processes are visible here): runs this engine owns but does not supervise (taken
+        over from the previous engine of this host) and runs of this host's engines whose lease ran out: adopted
+        while a process carrying their attempt's tag lives (the launcher or any rank), else ended (requeued or
+        interrupted). On any host: runs whose engine's lease ran out on the database's clock (queue.reclaim_expired),
+        once this engine has itself renewed its lease without a gap for a whole lease, so that after an outage of
+        the store every engine had the time to renew its own before any is judged.
         """
-        for run in queries.running_runs(self.store):
-            if run["host"] == self.host:
-                tag = run_tag(self.config.url, run["id"], run["attempt"])
-                if tagged_processes(tag):
-                    gpus = [int(g) for g in (run["gpus_assigned"] or "").split(",") if g]
-                    self.children[run["id"]] = Child(
-                        run_id=run["id"], attempt=run["attempt"], pid=run["pid"] or 0, gpus=gpus,
-                        launch=run["launch"], log_path=run["log_path"] or "", tag=tag,
-                    )
-                    queue.log_event_standalone(self.store, "adopted", f"pid {run['pid']}", run["id"])
-                    continue
-                reason = "its worker was gone when the engine started (engine or worker died)"
-            else:
-                age = now() - (run["heartbeat_at"] or 0)
-                if age < STALE_AFTER_S:
-                    continue  # another host's live run
-                reason = f"no heartbeat from host {run['host']} for {age:.0f} s"
-            queue.mark_ended_without_result(self.store, run["id"], run["attempt"], reason)
+        self.reconciled_at = time.monotonic()
+        for run in queue.runs_to_check_on_host(self.store, self.engine_id, self.host_id):
+            if run["id"] not in self.children:
+                self.adopt_or_end(run)
+        if time.monotonic() - self.renewed_since < self.lease_s:
+            return
+        for run_id, status in queue.reclaim_expired(self.store, self.engine_id):
+            print(f"clfbench engine: run {run_id}: its engine's lease ran out; {status}", file=sys.stderr, flush=True)
+
+    def adopt_or_end(self, run: dict) -> None:
+        """A running run of this host that no engine supervises: supervise it if its worker lives, else end it."""
+        tag = run_tag(self.config.url, run["id"], run["attempt"])
+        if not tagged_processes(tag):
+            queue.mark_ended_without_result(self.store, run["id"], run["attempt"],
+                                            "its worker was gone when this host's engine took it over "
+                                            "(the engine or the worker died)")
+            return
+        if run["engine_id"] == self.engine_id:
+            queue.log_event_standalone(self.store, "adopted", f"pid {run['pid']}", run["id"])
+        elif not queue.adopt_run(self.store, run["id"], run["attempt"], run["engine_id"], self.engine_id):
+            return  # it moved on meanwhile (finished, or reclaimed)
+        gpus = [int(g) for g in (run["gpus_assigned"] or "").split(",") if g]
+        self.children[run["id"]] = Child(
+            run_id=run["id"], attempt=run["attempt"], pid=run["pid"] or 0, gpus=gpus,
+            launch=run["launch"], log_path=run["log_path"] or "", tag=tag,
+        )
 
     def idle(self) -> bool:
         return not self.children
 
     def loop(self) -> None:
-        self.reconcile()
-        last_heartbeat = 0.0
+        """Tick every poll_s: heartbeat, reap, cancels, claims, the tick hook. Every step that touches the store
+        goes through `StoreSteps.ride_out`, so a store outage (a PostgreSQL restart, a full disk) skips steps
+        until the store answers instead of killing the engine, whose workers ride it out themselves."""
+        steps = StoreSteps()
+        reconciled, last_heartbeat = False, 0.0
         while not self.stopping:
-            if time.monotonic() - last_heartbeat > HEARTBEAT_S:
-                self.heartbeat()
+            reconciled = reconciled or steps.ride_out(self.reconcile, "reconciling runs")
+            if time.monotonic() - last_heartbeat > HEARTBEAT_S and steps.ride_out(self.heartbeat, "heartbeat"):
                 last_heartbeat = time.monotonic()
-            self.reap()
-            self.handle_cancels()
+            before = list(self.children.items())
+            if not steps.ride_out(self.reap, "reaping ended runs"):
+                # reap drops a child before it writes the run's end: put back the one whose write failed, so
+                # the next tick writes it with its exit code (an end already written is refused by its guard).
+                # A run whose claim or launch an outage cut off is found by reconcile (owned, not supervised).
+                dropped = [(run_id, child) for run_id, child in before if run_id not in self.children]
+                if dropped:
+                    self.children[dropped[-1][0]] = dropped[-1][1]
+            steps.ride_out(self.handle_cancels, "handling cancels")
             launched = False
-            while not self.stopping and self.claim_and_launch():
+            while not self.stopping:
+                claimed: list[bool] = []
+                if not steps.ride_out(lambda: claimed.append(self.claim_and_launch()), "claiming runs") \
+                        or not claimed[0]:
+                    break
                 launched = True
             if self.config.on_tick is not None:
-                self.config.on_tick()
-            if self.config.until_idle and self.idle() and not launched:
+                steps.ride_out(self.config.on_tick, "showing progress")
+            # An outage is no proof of an empty queue: --until-idle stops only on a store that answered.
+            if self.config.until_idle and self.idle() and not launched and reconciled and not steps.down:
                 break
             time.sleep(self.config.poll_s)
+
+
+class StoreSteps:
+    """The engine loop's steps through a store outage (the rule: storage.outage). A step that fails because the
+    store is unreachable is skipped, and every store step waits out a backoff (0.2 s doubling to 5 s) before
+    the next try; one line when the outage starts and one when the store answers again. An engine has no
+    window: it keeps supervising its workers, which ride out the outage on their own (engine.recorder), for as
+    long as it lasts. Any other error is raised, as before."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # monotonic time of the outage's first failure
+        self.delay = FIRST_DELAY_S
+        self.next_try = 0.0
+
+    @property
+    def down(self) -> bool:
+        return self.since is not None
+
+    def ride_out(self, step: Callable[[], object], what: str) -> bool:
+        """step(), unless the store is down and the backoff has not passed; whether it ran without an outage."""
+        now = time.monotonic()
+        if self.since is not None and now < self.next_try:
+            return False
+        try:
+            step()
+        except Exception as error:
+            if not is_outage(error):
+                raise
+            if self.since is None:
+                self.since, self.delay = now, FIRST_DELAY_S
+                print(f"clfbench engine: store unreachable while {what} ({first_line(error)}); retrying with "
+                      "backoff, workers go on", flush=True)
+            else:
+                self.delay = min(self.delay * 2, MAX_DELAY_S)
+            self.next_try = now + self.delay
+            return False
+        if self.since is not None:
+            print(f"clfbench engine: store reachable again after {now - self.since:.1f} s", flush=True)
+            self.since = None
+        return True
+
+
+def touch_lock(url: str, host_id: str) -> None:
+    """Keep the lock file's times fresh: a cleaner of old files in /tmp must never delete a lock that is held."""
+    try:
+        os.utime(engine_lock_path(url, host_id))
+    except OSError:
+        pass
 
 
 def torchrun_command(nproc: int) -> list[str]:
@@ -486,11 +678,17 @@ def run_engine(config: EngineConfig) -> None:
     Workers are left running when the engine stops: they finish and record their own result, and the
     next engine adopts them.
     """
+    try:
+        lease_s = queue.engine_lease_s()
+    except StoreError as error:
+        raise ClfbenchError(str(error)) from None
     store = open_store(config.url)
-    lock = acquire_engine_lock(config.url)
-    host = socket.gethostname()
-    engine_id = queue.register_engine(store, host, os.getpid(), config.gpus)
-    engine = Engine(config=config, store=store, engine_id=engine_id, host=host)
+    host, host_id, identity = host_label(), host_identity(), str(uuid.uuid4())
+    lock, previous = acquire_engine_lock(config.url, identity, host_id)
+    engine_id = queue.register_engine(store, host, os.getpid(), config.gpus, host_id=host_id, identity=identity)
+    if previous:
+        queue.take_over_engine(store, previous, engine_id)
+    engine = Engine(config=config, store=store, engine_id=engine_id, host=host, host_id=host_id, lease_s=lease_s)
 
     def _stop(_signum, _frame):
         engine.stopping = True

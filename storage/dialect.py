@@ -8,6 +8,8 @@ or double-claim the same row.
 """
 from __future__ import annotations
 
+import sqlite3
+
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
@@ -71,3 +73,26 @@ def claim_sql(engine: Engine, source: str, target: str) -> str:
         )
         RETURNING id
     """
+
+
+def db_now_sql(engine: Engine) -> str:
+    """An SQL expression for the database server's clock, in float seconds since the epoch.
+
+    Engine leases are set and judged with it and never with a host's clock: two hosts' clocks may disagree by
+    minutes, the database has one clock. SQLite's `unixepoch('subsec')` needs SQLite 3.42; julianday works on every
+    version with millisecond resolution. On PostgreSQL, clock_timestamp() (not now(), which is the transaction's
+    start) so a long transaction does not see time stand still.
+    """
+    if not is_sqlite(engine):
+        return "extract(epoch from clock_timestamp())"
+    if sqlite3.sqlite_version_info >= (3, 42, 0):  # the library pysqlite is linked against, which SQLAlchemy uses
+        return "unixepoch('subsec')"
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+def host_lock_sql(engine: Engine) -> str | None:
+    """A lock held until the transaction ends, keyed by the text parameter :key (PostgreSQL: an advisory
+    transaction lock), or None on SQLite, where a write transaction already excludes every other writer."""
+    if is_sqlite(engine):
+        return None
+    return "SELECT pg_advisory_xact_lock(hashtext(:key))"

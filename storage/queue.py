@@ -6,14 +6,19 @@ worker from an earlier attempt, an engine that lost a race) changes nothing.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import os
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, cast, delete, exists, insert, literal, select, text, update
+from sqlalchemy import (Float, bindparam, cast, delete, exists, func, insert, literal, literal_column, select, text,
+                        update)
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import ColumnElement
 
 from clfbench.storage import dialect
-from clfbench.storage.db import Store, now
+from clfbench.storage.db import Store, StoreError
+from clfbench.storage.db import now as _host_clock
 from clfbench.storage.models import (EngineRow, Event, MetricPoint, PredictionRow, Result, Run, RunStatus,
                                      metric_value_columns)
 from clfbench.storage.states import DELETABLE, ENDED_WITH_ERROR, Writer, allowed, kept_by, sources
@@ -21,6 +26,45 @@ from clfbench.storage.states import DELETABLE, ENDED_WITH_ERROR, Writer, allowed
 RUNS = Run.__table__
 EVENTS = Event.__table__
 ENGINES = EngineRow.__table__
+
+# An engine's lease lasts this long past its last renewal, on the database's clock (env CLFBENCH_ENGINE_LEASE_S).
+DEFAULT_ENGINE_LEASE_S = 60.0
+# An engine row without a lease (written by a clfbench before store v4) counts as leased this long past its last
+# heartbeat: that heartbeat is the old engine's own clock, so the margin is generous.
+LEGACY_LEASE_S = 600.0
+
+
+def now() -> float:
+    """This host's clock for the times the store shows (created, started, heartbeat), shifted by
+    CLFBENCH_CLOCK_OFFSET_S seconds when set: a test skews one host's clock by minutes to prove that no decision
+    about who owns a run reads a host's clock (leases are set and judged on the database's, `db_now`)."""
+    offset = os.environ.get("CLFBENCH_CLOCK_OFFSET_S")
+    return _host_clock() + (float(offset) if offset else 0.0)
+
+
+def engine_lease_s() -> float:
+    """CLFBENCH_ENGINE_LEASE_S (seconds > 0), default 60. A bad value is a one-line StoreError."""
+    raw = os.environ.get("CLFBENCH_ENGINE_LEASE_S", "").strip()
+    if not raw:
+        return DEFAULT_ENGINE_LEASE_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise StoreError(f"CLFBENCH_ENGINE_LEASE_S must be a number of seconds > 0, not {raw!r}")
+    return value
+
+
+def db_now_expr(store_or_connection) -> ColumnElement:
+    """The database's clock as an SQL expression (storage.dialect.db_now_sql)."""
+    return literal_column(dialect.db_now_sql(store_or_connection.engine), Float)
+
+
+def _lease_end():
+    """When an engine's lease ends, on the database's clock; a row without one (written before store v4) is
+    judged by its last heartbeat plus LEGACY_LEASE_S."""
+    return func.coalesce(ENGINES.c.lease_until, ENGINES.c.heartbeat_at + LEGACY_LEASE_S)
 
 
 def log_event(connection: Connection, kind: str, message: str = "", run_id: int | None = None) -> None:
@@ -97,10 +141,25 @@ def claim(
     free_gpus: int,
     cpu_free: bool,
     api_free: bool,
+    host_id: str | None = None,
+    gpu_ids: Sequence[int] | None = None,
 ) -> dict | None:
-    """Atomically move the best claimable queued run to running. Returns the run row, or None."""
+    """Atomically move the best claimable queued run to running, owned by `engine_id`. Returns the run row, or None.
+
+    Only an engine whose lease is live claims (a registered engine whose lease ran out, or that another engine
+    declared lost, gets None). With `gpu_ids` (this engine's GPUs not busy with its own children) and `host_id`, the
+    GPUs are counted and assigned through the store in the same transaction: those assigned to running runs of any
+    engine of the same host are not free, so two engines on one host never hand out one GPU twice. `free_gpus` is
+    then ignored; without `gpu_ids` it is the caller's count and nothing is assigned here.
+    """
     (source,) = sources(RunStatus.running, Writer.engine)  # one statement: one status it claims from
     with store.write() as connection:
+        if not _lease_live_for_claim(connection, engine_id):
+            return None
+        free = None
+        if gpu_ids is not None:
+            free = _gpus_free_on_host(connection, host_id or host, gpu_ids)
+            free_gpus = len(free)
         row = connection.execute(
             text(dialect.claim_sql(store.engine, source=source.value, target=RunStatus.running.value)),
             {
@@ -115,9 +174,46 @@ def claim(
         ).first()
         if row is None:
             return None
+        if free is not None:
+            _assign_gpus(connection, row[0], free, default_gpus)
         run = connection.execute(select(RUNS).where(RUNS.c.id == row[0])).mappings().one()
         log_event(connection, "claimed", f"attempt {run['attempt']} on {host}", run["id"])
         return dict(run)
+
+
+def _lease_live_for_claim(connection: Connection, engine_id: int) -> bool:
+    """Whether `engine_id` may claim: its lease is live and nobody declared it lost. The row is read FOR SHARE on
+    PostgreSQL, so an engine declaring this one lost (reclaim_expired updates the row) waits for this claim to
+    commit and then sees, and reclaims, the run it claimed. An id with no engine row (a test or a benchmark that
+    claims without an engine) is not checked."""
+    row = connection.execute(
+        select(ENGINES.c.stopped_at, _lease_end() > db_now_expr(connection)).where(ENGINES.c.id == engine_id)
+        .with_for_update(read=True)
+    ).first()
+    return row is None or (row[0] is None and bool(row[1]))
+
+
+def _gpus_free_on_host(connection: Connection, host_id: str, gpu_ids: Sequence[int]) -> list[int]:
+    """Those of `gpu_ids` that no running run of an engine of `host_id` holds. On PostgreSQL a transaction lock per
+    host serialises this read with the assignment that follows (SQLite's write lock already does)."""
+    lock = dialect.host_lock_sql(connection.engine)
+    if lock:
+        connection.execute(text(lock), {"key": f"clfbench-gpus:{host_id}"})
+    held = connection.execute(
+        select(RUNS.c.gpus_assigned).join(ENGINES, ENGINES.c.id == RUNS.c.engine_id)
+        .where(RUNS.c.status == RunStatus.running.value, ENGINES.c.host_id == host_id,
+               RUNS.c.gpus_assigned.is_not(None))
+    ).scalars()
+    busy = {int(gpu) for assigned in held for gpu in assigned.split(",") if gpu.strip()}
+    return [gpu for gpu in gpu_ids if gpu not in busy]
+
+
+def _assign_gpus(connection: Connection, run_id: int, free: list[int], default_gpus: int) -> None:
+    """Record the GPUs a claimed run gets (the first of `free` it needs) in the claim's own transaction."""
+    run = connection.execute(select(RUNS.c.launch, RUNS.c.gpus_requested).where(RUNS.c.id == run_id)).one()
+    need = 0 if run.launch == "process" else (default_gpus if run.gpus_requested is None else run.gpus_requested)
+    connection.execute(update(RUNS).where(RUNS.c.id == run_id)
+                       .values(gpus_assigned=",".join(map(str, free[:need]))))
 
 
 def set_launched(store: Store, run_id: int, attempt: int, *, pid: int, gpus_assigned: str,
@@ -144,23 +240,28 @@ def heartbeat(store: Store, run_id: int, attempt: int, progress: tuple[int, int]
 
 def add_metric_points(store: Store, run_id: int, attempt: int, points: list[tuple[int, str, float, float]]) -> bool:
     """Insert a batch of (step, name, value, time) points in one transaction (one executemany), fenced by (run,
-    attempt): each INSERT ... SELECT writes its row only while the run is `running` under `attempt`, so a worker
-    whose run was cancelled or re-claimed writes nothing. Returns whether the batch was written (an empty batch
-    of a run that is still ours counts as written). A NaN or infinite value is stored as NULL plus its name in
-    `nonfinite` (storage.models.metric_value_columns)."""
+    attempt) in the statement that writes: each INSERT ... SELECT ... WHERE EXISTS writes its row only while the
+    run is `running` under `attempt`, so a worker whose run was cancelled or re-claimed writes nothing. Returns
+    whether the batch was written, whole (an empty batch of a run that is still ours counts as written). A NaN or
+    infinite value is stored as NULL plus its name in `nonfinite` (storage.models.metric_value_columns).
+
+    On SQLite that statement is the only check: the write transaction excludes every other writer, so the fence
+    sees one state for the whole batch, and its row count (sqlite3 sums an executemany's) is the answer. PostgreSQL
+    gives no row count for an executemany, and each row's EXISTS would see a requeue committed mid-batch: there the
+    run's row is read FOR SHARE first (a requeue or claim waits until the batch commits), which also answers."""
     rows = []
     for step, name, value, t in points:
         stored, nonfinite = metric_value_columns(float(value))
         rows.append({"step": step, "name": name, "value": stored, "nonfinite": nonfinite, "time": t})
+    if not rows:
+        with store.read() as connection:
+            return connection.execute(select(RUNS.c.id).where(*_running_under(run_id, attempt))).first() is not None
     with store.write() as connection:
-        # The run's row is read first (FOR SHARE on PostgreSQL: a requeue/claim waits until this batch commits;
-        # SQLite's write transaction already excludes every other writer), so a batch is written whole or not at
-        # all, and the answer is known without a backend's executemany rowcount.
-        ours = connection.execute(select(RUNS.c.id).where(*_running_under(run_id, attempt))
-                                  .with_for_update(read=True)).first() is not None
-        if ours and rows:
-            connection.execute(_fenced_point_insert(run_id, attempt), rows)
-        return ours
+        if not store.is_sqlite and connection.execute(select(RUNS.c.id).where(*_running_under(run_id, attempt))
+                                                      .with_for_update(read=True)).first() is None:
+            return False
+        written = connection.execute(_fenced_point_insert(run_id, attempt), rows).rowcount
+        return written == len(rows) if store.is_sqlite else True
 
 
 def _running_under(run_id: int, attempt: int) -> list:
@@ -347,27 +448,131 @@ def append_error_detail(store: Store, run_id: int, attempt: int, detail: str) ->
 
 # ---- engines ------------------------------------------------------------------------------------
 
-def register_engine(store: Store, host: str, pid: int, gpus: list[int]) -> int:
-    """Record an engine that starts on this store; returns its id."""
+def register_engine(store: Store, host: str, pid: int, gpus: list[int], *, host_id: str | None = None,
+                    identity: str | None = None) -> int:
+    """Record an engine that starts on this store, with its lease (engine_lease_s, on the database's clock);
+    returns its id. `identity` (a uuid per engine process) defaults to a new one, `host_id` to `host`."""
     gpu_list = ",".join(map(str, gpus))
     with store.write() as connection:
         engine_id = connection.execute(
-            insert(ENGINES).values(host=host, pid=pid, started_at=now(), heartbeat_at=now(), gpus=gpu_list)
+            insert(ENGINES).values(host=host, pid=pid, started_at=now(), heartbeat_at=now(), gpus=gpu_list,
+                                   identity=identity or str(uuid.uuid4()), host_id=host_id or host,
+                                   lease_until=db_now_expr(connection) + engine_lease_s())
             .returning(ENGINES.c.id)
         ).scalar_one()
         log_event(connection, "engine_started", f"{host} pid {pid} gpus [{gpu_list}]")
     return engine_id
 
 
-def engine_heartbeat(store: Store, engine_id: int) -> None:
+def engine_heartbeat(store: Store, engine_id: int) -> bool:
+    """Renew the engine's lease on the database's clock. Returns False when the engine was declared lost (its lease
+    had run out and another engine took its runs, reclaim_expired) or stopped: its runs are no longer its, and it
+    must stop their workers and claim nothing more. A lease that ran out unnoticed (nobody reclaimed) is renewed:
+    no other engine acted on it."""
     with store.write() as connection:
-        connection.execute(update(ENGINES).where(ENGINES.c.id == engine_id).values(heartbeat_at=now()))
+        renewed = connection.execute(
+            update(ENGINES).where(ENGINES.c.id == engine_id, ENGINES.c.stopped_at.is_(None))
+            .values(heartbeat_at=now(), lease_until=db_now_expr(connection) + engine_lease_s())
+        )
+        return renewed.rowcount == 1
 
 
 def unregister_engine(store: Store, engine_id: int, pid: int) -> None:
+    """A clean stop. The lease is left to run out, not ended: the workers the engine leaves running stay owned until
+    then, and the next engine of this host takes them over at once (take_over_engine)."""
     with store.write() as connection:
         connection.execute(update(ENGINES).where(ENGINES.c.id == engine_id).values(stopped_at=now()))
         log_event(connection, "engine_stopped", f"pid {pid}")
+
+
+def take_over_engine(store: Store, identity: str, engine_id: int) -> list[int]:
+    """Engine `engine_id` holds this host's engine lock for the store, which the engine `identity` held before it:
+    that engine is dead (the OS drops the lock only with its process). In one transaction: end its lease and move
+    its running runs to `engine_id`, so no other host reclaims them meanwhile; the new engine then adopts those
+    whose workers live and ends the others. Returns the ids of the runs taken over."""
+    with store.write() as connection:
+        old = connection.execute(select(ENGINES.c.id, ENGINES.c.pid).where(ENGINES.c.identity == identity,
+                                                                           ENGINES.c.id != engine_id)).first()
+        if old is None:
+            return []
+        connection.execute(update(ENGINES).where(ENGINES.c.id == old.id)
+                           .values(stopped_at=func.coalesce(ENGINES.c.stopped_at, now()),
+                                   lease_until=db_now_expr(connection)))
+        taken = list(connection.execute(
+            update(RUNS).where(RUNS.c.engine_id == old.id, RUNS.c.status == RunStatus.running.value)
+            .values(engine_id=engine_id).returning(RUNS.c.id)
+        ).scalars())
+        if taken:
+            log_event(connection, "engine_taken_over", f"pid {old.pid}: runs {', '.join(map(str, taken))}")
+        return taken
+
+
+def adopt_run(store: Store, run_id: int, attempt: int, old_engine_id: int | None, engine_id: int) -> bool:
+    """Make `engine_id` the owner of a running attempt whose worker lives on its host (its previous engine is gone).
+    Fenced by the attempt and the previous owner: False, and nothing changed, if the run moved on meanwhile."""
+    with store.write() as connection:
+        moved = connection.execute(
+            update(RUNS).where(*_running_under(run_id, attempt), RUNS.c.engine_id.is_not_distinct_from(old_engine_id))
+            .values(engine_id=engine_id)
+        ).rowcount == 1
+        if moved:
+            log_event(connection, "adopted", f"attempt {attempt} by engine {engine_id}", run_id)
+        return moved
+
+
+def runs_to_check_on_host(store: Store, engine_id: int, host_id: str) -> list[dict]:
+    """Running runs whose workers this engine must look for on its own host: those it owns (it supervises them
+    unless it took them over) and those of other engines of `host_id` whose lease has run out (on the database's
+    clock). A run of another engine of this host whose lease is live is not this engine's to judge."""
+    expired = _lease_end() <= db_now_expr(store)
+    with store.read() as connection:
+        rows = connection.execute(
+            select(RUNS).join(ENGINES, ENGINES.c.id == RUNS.c.engine_id)
+            .where(RUNS.c.status == RunStatus.running.value,
+                   (RUNS.c.engine_id == engine_id) | ((ENGINES.c.host_id == host_id) & expired))
+        ).mappings()
+        return [dict(row) for row in rows]
+
+
+def reclaim_expired(store: Store, engine_id: int) -> list[tuple[int, str]]:
+    """Runs left `running` by engines whose lease ran out, judged on the database's clock only, in ONE transaction:
+    those engines are declared lost (their next renewal fails, engine_heartbeat), and each of their runs (and each
+    running run whose engine row is gone) ends through the state machine like a run whose worker vanished: queued
+    again while retries are left, else interrupted; the reason goes to its error and attempt_note. A run whose
+    engine holds a live lease is never touched, whatever its worker's heartbeat says (a worker may take minutes to
+    write its first one). `engine_id` is the caller, never judged. Returns (run id, new status) per run moved."""
+    with store.write() as connection:
+        clock = connection.execute(select(db_now_expr(connection))).scalar_one()
+        lost = connection.execute(
+            update(ENGINES).where(ENGINES.c.id != engine_id, ENGINES.c.stopped_at.is_(None), _lease_end() <= clock)
+            .values(stopped_at=now()).returning(ENGINES.c.host, ENGINES.c.pid)
+        ).all()
+        for host, pid in lost:
+            log_event(connection, "engine_lost", f"{host} pid {pid}: its lease ran out")
+        owners = connection.execute(
+            select(RUNS, ENGINES.c.host.label("engine_host"), ENGINES.c.pid.label("engine_pid"),
+                   _lease_end().label("lease_end"))
+            .select_from(RUNS.outerjoin(ENGINES, ENGINES.c.id == RUNS.c.engine_id))
+            .where(RUNS.c.status == RunStatus.running.value, RUNS.c.engine_id.is_distinct_from(engine_id))
+        ).mappings().all()
+        moved = []
+        for run in owners:
+            if run["engine_pid"] is not None and run["lease_end"] > clock:
+                continue  # its engine's lease is live: its run
+            reason = _lease_lost_reason(run, clock)
+            target, values, kind = _end_without_result(run, reason)
+            values.setdefault("attempt_note", f"attempt {run['attempt']}: {reason}")
+            if _move(connection, run["id"], target, Writer.engine, values, run["attempt"]):
+                log_event(connection, kind, reason, run["id"])
+                moved.append((run["id"], target.value))
+        return moved
+
+
+def _lease_lost_reason(run: Mapping, clock: float) -> str:
+    if run["engine_pid"] is None:
+        return "its engine is not in the store"
+    return (f"engine {run['engine_host']} pid {run['engine_pid']} lost its lease "
+            f"({clock - run['lease_end']:.0f} s ago on the database's clock)")
 
 
 def replace_result_values(store: Store, run_id: int, rows: list[dict]) -> bool:
