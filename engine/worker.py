@@ -29,7 +29,13 @@ from clfbench.engine.spec import RunSpec, spec_from_json
 from clfbench.engine.tasks import get_task, identity, load_task, resolve_data_dir
 from clfbench.engine.types import ClfbenchError, MethodOutput, Prediction, TaskData
 from clfbench.storage import queries, queue
-from clfbench.storage.db import open_store
+from clfbench.storage.db import StoreError, open_store
+from clfbench.storage.outage import StoreUnreachable, retrying
+
+# The exit code of a worker that stopped because the store stayed unreachable past CLFBENCH_STORE_OUTAGE_S: its
+# engine marks the run interrupted (requeued while retries are left) and the next attempt resumes from the last
+# checkpoint.
+EXIT_STORE_UNREACHABLE = 4
 
 
 def _distributed_env() -> tuple[int, int, int]:
@@ -236,7 +242,10 @@ def _finish(store, ctx: RunContext, output: MethodOutput | None, started: float)
     predictions = join_predictions(ctx.tasks, output)
     rows = [row for task in ctx.tasks for row in _prediction_rows(task.name, predictions[task.name])]
     results = result_rows(ctx.tasks, predictions, output.extra_results, wall_time_s=time.time() - started)
-    if queue.finish_succeeded(store, ctx.run_id, ctx.attempt, rows, results):
+    # Through an outage: retried for the window (storage.outage), then StoreUnreachable. A commit whose answer the
+    # outage swallowed is retried too and then refused (the run is no longer running): it was written.
+    if retrying(lambda: queue.finish_succeeded(store, ctx.run_id, ctx.attempt, rows, results),
+                "writing the run's results"):
         # The resume checkpoint (weights + optimizer state, ~3x the model) has served its purpose;
         # a retry of a finished run should train again, not skip to the end.
         shutil.rmtree(ctx.output_dir / "checkpoint", ignore_errors=True)
@@ -261,15 +270,51 @@ def _destroy_process_group() -> None:
         pass
 
 
+def _stop_on_outage(recorder: Recorder, run_id: int, attempt: int, lost: StoreUnreachable) -> int:
+    """The store stayed unreachable past the window: stop, say so in one line, write every waiting point once the
+    store answers (however long that takes: they are the run's history), and exit so that the engine marks the
+    run interrupted; its next attempt resumes from the last checkpoint (written every checkpoint_every steps)."""
+    print(f"clfbench worker: run {run_id} attempt {attempt} stopped: {lost}; it ends interrupted once the store "
+          "answers, and its next attempt resumes from its last checkpoint", flush=True)
+    try:
+        recorder.close(wait_for_store=True)
+    except Exception as error:  # the points were kept as long as the process lived; say why they were not written
+        print(f"clfbench worker: metric points of run {run_id} not written: {_one_line(error)}", flush=True)
+    return EXIT_STORE_UNREACHABLE
+
+
+def _fail(store, recorder: Recorder, run_id: int, attempt: int, error: Exception) -> int:
+    """The method (or a write) raised: record `failed` with one line, after the points logged before it."""
+    try:
+        recorder.close()
+    except StoreUnreachable as lost:
+        return _stop_on_outage(recorder, run_id, attempt, lost)
+    except Exception as write_error:
+        print(f"clfbench worker: metric points not written: {_one_line(write_error)}", flush=True)
+    traceback.print_exception(error)
+    try:
+        retrying(lambda: queue.finish_failed(store, run_id, attempt, _one_line(error)), "recording the failure")
+    except StoreUnreachable as lost:
+        return _stop_on_outage(recorder, run_id, attempt, lost)
+    return 1
+
+
 def run_worker(run_id: int) -> int:
     rank = _distributed_env()[0]
-    store = open_store(os.environ.get("CLFBENCH_DB"), create=False)
-    run = queries.get_run(store, run_id)
+    try:
+        # A worker launched while the store restarts waits for it like any other write (storage.outage).
+        store = retrying(lambda: open_store(os.environ.get("CLFBENCH_DB"), create=False), "opening the store")
+        run = retrying(lambda: queries.get_run(store, run_id), "reading the run")
+    except (StoreError, StoreUnreachable) as error:
+        print(f"clfbench worker: {error}", file=sys.stderr)
+        return 2
     if run is None:
         print(f"clfbench worker: no run {run_id} in {store.describe()}", file=sys.stderr)
         return 2
     attempt = int(os.environ.get("CLFBENCH_RUN_ATTEMPT", run["attempt"]))
-    recorder = Recorder(store, run_id, attempt, enabled=rank == 0)
+    # The spill file of points waiting out an outage lives with the run's log and checkpoint.
+    folder = Path(os.environ.get("CLFBENCH_RUN_DIR") or run["output_dir"] or ".")
+    recorder = Recorder(store, run_id, attempt, enabled=rank == 0, spill_dir=folder if folder.is_dir() else None)
     recorder.start_heartbeat()
     started = time.time()
     try:
@@ -291,11 +336,10 @@ def run_worker(run_id: int) -> int:
         print(f"clfbench worker: run {lost.run_id} attempt {lost.attempt} is no longer ours (cancelled or "
               "re-claimed): stopping without writing", flush=True)
         return 3
+    except StoreUnreachable as lost:
+        return _stop_on_outage(recorder, run_id, attempt, lost)
     except Exception as error:
-        recorder.close()
-        traceback.print_exc()
-        queue.finish_failed(store, run_id, attempt, _one_line(error))
-        return 1
+        return _fail(store, recorder, run_id, attempt, error)
     finally:
         _destroy_process_group()
 

@@ -37,6 +37,14 @@ def _points(store, run_id: int, attempt: int) -> int:
                                   {"r": run_id, "a": attempt}).scalar_one()
 
 
+def _eventually(check, timeout_s: float = 10) -> bool:
+    """Points are written by the Recorder's writer thread, not by log_metric: wait for it."""
+    deadline = time.monotonic() + timeout_s
+    while not check() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return check()
+
+
 @pytest.fixture
 def store(tmp_path):
     return open_store(f"sqlite:///{tmp_path / 'store.db'}")
@@ -75,7 +83,7 @@ def test_a_refused_heartbeat_makes_the_next_log_metric_raise_and_nothing_more_is
     recorder.start_heartbeat()
     for step in range(4):
         recorder.log_metric(step, "train_loss", 1.0)
-    assert _points(store, run_id, first) == 4
+    assert _eventually(lambda: _points(store, run_id, first) == 4)
     recorder.log_metric(4, "train_loss", 1.0)  # buffered, not yet flushed
     _reclaim(store, run_id)
     deadline = time.monotonic() + 10
@@ -90,13 +98,17 @@ def test_a_refused_heartbeat_makes_the_next_log_metric_raise_and_nothing_more_is
     assert _points(store, run_id, first) == 4  # the buffered point was dropped, not written
 
 
-def test_a_refused_flush_raises_on_the_training_thread_at_once(store):
+def test_a_refused_flush_raises_on_the_training_thread_at_its_next_call(store):
     run_id = queue.enqueue(store, [_new_run()])[0]
     first = _claim(store)["attempt"]
-    recorder = Recorder(store, run_id, first, enabled=True, flush_every=1, flush_s=60)
+    recorder = Recorder(store, run_id, first, enabled=True, flush_every=1, flush_s=60, heartbeat_s=60)
+    recorder.start_heartbeat()
     recorder.log_metric(0, "train_loss", 1.0)
+    assert _eventually(lambda: _points(store, run_id, first) == 1)
     second = _reclaim(store, run_id)
+    recorder.log_metric(1, "train_loss", 1.0)  # due at once: the writer thread's flush is refused
+    assert _eventually(lambda: recorder.not_ours)
     with pytest.raises(RunNotOurs):
-        recorder.log_metric(1, "train_loss", 1.0)
+        recorder.log_metric(2, "train_loss", 1.0)
     recorder.close()
     assert (_points(store, run_id, first), _points(store, run_id, second)) == (1, 0)
