@@ -449,6 +449,16 @@ def results_version(store: Store) -> tuple[int, int]:
     return int(count), int(top)
 
 
+def matrix_version(store: Store) -> tuple[int, int, int]:
+    """results_version plus the number of succeeded runs: it changes whenever results_matrix could, including
+    when a succeeded run is retried (its results stay stored but leave the matrix). Three index lookups, so an
+    open matrix polls this and re-reads only when it moved."""
+    with store.read() as connection:
+        succeeded = connection.execute(select(func.count()).select_from(RUNS)
+                                       .where(RUNS.c.status == RunStatus.succeeded.value)).scalar_one()
+    return (*results_version(store), int(succeeded))
+
+
 def runs_with_predictions(store: Store, limit: int = 500) -> list[dict]:
     """Runs that stored predictions, newest first, with the tasks they have predictions for."""
     query = (

@@ -170,3 +170,31 @@ def test_the_headline_result_and_the_attempt_show_for_a_finished_run(home):
         assert cell(screen, run_id, "try") == "2/3"
 
     run_app(url, scenario, size=(80, 24))
+
+
+def test_the_results_matrix_follows_a_retried_run_and_reopens_without_computing_again(home):
+    from clfbench.app.tui import results as results_module
+    from tests.tui_seed import seed_store
+
+    url = seed_store(home / "clfbench.db")
+    zero_shot_prompt = 11  # the one run of its cell (prompt · smollm2-135m · 0-shot on massive-intent)
+
+    def shown_runs(screen) -> set[int]:
+        return {run_id for cell in screen.shown.cells.values() for run_id in cell.run_ids} if screen.shown else set()
+
+    async def scenario(pilot):
+        await pilot.press("m")
+        screen = pilot.app.screen
+        await until(pilot, lambda: screen.shown is not None, what="the matrix")
+        assert zero_shot_prompt in shown_runs(screen)
+        prepared = screen.prepared
+        await pilot.press("escape", "m")  # back and in again, nothing changed: the same matrix, not a new read
+        await until(pilot, lambda: pilot.app.screen.prepared is not None, what="the matrix again")
+        assert pilot.app.screen.prepared is prepared
+        # A retried run's results stay stored but leave the matrix (it is no longer succeeded); the poll sees it.
+        assert queue.requeue(pilot.app.store, zero_shot_prompt)
+        await until(pilot, lambda: shown_runs(pilot.app.screen) and zero_shot_prompt not in shown_runs(pilot.app.screen),
+                    what="the retried run to leave the matrix")
+        assert results_module.PREPARED[(url, "auto")][1] is pilot.app.screen.prepared
+
+    run_app(url, scenario)

@@ -1,11 +1,14 @@
 """The results matrix: rows = model × method × shots (seeds as mean ± std), columns = task, one metric per cell.
 
-The matrix is read once per metric in a thread worker (storage.queries.results_matrix, the query behind
-`clfbench results`); filtering, sorting and the paper layout then work on that matrix in memory, so a
-keystroke in the filter never touches the store. While the screen is open it polls
-`queries.results_version` (a COUNT and a MAX over the results table) every POLL_S and re-reads the matrix only
-when runs added or lost results, so runs that finish appear without a keystroke. Cells and exports use app.render, the CLI's own formatting,
-so an exported file has exactly the numbers `clfbench results --format md/csv/latex` prints.
+The matrix is read in a thread worker (storage.queries.results_matrix, the query behind `clfbench results`),
+one read at a time (a poll or key during a read asks for one more; thread workers cannot be stopped), and it is
+computed once per store version: PREPARED keeps each metric's prepared matrix with the queries.matrix_version it
+was read at, so opening the screen again or going back to a metric costs one version read (three index lookups)
+while no run added, lost or replaced results. Filtering, sorting and the paper layout then work on that matrix
+in memory, and MatrixView draws only the lines on screen, so a keystroke in the filter never touches the store
+and never rebuilds a table. While the screen is on top it polls the version every POLL_S, so runs that finish
+appear without a keystroke. Cells and exports use app.render, the CLI's own formatting, so an exported file has
+exactly the numbers `clfbench results --format md/csv/latex` prints.
 
 Query syntax: `model:smollm method:prompt task:massive shots:5` (each key may repeat: any value matches,
 case-insensitive substring as in the CLI's --model/--method/--task), plus free words that must all occur
@@ -28,7 +31,7 @@ from textual.widgets import Footer, Input, Select, Static
 from clfbench.app import render
 from clfbench.app.tui.matrix_view import MatrixData, MatrixView
 from clfbench.app.tui.messages import OpenErrors
-from clfbench.app.tui.screen_parts import TitleBar, call_if_open, copy_for_user, copy_key
+from clfbench.app.tui.screen_parts import TitleBar, copy_for_user, copy_key
 from clfbench.engine.methods.catalog import execution_options, option_defaults
 from clfbench.storage import queries
 from clfbench.storage.db import Store
@@ -42,7 +45,29 @@ EXPORT_FORMATS = {".md": "md", ".markdown": "md", ".csv": "csv", ".tex": "latex"
 PREFERRED_METRICS = ("auto", "accuracy", "macro_f1", "slot_f1", "exact_match", "parse_failure_rate",
                      "token_accuracy", "examples_per_s", "wall_time_s")
 ROW_NAME = "row"  # the sort key of the row-name column
-POLL_S = 3.0  # how often the open matrix checks whether results changed (one COUNT and MAX over results)
+POLL_S = 3.0  # how often the open matrix checks whether results changed (queries.matrix_version)
+
+
+# Prepared matrices by (store URL, metric): (queries.matrix_version it was read at, the matrix, the store's metric
+# names). Opening the screen again, or going back to a metric, costs one version read while no result changed.
+PREPARED: dict[tuple[str, str], tuple[tuple, "PreparedMatrix", list[str]]] = {}
+
+
+def read_matrix(store: Store, metric: str, known: tuple[str, tuple] | None
+                ) -> tuple[tuple, "PreparedMatrix | None", list[str]]:
+    """(version, prepared matrix, metric names) for `metric`; the matrix None when `known` (metric, version) is
+    still current. In a worker thread: the matrix is computed once per version, not per screen or poll."""
+    version = queries.matrix_version(store)
+    if known == (metric, version):
+        return version, None, []
+    cached = PREPARED.get((store.url, metric))
+    if cached is not None and cached[0] == version:
+        return cached
+    prepared = PreparedMatrix(queries.results_matrix(store, metric=metric, ignore=execution_options(),
+                                                     defaults=option_defaults()))
+    names = queries.result_metric_names(store)
+    PREPARED[(store.url, metric)] = (version, prepared, names)
+    return version, prepared, names
 
 
 class QueryError(ValueError):
@@ -293,7 +318,9 @@ class ResultsScreen(Screen):
         self.sort_reverse = False
         self.paper = False
         self.metric_options = list(PREFERRED_METRICS)
-        self.loaded_version: tuple[int, int] | None = None  # queries.results_version when last read
+        self.loaded_key: tuple[str, tuple] | None = None  # (metric, queries.matrix_version) of what is shown
+        self.reading = False  # a read worker runs; only the UI thread sets and clears this
+        self.read_again = False  # a read was asked for while one ran
 
     def compose(self) -> ComposeResult:
         yield TitleBar("results", id="results-title")
@@ -321,27 +348,55 @@ class ResultsScreen(Screen):
         """What the screen shows, as a storage Matrix (exports render this with the CLI's code)."""
         return self.prepared.sub_matrix(self.rows, self.columns) if self.prepared else None
 
-    # ---- reading the store (thread workers) ----------------------------------------------------
+    # ---- reading the store (one thread worker at a time) ----------------------------------------------
     def reload(self) -> None:
         self.load()
 
     def action_reload(self) -> None:
+        """ctrl+r: read the matrix again even if the store says nothing changed."""
+        PREPARED.pop((self.store.url, self.metric), None)
+        self.loaded_key = None
         self.load()
 
-    @work(thread=True, exclusive=True, group="results-load")
-    def load(self) -> None:
-        metric = self.metric
-        version = queries.results_version(self.store)
-        prepared = PreparedMatrix(queries.results_matrix(self.store, metric=metric, ignore=execution_options(),
-                                                          defaults=option_defaults()))
-        names = queries.result_metric_names(self.store)
-        self.loaded_version = version
-        call_if_open(self, self.loaded, metric, prepared, names)
-
-    @work(thread=True, exclusive=True, group="results-poll")
     def poll(self) -> None:
-        if self.loaded_version is not None and queries.results_version(self.store) != self.loaded_version:
-            call_if_open(self, self.load)
+        if self.is_current:  # under another screen nothing shows the matrix: it is read when the user comes back
+            self.load()
+
+    def on_screen_resume(self) -> None:
+        if self.loaded_key is not None:
+            self.load()
+
+    def load(self) -> None:
+        """Read the matrix if it changed, unless a read runs: then that read goes on once more before it ends
+        (thread workers cannot be stopped, so one per poll or key piled up on a busy machine)."""
+        if self.reading:
+            self.read_again = True
+            return
+        self.reading = True
+        self.read_worker()
+
+    @work(thread=True, group="results-load")
+    def read_worker(self) -> None:
+        again = True
+        while again:
+            metric, known = self.metric, self.loaded_key
+            version, prepared, names = read_matrix(self.store, metric, known)
+            again = self.app.call_from_thread(self.take_read, metric, version, prepared, names)
+
+    def take_read(self, metric: str, version: tuple, prepared: PreparedMatrix | None, names: list[str]) -> bool:
+        """On the UI thread: show a read (prepared is None when nothing changed); True to read once more."""
+        self.read_again = self.read_again or metric != self.metric  # the user switched metric meanwhile
+        if not self.is_attached or self not in self.app.screen_stack:  # escape while it read
+            self.reading = False
+            return False
+        if prepared is not None and metric == self.metric:
+            self.loaded_key = (metric, version)
+            self.loaded(metric, prepared, names)
+        if self.read_again:
+            self.read_again = False
+            return True
+        self.reading = False
+        return False
 
     def loaded(self, metric: str, prepared: PreparedMatrix, names: list[str]) -> None:
         if metric != self.metric:  # the user switched metric again while this one was read
