@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import threading
 import time
@@ -70,6 +71,18 @@ class SpillFile:
                 handle.truncate(size)
                 raise
         self.pending += len(points)
+
+    def prepend(self, points: list[Point]) -> None:
+        """Put older points before those waiting (a batch that was in flight when newer ones spilled): the file is
+        rewritten whole (new file, then rename), which is rare and small next to an outage."""
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            rest = handle.read()
+        fresh = self.path.with_name(self.path.name + ".new")
+        with open(fresh, "wb") as handle:
+            handle.write("".join(json.dumps(list(point)) + "\n" for point in points).encode() + rest)
+        os.replace(fresh, self.path)
+        self.offset, self.pending = 0, self.pending + len(points)
 
     def read(self, limit: int) -> tuple[list[Point], int]:
         """Up to `limit` points not yet written, and the offset after them."""
@@ -232,6 +245,12 @@ class Recorder:
         """A batch taken from the buffer that was not written goes back before the newer points: to the spill file
         (the store is unreachable, points may pile up) or, where that fails, to memory."""
         with self._lock:
+            if self._spill.pending and not self._spill_failed:  # newer points spilled while it was in flight
+                try:
+                    self._spill.prepend(batch)
+                    return
+                except OSError:  # no room on the local disk either: kept in memory (written after the file's)
+                    self._spill_failed = True
             waiting, self._buffer = batch + self._buffer, []
             self._to_spill(waiting)
 

@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import text
 
 from clfbench.storage import queries
-from clfbench.storage.db import open_store
-from clfbench.storage.outage import is_outage
+from clfbench.storage.db import StoreError, open_store
+from clfbench.storage.outage import StoreUnreachable, is_outage, outage_window_s, retrying
 from tests.conftest import ROOT, SAMPLES
 from tests.pg_server import pg_server  # noqa: F401  (the fixture)
 from tests.test_store_faults import _encoder_with_nan_weights
@@ -61,12 +61,13 @@ def _wait(url: str, ids: list[int], done, timeout_s: float = 180) -> dict[int, d
 
 
 def _steps(url: str, run_id: int, name: str = "train_loss") -> list[tuple[int, int]]:
-    """(attempt, step) of every point of one series, in step order."""
+    """(attempt, step) of every point of one series, in the order the store received them (points that waited
+    out an outage must arrive in the order they were logged)."""
     store = open_store(url)
     try:
         with store.read() as connection:
             return [tuple(row) for row in connection.execute(
-                text("SELECT attempt, step FROM metric_points WHERE run_id = :r AND name = :n ORDER BY step, id"),
+                text("SELECT attempt, step FROM metric_points WHERE run_id = :r AND name = :n ORDER BY id"),
                 {"r": run_id, "n": name})]
     finally:
         store.engine.dispose()
@@ -204,3 +205,67 @@ def test_a_nan_loss_on_postgresql_fails_the_run_with_one_line_and_keeps_its_poin
     losses = [(p["step"], p["value"]) for p in points if p["name"] == "train_loss"]
     assert len(losses) == 1 and losses[0][0] == 2 and math.isnan(losses[0][1])
     assert {p["name"] for p in points} >= {"train_loss", "lr"}
+
+
+def _write_past_a_full_disk(store) -> None:
+    """A write that needs a new page of a store whose connection may not grow it: SQLite's own "database or disk
+    is full", without filling a disk."""
+    with store.engine.connect() as connection:
+        connection.exec_driver_sql("PRAGMA max_page_count = 1")  # below the file's size: no page may be added
+        connection.exec_driver_sql("INSERT INTO events (time, kind, message) VALUES (0, 'x', hex(randomblob(9000)))")
+
+
+def _read_a_missing_table(store) -> None:
+    with store.read() as connection:
+        connection.execute(text("SELECT * FROM no_such_table"))
+
+
+def test_an_outage_is_retried_for_the_window_and_other_errors_are_not(tmp_path, monkeypatch):
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    with pytest.raises(Exception) as full:
+        _write_past_a_full_disk(store)
+    assert is_outage(full.value)
+    with pytest.raises(Exception) as missing:
+        _read_a_missing_table(store)
+    assert not is_outage(missing.value)  # sqlite3 calls this an OperationalError too: a bug, not an outage
+    calls = []
+    began = time.monotonic()
+    with pytest.raises(StoreUnreachable, match=r"while writing \(database or disk is full; limit "
+                                               r"CLFBENCH_STORE_OUTAGE_S=1\)"):
+        retrying(lambda: calls.append(1) or _write_past_a_full_disk(store), "writing", window_s=1, log=print)
+    assert 1 <= time.monotonic() - began < 3 and len(calls) >= 3  # backoff from 0.2 s, until the window ends
+    with pytest.raises(Exception) as raised:
+        retrying(lambda: calls.append(2) or _read_a_missing_table(store), "reading", window_s=60)
+    assert not isinstance(raised.value, StoreUnreachable) and calls.count(2) == 1  # raised at once
+    monkeypatch.setenv("CLFBENCH_STORE_OUTAGE_S", "soon")
+    with pytest.raises(StoreError, match="CLFBENCH_STORE_OUTAGE_S must be a number of seconds >= 0, not 'soon'"):
+        outage_window_s()
+
+
+def test_log_metric_never_waits_for_the_store_and_points_that_waited_on_disk_arrive_in_order(tmp_path):
+    from clfbench.engine.recorder import Recorder
+    from clfbench.storage import queue
+
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    run_id = queue.enqueue(store, [queue.NewRun(method="encoder-finetune", model="tiny-bert", task="massive-intent",
+                                                shots=0, seed=0, spec_json="{}", spec_hash="h", launch="torchrun",
+                                                gpus_requested=None, nproc=1)])[0]
+    attempt = queue.claim(store, host="h", engine_id=1, default_gpus=0, free_gpus=0, cpu_free=True,
+                          api_free=True)["attempt"]
+    recorder = Recorder(store, run_id, attempt, enabled=True, flush_every=20, flush_s=0.05, heartbeat_s=0.2,
+                        spill_dir=tmp_path, max_buffered=50)
+    recorder.start_heartbeat()
+    blocker = store.engine.raw_connection()  # another process's long write: SQLite's write lock held for 3 s
+    blocker.execute("BEGIN IMMEDIATE")
+    began = time.monotonic()
+    for step in range(1, 1001):
+        recorder.log_metric(step, "train_loss", 1.0 / step)
+    logging_took = time.monotonic() - began
+    spilled = list(tmp_path.glob("metrics-spill-*.jsonl"))
+    time.sleep(max(0.0, 3 - (time.monotonic() - began)))
+    blocker.rollback()
+    blocker.close()
+    recorder.close()
+    assert logging_took < 1.0  # 1,000 points while the store could not take one: the training thread never waited
+    assert spilled and not list(tmp_path.glob("metrics-spill-*.jsonl"))  # past 50 in memory they went to disk, and back
+    assert _steps(f"sqlite:///{tmp_path / 'store.db'}", run_id) == [(attempt, step) for step in range(1, 1001)]
