@@ -38,7 +38,8 @@ from rich.table import Table
 from clfbench.app import render
 from clfbench.engine.methods.catalog import METHODS, execution_options, option_defaults, option_fields
 from clfbench.engine.spec import parse_spec
-from clfbench.engine.submit import build_specs, new_runs, parse_option_pairs, validate_for_queue
+from clfbench.engine.submit import (build_specs, new_runs, parse_option_pairs, refuse_duplicates,
+                                     validate_for_queue)
 from clfbench.engine.tasks.identity import frozen_tasks, task_for_user
 from clfbench.engine.types import ClfbenchError
 from clfbench.storage import queries, queue
@@ -107,8 +108,11 @@ def queue_command(
     priority: int = typer.Option(0, "--priority", help="higher runs first"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate and show the runs, queue nothing"),
     as_json: bool = typer.Option(False, "--json", help="print the queued runs as JSON"),
+    allow_duplicate: bool = typer.Option(False, "--allow-duplicate",
+                                         help="queue a spec even when a queued, running or succeeded run has it"),
 ) -> None:
-    """Validate a spec (file and/or flags) and queue its runs; a sweep is queued whole or not at all."""
+    """Validate a spec (file and/or flags) and queue its runs; a sweep is queued whole or not at all. A spec
+    identical to a queued, running or succeeded run is refused (exit 1) unless --allow-duplicate."""
     flags = {"method": method, "model": model, "task": task, "shots": shots, "seed": seed, "gpus": gpus,
              "nproc": nproc, "threads": threads, "data_dir": data_dir, "name": name}
     try:
@@ -122,9 +126,15 @@ def queue_command(
             for s in specs:
                 typer.echo(f"would queue: {s.method} {s.model} {s.task} shots={s.shots} seed={s.seed}")
         return
-    ids = queue.enqueue(store(), new_runs(specs, priority))
+    run_store = store()
+    if not allow_duplicate:  # a command line cannot ask, so it refuses and says how to force it
+        try:
+            refuse_duplicates(run_store, specs)
+        except ClfbenchError as error:
+            fail(str(error))
+    ids = queue.enqueue(run_store, new_runs(specs, priority))
     if as_json:
-        print_json([{"id": i, **json.loads(s.canonical_json())} for i, s in zip(ids, specs)])
+        print_json([{"id": i, **json.loads(spec.canonical_json())} for i, spec in zip(ids, specs)])
     else:
         typer.echo(f"queued {len(ids)} run(s): {', '.join(map(str, ids))}")
 
@@ -331,23 +341,27 @@ def results_command(
     task: Optional[str] = typer.Option(None, "--task", help="only tasks containing this text"),
     fmt: str = typer.Option("table", "--format", "-f", help="table, md, csv, latex or json"),
     as_json: bool = typer.Option(False, "--json", help="same as --format json"),
+    fraction: bool = typer.Option(False, "--fraction", help="accuracy, F1 and rates as fractions (0.775), not "
+                                                            "percent (77.5), in every format"),
 ) -> None:
-    """The results matrix: model × method × shots rows, task columns, mean ± std over seeds (in %)."""
+    """The results matrix: model × method × shots rows, task columns, mean ± std over distinct seeds and their
+    number n (in %), the same numbers in every format."""
     fmt = "json" if as_json else fmt
     if fmt not in render.FORMATS:
         fail(f"unknown format '{fmt}' (choose from {', '.join(render.FORMATS)})")
     matrix = queries.results_matrix(store(), metric=metric, model=model, method=method, task=task,
                                     ignore=execution_options(), defaults=option_defaults())
     if fmt != "table":
-        typer.echo(render.render_matrix(matrix, fmt))
+        typer.echo(render.render_matrix(matrix, fmt, fraction=fraction))
         for warning in matrix.warnings:  # on stderr: a csv/latex/json body stays a clean file
             typer.echo(f"warning: {warning}", err=True)
         return
     if not matrix.rows:
-        typer.echo("no results yet (runs appear here when they succeed)")
+        typer.echo(render.NO_RESULTS)
         return
     best = render.best_per_column(matrix)
-    percent = render.is_percent_metric(metric)
+    percent = render.is_percent_metric(metric) and not fraction
+    show_n = render.shared_n(matrix) is None  # else the cells note says n once
     table = Table(title=f"metric: {metric}{' (%)' if percent else ''}", header_style="bold")
     table.add_column("model · method · shots")
     for column in matrix.columns:
@@ -355,10 +369,11 @@ def results_command(
     for row in matrix.rows:
         cells = []
         for column in matrix.columns:
-            text = render.cell_text(matrix, row, column, percent)
+            text = render.cell_text(matrix, row, column, percent, show_n)
             cells.append(f"[bold green]{text}[/]" if best.get(column) == row else text)
         table.add_row(render.row_label(row), *cells)
     console.print(table)
+    console.print(render.cells_note(matrix, percent), style="dim", markup=False, highlight=False)
     for note in render.rule_notes(matrix):
         console.print(note, style="yellow" if note.startswith("warning:") else "dim", markup=False, highlight=False)
     for warning in matrix.warnings:
@@ -399,7 +414,11 @@ def errors_command(
         console.print(table)
         return
     if label not in analysis.per_label:
-        fail(f"label '{label}' does not occur in run {run_id} task {task}")
+        from clfbench.app.error_analysis import absent_label_message, task_labels
+
+        entry = next((e for e in frozen_tasks(run["tasks_json"]) if e.get("name") == task), None)
+        data_dir = json.loads(run["spec_json"] or "{}").get("data_dir")
+        fail(f"run {run_id}: " + absent_label_message(label, task, analysis, task_labels(entry, data_dir)))
     wrong = examples_for(analysis, label)
     shown = wrong[:limit] if limit else wrong
     if as_json:
@@ -482,13 +501,23 @@ def models_command(as_json: bool = typer.Option(False, "--json")) -> None:
     if as_json:
         print_json(models)
         return
-    table = Table(box=None, header_style="bold")
-    columns = list(models[0].keys()) if models else []
-    for column in columns:
-        table.add_column(column)
+    # Fits 80 columns: the short fields whole, the description cut to what is left. Hub ids and where each model
+    # loads from are in --json. The install command of a model missing here follows the table, split with shell
+    # line continuations (a command cut or wrapped by a table would not paste).
+    import textwrap
+
+    header = ("alias", "kind", "params", "offline", "description")
+    rows = [(m["alias"], m["kind"], m["params"], "yes" if m["available"] else "no", m["description"]) for m in models]
+    widths = [max(len(text) for text in column) for column in zip(header, *rows)]
+    room = max(20, console.width - sum(widths[:-1]) - 2 * (len(widths) - 1))  # 2 spaces between columns
+    for row in [header] + rows:
+        description = row[-1] if len(row[-1]) <= room else row[-1][:room - 1] + "…"
+        typer.echo("  ".join(text.ljust(width) for text, width in zip(row[:-1], widths)) + "  " + description)
     for m in models:
-        table.add_row(*(str(m[c]) for c in columns))
-    console.print(table)
+        if not m["available"] and m["install"]:
+            lines = textwrap.wrap(m["install"], 72, break_long_words=False, break_on_hyphens=False)
+            typer.echo(f"{m['alias']} is not available offline; to install it:\n  " + " \\\n    ".join(lines))
+    typer.echo("(clfbench models --json: hub ids, where each model loads from, install commands)")
 
 
 @app.command("methods")

@@ -6,6 +6,7 @@ stores space-joined tag sequences; it is scored per tag position, after MASSIVE'
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 from clfbench.engine import metrics
@@ -85,3 +86,38 @@ def examples_for(report: ErrorReport, gold: str, predicted: str | None = None) -
     if predicted is None:
         return [row for row in report.rows if row["gold"] == gold and row["predicted"] != gold]
     return [row for row in report.rows if row["gold"] == gold and _matches(row["predicted"], predicted)]
+
+
+def task_labels(entry: dict | None, data_dir: str | None) -> list[str] | None:
+    """The label set of a run's task (its frozen entry, engine.tasks.identity): the declared labels, else those of
+    its local train split; None when it cannot be known here without a download (a hub source, a run queued
+    before tasks were frozen, data that is gone). Token tasks: BIO tags, as their error reports name them."""
+    from clfbench.engine.tasks import load_task
+    from clfbench.engine.tasks.identity import thaw_task
+    from clfbench.engine.tasks.loading import data_files
+    from clfbench.engine.types import ClfbenchError
+
+    if not entry:
+        return None
+    try:
+        task = thaw_task(entry)
+        if task.labels:
+            return list(task.labels)
+        if data_files(task, data_dir) is None:  # on the hub: nothing is downloaded to answer a question
+            return None
+        return list(load_task(task, data_dir, need_train=False).labels)
+    except (ClfbenchError, OSError):
+        return None
+
+
+def absent_label_message(label: str, task: str, report: ErrorReport, labels: list[str] | None) -> str:
+    """Why `label` has no row in a run's report: valid for the task but not in the test examples this run
+    scored (a test_limit subset, or a rare label), or not a label of the task at all (with the nearest one)."""
+    where = f"{len(report.rows)} test example(s)"
+    if labels is not None and label in labels:
+        return f"label '{label}' is valid for {task}, but not in this run's test subset ({where} scored)"
+    if labels is not None:
+        near = difflib.get_close_matches(label, labels, n=1)
+        return f"label '{label}' is not a label of {task}" + (f" (did you mean '{near[0]}'?)" if near else "")
+    return f"label '{label}' does not occur in this run's {where} of {task} (its full label set is not at hand)"
+

@@ -56,15 +56,50 @@ def applicable_cells(matrix: Matrix) -> Matrix:
     return dataclasses.replace(matrix, cells=cells)
 
 
-def cell_text(matrix: Matrix, row, column, percent: bool = True) -> str:
+def cell_text(matrix: Matrix, row, column, percent: bool = True, show_n: bool = False) -> str:
+    """`77.5 ± 3.5` (percent: the value × 100; one seed: no ±), with ` (n=2)` when `show_n` (the exports show n in
+    each cell only when the cells' seed counts differ, see shared_n); `–` for no value."""
     cell = matrix.cells.get((row, column))
     if cell is None or not cell.values or not metric_applies(matrix.metric, row[1]):
         return "–"
     scale = 100.0 if percent else 1.0
-    text = f"{cell.mean * scale:.1f}"
+    # A percent metric given as a fraction (--fraction) keeps the digits its percent shows: 77.5 -> 0.775.
+    digits = 3 if not percent and is_percent_metric(matrix.metric) else 1
+    text = f"{cell.mean * scale:.{digits}f}"
     if len(cell.values) > 1:
-        text += f" ± {cell.std * scale:.1f}"
-    return text
+        text += f" ± {cell.std * scale:.{digits}f}"
+    return text + (f" (n={len(cell.values)})" if show_n else "")
+
+
+NO_RESULTS = "no results yet (runs appear here when they succeed)"
+
+
+def shown_cells(matrix: Matrix) -> list:
+    """The cells that hold a value whose metric applies to their row's method (the ones every format prints)."""
+    return [cell for (row, _column), cell in matrix.cells.items()
+            if cell.values and metric_applies(matrix.metric, row[1])]
+
+
+def shared_n(matrix: Matrix) -> int | None:
+    """How many seeds every shown cell averages; None when the cells differ (each cell then says its n)."""
+    counts = {len(cell.values) for cell in shown_cells(matrix)}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def cells_note(matrix: Matrix, percent: bool) -> str:
+    """The line every format prints under its table: what a cell holds (metric, unit) and over how many seeds,
+    and the runs left out because their seed was already in their cell (storage.queries.Cell)."""
+    what = "accuracy / slot F1" if matrix.metric == "auto" else matrix.metric
+    unit = " (%)" if percent else " (fraction)" if is_percent_metric(matrix.metric) else ""
+    n = shared_n(matrix)
+    seeds = ("one seed each" if n == 1 else f"mean ± std over {n} seeds each" if n
+             else "mean ± std over the n seeds each cell names")
+    note = f"cells: {what}{unit}, {seeds}"
+    repeats = sorted(run_id for cell in shown_cells(matrix) for run_id in getattr(cell, "repeats", []))
+    if repeats:
+        runs = f"runs {', '.join(map(str, repeats))}" if len(repeats) > 1 else f"run {repeats[0]}"
+        note += f"; a seed run twice counts once (its newest run): {runs} left out"
+    return note
 
 
 def lower_is_better(metric: str) -> bool:
@@ -107,43 +142,68 @@ def rule_notes(matrix: Matrix) -> list[str]:
     return notes
 
 
-def _matrix_json(matrix: Matrix, notes: list[str]) -> str:
+def _matrix_json(matrix: Matrix, notes: list[str], percent: bool) -> str:
+    """mean and std as stored ("unit": fraction for the percent metrics, so a program gets full precision), n
+    distinct seeds, and "text": the cell exactly as md, LaTeX and the table print it."""
+    def one(r, c) -> dict:
+        cell = matrix.cells[(r, c)]
+        return {"mean": cell.mean, "std": cell.std, "n": len(cell.values), "runs": cell.run_ids,
+                "seeds": getattr(cell, "seeds", []), "repeats": getattr(cell, "repeats", []),
+                "text": cell_text(matrix, r, c, percent)}
+
     rows = [{"model": r[0], "method": r[1], "shots": r[2], "variant": r[3],
-             "cells": {c: {"mean": matrix.cells[(r, c)].mean, "std": matrix.cells[(r, c)].std,
-                           "n": len(matrix.cells[(r, c)].values), "runs": matrix.cells[(r, c)].run_ids}
-                       for c in matrix.columns if (r, c) in matrix.cells}}
+             "cells": {c: one(r, c) for c in matrix.columns if (r, c) in matrix.cells}}
             for r in matrix.rows]
-    return json.dumps({"metric": matrix.metric, "columns": matrix.columns, "rows": rows, "warnings": matrix.warnings,
+    unit = "fraction" if is_percent_metric(matrix.metric) else "as stored"
+    return json.dumps({"metric": matrix.metric, "unit": unit, "text_unit": "%" if percent else unit,
+                       "columns": matrix.columns, "rows": rows, "warnings": matrix.warnings,
                        "rules": {c: sorted(matrix.rules.get(c, ())) for c in matrix.columns}, "notes": notes},
                       indent=2)
 
 
-def _matrix_csv(matrix: Matrix, notes: list[str]) -> str:
+def _csv_number(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _matrix_csv(matrix: Matrix, notes: list[str], percent: bool) -> str:
+    """Three columns per task: the mean, its std and n (distinct seeds), in percent like every other format
+    (fractions with --fraction); the cells note and the rule notes follow as "#" lines (pandas reads them away
+    with comment="#", a spreadsheet shows them)."""
+    scale = 100.0 if percent else 1.0
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["model", "method", "shots", "variant"] + matrix.columns)
+    writer.writerow(["model", "method", "shots", "variant"] + [name for c in matrix.columns
+                                                              for name in (c, f"{c} std", f"{c} n")])
     for r in matrix.rows:
-        writer.writerow(list(r) + [
-            (f"{matrix.cells[(r, c)].mean:.6g}" if (r, c) in matrix.cells else "") for c in matrix.columns
-        ])
-    # "#" lines after the rows: pandas reads them away with comment="#", a spreadsheet shows them.
-    return out.getvalue() + "".join(f"# {note}\n" for note in notes)
+        values: list[str] = []
+        for c in matrix.columns:
+            cell = matrix.cells.get((r, c))
+            if cell is None or not cell.values:
+                values += ["", "", ""]
+                continue
+            std = _csv_number(cell.std * scale) if len(cell.values) > 1 else ""  # one seed: no std, as in md
+            values += [_csv_number(cell.mean * scale), std, str(len(cell.values))]
+        writer.writerow(list(r) + values)
+    return out.getvalue() + "".join(f"# {note}\n" for note in [cells_note(matrix, percent)] + notes)
 
 
-def _matrix_body(matrix: Matrix) -> tuple[list[str], list[list[str]]]:
-    """The header and the rows of cell texts (row label first) that md and LaTeX lay out."""
-    percent = is_percent_metric(matrix.metric)
+def _matrix_body(matrix: Matrix, percent: bool) -> tuple[list[str], list[list[str]]]:
+    """The header and the rows of cell texts (row label first) that md and LaTeX lay out; a cell names its n
+    when the cells' seed counts differ (otherwise the cells note says it once)."""
+    show_n = shared_n(matrix) is None
     header = ["model · method · shots"] + matrix.columns
-    return header, [[row_label(r)] + [cell_text(matrix, r, c, percent) for c in matrix.columns] for r in matrix.rows]
+    return header, [[row_label(r)] + [cell_text(matrix, r, c, percent, show_n) for c in matrix.columns]
+                    for r in matrix.rows]
 
 
-def _matrix_md(matrix: Matrix, notes: list[str]) -> str:
-    header, body = _matrix_body(matrix)
+def _matrix_md(matrix: Matrix, notes: list[str], percent: bool) -> str:
+    header, body = _matrix_body(matrix, percent)
     best = best_per_column(matrix)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r, cells in zip(matrix.rows, body):
         marked = [cells[0]] + [f"**{v}**" if best.get(c) == r else v for c, v in zip(matrix.columns, cells[1:])]
         lines.append("| " + " | ".join(marked) + " |")
+    lines += ["", cells_note(matrix, percent)]  # a paragraph of its own; the rule notes keep their line breaks
     return "\n".join(lines + ([""] + [f"{note}  " for note in notes] if notes else []))
 
 
@@ -151,8 +211,8 @@ def _latex_escape(text: str) -> str:
     return text.replace("\\", "\\textbackslash{}").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
 
 
-def _matrix_latex(matrix: Matrix, notes: list[str]) -> str:
-    header, body = _matrix_body(matrix)
+def _matrix_latex(matrix: Matrix, notes: list[str], percent: bool) -> str:
+    header, body = _matrix_body(matrix, percent)
     best = best_per_column(matrix)
     esc = _latex_escape
     lines = ["\\begin{tabular}{l" + "r" * len(matrix.columns) + "}", "\\toprule",
@@ -162,7 +222,8 @@ def _matrix_latex(matrix: Matrix, notes: list[str]) -> str:
             f"\\textbf{{{esc(v)}}}" if best.get(c) == r else esc(v) for c, v in zip(matrix.columns, cells[1:])
         ]
         lines.append(" & ".join(marked).replace("±", "$\\pm$") + " \\\\")
-    lines += ["\\bottomrule", "\\end{tabular}"]
+    lines += ["\\bottomrule", "\\end{tabular}", "",
+              "{\\footnotesize " + esc(cells_note(matrix, percent)).replace("±", "$\\pm$") + "}"]
     if notes:
         lines += ["", "{\\footnotesize " + " \\\\ ".join(esc(note) for note in notes) + "}"]
     return "\n".join(lines)
@@ -171,14 +232,25 @@ def _matrix_latex(matrix: Matrix, notes: list[str]) -> str:
 _MATRIX_FORMATS = {"json": _matrix_json, "csv": _matrix_csv, "md": _matrix_md, "latex": _matrix_latex}
 
 
-def render_matrix(matrix: Matrix, fmt: str) -> str:
-    """The matrix as md, csv, latex or json, each with the slot rules' footnote (`rule_notes`) in the format's
-    own way: text under the md table, `#` lines after the csv rows, a small paragraph after the LaTeX table,
-    and "rules"/"notes" keys in json."""
+# An empty matrix in each export format: a line that says so in the format's own comment syntax (md: the text
+# itself), never a table skeleton that reads as a table of no rows; json keeps its shape, the line in "notes".
+_EMPTY = {"md": "{}", "csv": "# {}", "latex": "% {}"}
+
+
+def render_matrix(matrix: Matrix, fmt: str, fraction: bool = False) -> str:
+    """The matrix as md, csv, latex or json. Every format gives the same numbers: percent for the percent metrics
+    (fractions when `fraction`), mean ± std over distinct seeds and n (csv: columns of their own; md, LaTeX:
+    n in a cells note, or in each cell when the cells' seed counts differ; json: fields, with the stored values
+    too). Each carries the cells note and the slot rules' footnote (`rule_notes`) in its own way: text under
+    the md table, `#` lines after the csv rows, a small paragraph after the LaTeX table, "notes" in json."""
     if fmt not in _MATRIX_FORMATS:
         raise ValueError(f"unknown format {fmt}")
     matrix = applicable_cells(matrix)  # blank in every format, as in the table (json: no cell, csv: empty)
-    return _MATRIX_FORMATS[fmt](matrix, rule_notes(matrix))
+    percent = is_percent_metric(matrix.metric) and not fraction
+    if not matrix.rows and fmt in _EMPTY:
+        return _EMPTY[fmt].format(NO_RESULTS)
+    notes = rule_notes(matrix) if matrix.rows else [NO_RESULTS]
+    return _MATRIX_FORMATS[fmt](matrix, notes, percent)
 
 
 def age(seconds_since_epoch: float | None, now: float | None = None) -> str:

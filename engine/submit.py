@@ -19,12 +19,15 @@ from typing import Any
 import yaml
 
 from clfbench.engine.methods.catalog import check_task_fit
-from clfbench.engine.models import check_model
+from clfbench.engine.models import aliases, check_model, find_alias, model_kind
 from clfbench.engine.prompting.library import load_prompt_set
 from clfbench.engine.spec import RunSpec, expand_sweep, parse_spec
 from clfbench.engine.tasks import TaskDef, check_task, get_task
 from clfbench.engine.tasks.identity import freeze_tasks
 from clfbench.engine.types import ClfbenchError, TaskData
+from clfbench.storage import queries
+from clfbench.storage.db import Store
+from clfbench.storage.models import RunStatus
 from clfbench.storage.queue import NewRun
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the repository in a checkout; site-packages/clfbench installed
@@ -92,6 +95,38 @@ def validate_for_queue(spec: RunSpec) -> None:
         raise ClfbenchError(f"invalid options for {spec.method}: {error}") from None
     if spec.method_info.local_model:  # otherwise the model is a name (on an API server, or only a label)
         check_model(spec.model)
+        check_model_kind(spec.method, spec.model)
+
+
+# The model kinds (engine.models.ModelKind) each method with local weights can run. `prompt` and `llm-finetune`
+# generate from a causal LM and `ls-llama`/`ls-unllama` put LoRA on one: an encoder fails there only after the
+# worker has loaded it, with advice that does not help. encoder-finetune pools a causal LM's last token and
+# llmembed mean-pools any model, so both take either kind. tests/test_queue_checks.py checks that every method
+# with local weights is listed (a new method says what it runs on).
+MODEL_KINDS: dict[str, tuple[str, ...]] = {
+    "encoder-finetune": ("encoder", "decoder"),
+    "llmembed": ("encoder", "decoder"),
+    "prompt": ("decoder",),
+    "llm-finetune": ("decoder",),
+    "ls-llama": ("decoder",),
+    "ls-unllama": ("decoder",),
+}
+KIND_WORDS = {"encoder": "an encoder", "decoder": "a decoder LLM"}
+
+
+def check_model_kind(method: str, model: str) -> None:
+    """Refuse a model whose kind the method cannot run, in one line that says what would work. The kind is the
+    alias's (model_defs/aliases.yaml) or a local folder's (its config.json); a hub id that is not an alias is
+    accepted, since nothing is downloaded at queue time to look."""
+    needed = MODEL_KINDS.get(method)
+    kind = model_kind(model)
+    if not needed or kind is None or kind in needed:
+        return
+    examples = [alias.name for alias in aliases().values() if alias.kind in needed]
+    what = model if find_alias(model) else f"model {model} (by its config.json)"
+    wanted = " or ".join(KIND_WORDS.get(k, k) for k in needed)
+    hint = f" (e.g. {' or '.join(examples[:2])})" if examples else ""
+    raise ClfbenchError(f"{what} is {KIND_WORDS.get(kind, kind)}; {method} needs {wanted}{hint}")
 
 
 def check_tasks_together(spec: RunSpec, tasks: list[TaskDef]) -> None:
@@ -194,3 +229,32 @@ def new_runs(specs: list[RunSpec], priority: int) -> list[NewRun]:
         )
         for s in specs
     ]
+
+
+# A run with one of these statuses already stands for its spec: queued or running it will produce the result,
+# succeeded it has. A failed, cancelled or interrupted run does not, so queueing its spec again is a retry.
+STANDING = (RunStatus.queued.value, RunStatus.running.value, RunStatus.succeeded.value)
+
+
+def refuse_duplicates(store: Store, specs: list[RunSpec]) -> None:
+    """Refuse specs identical (spec_hash) to each other or to a queued, running or succeeded run, in one line that
+    names the runs and the way to force it. A copy of a spec is a second run of the same seed: the results
+    matrix counts it once, so queueing it silently only costs compute (`clfbench queue --allow-duplicate`
+    queues it anyway, e.g. to measure run-to-run noise)."""
+    first_item: dict[str, int] = {}
+    for index, spec in enumerate(specs, start=1):
+        earlier = first_item.setdefault(spec.spec_hash(), index)
+        if earlier != index:
+            raise ClfbenchError(f"sweep items {earlier} and {index} are the same spec (a list names one value "
+                                f"twice?); --allow-duplicate queues both")
+    standing = [run for status in STANDING for run in queries.list_runs(store, status=status)
+                if run["spec_hash"] in first_item]
+    if not standing:
+        return
+    runs = ", ".join(f"{run['id']} ({run['status']})" for run in sorted(standing, key=lambda run: run["id"]))
+    who = f"runs {runs} have" if len(standing) > 1 else f"run {runs} has"
+    if len(specs) == 1:
+        raise ClfbenchError(f"{who} the same spec already; --allow-duplicate queues it again")
+    repeated = len({run["spec_hash"] for run in standing})
+    raise ClfbenchError(f"{who} the same spec as {repeated} of these {len(specs)} runs already; nothing queued; "
+                        f"--allow-duplicate queues them all")

@@ -216,8 +216,35 @@ PRIMARY_METRICS = ("accuracy", "slot_f1")
 
 @dataclass
 class Cell:
+    """One experiment's results on one column: a value per distinct seed. Two succeeded runs of one seed (a spec
+    queued twice, `--allow-duplicate`) are one measurement, not two: the cell keeps the newest (latest finished)
+    and lists the other under `repeats`, so n, the mean and the std count seeds, never copies."""
+
     values: list[float] = field(default_factory=list)
     run_ids: list[int] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    repeats: list[int] = field(default_factory=list)  # run ids left out: their seed has a newer run here
+    finished: list[float] = field(default_factory=list)  # finished_at of each kept run (which one is newest)
+
+    def add(self, value: float, run_id: int, seed: int, finished_at: float | None) -> None:
+        finished_at = finished_at or 0.0
+        if seed not in self.seeds:
+            self.values.append(value)
+            self.run_ids.append(run_id)
+            self.seeds.append(seed)
+            self.finished.append(finished_at)
+            return
+        k = self.seeds.index(seed)
+        if (finished_at, run_id) > (self.finished[k], self.run_ids[k]):
+            self.repeats.append(self.run_ids[k])
+            self.values[k], self.run_ids[k], self.finished[k] = value, run_id, finished_at
+        else:
+            self.repeats.append(run_id)
+
+    @property
+    def n(self) -> int:
+        """Distinct seeds averaged."""
+        return len(self.values)
 
     @property
     def mean(self) -> float:
@@ -383,7 +410,8 @@ def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
                    method: str | None = None, task: str | None = None,
                    ignore: Mapping[str, Collection[str]] | None = None,
                    defaults: Mapping[str, Mapping[str, Any]] | None = None) -> Matrix:
-    """Succeeded runs' results as models × tasks; seeds of the same experiment aggregate (mean ± std).
+    """Succeeded runs' results as models × tasks; seeds of the same experiment aggregate (mean ± std over
+    distinct seeds: a seed run twice counts once, its newest run, see Cell).
 
     An experiment is (model, method, shots) plus the options in which its runs differ (see RowKey), so only
     runs that differ in nothing but the seed share a cell. A task measured inside a multi-task run ("a+b")
@@ -398,7 +426,8 @@ def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
     wanted = PRIMARY_METRICS if metric == "auto" else (metric,)
     query = (
         select(RUNS.c.id, RUNS.c.model, RUNS.c.method, RUNS.c.shots, RUNS.c.task.label("run_task"),
-               RUNS.c.spec_json, RUNS.c.tasks_json, RESULTS.c.task, RESULTS.c.value, RESULTS.c.rule)
+               RUNS.c.spec_json, RUNS.c.tasks_json, RESULTS.c.task, RESULTS.c.value, RESULTS.c.rule,
+               RUNS.c.seed, RUNS.c.finished_at)
         .join(RESULTS, RESULTS.c.run_id == RUNS.c.id)
         .where(RUNS.c.status == RunStatus.succeeded.value, RESULTS.c.metric.in_(wanted))
         .order_by(RUNS.c.id)
@@ -416,7 +445,7 @@ def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
     variants = _option_variants(specs, ignore or {}, defaults or {})
     columns_of, warnings = _identity_columns([(row[0], row[4], row[6], row[7]) for row in rows])
     matrix = Matrix(metric=metric, rows=[], columns=[], cells={}, warnings=warnings)
-    for run_id, run_model, run_method, shots, _task, _spec, _tasks, result_task, value, rule in rows:
+    for run_id, run_model, run_method, shots, _task, _spec, _tasks, result_task, value, rule, seed, finished in rows:
         row_key = (run_model, run_method, shots, variants[run_id])
         column = columns_of[(run_id, result_task)]
         if row_key not in matrix.rows:
@@ -425,9 +454,7 @@ def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
         rules = matrix.rules.setdefault(column, set())
         if rule:
             rules.add(rule)
-        cell = matrix.cells.setdefault((row_key, column), Cell())
-        cell.values.append(value)
-        cell.run_ids.append(run_id)
+        matrix.cells.setdefault((row_key, column), Cell()).add(value, run_id, seed, finished)
     matrix.columns = sorted(matrix.column_tasks)
     return matrix
 

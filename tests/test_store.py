@@ -240,7 +240,9 @@ def test_results_matrix_ignores_options_that_only_change_execution(store):
     def spec(decision: str, batch_size: int) -> str:
         return json.dumps({"options": {"decision": decision, "batch_size": batch_size}, "seed": 0})
 
-    runs = [new_run(method="prompt", spec_json=spec(d, b)) for d, b in (("score", 8), ("score", 16), ("generate", 16))]
+    # seeds 0 and 1 of the score experiment (one seed run twice would count once)
+    runs = [new_run(method="prompt", spec_json=spec(d, b), seed=k)
+            for k, (d, b) in enumerate((("score", 8), ("score", 16), ("generate", 16)))]
     ids = queue.enqueue(store, runs)
     for _ in ids:
         run = claim_cpu(store)
@@ -265,7 +267,7 @@ def test_an_option_added_later_does_not_split_old_runs_from_new_ones_at_its_defa
 
     specs = [spec({}), spec({"score_end": True}), spec({"score_end": False})]
     specs.append(json.dumps({"options": {"decision": "constrained"}, "seed": 0}))
-    ids = queue.enqueue(store, [new_run(method="prompt", spec_json=s) for s in specs])
+    ids = queue.enqueue(store, [new_run(method="prompt", spec_json=s, seed=k) for k, s in enumerate(specs)])
     for _ in ids:
         run = claim_cpu(store)
         queue.finish_succeeded(store, run["id"], run["attempt"], [],
@@ -315,10 +317,11 @@ def test_a_version_1_store_migrates_in_place_keeping_its_runs_and_results(tmp_pa
     assert queries.run_result_rules(migrated, later) == {"massive-slots": {"slot_f1": "massive"}}
 
 
-def _identity_run(store, task: str, identity: str | None, value: float, run_task: str | None = None) -> int:
+def _identity_run(store, task: str, identity: str | None, value: float, run_task: str | None = None,
+                  seed: int = 0) -> int:
     entries = None if identity is None else json.dumps([{"name": name, "identity": identity}
                                                         for name in (run_task or task).split("+")])
-    run_id, = queue.enqueue(store, [new_run(task=run_task or task, tasks_json=entries)])
+    run_id, = queue.enqueue(store, [new_run(task=run_task or task, tasks_json=entries, seed=seed)])
     run = claim_cpu(store)
     queue.finish_succeeded(store, run["id"], run["attempt"], [],
                            [dict(task=task, metric="slot_f1", value=value, rule="conlleval")])
@@ -328,7 +331,7 @@ def _identity_run(store, task: str, identity: str | None, value: float, run_task
 def test_results_matrix_keeps_tasks_that_share_a_name_apart(store):
     old = _identity_run(store, "mytask", None, 0.1)  # queued before identities were recorded
     first = _identity_run(store, "mytask", "aaa", 0.2)
-    seed = _identity_run(store, "mytask", "aaa", 0.4)
+    seed = _identity_run(store, "mytask", "aaa", 0.4, seed=1)
     other = _identity_run(store, "mytask", "bbb", 0.9)
     multi = _identity_run(store, "mytask", "bbb", 0.5, run_task="mytask+intents")
     matrix = queries.results_matrix(store)
