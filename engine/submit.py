@@ -123,7 +123,8 @@ def check_model_kind(method: str, model: str) -> None:
     if not needed or kind is None or kind in needed:
         return
     examples = [alias.name for alias in aliases().values() if alias.kind in needed]
-    what = model if find_alias(model) else f"model {model} (by its config.json)"
+    # "model ..." first: the TUI's form shows an error under the field it names
+    what = f"model {model}" if find_alias(model) else f"model {model} (by its config.json)"
     wanted = " or ".join(KIND_WORDS.get(k, k) for k in needed)
     hint = f" (e.g. {' or '.join(examples[:2])})" if examples else ""
     raise ClfbenchError(f"{what} is {KIND_WORDS.get(kind, kind)}; {method} needs {wanted}{hint}")
