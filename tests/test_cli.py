@@ -295,8 +295,11 @@ def test_run_folders_logs_and_locks_are_private_with_the_store_elsewhere(cli, tm
     assert not cli.home.exists()  # the store is elsewhere: the home is made by the engine, below
     cli.run("--db", url, "engine", "--until-idle")
     assert cli.json("--db", url, "ls")[0]["status"] == "succeeded"
-    made = [cli.home, *cli.home.rglob("*")]
-    assert any(path.name == "log.txt" for path in made) and any(path.suffix == ".lock" for path in made)
+    from clfbench.engine.daemon import engine_lock_path
+
+    lock = engine_lock_path(url)  # per (store, host), outside the home (issue 16 item 3)
+    made = [cli.home, *cli.home.rglob("*"), lock, lock.parent]
+    assert any(path.name == "log.txt" for path in made) and lock.exists()
     for path in made:
         if path.parent.name in ("models", "features"):  # caches of public models: not run data
             continue
