@@ -31,7 +31,7 @@ from textual.widgets import Footer, Input, Select, Static
 from clfbench.app import render
 from clfbench.app.tui.matrix_view import MatrixData, MatrixView
 from clfbench.app.tui.messages import OpenErrors
-from clfbench.app.tui.screen_parts import TitleBar, copy_for_user, copy_key
+from clfbench.app.tui.screen_parts import OneRead, TitleBar, copy_for_user, copy_key
 from clfbench.engine.methods.catalog import execution_options, option_defaults
 from clfbench.storage import queries
 from clfbench.storage.db import Store
@@ -319,8 +319,7 @@ class ResultsScreen(Screen):
         self.paper = False
         self.metric_options = list(PREFERRED_METRICS)
         self.loaded_key: tuple[str, tuple] | None = None  # (metric, queries.matrix_version) of what is shown
-        self.reading = False  # a read worker runs; only the UI thread sets and clears this
-        self.read_again = False  # a read was asked for while one ran
+        self.reads = OneRead(self.read_worker)
 
     def compose(self) -> ComposeResult:
         yield TitleBar("results", id="results-title")
@@ -367,13 +366,8 @@ class ResultsScreen(Screen):
             self.load()
 
     def load(self) -> None:
-        """Read the matrix if it changed, unless a read runs: then that read goes on once more before it ends
-        (thread workers cannot be stopped, so one per poll or key piled up on a busy machine)."""
-        if self.reading:
-            self.read_again = True
-            return
-        self.reading = True
-        self.read_worker()
+        """Read the matrix if it changed, unless a read runs: then that read goes on once more before it ends."""
+        self.reads.request()
 
     @work(thread=True, group="results-load")
     def read_worker(self) -> None:
@@ -385,18 +379,13 @@ class ResultsScreen(Screen):
 
     def take_read(self, metric: str, version: tuple, prepared: PreparedMatrix | None, names: list[str]) -> bool:
         """On the UI thread: show a read (prepared is None when nothing changed); True to read once more."""
-        self.read_again = self.read_again or metric != self.metric  # the user switched metric meanwhile
-        if not self.is_attached or self not in self.app.screen_stack:  # escape while it read
-            self.reading = False
-            return False
-        if prepared is not None and metric == self.metric:
+        if metric != self.metric:  # the user switched metric meanwhile
+            self.reads.wanted = True
+        is_open = self.is_attached and self in self.app.screen_stack  # not after escape during the read
+        if is_open and prepared is not None and metric == self.metric:
             self.loaded_key = (metric, version)
             self.loaded(metric, prepared, names)
-        if self.read_again:
-            self.read_again = False
-            return True
-        self.reading = False
-        return False
+        return self.reads.more(is_open)
 
     def loaded(self, metric: str, prepared: PreparedMatrix, names: list[str]) -> None:
         if metric != self.metric:  # the user switched metric again while this one was read

@@ -43,7 +43,7 @@ from textual.widgets import DataTable, Footer, Input, Static
 from clfbench.app import render
 from clfbench.app.tui.dialogs import ConfirmScreen
 from clfbench.app.tui.messages import OpenErrors, OpenNewRun, OpenRun
-from clfbench.app.tui.screen_parts import KeyTable, TitleBar, copy_for_user, copy_key
+from clfbench.app.tui.screen_parts import KeyTable, OneRead, TitleBar, copy_for_user, copy_key
 from clfbench.storage import queries
 from clfbench.storage.db import Store
 from clfbench.storage.models import RunStatus
@@ -265,8 +265,7 @@ class RunsScreen(Screen):
         self.seen_at: deque[tuple[float, int]] = deque()  # (monotonic time, seen_seq) for PostgreSQL's margin
         self.floor_id = 0
         self.total = 0
-        self.reading = False  # a read worker runs; only the UI thread sets and clears this
-        self.read_again = False  # a read was asked for while one ran
+        self.reads = OneRead(self.read_worker)
 
     def compose(self) -> ComposeResult:
         yield TitleBar("runs", self.store.label())
@@ -296,11 +295,7 @@ class RunsScreen(Screen):
     # ---- reading ------------------------------------------------------------------------------
     def reload(self) -> None:
         """Read what changed, unless a read runs: then that read goes on once more before it ends."""
-        if self.reading:
-            self.read_again = True
-            return
-        self.reading = True
-        self.read_worker()
+        self.reads.request()
 
     @work(thread=True, group="runs-reload")
     def read_worker(self) -> None:
@@ -311,7 +306,6 @@ class RunsScreen(Screen):
             again = self.app.call_from_thread(self.take_read, read)
 
     def list_cursor(self) -> ListCursor:
-        self.read_again = False
         complete = self.seen_seq is not None and not self.floor_id
         return ListCursor(since=self.read_since(), floor_id=self.floor_id,
                           held=frozenset(i for i in self.runs if i >= self.floor_id),
@@ -340,10 +334,7 @@ class RunsScreen(Screen):
             self.merge(read)
             self.query_one("#engine", Static).update(read.engine.text())
             self.fill_table()
-        if self.read_again and self.is_attached:
-            return True
-        self.reading = False
-        return False
+        return self.reads.more(self.is_attached)
 
     def merge(self, read: ListRead) -> None:
         new_ids = False

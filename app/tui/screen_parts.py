@@ -1,8 +1,9 @@
 """What every screen is built from: the title bar, the keys the screens share, copying for the user.
 
 One place for them, so that the screens look and answer alike: a screen's title reads `clfbench · <where>`,
-the number keys switch its tabs, `y` copies the value under the cursor, j/k/g/G move in every table, and a
-store read finished in a thread worker is shown only while its screen is still open.
+the number keys switch its tabs, `y` copies the value under the cursor, j/k/g/G move in every table, a
+store read finished in a thread worker is shown only while its screen is still open, and a screen that re-reads
+on a timer runs one read at a time (OneRead).
 """
 from __future__ import annotations
 
@@ -73,3 +74,34 @@ class KeyTable(DataTable):
         Binding("g", "scroll_top", "First row", show=False),
         Binding("G", "scroll_bottom", "Last row", show=False),
     ]
+
+
+class OneRead:
+    """One store read at a time for a screen that re-reads on a timer.
+
+    A Textual thread worker cannot be stopped (`exclusive=True` cancels nothing in a thread), so a worker per tick
+    piles reads up on a busy machine until none finishes. Here a request while a read runs only marks that one
+    more is wanted; the running worker asks `more()` at its end (on the UI thread) and reads once more if so.
+    `start` starts the worker; only the UI thread calls request and more.
+    """
+
+    def __init__(self, start: Callable[[], None]) -> None:
+        self.start = start
+        self.running = False
+        self.wanted = False
+
+    def request(self) -> None:
+        if self.running:
+            self.wanted = True
+            return
+        self.running = True
+        self.start()
+
+    def more(self, go_on: bool = True) -> bool:
+        """At the end of a read: True when another was requested meanwhile (and `go_on`: the screen is still
+        open); otherwise the read is over and the next request starts a worker."""
+        if self.wanted and go_on:
+            self.wanted = False
+            return True
+        self.running = self.wanted = False
+        return False
