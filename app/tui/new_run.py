@@ -21,6 +21,7 @@ from textual.screen import Screen
 from textual.suggester import SuggestFromList
 from textual.widgets import Button, Footer, Input, Label, Select, Static
 
+from clfbench.app.tui.dialogs import ConfirmScreen
 from clfbench.app.tui.screen_parts import TitleBar, call_if_open
 from clfbench.engine.methods.catalog import METHODS, option_fields
 from clfbench.engine.types import ClfbenchError
@@ -244,16 +245,39 @@ class NewRunScreen(Screen):
 
     @work(thread=True, group="queue", exclusive=True)
     def queue_runs(self, flags: dict[str, Any], options: dict[str, Any]) -> None:
-        """Validate (tasks, data files, model) and queue in one transaction, like `clfbench queue`."""
-        from clfbench.engine.submit import build_specs, new_runs
+        """Validate (tasks, data files, model) and queue in one transaction, like `clfbench queue`. A spec that a
+        queued, running or succeeded run already has is queued only when the user says so (the CLI's
+        --allow-duplicate): a copy is a second run of the same seed, which the matrix counts once."""
+        from clfbench.engine.submit import build_specs, refuse_duplicates
 
         try:
             specs = build_specs(None, flags, options)
         except ClfbenchError as error:
             call_if_open(self, self.show_error, str(error))
             return
+        try:
+            refuse_duplicates(self.store, specs)
+        except ClfbenchError as error:
+            question = str(error).split("; --allow-duplicate")[0] + ". Queue anyway?"
+            call_if_open(self, self.ask_duplicate, question, specs)
+            return
+        self.enqueue_specs(specs)
+
+    def ask_duplicate(self, question: str, specs: list) -> None:
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.enqueue_specs(specs)
+            else:
+                self.query_one("#summary", Static).update("not queued (the same spec is queued or done already)")
+
+        self.app.push_screen(ConfirmScreen(question), answered)
+
+    @work(thread=True, group="queue-write")
+    def enqueue_specs(self, specs: list) -> None:
+        from clfbench.engine.submit import new_runs
+
         ids = queue.enqueue(self.store, new_runs(specs, priority=0))
-        self.app.call_from_thread(self.queued, ids)
+        self.app.call_from_thread(self.queued, ids)  # said even when the user has left the form
 
     def queued(self, ids: list[int]) -> None:
         self.app.notify(f"queued {len(ids)} run(s): {', '.join(map(str, ids))}")
