@@ -111,11 +111,12 @@ def spill_path(folder: Path, run_id: int, attempt: int) -> Path:
     return folder / f"metrics-spill-run{run_id}-attempt{attempt}.jsonl"
 
 
-def drop_stale_spills(folder: Path, run_id: int, attempt: int) -> None:
-    """Delete the spill files of this run's earlier attempts, saying how many points they held: their worker died
-    before the store came back, and the fence refuses an earlier attempt's points, so nothing can write them."""
+def drop_stale_spills(folder: Path, run_id: int) -> None:
+    """Delete the spill files that earlier workers of this run left, saying how many points they held: their worker
+    died before the store came back, and the fence refuses an earlier attempt's points, so nothing can write them
+    (and this worker's own file must start empty)."""
     for path in folder.glob(f"metrics-spill-run{run_id}-attempt*.jsonl"):
-        if path != spill_path(folder, run_id, attempt):
+        if path.is_file():
             lines = sum(1 for _ in open(path, "rb"))
             print(f"clfbench: {lines} metric point(s) of an earlier attempt never reached the store ({path.name}, "
                   "its worker died during a store outage); deleted", flush=True)
@@ -130,10 +131,14 @@ class Recorder:
         self.flush_every, self.flush_s, self.heartbeat_s = flush_every, flush_s, heartbeat_s
         self.max_buffered = max_buffered
         self.outage_s = outage_window_s() if outage_s is None else outage_s
-        folder = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
-        if enabled and spill_dir is not None:
-            drop_stale_spills(folder, run_id, attempt)
-        self._spill = SpillFile(spill_path(folder, run_id, attempt))
+        if spill_dir is not None:
+            path = spill_path(Path(spill_dir), run_id, attempt)
+            if enabled:
+                drop_stale_spills(Path(spill_dir), run_id)
+        else:  # no run folder (a test, a bench): a name no other process uses
+            unique = f"clfbench-{os.getpid()}-{id(self)}-"
+            path = Path(tempfile.gettempdir()) / (unique + spill_path(Path(), run_id, attempt).name)
+        self._spill = SpillFile(path)
         self._spill_failed = False  # the spill file could not be written: points stay in memory until it drains
         self._buffer: list[Point] = []
         self._progress: tuple[int, int] | None = None

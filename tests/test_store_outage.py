@@ -189,7 +189,8 @@ def test_a_full_disk_under_sqlite_ends_the_attempt_interrupted_and_the_run_resum
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
-def test_a_nan_loss_on_postgresql_fails_the_run_with_one_line_and_keeps_its_points(cli, pg_server, tmp_path):  # noqa: F811
+def test_a_nan_loss_on_postgresql_fails_the_run_with_one_line_and_keeps_its_points(
+        cli, pg_server, tmp_path):  # noqa: F811
     url = pg_server.url
     model = _encoder_with_nan_weights(tmp_path / "nan-bert")
     (run,) = cli.json("--db", url, "queue", "--method", "encoder-finetune", "--model", model, "--data-dir",
@@ -267,5 +268,5 @@ def test_log_metric_never_waits_for_the_store_and_points_that_waited_on_disk_arr
     blocker.close()
     recorder.close()
     assert logging_took < 1.0  # 1,000 points while the store could not take one: the training thread never waited
-    assert spilled and not list(tmp_path.glob("metrics-spill-*.jsonl"))  # past 50 in memory they went to disk, and back
+    assert spilled and not list(tmp_path.glob("metrics-spill-*.jsonl"))  # past 50 in memory: to disk, and back
     assert _steps(f"sqlite:///{tmp_path / 'store.db'}", run_id) == [(attempt, step) for step in range(1, 1001)]
