@@ -8,6 +8,7 @@ by 10 minutes either way (CLFBENCH_CLOCK_OFFSET_S), and sample the processes and
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,10 +43,26 @@ def _run(store, run_id: int) -> dict:
         return dict(connection.execute(text("SELECT * FROM runs WHERE id = :r"), {"r": run_id}).mappings().one())
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    from tests.pg_server import start_pg_server
+
+    server = start_pg_server(tmp_path_factory.mktemp("pg"))
+    yield server
+    server.ctl("stop", "-m", "immediate")
+    if server.user:
+        shutil.rmtree(server.folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path, monkeypatch):
+    """A store with half-second engine leases, on SQLite and on a real PostgreSQL server (the SQL of the database's
+    clock, the claim's row and advisory locks differ)."""
     monkeypatch.setenv("CLFBENCH_ENGINE_LEASE_S", "0.5")
-    return open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    if request.param == "sqlite":
+        return open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    server = request.getfixturevalue("postgres")
+    return open_store(server.create_database(f"leases_{tmp_path.name.lower().replace('-', '_')[-40:]}"))
 
 
 def test_a_live_lease_keeps_the_run_whatever_its_heartbeat_and_an_expired_one_loses_it(store):
