@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -283,6 +284,27 @@ def _executes(pid: int) -> bool:
     return state not in ("T", "t", "Z", "X")
 
 
+def _pause(hosts: Hosts, pids: list[int]) -> None:
+    """SIGSTOP `pids` at a moment none of them holds SQLite's write lock: a process stopped inside a write
+    transaction would stop every writer of the store (a limit of SQLite, not what these tests are about)."""
+    database = hosts.url.removeprefix("sqlite:///")
+    for _ in range(50):
+        for pid in pids:
+            _signal(pid, signal.SIGSTOP)
+        probe = sqlite3.connect(database, timeout=0.2, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:
+            for pid in pids:
+                _signal(pid, signal.SIGCONT)
+            time.sleep(0.05)
+        finally:
+            probe.close()
+    raise AssertionError("the processes to pause always held the store's write lock")
+
+
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(child) for child in path.read_text().split()] if path.exists() else []
@@ -320,7 +342,7 @@ def test_a_paused_worker_keeps_its_run_while_its_engine_lives_whatever_the_clock
     hosts.wait(lambda: _training_on(hosts, run_id, 1), 180, "host a to train the run")
     hosts.start("host-b", offset_s=600)
     (rank,) = _children(hosts.run(run_id)["pid"])  # the worker (rank 0), a child of its torchrun
-    _signal(rank, signal.SIGSTOP)
+    _pause(hosts, [rank])
     try:
         time.sleep(4 * LEASE_S)
         run = hosts.run(run_id)
@@ -344,8 +366,7 @@ def test_a_dead_hosts_run_moves_after_its_lease_and_its_paused_worker_writes_not
     hosts.wait(lambda: _training_on(hosts, run_id, 1), 180, "host a to train the run")
     hosts.start("host-b", offset_s=600)
     stale = hosts.processes(run_id, 1)
-    for pid in stale:  # torchrun and its worker: the whole attempt stands still
-        _signal(pid, signal.SIGSTOP)
+    _pause(hosts, stale)  # torchrun and its worker: the whole attempt stands still
     hosts.engines["host-a"].send_signal(signal.SIGKILL)
     hosts.engines["host-a"].wait(timeout=30)
     written_by_first = hosts.points(run_id)[1]
