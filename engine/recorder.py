@@ -293,12 +293,18 @@ class Recorder:
         """Write every waiting point now, on the caller's thread, riding out an outage for what is left of the
         window (then StoreUnreachable)."""
         if self.enabled and not self.not_ours:
-            retrying(self._drain, "writing metric points", self._window_left())
+            self._within_window(self._drain, "writing metric points")
 
-    def _window_left(self) -> float:
-        if self._outage_since is None:
-            return self.outage_s
-        return max(0.0, self.outage_s - (time.monotonic() - self._outage_since))
+    def _within_window(self, write, what: str) -> None:
+        """write(), riding out an outage for what is left of the window (an outage the writer thread already saw
+        counts from its start); past it, StoreUnreachable naming the whole outage and the configured limit."""
+        began = self._outage_since
+        left = self.outage_s if began is None else max(0.0, self.outage_s - (time.monotonic() - began))
+        try:
+            retrying(write, what, left)
+        except StoreUnreachable as lost:
+            began = time.monotonic() - lost.seconds if began is None else began
+            raise StoreUnreachable(what, time.monotonic() - began, lost.error, self.outage_s) from lost.error
 
     def start_heartbeat(self) -> None:
         if not self.enabled:
@@ -377,8 +383,11 @@ class Recorder:
             self._thread.join(timeout=30)  # an in-flight write finishes; the write lock serialises a slow one
         if not self.enabled or self.not_ours or self._closed:
             return
-        window = math.inf if wait_for_store else self._window_left()
-        retrying(self._write_the_rest, "writing the last metric points and heartbeat", window)
+        what = "writing the last metric points and heartbeat"
+        if wait_for_store:
+            retrying(self._write_the_rest, what, math.inf)
+        else:
+            self._within_window(self._write_the_rest, what)
         self._closed = True
 
     def _write_the_rest(self) -> None:
