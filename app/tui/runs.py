@@ -351,7 +351,8 @@ class RunsScreen(Screen):
         if new_ids:
             self.order = sorted(self.runs, reverse=True)
         self.seen_seq = max(read.seq, self.seen_seq or 0)
-        self.seen_at.append((time.monotonic(), self.seen_seq))
+        if not queries.change_order_is_strict(self.store):  # only PostgreSQL's margin looks back
+            self.seen_at.append((time.monotonic(), self.seen_seq))
         self.floor_id = read.floor_id
         self.total = max(read.total, len(self.runs)) if read.floor_id else len(self.runs)
 
