@@ -228,6 +228,7 @@ def evaluate(model, codec: Codec, heads: list[Head], dev: list[Row], ctx: RunCon
     totals = torch.zeros(len(heads), 3, dtype=torch.float64, device=device)  # loss sum, loss count, correct
     tags: list[tuple[list[list[str]], list[list[str]]]] = [([], []) for _ in heads]  # (gold, predicted)
     report = report_examples(ctx, EVALUATING, len(dev), ranks=ctx.world_size)
+    ctx.set_phase(EVALUATING, 0, len(dev))  # the list shows "eval 0/N" at once, not a bare "eval"
     for batch, encoding, logits in _forward_batches(model, codec, shard, device, autocast, batch_size, report):
         batch_rows = [shard[i] for i in batch]
         targets = batch_targets(heads, batch_rows, encoding, device)

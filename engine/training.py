@@ -358,10 +358,22 @@ def note_resume(ctx: RunContext, start_step: int) -> None:
                          else f"attempt {ctx.attempt} started over")
 
 
+# Tests only: seconds to sleep after each batch of a dev evaluation, so that a test in a real terminal can watch
+# the phase on a tiny model (tests/test_tui_tmux.py). Never set in real use.
+TEST_EVAL_DELAY_ENV = "CLFBENCH_TEST_EVAL_DELAY_S"
+
+
 def report_examples(ctx: RunContext, phase: str, total: int, ranks: int = 1) -> Callable[[int], None]:
     """done -> the run's phase with `done` of `total` examples. `ranks`: how many ranks share the examples
     equally (dev evaluation): rank 0, the one that writes, counts its share times the ranks."""
-    return lambda done: ctx.set_phase(phase, min(total, done * ranks), total)
+    delay = float(os.environ.get(TEST_EVAL_DELAY_ENV) or 0) if phase == EVALUATING else 0.0
+
+    def report(done: int) -> None:
+        ctx.set_phase(phase, min(total, done * ranks), total)
+        if delay:
+            time.sleep(delay)
+
+    return report
 
 
 def all_ranks_sum(value: float, ctx: RunContext) -> float:

@@ -21,7 +21,9 @@ class ConfirmScreen(ModalScreen[bool]):
     """
     BINDINGS = [
         Binding("y", "answer(True)", "Yes"),
-        Binding("n,escape", "answer(False)", "No"),
+        # Capital N too (caps lock, shift held): a slip towards "no" is harmless, one towards "yes" is not, so
+        # only y means yes.
+        Binding("n,N,escape", "answer(False)", "No"),
     ]
 
     def __init__(self, question: str) -> None:

@@ -365,6 +365,7 @@ def dev_loss(ctx: RunContext, training: Training, model: nn.Module, data: Sequen
     shard = sorted(data.dev[ctx.rank::ctx.world_size], key=lambda s: len(s.ids))
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     report = report_examples(ctx, EVALUATING, len(data.dev), ranks=ctx.world_size)
+    ctx.set_phase(EVALUATING, 0, len(data.dev))
     was_training = model.training
     model.eval()
     try:
