@@ -401,9 +401,9 @@ def eta_seconds(run: dict, now: float) -> float | None:
 
 def progress_with_eta(run: dict, now: float) -> str:
     """What a run list shows of a run's progress. Running: its phase and progress with the time left
-    (`train 12/47 ~3m20`, `eval 120/400 ~1m10`, `loading`), `engine gone` for a run nothing runs any more, and
-    ` try 2` on a retry; queued after an interruption: why (`retry: attempt 1: worker killed by SIGKILL`);
-    otherwise `step/total`. A time left past MAX_ETA_S is not shown."""
+    (`train 12/47 ~3m20`, `eval 120/400 ~1m10`, `loading`), or `engine gone` for a run nothing runs any more;
+    queued after an interruption: why (`retry: attempt 1: worker killed by SIGKILL`); otherwise `step/total`.
+    A time left past MAX_ETA_S is not shown."""
     status = run.get("status")
     if status == RunStatus.queued and run.get("attempt_note") and (run.get("attempt") or 0) > 0:
         return f"retry: {run['attempt_note']}"
@@ -415,6 +415,4 @@ def progress_with_eta(run: dict, now: float) -> str:
     eta = eta_seconds(run, now)
     if text and eta is not None and 0 < eta <= MAX_ETA_S:
         text += f" ~{clock(eta)}"
-    if (run.get("attempt") or 0) > 1:
-        text += f" try {run['attempt']}"
-    return text.strip()
+    return text
