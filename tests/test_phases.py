@@ -170,3 +170,16 @@ def test_a_retry_notes_the_step_it_resumed_from(tiny_bert, tmp_path, one_torch_t
     encoder_finetune.run(dataclasses.replace(make_ctx(tiny_bert, fresh, Recorder(), epochs=1), attempt=3,
                                              note_attempt=note))
     assert notes == ["attempt 3 started over"]
+
+
+def test_the_live_bars_follow_the_phase_and_say_when_the_engine_is_gone():
+    from clfbench.app import progress
+
+    run = {**_running(id=41, heartbeat_at=time.time(), phase="evaluating on dev", phase_step=120, phase_total=400,
+                      progress_step=47, progress_total=47), "method": "encoder-finetune", "model": "minilm",
+           "task": "massive-intent"}
+    fields = progress.progress_fields(run, progress.Samples())
+    assert fields["status"] == "running" and fields["steps"] == "eval 120/400"
+    assert progress.bar_position(run) == (120, 400)  # the bar fills with the evaluation, not the finished training
+    gone = progress.progress_fields({**run, "heartbeat_at": time.time() - 3600}, progress.Samples())
+    assert gone["status"] == "engine gone" and gone["eta"] == ""

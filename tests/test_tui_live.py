@@ -1,5 +1,6 @@
-"""The errors screen follows the store (issue 15 item 7): a run that finishes appears without reopening the screen,
-and `e` on a run that is still running says so in one line instead of showing another run."""
+"""Screens that follow the store (issue 15 items 5 and 7): the errors screen shows a run that finishes without being
+reopened, and `e` on a run that is still running says so in one line instead of showing another run; the run
+detail charts the current attempt of a retried run, not its first."""
 from __future__ import annotations
 
 import asyncio
@@ -7,7 +8,10 @@ import time
 
 from textual.widgets import Static
 
+from sqlalchemy import text
+
 from clfbench.app.tui.app import ClfbenchApp
+from clfbench.app.tui.detail import DetailScreen
 from clfbench.app.tui.errors import REFRESH_S, ErrorsScreen
 from clfbench.storage import queries, queue
 from clfbench.storage.db import open_store
@@ -81,5 +85,36 @@ def test_the_screen_follows_runs_that_finish_after_it_opened(home, tmp_path):
         finish(store, claimed)
         await until(pilot, lambda: screen.report is not None, "the run that finished", timeout=REFRESH_S * 10)
         assert screen.run_id == run_id and "no run has predictions" not in summary(screen)
+
+    run_screen(url, scenario)
+
+
+def test_the_detail_of_a_retried_run_charts_its_current_attempt(home, tmp_path):
+    url = seed_store(tmp_path / "clfbench.db")
+    store = open_store(url)
+    running = next(run for run in queries.list_runs(store, status="running") if run["method"] == "encoder-finetune")
+
+    def chart(screen: DetailScreen) -> str:
+        return screen.query_one("#loss-plot").plt.build()
+
+    async def scenario(pilot):
+        screen = DetailScreen(pilot.app.store, running["id"])
+        pilot.app.push_screen(screen)
+        await until(pilot, lambda: screen.run is not None and "train_loss" in screen.points, "attempt 1's points")
+        assert "no points yet" not in chart(screen)
+        # The engine requeued the run and a second attempt claimed it: it loads its model, no point of its own yet.
+        with store.write() as connection:
+            connection.execute(text("UPDATE runs SET attempt = 2, attempt_note = :note WHERE id = :id"),
+                               {"id": running["id"], "note": "attempt 1: worker killed by signal SIGKILL; "
+                                                             "attempt 2 resumed from step 300"})
+        await until(pilot, lambda: screen.run["attempt"] == 2, "the retry")
+        await pilot.pause(0.2)
+        assert screen.points == {} and "loss: no points yet" in chart(screen)  # not attempt 1's curves
+        header = str(screen.query_one("#header", Static).render())
+        assert "attempt 2" in header and "resumed from step 300" in header
+        assert queue.add_metric_points(store, running["id"], 2, [(301, "train_loss", 9.5, SEED_NOW),
+                                                                 (302, "train_loss", 9.25, SEED_NOW)])
+        await until(pilot, lambda: "train_loss" in screen.points, "attempt 2's points")
+        assert screen.points["train_loss"] == [(301, 9.5), (302, 9.25)]
 
     run_screen(url, scenario)
