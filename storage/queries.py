@@ -392,11 +392,13 @@ def _identity_columns(rows: list) -> tuple[dict[tuple[int, str], str], list[str]
     " (multi)" when measured inside a multi-task run; and the warnings of _identity_labels."""
     identities_of: dict[int, dict[str, str | None]] = {}
     seen: dict[str, dict[str | None, list[int]]] = {}
+    listed: set[tuple[str, int]] = set()  # (task, run id) already in its list: a set, not a scan of the list
     for run_id, run_task, tasks_json, result_task in rows:
         if run_id not in identities_of:
             identities_of[run_id] = _task_identities(tasks_json)
         run_ids = seen.setdefault(result_task, {}).setdefault(identities_of[run_id].get(result_task), [])
-        if run_id not in run_ids:
+        if (result_task, run_id) not in listed:
+            listed.add((result_task, run_id))
             run_ids.append(run_id)
     labels, warnings = _identity_labels(seen)
     columns = {}
@@ -445,10 +447,12 @@ def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
     variants = _option_variants(specs, ignore or {}, defaults or {})
     columns_of, warnings = _identity_columns([(row[0], row[4], row[6], row[7]) for row in rows])
     matrix = Matrix(metric=metric, rows=[], columns=[], cells={}, warnings=warnings)
+    known_rows: set[RowKey] = set()
     for run_id, run_model, run_method, shots, _task, _spec, _tasks, result_task, value, rule, seed, finished in rows:
         row_key = (run_model, run_method, shots, variants[run_id])
         column = columns_of[(run_id, result_task)]
-        if row_key not in matrix.rows:
+        if row_key not in known_rows:  # a set beside the list: a scan of matrix.rows per result was quadratic
+            known_rows.add(row_key)
             matrix.rows.append(row_key)
         matrix.column_tasks[column] = result_task
         rules = matrix.rules.setdefault(column, set())
