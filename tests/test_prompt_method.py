@@ -329,3 +329,21 @@ def test_smollm2_on_twenty_massive_utterances():
     assert {p.parse_status for p in outputs["generate"]} <= OK_OR_FAILURE
     accuracy = sum(p.predicted == p.gold for p in outputs["calibrated"]) / 20
     assert accuracy >= 0.1  # chance is 1/60; measured 0.25 on these 20
+
+
+# ------------------------------------------------------------------------------------------- transformers versions
+
+
+@pytest.mark.parametrize("decision", ["generate", "constrained", "score"])
+def test_decisions_are_the_same_where_transformers_cannot_slice_logits_by_a_boolean_mask(tiny_llama, monkeypatch,
+                                                                                           decision):
+    """transformers releases before slice_logits_to_keep (5.17 on a GPU box) fail on a 2-D boolean
+    logits_to_keep; the decoder then computes every position's logits and picks the kept ones: same answers."""
+    task = "massive-intent" if decision == "score" else "massive-intent+massive-slots"  # no score for slots
+    options = dict(decision=decision, max_new_tokens=6)
+    native = run_method(pm, make_ctx(tiny_llama, task, n=4, **options))
+    monkeypatch.setattr(decoder_module, "_SLICES_BOOLEAN_KEEP", False)
+    fallback = run_method(pm, make_ctx(tiny_llama, task, n=4, **options))
+    for task, predictions in native.predictions.items():
+        assert [(p.raw_output, p.predicted) for p in predictions] == \
+            [(p.raw_output, p.predicted) for p in fallback.predictions[task]]

@@ -22,6 +22,32 @@ def prefix_token_ids(chat: ChatFormat, text: str) -> list[int]:
     return ids if len(ids) >= 2 else []
 
 
+def slices_boolean_keep() -> bool:
+    """Whether this transformers computes logits only where a 2-D boolean `logits_to_keep` is True (its
+    modeling_utils.slice_logits_to_keep, in newer 5.x releases). Older 5.x releases index `hidden[:, keep, :]`
+    and fail with "too many indices for tensor of dimension 3" (transformers 5.17, seen on a GPU box): there the
+    decoder asks for every position's logits and picks the kept ones itself: the same numbers, more memory."""
+    global _SLICES_BOOLEAN_KEEP
+    if _SLICES_BOOLEAN_KEEP is None:
+        try:
+            from transformers.modeling_utils import slice_logits_to_keep
+            kept = slice_logits_to_keep(torch.zeros(1, 2, 1), torch.tensor([[True, False]]))
+            _SLICES_BOOLEAN_KEEP = tuple(kept.shape) == (1, 1)
+        except (ImportError, IndexError, RuntimeError):
+            _SLICES_BOOLEAN_KEEP = False
+    return _SLICES_BOOLEAN_KEEP
+
+
+_SLICES_BOOLEAN_KEEP: bool | None = None
+
+
+def kept_logits(model, keep: torch.Tensor, **inputs) -> torch.Tensor:
+    """The model's logits at the True positions of the 2-D boolean `keep`, flattened row by row (kept, vocab)."""
+    if slices_boolean_keep():
+        return model(logits_to_keep=keep, **inputs).logits
+    return model(logits_to_keep=0, **inputs).logits[keep]
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -102,17 +128,15 @@ class Decoder:
         if with_prefix and self.split_attention:
             real = torch.ones_like(keep) if real is None else real
             call = shared_prefix.PackedCall.make(cache, real, allowed, self.model.dtype)
-            out = self.model(input_ids=input_ids[real][None], position_ids=positions[real][None],
-                             attention_mask=self.unused_mask, use_cache=False,
-                             logits_to_keep=keep[real][None], shared_prefix=self.prefix, packed=call)
-            return out.logits
+            return kept_logits(self.model, keep[real][None], input_ids=input_ids[real][None],
+                               position_ids=positions[real][None], attention_mask=self.unused_mask, use_cache=False,
+                               shared_prefix=self.prefix, packed=call)
         extra = {}
         if with_prefix:
             B, Q, _ = allowed.shape
             allowed = torch.cat([allowed.new_ones((B, Q, self.prefix.length)), allowed], dim=2)
-        out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=self._mask(allowed),
-                         past_key_values=cache, use_cache=True, logits_to_keep=keep, **extra)
-        return out.logits
+        return kept_logits(self.model, keep, input_ids=input_ids, position_ids=positions,
+                           attention_mask=self._mask(allowed), past_key_values=cache, use_cache=True, **extra)
 
     # ------------------------------------------------------------------ prompt and answer, tokenised together
 
