@@ -373,7 +373,7 @@ def _training_left(run: dict, now: float, rate: float | None) -> float | None:
     if rate:
         return (total - step) / rate
     done, started = step - resumed_step(run), run.get("started_at")
-    if done <= 0 or not started:
+    if done <= 0 or started is None:
         return None
     return (now - started) / done * (total - step)
 

@@ -183,3 +183,12 @@ def test_the_live_bars_follow_the_phase_and_say_when_the_engine_is_gone():
     assert progress.bar_position(run) == (120, 400)  # the bar fills with the evaluation, not the finished training
     gone = progress.progress_fields({**run, "heartbeat_at": time.time() - 3600}, progress.Samples())
     assert gone["status"] == "engine gone" and gone["eta"] == ""
+
+
+def test_a_resumed_attempt_is_timed_by_the_steps_it_made_itself():
+    # Attempt 2 resumed from step 300 and made 10 steps in its 100 s: 90 left take 900 s, not the 29 s that
+    # 310 steps in 100 s would promise.
+    run = _running(id=51, attempt=2, started_at=0.0, heartbeat_at=100.0, phase="training", phase_step=310,
+                   phase_total=400, progress_step=310, progress_total=400,
+                   attempt_note="attempt 1: worker killed by signal SIGKILL; attempt 2 resumed from step 300")
+    assert render.progress_with_eta(run, 100.0) == "train 310/400 ~15m00"
