@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clfbench.engine.gpus import discover_gpus
-from clfbench.engine.types import ClfbenchError
+from clfbench.engine.types import EXIT_NOT_OURS, EXIT_STORE_UNREACHABLE, ClfbenchError
 from clfbench.storage import paths, queries, queue
 from clfbench.storage.db import Store, StoreError, open_store
 from clfbench.storage.models import RunStatus
@@ -240,6 +241,19 @@ def log_tail(path: str | None, lines: int = 20) -> str:
     return "\n".join(data.splitlines()[-lines:])
 
 
+# Each attempt's part of a run's log starts with this line (written by the engine at launch).
+ATTEMPT_HEADER = "===== clfbench: run"
+
+
+def rank_exit_code(log_text: str) -> int | None:
+    """The exit code of the worker rank that failed, from torchrun's summary at the end of the run's log
+    ("Root Cause (first observed failure): ... exitcode  : -9 (pid: 123)"), or None when there is none. torchrun
+    itself exits 1 whatever its rank's code was, so the rank's own code is what says why an attempt ended."""
+    this_attempt = log_text.rsplit(ATTEMPT_HEADER, 1)[-1]  # never an earlier attempt's summary
+    codes = re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", this_attempt, flags=re.MULTILINE)
+    return int(codes[-1]) if codes else None
+
+
 def describe_exit(returncode: int | None) -> str:
     if returncode is None:
         return "worker process disappeared"
@@ -251,6 +265,10 @@ def describe_exit(returncode: int | None) -> str:
         return f"worker killed by signal {name}"
     if returncode == 0:
         return "worker exited without reporting a result"
+    if returncode == EXIT_STORE_UNREACHABLE:
+        return "worker stopped: the store was unreachable for longer than CLFBENCH_STORE_OUTAGE_S"
+    if returncode == EXIT_NOT_OURS:
+        return "worker stopped: the store said the run is no longer this attempt's"
     return f"worker exited with code {returncode}"
 
 
@@ -446,7 +464,7 @@ class Engine:
         if why:
             queue.log_event_standalone(self.store, "threads", why, run["id"])
         log_handle = paths.open_private(log_path)
-        header = (f"\n===== clfbench: run {run['id']} attempt {run['attempt']} on {self.host} "
+        header = (f"\n{ATTEMPT_HEADER} {run['id']} attempt {run['attempt']} on {self.host} "
                   f"gpus [{','.join(map(str, gpus))}] at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
         if why:
             header += f"clfbench engine: cpu threads: {why}\n"
@@ -482,6 +500,8 @@ class Engine:
             kill_processes(child.processes(), signal.SIGKILL)
             if child.log_handle is not None:
                 child.log_handle.close()
+            if child.launch == "torchrun" and code is not None and code > 0:
+                code = rank_exit_code(log_tail(child.log_path, lines=80)) or code
             reason = describe_exit(code)
             new_status = queue.mark_ended_without_result(self.store, run_id, child.attempt, reason)
             if new_status != RunStatus.cancelled:
@@ -699,8 +719,15 @@ def run_engine(config: EngineConfig) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        queue.unregister_engine(store, engine.engine_id, os.getpid())
-        lock.close()
+        try:
+            queue.unregister_engine(store, engine.engine_id, os.getpid())
+        except Exception as error:  # stopped during an outage: the lease running out says the same, later
+            if not is_outage(error):
+                raise
+            print(f"engine: stopped, but its stop could not be recorded ({first_line(error)}); its lease ends "
+                  f"within {lease_s:.0f} s", flush=True)
+        finally:
+            lock.close()
 
 
 def start_detached(url: str, gpus: str | None, max_cpu_runs: int) -> int:

@@ -104,3 +104,9 @@ class MethodOutput:
 
     predictions: dict[str, dict[str, Predicted]]
     extra_results: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+# A worker's exit codes that mean more than success or failure; the engine names them when it ends an attempt
+# (engine.daemon.describe_exit), so the run's error says why and not just a number.
+EXIT_NOT_OURS = 3  # the store refused a write: the run was cancelled or re-claimed, another attempt owns it
+EXIT_STORE_UNREACHABLE = 4  # the store stayed unreachable past CLFBENCH_STORE_OUTAGE_S; points kept, resumable

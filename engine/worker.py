@@ -27,15 +27,15 @@ from clfbench.engine.models import resolve_model
 from clfbench.engine.recorder import Recorder, RunNotOurs
 from clfbench.engine.spec import RunSpec, spec_from_json
 from clfbench.engine.tasks import get_task, identity, load_task, resolve_data_dir
-from clfbench.engine.types import ClfbenchError, MethodOutput, Prediction, TaskData
+from clfbench.engine.types import (EXIT_NOT_OURS, EXIT_STORE_UNREACHABLE, ClfbenchError, MethodOutput,
+                                  Prediction, TaskData)
 from clfbench.storage import queries, queue
 from clfbench.storage.db import StoreError, open_store
 from clfbench.storage.outage import StoreUnreachable, retrying
 
-# The exit code of a worker that stopped because the store stayed unreachable past CLFBENCH_STORE_OUTAGE_S: its
-# engine marks the run interrupted (requeued while retries are left) and the next attempt resumes from the last
-# checkpoint.
-EXIT_STORE_UNREACHABLE = 4
+# A worker that stopped because the store stayed unreachable past CLFBENCH_STORE_OUTAGE_S exits
+# EXIT_STORE_UNREACHABLE: its engine marks the run interrupted (requeued while retries are left) and the next
+# attempt resumes from the last checkpoint. One whose run is no longer its own exits EXIT_NOT_OURS.
 
 
 def _distributed_env() -> tuple[int, int, int]:
@@ -335,7 +335,7 @@ def run_worker(run_id: int) -> int:
         recorder.close()
         print(f"clfbench worker: run {lost.run_id} attempt {lost.attempt} is no longer ours (cancelled or "
               "re-claimed): stopping without writing", flush=True)
-        return 3
+        return EXIT_NOT_OURS
     except StoreUnreachable as lost:
         return _stop_on_outage(recorder, run_id, attempt, lost)
     except Exception as error:

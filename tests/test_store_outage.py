@@ -172,6 +172,9 @@ def test_a_full_disk_under_sqlite_ends_the_attempt_interrupted_and_the_run_resum
                 engine.kill()
         run = _runs(url, [run_id])[run_id]
         assert (run["status"], run["attempt"]) == ("succeeded", 2), run
+        # The retry says why and how: the reason attempt 1 ended, then where attempt 2 resumed.
+        assert run["attempt_note"].startswith("attempt 1: worker stopped: the store was unreachable for longer "
+                                              "than CLFBENCH_STORE_OUTAGE_S; attempt 2 resumed from step "), run
         store = open_store(url)
         with store.read() as connection:
             assert connection.execute(text("PRAGMA integrity_check")).scalar() == "ok"

@@ -3,6 +3,8 @@ before any model loads, a method's answers are joined with the gold labels and t
 and joint metrics are the ones the task definitions declare."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from clfbench.engine.spec import parse_spec
@@ -99,3 +101,26 @@ def test_exact_match_for_any_sequence_and_token_pair_over_the_same_examples():
     slots.test = slots.test[1:]
     rows = {(r["task"], r["metric"]) for r in result_rows([intent, slots], joined, {}, 1.0)}
     assert ("my-slots", "exact_match") not in rows
+
+
+@pytest.mark.parametrize("rank_body, reason", [
+    ("import sys; sys.exit(4)", "worker stopped: the store was unreachable for longer than CLFBENCH_STORE_OUTAGE_S"),
+    ("import sys; sys.exit(3)", "worker stopped: the store said the run is no longer this attempt's"),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "worker killed by signal SIGKILL"),
+])
+def test_why_an_attempt_ended_is_read_through_torchrun(tmp_path, rank_body, reason):
+    """torchrun exits 1 whatever its rank's code was; the engine reads the rank's code from torchrun's summary in
+    this attempt's part of the log, so a retry says why (and never reads an earlier attempt's summary)."""
+    import subprocess
+
+    from clfbench.engine.daemon import ATTEMPT_HEADER, describe_exit, rank_exit_code, torchrun_command
+
+    script = tmp_path / "rank.py"
+    script.write_text(rank_body)
+    done = subprocess.run(torchrun_command(1) + [str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 1, done.stderr[-2000:]
+    earlier = f"{ATTEMPT_HEADER} 1 attempt 1 on h =====\n  exitcode  : 7 (pid: 11)\n"
+    log = f"{earlier}{ATTEMPT_HEADER} 1 attempt 2 on h =====\n{done.stdout}{done.stderr}"
+    assert describe_exit(rank_exit_code(log)) == reason
+    assert rank_exit_code(f"{earlier}{ATTEMPT_HEADER} 1 attempt 2 on h =====\nno summary\n") is None
