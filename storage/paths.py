@@ -5,9 +5,10 @@
         tasks/                           the user's task and dataset YAML files
         runs/<store key>/<run id>/       a run's log, checkpoints and caches (survives retries)
         logs/engine-<store key>.log      a detached engine's own output
-        locks/engine-<store key>.lock    one engine per store per host (flock)
         cache/models/                    models converted, unpacked or built locally
         cache/features/                  LLMEmbed's pooled features
+
+The engine's lock is not here: it is one per (store, host), whatever the home (engine.daemon.engine_lock_path).
 
 It lives in storage/ because every side needs it (the CLI, the TUI, the engine, the worker) and storage is the
 package all of them may import. The store key separates two stores under one home.
@@ -47,10 +48,6 @@ def run_dir(url: str, run_id: int) -> Path:
 
 def engine_log_path(url: str) -> Path:
     return home() / "logs" / f"engine-{store_key(url)}.log"
-
-
-def engine_lock_path(url: str) -> Path:
-    return home() / "locks" / f"engine-{store_key(url)}.lock"
 
 
 def model_cache_dir() -> Path:
