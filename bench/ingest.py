@@ -145,9 +145,11 @@ def print_table(results: dict[str, list[dict] | str], ls_idle: dict[str, list[fl
             print(f"{name:<11}{rows}")
             continue
         for row in rows:
+            # A reader that finished no poll in the whole window was starved: say so rather than print a number.
+            polls = (f"{row['poll_median_s'] * 1000:>10.1f} ms{row['poll_max_s'] * 1000:>7.0f} ms"
+                     if row["poll_median_s"] is not None else f"{'no poll finished':>23}")
             print(f"{name:<11}{row['writers']:>8}{row['points_per_s']:>11,.0f}"
-                  f"{row['write_errors']:>6}/{row['read_errors']:<5}{row['poll_median_s'] * 1000:>10.1f} ms"
-                  f"{row['poll_max_s'] * 1000:>7.0f} ms")
+                  f"{row['write_errors']:>6}/{row['read_errors']:<5}{polls}")
     print(f"\n`clfbench ls` wall time, start-up included (goal: < {GOAL_LS_S:.0f} s beyond start-up while 8 "
           f"writers ingest); points/s goal with 4 writers: {GOAL_POINTS_PER_S:,}")
     for name, rows in results.items():
