@@ -248,8 +248,7 @@ def refuse_duplicates(store: Store, specs: list[RunSpec]) -> None:
         if earlier != index:
             raise ClfbenchError(f"sweep items {earlier} and {index} are the same spec (a list names one value "
                                 f"twice?); --allow-duplicate queues both")
-    standing = [run for status in STANDING for run in queries.list_runs(store, status=status)
-                if run["spec_hash"] in first_item]
+    standing = queries.runs_with_spec_hashes(store, list(first_item), STANDING)
     if not standing:
         return
     runs = ", ".join(f"{run['id']} ({run['status']})" for run in sorted(standing, key=lambda run: run["id"]))

@@ -509,3 +509,15 @@ def runs_with_predictions(store: Store, limit: int = 500) -> list[dict]:
                                 "task": run_task, "tasks": []}
             runs[run_id]["tasks"].append(task)
     return list(runs.values())
+
+
+def runs_with_spec_hashes(store: Store, spec_hashes: Collection[str], statuses: Collection[str]) -> list[dict]:
+    """(id, status, spec_hash) of the runs in `statuses` whose spec is one of `spec_hashes` (an indexed lookup:
+    queue-time duplicate checks must not read every run of a big store)."""
+    if not spec_hashes:
+        return []
+    with store.read() as connection:
+        rows = connection.execute(select(RUNS.c.id, RUNS.c.status, RUNS.c.spec_hash)
+                                  .where(RUNS.c.spec_hash.in_(list(spec_hashes)), RUNS.c.status.in_(list(statuses)))
+                                  .order_by(RUNS.c.id)).mappings()
+        return [dict(row) for row in rows]
