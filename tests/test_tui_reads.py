@@ -64,6 +64,7 @@ def test_a_run_changed_after_the_first_paint_shows_without_a_key(many_runs):
         (added,) = queue.enqueue(pilot.app.store, [new_run("brand-new")])
         # The list's own tick reads what changed: no key pressed, no reload asked for.
         await until(pilot, lambda: cell(screen, RUNS - 1, "status") == "cancelled", what="the cancelled status")
+        assert "cancelled 1" in str(screen.query_one("#engine").render())  # the queue counts in the same paint
         await until(pilot, lambda: table_ids(screen)[:1] == [added], what="the new run on top")
 
     run_app(many_runs, scenario)
@@ -141,6 +142,7 @@ def test_five_digit_ids_and_what_a_run_is_fit_80_columns(home):
 
     async def scenario(pilot):
         screen = pilot.app.screen
+        await until(pilot, lambda: any("10000" in line for line in screen_lines(screen)), what="the rows drawn")
         lines = screen_lines(screen)
         top = next(line for line in lines if "10000" in line)
         assert top.split()[:2] == ["10000", "queued"]  # the whole id, never "1000"

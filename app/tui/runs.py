@@ -30,9 +30,11 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
@@ -107,6 +109,15 @@ def run_cells(run: dict, now: float) -> tuple:
             render.age(run["created_at"], now), result_text(run), attempt_text(run), what_text(run), gpu)
 
 
+def column_widths(rows: Iterable[tuple]) -> list[int]:
+    """Each column's width: its widest cell among `rows` (run_cells tuples), or its name."""
+    widths = [len(name) for name in COLUMNS]
+    for row in rows:
+        for k, value in enumerate(row):
+            widths[k] = max(widths[k], cell_len(value.plain if isinstance(value, Text) else value))
+    return widths
+
+
 def search_text(run: dict) -> str:
     return " ".join(str(run.get(key) or "") for key in SEARCHED).lower() + " " + run.get("options_text", "")
 
@@ -153,15 +164,19 @@ class EngineInfo:
         return line
 
 
-def read_engine_info(store: Store, now: float, running: list[dict], counts: dict[str, int] | None) -> EngineInfo:
-    """The engine panel; `counts` per status when the caller holds every run, else they are read."""
+def read_engine_info(store: Store, now: float, read_counts: bool) -> EngineInfo:
+    """The engine panel as the store has it; the runs per status only when `read_counts` (a list that holds every
+    run counts them itself), and the busy GPUs are the list's to fill in (busy_gpus)."""
     from clfbench.engine.daemon import engine_lock_holder
 
     engines = queries.live_engines(store, stale_after_s=30, now=now)
     gpus = sorted({g for e in engines for g in (e["gpus"] or "").split(",") if g})
-    busy = {g for r in running for g in (r["gpus_assigned"] or "").split(",") if g}
-    return EngineInfo(pid=engine_lock_holder(store.url), gpus=gpus, busy=busy,
-                      counts=counts if counts is not None else queries.count_by_status(store))
+    return EngineInfo(pid=engine_lock_holder(store.url), gpus=gpus, busy=set(),
+                      counts=queries.count_by_status(store) if read_counts else {})
+
+
+def busy_gpus(runs: Iterable[dict]) -> set[str]:
+    return {g for r in runs if r["status"] == RunStatus.running for g in (r["gpus_assigned"] or "").split(",") if g}
 
 
 # ---- incremental reading (in the worker thread; the screen's state is copied into a ListCursor first) ----
@@ -173,8 +188,6 @@ class ListCursor:
     since: int | None  # read rows whose change counter is above this; None: nothing read yet (first page)
     floor_id: int  # every run with an id at or above this is held (0: every run)
     held: frozenset[int]  # ids held at or above floor_id
-    running: tuple[dict, ...]  # the running runs held (their GPUs for the engine panel)
-    counts: dict[str, int] | None  # runs per status, when every run is held
 
 
 @dataclass
@@ -211,7 +224,7 @@ def read_list(store: Store, cursor: ListCursor, now: float) -> ListRead:
     for row in rows:
         row["headline"] = headlines.get(row["id"], {})
         row["options_text"] = set_options(row["spec_json"], row["method"])
-    engine = read_engine_info(store, now, list(cursor.running), cursor.counts)
+    engine = read_engine_info(store, now, read_counts=floor_id != 0)
     return ListRead(rows=rows, seq=seq, floor_id=floor_id, present=present, present_floor=present_floor,
                     engine=engine, total=sum(engine.counts.values()))
 
@@ -259,6 +272,7 @@ class RunsScreen(Screen):
         self.haystacks: dict[int, str] = {}  # search_text of each held run, made when it is merged
         self.order: list[int] = []  # held ids in display order (newest first)
         self.shown_cells: dict[int, tuple] = {}  # what the table shows now, by id
+        self.widths: list[int] = []  # the table's column widths now (column_widths of shown_cells)
         self.shown_limit = SHOWN_STEP
         self.filter_terms: list[str] = []
         self.seen_seq: int | None = None  # the highest change counter merged; None before the first page
@@ -273,7 +287,7 @@ class RunsScreen(Screen):
                     compact=True)
         table = RunsTable(cursor_type="row", zebra_stripes=True, fixed_columns=FIXED_COLUMNS, id="runs")
         for name in COLUMNS:
-            table.add_column(name, key=name)  # sized to their content (fill_table resets the widths)
+            table.add_column(name, key=name, width=len(name))  # sized to the rows shown (fill_table)
         yield table
         yield Static("", id="shown")
         yield Static("", id="engine")
@@ -306,11 +320,8 @@ class RunsScreen(Screen):
             again = self.app.call_from_thread(self.take_read, read)
 
     def list_cursor(self) -> ListCursor:
-        complete = self.seen_seq is not None and not self.floor_id
         return ListCursor(since=self.read_since(), floor_id=self.floor_id,
-                          held=frozenset(i for i in self.runs if i >= self.floor_id),
-                          running=tuple(r for r in self.runs.values() if r["status"] == RunStatus.running),
-                          counts=self.status_counts() if complete else None)
+                          held=frozenset(i for i in self.runs if i >= self.floor_id))
 
     def read_since(self) -> int | None:
         """The change counter to read above: the last one seen; on PostgreSQL one seen PG_MARGIN_S ago, less a
@@ -332,6 +343,9 @@ class RunsScreen(Screen):
         """Merge a read on the UI thread and show it; True when another read was asked for meanwhile."""
         if self.is_attached:
             self.merge(read)
+            read.engine.busy = busy_gpus(self.runs.values())
+            if not self.floor_id:  # every run is held: the counts include this read's changes
+                read.engine.counts = self.status_counts()
             self.query_one("#engine", Static).update(read.engine.text())
             self.fill_table()
         return self.reads.more(self.is_attached)
@@ -372,8 +386,9 @@ class RunsScreen(Screen):
         wanted = self.wanted_ids()
         visible = wanted[:self.shown_limit]
         cells = {i: run_cells(self.runs[i], now) for i in visible}
+        widths = column_widths(cells.values())
         shown = list(self.shown_cells)
-        if visible[:len(shown)] == shown:
+        if widths == self.widths and visible[:len(shown)] == shown:
             for run_id in shown:  # the rows shown stay: touch only the changed cells (no flicker)
                 for column, old, new in zip(COLUMNS, self.shown_cells[run_id], cells[run_id]):
                     if old != new:
@@ -381,17 +396,19 @@ class RunsScreen(Screen):
             for run_id in visible[len(shown):]:  # rows further down (an older page, a scroll to the end)
                 table.add_row(*cells[run_id], key=str(run_id))
         else:
-            self.rebuild(table, visible, cells)
-        self.shown_cells = cells
+            self.rebuild(table, visible, cells, widths)
+        self.shown_cells, self.widths = cells, widths
         self.show_note(len(visible), len(wanted))
 
-    def rebuild(self, table: DataTable, visible: list[int], cells: dict[int, tuple]) -> None:
+    def rebuild(self, table: DataTable, visible: list[int], cells: dict[int, tuple], widths: list[int]) -> None:
         selected = self.selected_run_id()
         scroll_y = table.scroll_y
         with self.app.batch_update():
             table.clear()
-            for column in table.columns.values():  # widths follow the rows shown now, not every row ever shown
-                column.content_width = len(str(column.label))
+            # Fixed widths computed here, from the rows shown now: the table's own measuring waits for an idle
+            # moment (a first frame could show every column cut to its name) and only ever grows.
+            for column, width in zip(table.ordered_columns, widths):
+                column.width, column.auto_width = width, False
             for run_id in visible:
                 table.add_row(*cells[run_id], key=str(run_id))
             if selected in cells:
