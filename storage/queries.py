@@ -9,8 +9,9 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Float, case, func, literal_column, select
 
+from clfbench.storage import dialect
 from clfbench.storage.db import Store
 from clfbench.storage.models import (EngineRow, Event, MetricPoint, PredictionRow, Result, Run, RunStatus,
                                      metric_value)
@@ -183,10 +184,15 @@ def recent_events(store: Store, run_id: int | None = None, limit: int = 50) -> l
 
 
 def live_engines(store: Store, stale_after_s: float, now: float) -> list[dict]:
+    """Engines not stopped whose lease has not ended on the database's clock: the rule that decides who owns runs
+    (storage.queue), so a list never calls an engine dead while its runs are still its own, whatever the reader's
+    clock says. A row written before store v4 has no lease: it is judged by its heartbeat against `now` (the
+    reader's clock) and `stale_after_s`."""
+    database_now = literal_column(dialect.db_now_sql(store.engine), Float)
+    alive = case((ENGINES.c.lease_until.is_not(None), ENGINES.c.lease_until > database_now),
+                 else_=ENGINES.c.heartbeat_at > now - stale_after_s)
     with store.read() as connection:
-        rows = connection.execute(
-            select(ENGINES).where(ENGINES.c.stopped_at.is_(None), ENGINES.c.heartbeat_at > now - stale_after_s)
-        ).mappings()
+        rows = connection.execute(select(ENGINES).where(ENGINES.c.stopped_at.is_(None), alive)).mappings()
         return [dict(row) for row in rows]
 
 

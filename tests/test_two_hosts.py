@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from clfbench.storage import queue
+from clfbench.storage import queries, queue
 from clfbench.storage.db import open_store
 from tests.conftest import ROOT, SAMPLES
 from tests.test_e2e import wait_for
@@ -101,6 +101,19 @@ def test_a_lease_that_ran_out_unnoticed_is_renewed(store):
     time.sleep(0.7)
     assert queue.engine_heartbeat(store, a) is True
     assert queue.reclaim_expired(store, a) == [] and _run(store, run_id)["status"] == "running"
+
+
+def test_lists_call_an_engine_alive_while_its_lease_lasts_whatever_the_readers_clock(store):
+    """`engine status`, `ls` and the TUI judge engines by the same lease as ownership: a reader whose clock is ten
+    minutes off neither calls a renewing engine dead nor a lapsed one alive."""
+    a = queue.register_engine(store, "host-a", 101, [], host_id="host-a")
+    for skew in (-600, 0, 600):
+        assert [e["id"] for e in queries.live_engines(store, stale_after_s=30, now=time.time() + skew)] == [a]
+    time.sleep(0.7)  # the lease ends on the database's clock
+    for skew in (-600, 0, 600):
+        assert queries.live_engines(store, stale_after_s=30, now=time.time() + skew) == []
+    assert queue.engine_heartbeat(store, a)
+    assert [e["id"] for e in queries.live_engines(store, stale_after_s=30, now=time.time())] == [a]
 
 
 def test_an_engine_whose_lease_was_taken_kills_its_workers_and_stops(store):
