@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,11 +157,26 @@ def home(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture
-def cli(home) -> Cli:
+def cli(home) -> Iterator[Cli]:
     env = dict(os.environ)
     env["CLFBENCH_HOME"] = str(home)
     # The model cache (tiny models, converted SmolLM2) is shared between tests so each builds once.
     env["CLFBENCH_MODEL_CACHE"] = str(ROOT / ".pytest_cache" / "clfbench-models")
     env.pop("CLFBENCH_DB", None)
     env.pop("CLFBENCH_DATA", None)
-    return Cli(home=home, env=env)
+    yield Cli(home=home, env=env)
+    kill_processes_of_home(home)
+
+
+def kill_processes_of_home(home: Path) -> None:
+    """SIGKILL every process started with this CLFBENCH_HOME (an engine, torchrun, a worker) that a failed or
+    interrupted test left behind: a worker whose store is gone waits for it by design, and would outlive the suite."""
+    import signal
+
+    wanted = f"CLFBENCH_HOME={home}".encode()
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(proc.name) != os.getpid() and wanted in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
