@@ -273,6 +273,7 @@ class RunsScreen(Screen):
         self.order: list[int] = []  # held ids in display order (newest first)
         self.shown_cells: dict[int, tuple] = {}  # what the table shows now, by id
         self.widths: list[int] = []  # the table's column widths now (column_widths of shown_cells)
+        self.line_texts: dict[str, Text] = {}  # what the lines under the table show now, by selector
         self.shown_limit = SHOWN_STEP
         self.filter_terms: list[str] = []
         self.seen_seq: int | None = None  # the highest change counter merged; None before the first page
@@ -346,7 +347,7 @@ class RunsScreen(Screen):
             read.engine.busy = busy_gpus(self.runs.values())
             if not self.floor_id:  # every run is held: the counts include this read's changes
                 read.engine.counts = self.status_counts()
-            self.query_one("#engine", Static).update(read.engine.text())
+            self.show_text("#engine", read.engine.text())
             self.fill_table()
         return self.reads.more(self.is_attached)
 
@@ -424,7 +425,14 @@ class RunsScreen(Screen):
             note += " · reading older runs…"
         if self.filter_terms:
             note += f" · filter: {' '.join(self.filter_terms)}"
-        self.query_one("#shown", Static).update(note)
+        self.show_text("#shown", Text(note))
+
+    def show_text(self, selector: str, text: Text) -> None:
+        """Update a line only when its text changed: an update lays the screen out again, which every tick of an
+        idle list would otherwise pay for."""
+        if self.line_texts.get(selector) != text:
+            self.line_texts[selector] = text
+            self.query_one(selector, Static).update(text)
 
     def show_more(self) -> None:
         """The cursor or the scroll reached the end of the table: add the next rows that pass the filter."""
