@@ -31,7 +31,7 @@ from textual.widgets import Footer, Input, Select, Static
 from clfbench.app import render
 from clfbench.app.tui.matrix_view import MatrixData, MatrixView
 from clfbench.app.tui.messages import OpenErrors
-from clfbench.app.tui.screen_parts import OneRead, TitleBar, copy_for_user, copy_key
+from clfbench.app.tui.screen_parts import OneRead, TitleBar, copy_for_user, copy_key, show_in
 from clfbench.engine.methods.catalog import execution_options, option_defaults
 from clfbench.storage import queries
 from clfbench.storage.db import Store
@@ -407,7 +407,7 @@ class ResultsScreen(Screen):
         warnings): the first, and how many more."""
         notice = self.query_one("#notice", Static)
         more = f" (+{len(warnings) - 1} more: clfbench results lists them)" if len(warnings) > 1 else ""
-        notice.update(f"warning: {warnings[0]}{more}" if warnings else "")
+        show_in(notice, f"warning: {warnings[0]}{more}" if warnings else "")
         notice.set_class(bool(warnings), "shown")
 
     # ---- the view: filter, layout, sort --------------------------------------------------------
@@ -419,7 +419,7 @@ class ResultsScreen(Screen):
         try:
             query = parse_query(self.query_text)
         except QueryError as error:
-            status.update(f"error: {error}")
+            show_in(status, f"error: {error}")
             status.add_class("error")
             return
         status.remove_class("error")
@@ -440,7 +440,7 @@ class ResultsScreen(Screen):
         notes = render.rule_notes(Matrix(metric=matrix.metric, rows=[], columns=self.columns, cells={},
                                          rules=matrix.rules))
         rules = self.query_one("#rules", Static)
-        rules.update("\n".join(notes))
+        show_in(rules, "\n".join(notes))
         rules.set_class(bool(notes), "shown")
 
     def update_status(self) -> None:
@@ -453,7 +453,7 @@ class ResultsScreen(Screen):
         self.query_one("#results-title", TitleBar).set_title("results", metric_title(self.metric) + layout)
         text = (f"{len(self.rows)}/{total} rows · {len(self.columns)} columns · sort: {sort}"
                 if total else "no results yet (runs appear here when they succeed)")
-        self.query_one("#status", Static).update(text)
+        show_in(self.query_one("#status", Static), text)
 
     # ---- the cursor ------------------------------------------------------------------------------
     def cursor_cell(self) -> tuple[tuple, str | None] | None:
@@ -485,7 +485,7 @@ class ResultsScreen(Screen):
 
     def set_metric(self, metric: str) -> None:
         self.metric = metric
-        self.query_one("#status", Static).update(f"loading {metric}…")
+        show_in(self.query_one("#status", Static), f"loading {metric}…")
         self.load()
 
     def action_next_metric(self, step: int = 1) -> None:

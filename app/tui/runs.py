@@ -45,7 +45,7 @@ from textual.widgets import DataTable, Footer, Input, Static
 from clfbench.app import render
 from clfbench.app.tui.dialogs import ConfirmScreen
 from clfbench.app.tui.messages import OpenErrors, OpenNewRun, OpenRun
-from clfbench.app.tui.screen_parts import KeyTable, OneRead, TitleBar, copy_for_user, copy_key
+from clfbench.app.tui.screen_parts import KeyTable, OneRead, TitleBar, copy_for_user, copy_key, show_in
 from clfbench.storage import queries
 from clfbench.storage.db import Store
 from clfbench.storage.models import RunStatus
@@ -273,7 +273,6 @@ class RunsScreen(Screen):
         self.order: list[int] = []  # held ids in display order (newest first)
         self.shown_cells: dict[int, tuple] = {}  # what the table shows now, by id
         self.widths: list[int] = []  # the table's column widths now (column_widths of shown_cells)
-        self.line_texts: dict[str, Text] = {}  # what the lines under the table show now, by selector
         self.shown_limit = SHOWN_STEP
         self.filter_terms: list[str] = []
         self.seen_seq: int | None = None  # the highest change counter merged; None before the first page
@@ -347,7 +346,7 @@ class RunsScreen(Screen):
             read.engine.busy = busy_gpus(self.runs.values())
             if not self.floor_id:  # every run is held: the counts include this read's changes
                 read.engine.counts = self.status_counts()
-            self.show_text("#engine", read.engine.text())
+            show_in(self.query_one("#engine", Static), read.engine.text())
             self.fill_table()
         return self.reads.more(self.is_attached)
 
@@ -425,14 +424,7 @@ class RunsScreen(Screen):
             note += " · reading older runs…"
         if self.filter_terms:
             note += f" · filter: {' '.join(self.filter_terms)}"
-        self.show_text("#shown", Text(note))
-
-    def show_text(self, selector: str, text: Text) -> None:
-        """Update a line only when its text changed: an update lays the screen out again, which every tick of an
-        idle list would otherwise pay for."""
-        if self.line_texts.get(selector) != text:
-            self.line_texts[selector] = text
-            self.query_one(selector, Static).update(text)
+        show_in(self.query_one("#shown", Static), note)
 
     def show_more(self) -> None:
         """The cursor or the scroll reached the end of the table: add the next rows that pass the filter."""

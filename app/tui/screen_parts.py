@@ -8,6 +8,7 @@ on a timer runs one read at a time (OneRead).
 from __future__ import annotations
 
 from typing import Callable
+from weakref import WeakKeyDictionary
 
 from textual.binding import Binding
 from textual.screen import Screen
@@ -32,7 +33,7 @@ class TitleBar(Static):
         super().__init__(title_text(*parts), id=id)
 
     def set_title(self, *parts: str) -> None:
-        self.update(title_text(*parts))
+        show_in(self, title_text(*parts))
 
 
 def tab_keys(tabs: list[tuple[str, str]]) -> list[Binding]:
@@ -50,6 +51,18 @@ def copy_for_user(screen: Screen, text: str, what: str) -> None:
     (OSC 52), which reaches the local clipboard over SSH and in tmux."""
     screen.app.copy_to_clipboard(text)
     screen.notify(f"copied {what}")
+
+
+_SHOWN: WeakKeyDictionary = WeakKeyDictionary()  # what show_in last put in each widget
+
+
+def show_in(widget: Static, content) -> None:
+    """widget.update(content), skipped when the widget already shows it: an update lays the whole screen out
+    again, which a tick of an idle list or a filter keystroke would otherwise pay for on every line it rewrites."""
+    if widget in _SHOWN and _SHOWN[widget] == content:
+        return
+    _SHOWN[widget] = content
+    widget.update(content)
 
 
 def call_if_open(screen: Screen, callback: Callable, *args) -> None:
