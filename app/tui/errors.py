@@ -147,7 +147,9 @@ class ErrorsScreen(Screen):
             self.reading = True
             self.load_runs()
 
-    @work(thread=True, exclusive=True, group="errors-runs")
+    # Not exclusive: `reading` already keeps reads from piling up, and an exclusive start cancels the read that is
+    # just finishing (its flag is cleared before it delivers), which surfaced as WorkerCancelled in the soak test.
+    @work(thread=True, group="errors-runs")
     def load_runs(self) -> None:
         try:
             runs = queries.runs_with_predictions(self.store)
