@@ -139,7 +139,7 @@ class DetailScreen(Screen):
 
     def gone(self) -> None:
         self.notify(f"run {self.run_id} no longer exists", severity="warning")
-        self.dismiss()
+        self.action_close()
 
     def show(self, run: dict, new_points: list[dict], results: dict, log_text: str, log_offset: int,
              rules: dict | None = None) -> None:
@@ -262,7 +262,8 @@ class DetailScreen(Screen):
         self.query_one(TabbedContent).active = tab
 
     def action_close(self) -> None:
-        self.dismiss()
+        if self.is_current:  # a second Escape queued behind the first must not pop the screen underneath
+            self.dismiss()
 
     def action_errors(self) -> None:
         self.post_message(OpenErrors(self.run_id))

@@ -315,4 +315,5 @@ class NewRunScreen(Screen):
 
     @on(Button.Pressed, "#back")
     def action_close(self) -> None:
-        self.dismiss()
+        if self.is_current:  # a second Escape queued behind the first must not pop the screen underneath
+            self.dismiss()

@@ -257,6 +257,7 @@ class ExportScreen(ModalScreen[str | None]):
     def __init__(self, default: str) -> None:
         super().__init__()
         self.default = default
+        self.answered = False
 
     def compose(self) -> ComposeResult:
         with Vertical():
@@ -271,10 +272,18 @@ class ExportScreen(ModalScreen[str | None]):
             self.query_one("#export-error", Static).update(
                 f"unknown extension '{Path(path).suffix}': use {', '.join(EXPORT_FORMATS)}")
             return
-        self.dismiss(path)
+        self.answer(path)
 
     def action_cancel(self) -> None:
-        self.dismiss(None)
+        self.answer(None)
+
+    def answer(self, path: str | None) -> None:
+        # The first answer only, as in dialogs.ConfirmScreen: a second Enter queued behind the first dismissed
+        # again after the pop and popped the screen underneath (ScreenStackError, soak seed 1011).
+        if self.answered or not self.is_current:
+            return
+        self.answered = True
+        self.dismiss(path)
 
 
 class ResultsScreen(Screen):
