@@ -276,3 +276,18 @@ def open_store(url: str | None = None, create: bool = True) -> Store:
 
 def now() -> float:
     return time.time()
+
+
+def seconds_from_env(name: str, default: float, zero_allowed: bool) -> float:
+    """A duration setting from the environment (finite seconds, > 0 or >= 0); unset: `default`. A bad value is a
+    one-line StoreError naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (0 <= value if zero_allowed else 0 < value) or value == float("inf"):
+        raise StoreError(f"{name} must be a number of seconds {'>=' if zero_allowed else '>'} 0, not {raw!r}")
+    return value

@@ -9,14 +9,13 @@ would only hide it. A refusal by a fence (the run is no longer ours) is not an e
 """
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from clfbench.storage.db import StoreError
+from clfbench.storage.db import seconds_from_env
 
 DEFAULT_OUTAGE_S = 600.0
 FIRST_DELAY_S = 0.2
@@ -40,16 +39,7 @@ class StoreUnreachable(Exception):
 
 def outage_window_s() -> float:
     """CLFBENCH_STORE_OUTAGE_S (seconds, >= 0), default 600. A bad value is a one-line StoreError."""
-    raw = os.environ.get("CLFBENCH_STORE_OUTAGE_S", "").strip()
-    if not raw:
-        return DEFAULT_OUTAGE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise StoreError(f"CLFBENCH_STORE_OUTAGE_S must be a number of seconds >= 0, not {raw!r}")
-    return value
+    return seconds_from_env("CLFBENCH_STORE_OUTAGE_S", DEFAULT_OUTAGE_S, zero_allowed=True)
 
 
 def _chain(error: BaseException):

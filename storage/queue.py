@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from clfbench.storage import dialect
-from clfbench.storage.db import Store, StoreError
+from clfbench.storage.db import Store, seconds_from_env
 from clfbench.storage.db import now as _host_clock
 from clfbench.storage.models import (EngineRow, Event, MetricPoint, PredictionRow, Result, Run, RunStatus,
                                      metric_value_columns)
@@ -44,16 +44,7 @@ def now() -> float:
 
 def engine_lease_s() -> float:
     """CLFBENCH_ENGINE_LEASE_S (seconds > 0), default 60. A bad value is a one-line StoreError."""
-    raw = os.environ.get("CLFBENCH_ENGINE_LEASE_S", "").strip()
-    if not raw:
-        return DEFAULT_ENGINE_LEASE_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise StoreError(f"CLFBENCH_ENGINE_LEASE_S must be a number of seconds > 0, not {raw!r}")
-    return value
+    return seconds_from_env("CLFBENCH_ENGINE_LEASE_S", DEFAULT_ENGINE_LEASE_S, zero_allowed=False)
 
 
 def db_now_expr(store_or_connection) -> ColumnElement:
