@@ -329,6 +329,7 @@ def train_loop(ctx: RunContext, training: Training, plan: StepPlan, gradients: C
     note_resume(ctx, step)
     loop_started, paused, dev_eval_time, seen = time.perf_counter(), 0.0, 0.0, 0.0  # seen: this rank, attempt
     window = _Window.empty(len(part_names), device)
+    step_delay = float(os.environ.get(TEST_STEP_DELAY_ENV) or 0)
     while step < total:
         ctx.set_phase(TRAINING, step, total)  # only stores a tuple: the heartbeat thread writes it
         for tally in gradients(step):
@@ -336,6 +337,8 @@ def train_loop(ctx: RunContext, training: Training, plan: StepPlan, gradients: C
             seen += tally.count
         optimizer_step(training)
         step += 1
+        if step_delay:
+            time.sleep(step_delay)
         if step % ctx.options.log_every == 0 or step == total:
             _log_window(ctx, training, window, step, total, part_names, counted, echo)
             window = _Window.empty(len(part_names), device)
@@ -361,6 +364,9 @@ def note_resume(ctx: RunContext, start_step: int) -> None:
 # Tests only: seconds to sleep after each batch of a dev evaluation, so that a test in a real terminal can watch
 # the phase on a tiny model (tests/test_tui_tmux.py). Never set in real use.
 TEST_EVAL_DELAY_ENV = "CLFBENCH_TEST_EVAL_DELAY_S"
+# Tests only: seconds to sleep after each optimizer step, so that a tiny model's training lasts long enough for a
+# store outage to land in it however fast the machine is (tests/test_store_outage.py). Never set in real use.
+TEST_STEP_DELAY_ENV = "CLFBENCH_TEST_STEP_DELAY_S"
 
 
 def report_examples(ctx: RunContext, phase: str, total: int, ranks: int = 1) -> Callable[[int], None]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from clfbench.engine.training import TEST_STEP_DELAY_ENV
 from clfbench.storage import queries
 from clfbench.storage.db import StoreError, open_store
 from clfbench.storage.outage import StoreUnreachable, is_outage, outage_window_s, retrying
@@ -88,13 +89,15 @@ def _finish(engine: subprocess.Popen, timeout_s: float = 240) -> str:
     return output
 
 
-STEPS = 1600  # long enough to train through the 30 s stop on a fast machine (about 50 steps/s here)
+STEPS = 500  # at >= 0.1 s a step (the test's step delay), at least 50 s of training however fast the machine:
+# the two restarts and the start of the 30 s stop land inside it (about 10-20 s after step 5 here)
+STEP_DELAY_S = "0.1"
 
 
 def test_training_rides_out_two_postgresql_restarts_and_a_30_s_stop(cli, pg_server, tiny_bert):  # noqa: F811
     url = pg_server.url
     ids = [_queue(cli, url, tiny_bert, STEPS // 4, "--seed", str(seed)) for seed in (1, 2)]
-    engine = _engine(cli, url, "--max-cpu-runs", "2")
+    engine = _engine(cli, url, "--max-cpu-runs", "2", env={**cli.env, TEST_STEP_DELAY_ENV: STEP_DELAY_S})
     try:
         seen = _progress(_wait(url, ids, lambda runs: all((r["progress_step"] or 0) >= 5 for r in runs.values())))
         for _ in range(2):  # each restart, then proof that training went on and reached the store
@@ -111,7 +114,8 @@ def test_training_rides_out_two_postgresql_restarts_and_a_30_s_stop(cli, pg_serv
     finally:
         if engine.poll() is None:
             engine.kill()
-    assert all(run["status"] == "running" for run in at_stop.values()), at_stop  # the stop hit training
+    assert all(run["status"] == "running" for run in at_stop.values()), {  # the stop hit training
+        run_id: (run["status"], run["progress_step"]) for run_id, run in at_stop.items()}
     runs = _runs(url, ids)
     for run_id, run in runs.items():
         assert (run["status"], run["attempt"], run["progress_step"]) == ("succeeded", 1, STEPS), run
