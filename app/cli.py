@@ -37,6 +37,7 @@ from rich.table import Table
 
 from clfbench.app import render
 from clfbench.engine.methods.catalog import METHODS, execution_options, option_defaults, option_fields
+from clfbench.engine.runlog import LauncherNoise
 from clfbench.engine.spec import parse_spec
 from clfbench.engine.submit import (build_specs, new_runs, parse_option_pairs, refuse_duplicates,
                                      validate_for_queue)
@@ -259,8 +260,9 @@ def frozen_task_lines(entries: list[dict]) -> list[str]:
 def logs_command(
     run_id: int = typer.Argument(...),
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the run ends"),
+    raw: bool = typer.Option(False, "--raw", help="every line, torchrun's own tracebacks included"),
 ) -> None:
-    """Print a run's log (stdout and stderr of every rank, every attempt)."""
+    """Print a run's log (stdout and stderr of every rank, every attempt; torchrun's own tracebacks left out)."""
     s = store()
     run = get_run_or_fail(s, run_id)
     if not run["log_path"]:
@@ -268,20 +270,24 @@ def logs_command(
     path = Path(run["log_path"])
     if not path.exists():
         fail(f"log file {path} is not on this host (run {run_id} ran on {run['host']})")
+    noise = LauncherNoise()
+    shown = (lambda text: text) if raw else noise.feed
     with open(path, "rb") as handle:
         while True:
             chunk = handle.read()
             if chunk:
-                sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+                sys.stdout.write(shown(chunk.decode("utf-8", errors="replace")))
                 sys.stdout.flush()
             if not follow:
                 break
             if queries.get_run(s, run_id)["status"] in TERMINAL_STATUSES:
                 rest = handle.read()
                 if rest:
-                    sys.stdout.write(rest.decode("utf-8", errors="replace"))
+                    sys.stdout.write(shown(rest.decode("utf-8", errors="replace")))
                 break
             time.sleep(0.5)
+    if not raw:
+        sys.stdout.write(noise.finish())
 
 
 @app.command("cancel")

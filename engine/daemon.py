@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clfbench.engine.gpus import discover_gpus
+from clfbench.engine.runlog import readable
 from clfbench.engine.types import EXIT_NOT_OURS, EXIT_STORE_UNREACHABLE, ClfbenchError
 from clfbench.storage import paths, queries, queue
 from clfbench.storage.db import Store, StoreError, open_store
@@ -50,6 +51,16 @@ from clfbench.storage.outage import FIRST_DELAY_S, MAX_DELAY_S, first_line, is_o
 from clfbench.storage.paths import engine_log_path, run_dir, store_key
 from clfbench.storage.states import Writer
 
+
+
+def say(message: str) -> None:
+    """One line of the engine's own log, with the time: the detached engine's output is its log file
+    (`engine_log_path`), where a user looks for what it claimed, launched, reaped and why."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} clfbench engine: {message}", flush=True)
+
+
+def run_title(run: dict) -> str:
+    return f"{run['method']} {run['model']} {run['task']}"
 
 
 def _lease_s_or_default() -> float:
@@ -230,7 +241,8 @@ def kill_processes(pids: list[int], sig: int) -> None:
             pass
 
 
-def log_tail(path: str | None, lines: int = 20) -> str:
+def log_tail(path: str | None, lines: int = 20, raw: bool = False) -> str:
+    """The last `lines` lines of a run's log, without torchrun's own traceback unless `raw` (engine.runlog)."""
     if not path or not Path(path).exists():
         return ""
     with open(path, "rb") as handle:
@@ -238,7 +250,7 @@ def log_tail(path: str | None, lines: int = 20) -> str:
         size = handle.tell()
         handle.seek(max(0, size - 16_000))
         data = handle.read().decode("utf-8", errors="replace")
-    return "\n".join(data.splitlines()[-lines:])
+    return "\n".join((data if raw else readable(data)).splitlines()[-lines:])
 
 
 # Each attempt's part of a run's log starts with this line (written by the engine at launch).
@@ -337,6 +349,7 @@ class Child:
     popen: subprocess.Popen | None = None
     log_handle: object = None
     term_sent_at: float | None = None
+    kill_sent: bool = False
 
     def poll(self) -> tuple[bool, int | None]:
         """(exited, returncode); the return code is unknown (None) for adopted processes."""
@@ -477,9 +490,14 @@ class Engine:
             )
         except OSError as error:
             log_handle.close()
+            say(f"run {run['id']} attempt {run['attempt']}: could not launch the worker: {error}; run failed")
             queue.finish_failed(self.store, run["id"], run["attempt"], f"could not launch the worker: {error}",
                                 writer=Writer.engine)
             return
+        where = f"gpus [{','.join(map(str, gpus))}]" if gpus else \
+            (f"cpu, {threads} thread(s)" if threads else "no local device")
+        say(f"run {run['id']} attempt {run['attempt']}: launched {run_title(run)} on {where}, pid {popen.pid}; "
+            f"log {log_path}")
         self.children[run["id"]] = Child(
             run_id=run["id"], attempt=run["attempt"], pid=popen.pid, gpus=gpus, launch=run["launch"],
             log_path=str(log_path), tag=run_tag(self.config.url, run["id"], run["attempt"]), popen=popen,
@@ -501,9 +519,15 @@ class Engine:
             if child.log_handle is not None:
                 child.log_handle.close()
             if child.launch == "torchrun" and code is not None and code > 0:
-                code = rank_exit_code(log_tail(child.log_path, lines=80)) or code
+                code = rank_exit_code(log_tail(child.log_path, lines=80, raw=True)) or code
             reason = describe_exit(code)
             new_status = queue.mark_ended_without_result(self.store, run_id, child.attempt, reason)
+            if new_status is None:  # the worker wrote the run's end itself (or the run is no longer this attempt's)
+                ended = queries.get_run(self.store, run_id)
+                say(f"run {run_id} attempt {child.attempt}: worker exited with code {code}; run "
+                    f"{ended['status'] if ended else 'deleted'}")
+            else:
+                say(f"run {run_id} attempt {child.attempt}: {reason}; run {new_status}")
             if new_status != RunStatus.cancelled:
                 tail = log_tail(child.log_path)
                 if tail:  # only lands on a failed/interrupted/requeued run of this attempt
@@ -515,10 +539,15 @@ class Engine:
         for run_id in queries.cancel_requests(self.store, list(self.children)):
             child = self.children[run_id]
             if child.term_sent_at is None:
+                say(f"run {run_id} attempt {child.attempt}: cancel requested; SIGTERM to its worker")
                 signal_group(child.pid, signal.SIGTERM)  # torchrun forwards it to its ranks
                 kill_processes(child.processes(), signal.SIGTERM)
                 child.term_sent_at = time.monotonic()
             elif time.monotonic() - child.term_sent_at > self.config.cancel_grace_s:
+                if not child.kill_sent:
+                    say(f"run {run_id} attempt {child.attempt}: still running {self.config.cancel_grace_s:g} s "
+                        "after SIGTERM; SIGKILL")
+                    child.kill_sent = True
                 kill_processes(child.processes(), signal.SIGKILL)
 
     def heartbeat(self) -> None:
@@ -541,9 +570,8 @@ class Engine:
     def lose_lease(self) -> None:
         """Another engine declared this one lost (its lease ran out: it was paused, or cut off from the store) and
         requeued its runs: their workers are no longer this engine's. Kill them, claim nothing more, stop."""
-        print(f"clfbench engine: {self.host} pid {os.getpid()} lost its lease (no renewal for over {self.lease_s:g} s) "
-              f"and its runs were taken by another engine; killing its {len(self.children)} worker(s) and stopping",
-              file=sys.stderr, flush=True)
+        say(f"{self.host} pid {os.getpid()} lost its lease (no renewal for over {self.lease_s:g} s) "
+            f"and its runs were taken by another engine; killing its {len(self.children)} worker(s) and stopping")
         for child in self.children.values():
             signal_group(child.pid, signal.SIGKILL)
             kill_processes(child.processes(), signal.SIGKILL)
@@ -569,20 +597,21 @@ class Engine:
         if time.monotonic() - self.renewed_since < self.lease_s:
             return
         for run_id, status in queue.reclaim_expired(self.store, self.engine_id):
-            print(f"clfbench engine: run {run_id}: its engine's lease ran out; {status}", file=sys.stderr, flush=True)
+            say(f"run {run_id}: its engine's lease ran out; {status}")
 
     def adopt_or_end(self, run: dict) -> None:
         """A running run of this host that no engine supervises: supervise it if its worker lives, else end it."""
         tag = run_tag(self.config.url, run["id"], run["attempt"])
         if not tagged_processes(tag):
-            queue.mark_ended_without_result(self.store, run["id"], run["attempt"],
-                                            "its worker was gone when this host's engine took it over "
-                                            "(the engine or the worker died)")
+            reason = "its worker was gone when this host's engine took it over (the engine or the worker died)"
+            status = queue.mark_ended_without_result(self.store, run["id"], run["attempt"], reason)
+            say(f"run {run['id']} attempt {run['attempt']}: {reason}; run {status or 'already ended'}")
             return
         if run["engine_id"] == self.engine_id:
             queue.log_event_standalone(self.store, "adopted", f"pid {run['pid']}", run["id"])
         elif not queue.adopt_run(self.store, run["id"], run["attempt"], run["engine_id"], self.engine_id):
             return  # it moved on meanwhile (finished, or reclaimed)
+        say(f"run {run['id']} attempt {run['attempt']}: adopted its running worker (pid {run['pid']})")
         gpus = [int(g) for g in (run["gpus_assigned"] or "").split(",") if g]
         self.children[run["id"]] = Child(
             run_id=run["id"], attempt=run["attempt"], pid=run["pid"] or 0, gpus=gpus,
@@ -654,14 +683,13 @@ class StoreSteps:
                 raise
             if self.since is None:
                 self.since, self.delay = now, FIRST_DELAY_S
-                print(f"clfbench engine: store unreachable while {what} ({first_line(error)}); retrying with "
-                      "backoff, workers go on", flush=True)
+                say(f"store unreachable while {what} ({first_line(error)}); retrying with backoff, workers go on")
             else:
                 self.delay = min(self.delay * 2, MAX_DELAY_S)
             self.next_try = now + self.delay
             return False
         if self.since is not None:
-            print(f"clfbench engine: store reachable again after {now - self.since:.1f} s", flush=True)
+            say(f"store reachable again after {now - self.since:.1f} s")
             self.since = None
         return True
 
@@ -709,6 +737,9 @@ def run_engine(config: EngineConfig) -> None:
     if previous:
         queue.take_over_engine(store, previous, engine_id)
     engine = Engine(config=config, store=store, engine_id=engine_id, host=host, host_id=host_id, lease_s=lease_s)
+    say(f"started on {host}, pid {os.getpid()}, engine {engine_id}: gpus [{','.join(map(str, config.gpus))}], "
+        f"up to {config.max_cpu_runs} CPU run(s), store {store.describe()}"
+        + ("; took over from this host's previous engine" if previous else ""))
 
     def _stop(_signum, _frame):
         engine.stopping = True
@@ -724,8 +755,11 @@ def run_engine(config: EngineConfig) -> None:
         except Exception as error:  # stopped during an outage: the lease running out says the same, later
             if not is_outage(error):
                 raise
-            print(f"engine: stopped, but its stop could not be recorded ({first_line(error)}); its lease ends "
-                  f"within {lease_s:.0f} s", flush=True)
+            say(f"stopped, but its stop could not be recorded ({first_line(error)}); its lease ends "
+                f"within {lease_s:.0f} s")
+        else:
+            say(f"stopped ({len(engine.children)} worker(s) left running; the next engine adopts them)"
+                if engine.children else "stopped")
         finally:
             lock.close()
 

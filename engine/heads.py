@@ -334,13 +334,21 @@ def _log_dev_scores(ctx: RunContext, fit: HeadFit, step: int) -> float:
     """Log eval_loss (summed over heads) and each head's metric; the seconds it took."""
     started = time.perf_counter()
     scores = evaluate(fit.model, fit.codec, fit.heads, fit.rows.dev, ctx, fit.autocast, fit.batch_size * 2)
-    ctx.log_metric(step, "eval_loss", sum(score["loss"] for score in scores))
+    loss = sum(score["loss"] for score in scores)
+    ctx.log_metric(step, "eval_loss", loss)
     joint = len(fit.heads) > 1
+    shown = [f"eval_loss {loss:.4f}"]
     for head, score, name in zip(fit.heads, scores, eval_metric_names(fit.heads)):
         if joint:
             ctx.log_metric(step, f"eval_loss/{head.name}", score["loss"])
-        ctx.log_metric(step, name, score["accuracy"] if head.kind == "sequence" else score["slot_f1"])
-    return time.perf_counter() - started
+        value = score["accuracy"] if head.kind == "sequence" else score["slot_f1"]
+        ctx.log_metric(step, name, value)
+        shown.append(f"{name} {value:.4f}")
+    spent = time.perf_counter() - started
+    if ctx.is_main:  # what `clfbench logs -f` shows of the dev evaluation
+        print(f"{ctx.method}: dev at step {step}: {', '.join(shown)} ({len(fit.rows.dev)} examples, {spent:.1f} s)",
+              flush=True)
+    return spent
 
 
 def train_heads(ctx: RunContext, fit: HeadFit, training: Training) -> LoopTimes:

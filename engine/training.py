@@ -320,10 +320,12 @@ def train_loop(ctx: RunContext, training: Training, plan: StepPlan, gradients: C
     `gradients(step)`: back-propagates the loss of that step's batch (or micro-batches) and returns one `Tally`
     per batch; the loop then clips, steps the optimizer and the schedule. `part_names`: one logged train-loss
     series per tally part. `evaluate_dev(step)` logs dev metrics and returns the seconds it took (None: no dev
-    set). `counted` names the throughput metric (`train_<counted>_per_s`); `echo`, when given, prefixes a log
-    line per logged point. `ctx.options` supplies `log_every`, `eval_every` and `checkpoint_every`.
+    set). `counted` names the throughput metric (`train_<counted>_per_s`); `echo` (default: the method's name)
+    prefixes the log line rank 0 prints per logged point. `ctx.options` supplies `log_every`, `eval_every` and
+    `checkpoint_every`.
     """
     device = torch.device(ctx.device)
+    echo = echo or f"{ctx.method}:"  # every method's training shows in `clfbench logs -f`
     step, total = training.start_step, plan.total_steps
     ctx.set_progress(step, total)
     note_resume(ctx, step)

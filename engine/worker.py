@@ -249,6 +249,10 @@ def _finish(store, ctx: RunContext, output: MethodOutput | None, started: float)
         # The resume checkpoint (weights + optimizer state, ~3x the model) has served its purpose;
         # a retry of a finished run should train again, not skip to the end.
         shutil.rmtree(ctx.output_dir / "checkpoint", ignore_errors=True)
+        for task in ctx.tasks:  # the run's last lines in `clfbench logs -f`: what it scored
+            shown = ", ".join(f"{row['metric']} {row['value']:.4g}" for row in results if row["task"] == task.name)
+            print(f"clfbench worker: run {ctx.run_id} succeeded: {task.name} ({len(predictions[task.name])} test "
+                  f"examples): {shown}", flush=True)
     else:
         print("clfbench worker: the run is no longer ours (cancelled or re-claimed); nothing written", flush=True)
 

@@ -80,7 +80,8 @@ def make_ctx(model_path: str, output_dir: Path, recorder: Recorder, task: TaskDa
     torch.manual_seed(seed)  # the worker seeds every RNG before the method runs
     random.seed(seed)
     return RunContext(
-        run_id=1, attempt=1, spec=SimpleNamespace(seed=seed), options=EncoderFinetuneOptions(**defaults),
+        run_id=1, attempt=1, spec=SimpleNamespace(seed=seed, method="encoder-finetune"),
+        options=EncoderFinetuneOptions(**defaults),
         tasks=[task or synthetic_task()], model_path=model_path, output_dir=output_dir, rank=0, world_size=1,
         local_rank=0, device="cpu", log_metric=recorder.log_metric, set_progress=recorder.set_progress,
     )

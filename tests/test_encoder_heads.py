@@ -98,7 +98,7 @@ def make_ctx(model_path: str, output_dir: Path, recorder: Recorder, tasks: list[
     torch.manual_seed(seed)  # the worker seeds every RNG before the method runs
     random.seed(seed)
     return RunContext(
-        run_id=1, attempt=1, spec=SimpleNamespace(seed=seed),
+        run_id=1, attempt=1, spec=SimpleNamespace(seed=seed, method="encoder-finetune"),
         options=EncoderFinetuneOptions(**defaults).resolved([task.name for task in tasks]),  # as the worker does
         tasks=tasks, model_path=model_path, output_dir=output_dir, rank=0, world_size=1, local_rank=0,
         device="cpu", log_metric=recorder.log_metric, set_progress=recorder.set_progress,

@@ -61,7 +61,7 @@ def make_ctx(model_path: str, task: str, output_dir: Path, recorder: Recorder, d
     defaults = dict(epochs=3, batch_size=8, lr=2e-3, log_every=2, eval_every=4, checkpoint_every=0, dev_limit=16)
     defaults.update(options)
     torch.manual_seed(0)
-    return RunContext(run_id=1, attempt=1, spec=SimpleNamespace(seed=0, shots=shots),
+    return RunContext(run_id=1, attempt=1, spec=SimpleNamespace(seed=0, shots=shots, method="llm-finetune"),
                       options=LlmFinetuneOptions(**defaults), tasks=tasks_for(task, train, test),
                       model_path=model_path, output_dir=output_dir, rank=0, world_size=1, local_rank=0, device=device,
                       log_metric=recorder.log_metric, set_progress=recorder.set_progress)

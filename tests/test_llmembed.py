@@ -41,7 +41,8 @@ def make_ctx(tiny_paths, task: str = "massive-intent", train_limit: int = 40, te
     data = load_task(get_task(task), data_dir=SAMPLES, train_limit=train_limit, test_limit=test_limit, seed=0)
     recorder = Recorder()
     ctx = RunContext(
-        run_id=1, attempt=1, spec=SimpleNamespace(seed=0, model="tiny-llama"), options=opts, tasks=[data],
+        run_id=1, attempt=1, spec=SimpleNamespace(seed=0, model="tiny-llama", method="llmembed"), options=opts,
+        tasks=[data],
         model_path=tiny_paths["tiny-llama"], output_dir=Path("."), rank=0, world_size=1, local_rank=0,
         device="cpu", log_metric=recorder.log_metric, set_progress=recorder.set_progress)
     return ctx, recorder

@@ -103,6 +103,10 @@ def test_a_pipe_gets_one_plain_line_per_status_change(cli):
 
 def test_engine_until_idle_prints_a_line_when_a_run_starts_and_when_it_succeeds(cli):
     cli.run("queue", "--method", "tfidf", "--model", "tfidf", "--task", "massive-intent", "--data-dir", str(SAMPLES))
-    lines = cli.run("engine", "--until-idle").stdout.splitlines()
-    assert any(line.startswith("run 1 tfidf · tfidf · massive-intent  running") for line in lines[:-1]), lines
-    assert re.fullmatch(r"run 1 tfidf · tfidf · massive-intent  succeeded  step (\d+)/\1", lines[-1]), lines
+    output = cli.run("engine", "--until-idle").stdout.splitlines()
+    lines = [line for line in output if line.startswith("run ")]  # the progress lines, between the engine's own
+    assert any(line.startswith("run 1 tfidf · tfidf · massive-intent  running") for line in lines[:-1]), output
+    assert re.fullmatch(r"run 1 tfidf · tfidf · massive-intent  succeeded  step (\d+)/\1", lines[-1]), output
+    events = [line.split("clfbench engine: ", 1)[1] for line in output if "clfbench engine: " in line]
+    assert events[0].startswith("started on ") and events[-1] == "stopped", output
+    assert any(event.startswith("run 1 attempt 1: launched tfidf tfidf massive-intent") for event in events), output

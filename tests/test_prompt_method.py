@@ -57,7 +57,8 @@ class Recorder:
 def make_ctx(model_path: str, task: str, n: int = 6, shots: int = 0, **options) -> RunContext:
     recorder = Recorder()
     return RunContext(
-        run_id=1, attempt=1, spec=SimpleNamespace(seed=0, shots=shots), options=PromptOptions(**options),
+        run_id=1, attempt=1, spec=SimpleNamespace(seed=0, shots=shots, method="prompt"),
+        options=PromptOptions(**options),
         tasks=tasks_for(task, n), model_path=model_path, output_dir=Path("."), rank=0, world_size=1, local_rank=0,
         device="cpu", log_metric=recorder.log_metric, set_progress=recorder.set_progress)
 

@@ -44,7 +44,8 @@ def make_ctx(output_dir: Path, recorder: Recorder | None = None, rank: int = 0, 
              **options) -> RunContext:
     recorder = recorder or Recorder()
     opts = SimpleNamespace(**{"log_every": 1, "eval_every": 0, "checkpoint_every": 0, **options})
-    return RunContext(run_id=1, attempt=1, spec=SimpleNamespace(seed=0), options=opts, tasks=[], model_path="",
+    return RunContext(run_id=1, attempt=1, spec=SimpleNamespace(seed=0, method="encoder-finetune"), options=opts,
+                      tasks=[], model_path="",
                       output_dir=output_dir, rank=rank, world_size=world_size, local_rank=rank, device="cpu",
                       log_metric=recorder.log_metric, set_progress=lambda step, total: recorder.progress.append(
                           (step, total)))

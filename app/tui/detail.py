@@ -24,6 +24,7 @@ from textual_plotext import PlotextPlot
 from clfbench.app import render
 from clfbench.app.tui.messages import OpenErrors, OpenNewRun
 from clfbench.app.tui.screen_parts import KeyTable, TitleBar, call_if_open, copy_for_user, copy_key, tab_keys
+from clfbench.engine.runlog import LauncherNoise
 from clfbench.storage import queries
 from clfbench.storage.db import Store
 
@@ -91,6 +92,7 @@ class DetailScreen(Screen):
         self.points_by_attempt: dict[int, dict[str, list[tuple[int, float]]]] = {}
         self.last_point_id = 0
         self.log_offset = 0
+        self.log_noise = LauncherNoise()  # the log tab shows the run's lines, not torchrun's traceback
         self.results: dict[str, dict[str, float]] = {}
         self.result_rules: dict[str, dict[str, str]] = {}  # task -> metric -> the rule it was computed under
 
@@ -166,7 +168,8 @@ class DetailScreen(Screen):
             log = self.query_one("#log-view", Log)
             if log_offset < self.log_offset:
                 log.clear()
-            log.write(log_text)
+                self.log_noise = LauncherNoise()
+            log.write(self.log_noise.feed(log_text))
         self.log_offset = log_offset
 
     # ---- drawing ------------------------------------------------------------------------------

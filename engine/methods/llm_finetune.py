@@ -351,7 +351,11 @@ def train(ctx: RunContext, training: Training, model: nn.Module, plan: StepPlan,
 
     def evaluate_dev(step: int) -> float:
         began = time.perf_counter()
-        ctx.log_metric(step, "eval_loss", dev_loss(ctx, training, model, data, pad_id, autocast))
+        loss = dev_loss(ctx, training, model, data, pad_id, autocast)
+        ctx.log_metric(step, "eval_loss", loss)
+        if ctx.is_main:
+            print(f"{LOG} dev at step {step}: eval_loss {loss:.4f} ({len(data.dev)} sequences, "
+                  f"{time.perf_counter() - began:.1f} s)", flush=True)
         return time.perf_counter() - began
 
     return train_loop(ctx, training, plan, gradients, evaluate_dev=evaluate_dev if data.dev else None,

@@ -558,11 +558,15 @@ def train_classifier(model: FusionClassifier, train_x: list[torch.Tensor], train
         stop_if_loss_not_finite(total / max(count, 1), step)
         history.epochs = epoch
         progress.epoch(epoch)
+        shown = f"{LOG} epoch {epoch}/{opts.epochs} train_loss {total / max(count, 1):.4f}"
         if len(dev_y):
             logits = predict_logits(model, dev_x, device, opts.batch_size * 4)
             accuracy = float((logits.argmax(-1) == dev_y).float().mean())
             ctx.log_metric(step, "eval_loss", float(F.cross_entropy(logits, dev_y)))
             ctx.log_metric(step, "eval_accuracy", accuracy)
+            shown += f", dev eval_accuracy {accuracy:.4f}"
+        print(shown, flush=True)  # what `clfbench logs -f` shows of the classifier's training
+        if len(dev_y):
             if accuracy > history.best_accuracy:
                 history.best_accuracy, history.best_epoch, since_best = accuracy, epoch, 0
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
