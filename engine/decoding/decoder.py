@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from clfbench.engine.decoding import shared_prefix
+from clfbench.engine.decoding.model import cache_argument
 from clfbench.engine.decoding.shared_prefix import PrefixKV
 from clfbench.engine.prompting.chat import ChatFormat
 
@@ -136,7 +137,8 @@ class Decoder:
             B, Q, _ = allowed.shape
             allowed = torch.cat([allowed.new_ones((B, Q, self.prefix.length)), allowed], dim=2)
         return kept_logits(self.model, keep, input_ids=input_ids, position_ids=positions,
-                           attention_mask=self._mask(allowed), past_key_values=cache, use_cache=True, **extra)
+                           attention_mask=self._mask(allowed), use_cache=True, **cache_argument(self.model, cache),
+                           **extra)
 
     # ------------------------------------------------------------------ prompt and answer, tokenised together
 

@@ -35,3 +35,20 @@ def _cpu_has_native_bf16() -> bool:
     checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
     return any(check is not None and check() for check in checks)
 
+
+
+# transformers renamed a causal LM's KV cache argument and output from `past_key_values` to `cache` in a 5.x
+# release (5.24 warns that the old name goes in 5.40), and the range pyproject.toml admits may have either name:
+# these two use whichever the model has.
+def cache_argument(model, cache) -> dict:
+    """The keyword that passes `cache` to `model`'s forward."""
+    import inspect
+
+    names = inspect.signature(type(model).forward).parameters
+    return {"cache": cache} if "cache" in names else {"past_key_values": cache}
+
+
+def returned_cache(out):
+    """The KV cache a forward with use_cache=True returned."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from clfbench.engine.decoding.model import returned_cache
+
 NAME = "clfbench_shared_prefix"
 _registered = False
 
@@ -44,7 +46,7 @@ class PrefixKV:
     @torch.no_grad()
     def compute(cls, model, ids: list[int], device: torch.device) -> "PrefixKV":
         out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
-        return cls([(layer.keys[0], layer.values[0]) for layer in out.past_key_values.layers])
+        return cls([(layer.keys[0], layer.values[0]) for layer in returned_cache(out).layers])
 
     def expanded(self, batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The prefix as a plain per-row KV cache (no copy until the cache grows), for models without `enable`."""

@@ -49,6 +49,7 @@ from torch import nn
 from clfbench.engine.context import RunContext
 from clfbench.engine.decoding import SENTINEL, DecisionSettings, Decoder, decide, load_model
 from clfbench.engine.decoding.decoder import prefix_token_ids
+from clfbench.engine.decoding.model import cache_argument, returned_cache
 from clfbench.engine.dev_split import split_dev_rows
 from clfbench.engine.fsdp import fsdp_training
 from clfbench.engine.prompting.chat import ChatFormat
@@ -272,10 +273,10 @@ class AnswerLoss(nn.Module):
             out = self.model(input_ids=prefix, use_cache=True, logits_to_keep=1)
             B = input_ids.shape[0]
             data = [(layer.keys.expand(B, -1, -1, -1), layer.values.expand(B, -1, -1, -1))
-                    for layer in out.past_key_values.layers]
+                    for layer in returned_cache(out).layers]
             cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
         out = self.model(input_ids=input_ids, position_ids=positions, attention_mask=self._mask(allowed),
-                         past_key_values=cache, use_cache=cache is not None, logits_to_keep=keep)
+                         use_cache=cache is not None, logits_to_keep=keep, **cache_argument(self.model, cache))
         targets = labels[:, keep + 1]
         return F.cross_entropy(out.logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
