@@ -46,7 +46,9 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\nthe test run changed the user's clfbench folders ({len(changed)} paths), e.g. {changed[:3]}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 SAMPLES = ROOT / "engine" / "sample_data"  # the package data the demo runs on
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# The real datasets (20 Newsgroups, MASSIVE): the user's CLFBENCH_DATA where it is set, else ../shared/data beside
+# the checkout. Read here, at import, before the fixtures hide CLFBENCH_DATA from every test.
+REAL_DATA = Path(os.environ.get("CLFBENCH_DATA") or ROOT.parent / "shared" / "data")
 
 
 def gpu_available() -> bool:

@@ -22,9 +22,9 @@ from clfbench.engine.tasks import (
     sample_data_dir,
 )
 from clfbench.engine.types import ClfbenchError
+from tests.conftest import REAL_DATA
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SAMPLES = sample_data_dir()
 USER_TASK = SAMPLES / "user_task" / "massive-subset.yaml"
 ROOTS = ["alt", "comp", "misc", "rec", "sci", "soc", "talk"]
@@ -415,16 +415,16 @@ def test_importing_tasks_does_not_import_heavy_packages():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="real data not present at ../shared/data")
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real data not present at {REAL_DATA} (set CLFBENCH_DATA)")
 def test_full_real_data_counts_and_declared_labels():
-    intent = load_task(get_task("massive-intent"), SHARED_DATA)
+    intent = load_task(get_task("massive-intent"), REAL_DATA)
     assert (len(intent.train), len(intent.dev), len(intent.test)) == (11_514, 2_033, 2_974)
-    ng = load_task(get_task("20ng-20class"), SHARED_DATA)
+    ng = load_task(get_task("20ng-20class"), REAL_DATA)
     assert (len(ng.train), len(ng.test)) == (11_314, 7_532)
     # the declared label sets of the built-in YAML files are exactly what the full train splits give
     for name in ("20ng-20class", "20ng-7class", "massive-intent", "massive-scenario", "massive-slots"):
         task = get_task(name)
-        derived = load_task(task.model_copy(update={"labels": None}), SHARED_DATA, need_train=False).labels
+        derived = load_task(task.model_copy(update={"labels": None}), REAL_DATA, need_train=False).labels
         assert derived == task.labels, name
 
 
