@@ -305,6 +305,19 @@ def cpu_threads_rule(cores: int, load: float, own_threads: int, slots: int) -> i
     return min(fair_share, max(1, free))
 
 
+LOAD_AVERAGE_S = 60.0  # the kernel's one-minute load average follows the run queue with an exp(-t / 60 s) memory
+
+
+def lingering_load(ended: list[tuple[float, float, int]], now: float) -> float:
+    """What this engine's CPU runs that already ended still add to the one-minute load average. `ended`: (ended_at,
+    seconds it ran, threads), monotonic times. A run that kept n threads busy for d seconds raised the average by
+    n * (1 - exp(-d / 60)), which then decays by exp(-t / 60) over the t seconds since it ended. Without this, each
+    run of a sequence found the previous one's load still in the average: on 2 cores the demo's second run (and
+    every run after the first of a queue) got 1 thread of 2, and took 1.5x as long."""
+    return sum(threads * (1 - math.exp(-ran / LOAD_AVERAGE_S)) * math.exp(-(now - ended_at) / LOAD_AVERAGE_S)
+               for ended_at, ran, threads in ended if now >= ended_at)
+
+
 def host_cpu_load() -> tuple[int, float]:
     """(the cores this process may run on, the recent load on them).
 
@@ -350,6 +363,7 @@ class Child:
     log_handle: object = None
     term_sent_at: float | None = None
     kill_sent: bool = False
+    started_at: float = field(default_factory=time.monotonic)  # when this engine launched or adopted it
 
     def poll(self) -> tuple[bool, int | None]:
         """(exited, returncode); the return code is unknown (None) for adopted processes."""
@@ -394,6 +408,9 @@ class Engine:
     renewed_at: float = field(default_factory=time.monotonic)
     renewed_since: float = field(default_factory=time.monotonic)
     reconciled_at: float | None = None
+    # (ended_at, seconds it ran, threads) of this engine's CPU runs that ended in the last few minutes, whose load
+    # the load average still holds (lingering_load).
+    ended_cpu_runs: list[tuple[float, float, int]] = field(default_factory=list)
 
     # ---- capacity ---------------------------------------------------------------------------
     def busy_gpus(self) -> set[int]:
@@ -417,11 +434,14 @@ class Engine:
         if asked is not None:
             return asked, f"threads: {asked} from the spec"
         cores, load = host_cpu_load()
+        now = time.monotonic()
+        self.ended_cpu_runs = [entry for entry in self.ended_cpu_runs if now - entry[0] < 5 * LOAD_AVERAGE_S]
+        lingering = min(load, lingering_load(self.ended_cpu_runs, now))
         own = sum(child.threads for child in self.children.values())
         slots = self.config.max_cpu_runs
-        threads = cpu_threads_rule(cores, load, own, slots)
-        return threads, (f"load {load:.1f} of {cores} cores ({own} thread(s) of this engine's runs), "
-                         f"{slots} CPU slot(s): {threads} thread(s)")
+        threads = cpu_threads_rule(cores, load - lingering, own, slots)
+        return threads, (f"load {load:.1f} of {cores} cores ({lingering:.1f} of it from this engine's runs that "
+                         f"ended, {own} thread(s) of its running ones), {slots} CPU slot(s): {threads} thread(s)")
 
     def launch_env(self, run: dict, gpus: list[int], folder: Path) -> tuple[dict, int, str]:
         """The worker's environment, the CPU threads its ranks will use together (0: a GPU or API run), and why."""
@@ -532,6 +552,9 @@ class Engine:
                 tail = log_tail(child.log_path)
                 if tail:  # only lands on a failed/interrupted/requeued run of this attempt
                     queue.append_error_detail(self.store, run_id, child.attempt, f"--- log tail ---\n{tail}")
+            if child.threads:  # last: a reap that an outage cut short is redone whole, and must not count it twice
+                now = time.monotonic()
+                self.ended_cpu_runs.append((now, now - child.started_at, child.threads))
 
     def handle_cancels(self) -> None:
         if not self.children:

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 
 import pytest
 from sqlalchemy import text
 
-from clfbench.engine.daemon import Engine, EngineConfig, cpu_threads_rule, host_cpu_load
+from clfbench.engine.daemon import Engine, EngineConfig, cpu_threads_rule, host_cpu_load, lingering_load
 from clfbench.engine.spec import parse_spec
 from clfbench.engine.types import ClfbenchError
 from clfbench.storage import queue
@@ -43,6 +44,31 @@ def test_the_engines_own_runs_count_once():
     assert cpu_threads_rule(cores=4, load=0.0, own_threads=3, slots=1) == 1
     # Other users' load beyond the own runs still counts.
     assert cpu_threads_rule(cores=8, load=7.0, own_threads=2, slots=2) == 1
+
+
+def test_a_run_that_just_ended_leaves_its_threads_to_the_next():
+    # A run that kept 1 thread busy for 150 s ended a second ago: of its load, about 0.9 still lingers.
+    now = 1000.0
+    lingering = lingering_load([(now - 1, 150.0, 1)], now)
+    assert 0.88 < lingering < 0.92
+    # Decayed after five minutes; a run of 6 s had barely raised the average.
+    assert lingering_load([(now - 300, 150.0, 1)], now) < 0.01
+    assert lingering_load([(now - 1, 6.0, 1)], now) < 0.1
+
+
+def test_the_engine_gives_the_second_run_of_a_sequence_the_whole_idle_box(cli, monkeypatch):
+    """The demo's case: two CPU runs one after the other on an idle 2-core box. The load average (1.0) is the first
+    run's, which has ended: the second run must get 2 threads, not 1."""
+    store = open_store()
+    engine_id = queue.register_engine(store, socket.gethostname(), os.getpid(), [])
+    engine = Engine(config=EngineConfig(url=store.url, gpus=[], max_cpu_runs=1), store=store, engine_id=engine_id)
+    monkeypatch.setattr("clfbench.engine.daemon.host_cpu_load", lambda: (2, 1.0))
+    spec = json.dumps({"method": "tfidf"})
+    assert engine.cpu_threads({"spec_json": spec})[0] == 1  # someone else's load: 1 core left
+    engine.ended_cpu_runs.append((time.monotonic() - 2, 170.0, 1))  # this engine's run, ended 2 s ago
+    threads, why = engine.cpu_threads({"spec_json": spec})
+    assert threads == 2, why
+    assert "0.9 of it from this engine's runs that ended" in why
 
 
 def test_this_hosts_cores_and_load_are_measured():
