@@ -814,6 +814,11 @@ def start_detached(url: str, gpus: str | None, max_cpu_runs: int) -> int:
 def stop_engine(url: str, timeout_s: float = 30) -> int | None:
     """SIGTERM the engine of this store on this host and wait for it to let go. Returns its pid."""
     pid = engine_lock_holder(url)
+    # -1: an engine has just taken the lock and not yet written its pid there (a stop pressed right after a start).
+    settle_deadline = time.monotonic() + 5
+    while pid is not None and pid < 0 and time.monotonic() < settle_deadline:
+        time.sleep(0.05)
+        pid = engine_lock_holder(url)
     if not pid or pid < 0:
         return None
     os.kill(pid, signal.SIGTERM)

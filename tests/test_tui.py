@@ -513,6 +513,7 @@ def test_tui_starts_the_engine_and_its_keys_stop_and_start_it(home):
         await until(pilot, lambda: "stopped" in engine_text(), what="the panel to show it stopped")
         await pilot.press("s")
         await until(pilot, lambda: engine_lock_holder(url), what="the engine to start again")
+        await until(pilot, lambda: "● running" in engine_text(), what="the panel to show it running again")
         await pilot.press("S")
         await until(pilot, lambda: not engine_lock_holder(url), what="the engine to stop again")
 
