@@ -726,12 +726,11 @@ def touch_lock(url: str, host_id: str) -> None:
 
 
 def torchrun_command(nproc: int) -> list[str]:
-    """`torchrun` next to this Python if present, else the same entry point through `python -m`."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    base = [str(torchrun)] if torchrun.exists() else (
-        [shutil.which("torchrun")] if shutil.which("torchrun") else [sys.executable, "-m", "torch.distributed.run"]
-    )
-    return base + ["--standalone", f"--nproc-per-node={nproc}"]
+    """torchrun's entry point through this very Python (`python -m torch.distributed.run` is what `torchrun` runs).
+    Never a `torchrun` found on PATH: in a venv made with --system-site-packages, or beside a second Python, it
+    belongs to another interpreter, whose workers import another clfbench (seen: a v4 engine's workers were a v5
+    clfbench that migrated the store under it)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
 
 
 def signal_group(pid: int, sig: int) -> None:

@@ -4,6 +4,7 @@ and joint metrics are the ones the task definitions declare."""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -124,3 +125,22 @@ def test_why_an_attempt_ended_is_read_through_torchrun(tmp_path, rank_body, reas
     log = f"{earlier}{ATTEMPT_HEADER} 1 attempt 2 on h =====\n{done.stdout}{done.stderr}"
     assert describe_exit(rank_exit_code(log)) == reason
     assert rank_exit_code(f"{earlier}{ATTEMPT_HEADER} 1 attempt 2 on h =====\nno summary\n") is None
+
+
+def test_torchrun_starts_its_ranks_under_the_engines_own_python(tmp_path):
+    """Never a `torchrun` from PATH: beside a second Python (a venv with --system-site-packages finds the
+    system's), its ranks would import another clfbench than the engine's."""
+    import subprocess
+
+    from clfbench.engine.daemon import torchrun_command
+
+    script = tmp_path / "rank.py"
+    script.write_text("import sys; print('rank python', sys.executable)")
+    decoy = tmp_path / "bin"
+    decoy.mkdir()
+    (decoy / "torchrun").write_text("#!/bin/sh\necho 'the wrong torchrun'; exit 9\n")
+    (decoy / "torchrun").chmod(0o755)
+    done = subprocess.run(torchrun_command(1) + [str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{decoy}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-2000:]
+    assert f"rank python {sys.executable}" in done.stdout
