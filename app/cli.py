@@ -204,10 +204,14 @@ def show_command(run_id: int = typer.Argument(...), as_json: bool = typer.Option
     run = get_run_or_fail(s, run_id)
     results = queries.run_results(s, run_id)
     rules = queries.run_result_rules(s, run_id)
+    intervals = queries.run_result_intervals(s, run_id)
     tasks = frozen_tasks(run.pop("tasks_json"))
     if as_json:
         print_json({**run, "spec": json.loads(run["spec_json"]), "tasks": tasks, "results": results,
-                    "result_rules": rules})
+                    "result_rules": rules,
+                    "result_intervals": {task: {metric: {"low": low, "high": high, "resamples": resamples}
+                                                for metric, (low, high, resamples) in named.items()}
+                                         for task, named in intervals.items()}})
         return
     for key in ("id", "name", "status", "method", "model", "task", "shots", "seed", "attempt", "host", "pid",
                 "gpus_assigned", "code_version", "spec_hash", "log_path", "output_dir"):
@@ -228,9 +232,13 @@ def show_command(run_id: int = typer.Argument(...), as_json: bool = typer.Option
     if run["error"]:
         typer.echo(f"{'error':>14}: {run['error']}")
     for task, values in results.items():
-        named = rules.get(task, {})
-        typer.echo(f"results {task}: " + ", ".join(f"{k}={v:.4g}" + (f" ({named[k]})" if k in named else "")
-                                                   for k, v in sorted(values.items())))
+        named, ends = rules.get(task, {}), intervals.get(task, {})
+        typer.echo(f"results {task}: " + ", ".join(
+            f"{k}={v:.4g}" + (f" [{ends[k][0]:.4g}, {ends[k][1]:.4g}]" if k in ends else "")
+            + (f" ({named[k]})" if k in named else "") for k, v in sorted(values.items())))
+    if intervals:
+        typer.echo(f"{'':>14}  [low, high]: 95% bootstrap interval over the test examples "
+                   f"({next(iter(next(iter(intervals.values())).values()))[2]:,} resamples)")
 
 
 def file_size(size: int) -> str:
@@ -438,12 +446,109 @@ def errors_command(
             typer.echo(f"    raw output: {r['raw_output'][:200]!r}")
 
 
+@app.command("compare")
+def compare_command(
+    run_a: int = typer.Argument(..., help="run id"),
+    run_b: int = typer.Argument(..., help="run id"),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="one task both runs have (default: every one)"),
+    alpha: float = typer.Option(0.05, "--alpha", help="significance level of the verdict"),
+    resamples: int = typer.Option(1000, "--resamples", help="bootstrap resamples (paired over the examples)"),
+    examples: int = typer.Option(5, "--examples", help="examples to list that only one run got right, per side"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Is run A really better than run B? Paired tests on the test examples both answered: McNemar's exact test
+    for accuracy, the paired bootstrap for F1, with the difference's 95% interval and the p-value."""
+    from clfbench.app.compare import compare_task, shared_tasks
+
+    if not 0 < alpha < 1:
+        fail(f"--alpha must be between 0 and 1, got {alpha}")
+    if resamples < 100:
+        fail(f"--resamples must be at least 100 (a p-value from fewer is too coarse), got {resamples}")
+    s = store()
+    first, second = get_run_or_fail(s, run_a), get_run_or_fail(s, run_b)
+    for run in (first, second):
+        if run["status"] != RunStatus.succeeded.value:
+            fail(f"run {run['id']} is {run['status']}: only succeeded runs have predictions to compare")
+    tasks = shared_tasks(first, second)
+    if task is not None:
+        tasks = [t for t in tasks if t == task]
+    if not tasks:
+        fail(f"runs {run_a} and {run_b} have no task in common" + (f" named '{task}'" if task else "")
+             + f" (run {run_a}: {first['task']}; run {run_b}: {second['task']})")
+    try:
+        comparisons = [compare_task(s, first, second, name, resamples, examples=examples) for name in tasks]
+    except ClfbenchError as error:
+        fail(str(error))
+    if as_json:
+        import dataclasses
+
+        print_json({"a": run_a, "b": run_b, "alpha": alpha, "tasks": [dataclasses.asdict(c) for c in comparisons]})
+        return
+    names = {run["id"]: render.run_label(run["model"], run["method"], run["shots"]) + f" · {run['task']}"
+             for run in (first, second)}
+    typer.echo(f"A = run {run_a} ({names[run_a]})\nB = run {run_b} ({names[run_b]})")
+    for comparison in comparisons:
+        _print_comparison(comparison, alpha)
+
+
+def _print_comparison(c, alpha: float) -> None:
+    typer.echo("")
+    extra = ""
+    if c.only_a or c.only_b:
+        extra = (f"; the test sets differ (A alone has {c.only_a:,}, B alone {c.only_b:,}): compared on the shared "
+                 f"examples only")
+    typer.echo(f"{c.task}: {c.shared:,} test examples both answered{extra}"
+               + (f"; spans read under the '{c.rule}' rule" if c.rule else ""))
+    table = Table(header_style="bold", box=None, pad_edge=False)
+    for column in ("metric", "A", "B", "A − B", "95% interval", "p", "test"):
+        table.add_column(column, justify="left" if column in ("metric", "test") else "right")
+    for m in c.metrics:
+        d = m.difference
+        table.add_row(m.metric, f"{m.value_a * 100:.1f}", f"{m.value_b * 100:.1f}", f"{d.value * 100:+.1f}",
+                      f"[{d.low * 100:+.1f}, {d.high * 100:+.1f}]", f"{d.p_value:.3g}", d.test)
+    console.print(table)
+    agreement = c.agreement
+    typer.echo(f"agreement ({'every tag right' if c.kind == 'token' else 'label right'}): both "
+               f"{agreement['both right']:,} · only A {agreement['only a right']:,} · only B "
+               f"{agreement['only b right']:,} · both wrong {agreement['both wrong']:,}")
+    for m in c.metrics:
+        typer.echo(_verdict(m.metric, m.difference, alpha))
+    if c.labels_note:
+        typer.echo(f"note: {c.labels_note}")
+    if c.per_label:
+        typer.echo("per-label F1, largest differences first: " + "; ".join(
+            f"{label} {fa * 100:.0f} vs {fb * 100:.0f} (n={n})" for label, fa, fb, n in c.per_label[:8]))
+    _print_disagreements(c.disagreements)
+
+
+def _verdict(metric: str, d, alpha: float) -> str:
+    if d.p_value < alpha:
+        return f"{metric}: {'A' if d.value > 0 else 'B'} is better by {abs(d.value) * 100:.1f} points " \
+               f"(p = {d.p_value:.3g} < {alpha:g})"
+    return f"{metric}: no significant difference at {alpha:g} (p = {d.p_value:.3g})"
+
+
+def _print_disagreements(disagreements: list[dict]) -> None:
+    for side in ("a", "b"):
+        listed = [d for d in disagreements if d["right"] == side]
+        if listed:
+            typer.echo(f"only {side.upper()} right, e.g.:")
+        for d in listed:
+            typer.echo(f"- [{d['example_id']}] {d['text'][:120]!r}")
+            typer.echo(f"    gold: {d['gold']}   A: {d['a']}   B: {d['b']}")
+            for who in ("a", "b"):
+                raw = d[f"{who}_raw"]
+                if raw and raw != d[who]:
+                    typer.echo(f"    {who.upper()} raw: {raw[:120]!r}")
+
+
 @app.command("rescore")
 def rescore_command(
-    run_ids: list[int] = typer.Argument(None, help="run ids (default: every succeeded run with a token task)"),
+    run_ids: list[int] = typer.Argument(None, help="run ids (default: every succeeded run)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print what would change, write nothing"),
 ) -> None:
-    """Recompute stored runs' slot F1 and exact match under their task's slot rule, from their predictions.
+    """Recompute stored runs' slot F1 and exact match under their task's slot rule, from their predictions, and
+    add the 95% bootstrap intervals that results stored before them lack.
 
     Runs scored before slot rules existed were scored under "conlleval"; built-in massive-slots now uses
     MASSIVE's official rule. Nothing is trained again; only the rule-dependent results change.
@@ -462,6 +567,11 @@ def rescore_command(
             failed += 1
             continue
         for c in changes:
+            if c.interval is not None:
+                low, high, resamples = c.interval
+                typer.echo(f"run {run_id} {c.task} {c.metric}: {c.value:.4f}, 95% interval [{low:.4f}, {high:.4f}] "
+                           f"added ({resamples} bootstrap resamples)")
+                continue
             before = "–" if c.old_value is None else f"{c.old_value:.4f} ({c.old_rule or 'no rule'})"
             typer.echo(f"run {run_id} {c.task} {c.metric}: {before} -> {c.value:.4f} ({c.rule})")
         changed += bool(changes)

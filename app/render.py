@@ -57,8 +57,10 @@ def applicable_cells(matrix: Matrix) -> Matrix:
 
 
 def cell_text(matrix: Matrix, row, column, percent: bool = True, show_n: bool = False) -> str:
-    """`77.5 ± 3.5` (percent: the value × 100; one seed: no ±), with ` (n=2)` when `show_n` (the exports show n in
-    each cell only when the cells' seed counts differ, see shared_n); `–` for no value."""
+    """`77.5 ± 3.5`: the mean ± std over seeds (percent: the value × 100); one seed with a stored interval:
+    `82.4 ±1.4`, half the width of its 95% bootstrap interval over test examples (the exports give the interval's
+    ends too); one seed without one: the value alone. ` (n=2)` when `show_n` (the exports show n in each cell only
+    when the cells' seed counts differ, see shared_n); `–` for no value."""
     cell = matrix.cells.get((row, column))
     if cell is None or not cell.values or not metric_applies(matrix.metric, row[1]):
         return "–"
@@ -68,7 +70,15 @@ def cell_text(matrix: Matrix, row, column, percent: bool = True, show_n: bool = 
     text = f"{cell.mean * scale:.{digits}f}"
     if len(cell.values) > 1:
         text += f" ± {cell.std * scale:.{digits}f}"
+    elif _interval(cell) is not None:
+        low, high, _resamples = _interval(cell)
+        text += f" ±{(high - low) / 2 * scale:.{digits}f}"
     return text + (f" (n={len(cell.values)})" if show_n else "")
+
+
+def _interval(cell) -> tuple[float, float, int] | None:
+    """A one-seed cell's bootstrap interval (getattr: the TUI's tests build cells of their own)."""
+    return getattr(cell, "interval", None)
 
 
 NO_RESULTS = "no results yet (runs appear here when they succeed)"
@@ -95,6 +105,11 @@ def cells_note(matrix: Matrix, percent: bool) -> str:
     seeds = ("one seed each" if n == 1 else f"mean ± std over {n} seeds each" if n
              else "mean ± std over the n seeds each cell names")
     note = f"cells: {what}{unit}, {seeds}"
+    resamples = sorted({_interval(cell)[2] for cell in shown_cells(matrix) if _interval(cell) is not None})
+    if resamples:
+        counts = "/".join(f"{count:,}" for count in resamples)
+        note += (f"; a one-seed cell's ± is half its 95% bootstrap interval over test examples ({counts} "
+                 f"resamples)")
     repeats = sorted(run_id for cell in shown_cells(matrix) for run_id in getattr(cell, "repeats", []))
     if repeats:
         runs = f"runs {', '.join(map(str, repeats))}" if len(repeats) > 1 else f"run {repeats[0]}"
@@ -147,9 +162,11 @@ def _matrix_json(matrix: Matrix, notes: list[str], percent: bool) -> str:
     distinct seeds, and "text": the cell exactly as md, LaTeX and the table print it."""
     def one(r, c) -> dict:
         cell = matrix.cells[(r, c)]
+        interval = _interval(cell)
         return {"mean": cell.mean, "std": cell.std, "n": len(cell.values), "runs": cell.run_ids,
                 "seeds": getattr(cell, "seeds", []), "repeats": getattr(cell, "repeats", []),
-                "text": cell_text(matrix, r, c, percent)}
+                "low": interval[0] if interval else None, "high": interval[1] if interval else None,
+                "resamples": interval[2] if interval else None, "text": cell_text(matrix, r, c, percent)}
 
     rows = [{"model": r[0], "method": r[1], "shots": r[2], "variant": r[3],
              "cells": {c: one(r, c) for c in matrix.columns if (r, c) in matrix.cells}}
@@ -157,7 +174,8 @@ def _matrix_json(matrix: Matrix, notes: list[str], percent: bool) -> str:
     unit = "fraction" if is_percent_metric(matrix.metric) else "as stored"
     return json.dumps({"metric": matrix.metric, "unit": unit, "text_unit": "%" if percent else unit,
                        "columns": matrix.columns, "rows": rows, "warnings": matrix.warnings,
-                       "rules": {c: sorted(matrix.rules.get(c, ())) for c in matrix.columns}, "notes": notes},
+                       "rules": {c: sorted(matrix.rules.get(c, ())) for c in matrix.columns}, "notes": notes,
+                       "cells_note": cells_note(matrix, percent)},
                       indent=2)
 
 
@@ -166,23 +184,25 @@ def _csv_number(value: float) -> str:
 
 
 def _matrix_csv(matrix: Matrix, notes: list[str], percent: bool) -> str:
-    """Three columns per task: the mean, its std and n (distinct seeds), in percent like every other format
-    (fractions with --fraction); the cells note and the rule notes follow as "#" lines (pandas reads them away
-    with comment="#", a spreadsheet shows them)."""
+    """Five columns per task: the mean, its std and n (distinct seeds), and a one-seed cell's 95% bootstrap
+    interval (low, high), in percent like every other format (fractions with --fraction); the cells note and the
+    rule notes follow as "#" lines (pandas reads them away with comment="#", a spreadsheet shows them)."""
     scale = 100.0 if percent else 1.0
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["model", "method", "shots", "variant"] + [name for c in matrix.columns
-                                                              for name in (c, f"{c} std", f"{c} n")])
+    writer.writerow(["model", "method", "shots", "variant"] + [
+        name for c in matrix.columns for name in (c, f"{c} std", f"{c} n", f"{c} low", f"{c} high")])
     for r in matrix.rows:
         values: list[str] = []
         for c in matrix.columns:
             cell = matrix.cells.get((r, c))
             if cell is None or not cell.values:
-                values += ["", "", ""]
+                values += ["", "", "", "", ""]
                 continue
             std = _csv_number(cell.std * scale) if len(cell.values) > 1 else ""  # one seed: no std, as in md
-            values += [_csv_number(cell.mean * scale), std, str(len(cell.values))]
+            interval = _interval(cell)
+            ends = [_csv_number(interval[0] * scale), _csv_number(interval[1] * scale)] if interval else ["", ""]
+            values += [_csv_number(cell.mean * scale), std, str(len(cell.values)), *ends]
         writer.writerow(list(r) + values)
     return out.getvalue() + "".join(f"# {note}\n" for note in [cells_note(matrix, percent)] + notes)
 

@@ -212,7 +212,7 @@ def massive_bio(tags: Sequence[str]) -> list[str]:
     return rebuilt
 
 
-def _rule_pairs(
+def rule_sequences(
     gold_tags: Sequence[Sequence[str]], predicted_tags: Sequence[Sequence[str] | None], rule: str
 ) -> tuple[list[list[str]], list[list[str]]]:
     """Gold and predicted sequences as the rule reads them: `normalise_tags`, then (massive) BIO rebuilt."""
@@ -224,6 +224,12 @@ def _rule_pairs(
         gold_out = [massive_bio(tags) for tags in gold_out]
         pred_out = [massive_bio(tags) for tags in pred_out]
     return gold_out, pred_out
+
+
+def strict_readable(tags: Sequence[str]) -> list[str]:
+    """Tags as seqeval's strict IOB2 reader can take them: a tag that is neither "O" nor "B-x"/"I-x" (an LLM's bare
+    "time") is no span under the strict rule, so it reads as "O" (seqeval itself raises KeyError on it)."""
+    return [tag if tag == OUTSIDE_TAG or tag[:2] in ("B-", "I-") else OUTSIDE_TAG for tag in tags]
 
 
 def _seqeval_mode(rule: str) -> dict:
@@ -244,13 +250,15 @@ def slot_scores(
     zero_division=0 gives the same numbers as seqeval's default ("warn") without the warning.
     Returns {"slot_f1", "slot_precision", "slot_recall", "n"}.
     """
-    gold_norm, pred_norm = _rule_pairs(gold_tags, predicted_tags, rule)
+    gold_norm, pred_norm = rule_sequences(gold_tags, predicted_tags, rule)
     if not gold_norm:
         return {"slot_f1": 0.0, "slot_precision": 0.0, "slot_recall": 0.0, "n": 0}
 
     from seqeval.metrics import f1_score, precision_score, recall_score
 
     mode = _seqeval_mode(rule)
+    if rule == "strict":
+        gold_norm, pred_norm = [strict_readable(t) for t in gold_norm], [strict_readable(t) for t in pred_norm]
     return {
         "slot_f1": float(f1_score(gold_norm, pred_norm, zero_division=0, **mode)),
         "slot_precision": float(precision_score(gold_norm, pred_norm, zero_division=0, **mode)),
@@ -267,7 +275,7 @@ def token_accuracy(
 
     Counted over positions, not sentences (long sentences weigh more), the usual tagging accuracy.
     """
-    gold_norm, pred_norm = _rule_pairs(gold_tags, predicted_tags, "conlleval")
+    gold_norm, pred_norm = rule_sequences(gold_tags, predicted_tags, "conlleval")
     positions = sum(len(gold) for gold in gold_norm)
     correct = sum(
         1 for gold, pred in zip(gold_norm, pred_norm) for g, p in zip(gold, pred) if g == p
@@ -290,15 +298,23 @@ def exact_match(
     ATIS/SNIPS "sentence frame accuracy" compares them (an "I-x" start that seqeval's default mode reads as the
     right span is still not an exact match).
     """
+    flags = exact_match_flags(gold_labels, predicted_labels, gold_tags, predicted_tags, rule)
+    return _safe_ratio(sum(flags), len(flags))
+
+
+def exact_match_flags(
+    gold_labels: list[str],
+    predicted_labels: list[str | None],
+    gold_tags: list[list[str]],
+    predicted_tags: list[list[str] | None],
+    rule: str = DEFAULT_SLOT_RULE,
+) -> list[bool]:
+    """Per example, whether `exact_match` counts it (the bootstrap in engine.stats resamples these)."""
     _require_same_length(gold_labels, predicted_labels, "exact_match intents")
     _require_same_length(gold_labels, gold_tags, "exact_match intents vs tags")
-    gold_norm, pred_norm = _rule_pairs(gold_tags, predicted_tags, rule)
-    matches = sum(
-        1
-        for gold_label, pred_label, gold_seq, pred_seq in zip(gold_labels, predicted_labels, gold_norm, pred_norm)
-        if pred_label is not None and pred_label == gold_label and pred_seq == gold_seq
-    )
-    return _safe_ratio(matches, len(gold_labels))
+    gold_norm, pred_norm = rule_sequences(gold_tags, predicted_tags, rule)
+    return [pred_label is not None and pred_label == gold_label and pred_seq == gold_seq
+            for gold_label, pred_label, gold_seq, pred_seq in zip(gold_labels, predicted_labels, gold_norm, pred_norm)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,7 +327,7 @@ def parse_failure_rate(statuses: list[str]) -> float:
     return _safe_ratio(sum(1 for status in statuses if status != "ok"), len(statuses))
 
 
-def _as_tags(value: str | Sequence[str] | None) -> list[str] | None:
+def as_tags(value: str | Sequence[str] | None) -> list[str] | None:
     """Token-task gold/predictions are tag lists; also accept the stored space-joined form."""
     if value is None:
         return None
@@ -341,8 +357,8 @@ def task_results(kind: str, predictions: list[Prediction], labels: list[str],
             "n": report["n"],
         }
     if kind == "token":
-        gold_tags = [_as_tags(p.gold) or [] for p in predictions]
-        predicted_tags = [_as_tags(p.predicted) for p in predictions]
+        gold_tags = [as_tags(p.gold) or [] for p in predictions]
+        predicted_tags = [as_tags(p.predicted) for p in predictions]
         slots = slot_scores(gold_tags, predicted_tags, slot_rule or DEFAULT_SLOT_RULE)
         return {
             "slot_f1": slots["slot_f1"],
@@ -363,14 +379,22 @@ def joint_exact_match(
 
     Pairs predictions by example_id (in the sequence list's order): the two tasks may order them differently.
     """
+    flags = joint_exact_match_flags(intent_predictions, slot_predictions, rule)
+    return None if flags is None else _safe_ratio(sum(flags), len(flags))
+
+
+def joint_exact_match_flags(
+    intent_predictions: list[Prediction], slot_predictions: list[Prediction], rule: str = DEFAULT_SLOT_RULE
+) -> list[bool] | None:
+    """Per example of the sequence task (in its order), whether joint_exact_match counts it; None when unpaired."""
     slots_by_id = {p.example_id: p for p in slot_predictions}
     if not intent_predictions or set(slots_by_id) != {p.example_id for p in intent_predictions}:
         return None
     pairs = [(intent, slots_by_id[intent.example_id]) for intent in intent_predictions]
-    return exact_match(
+    return exact_match_flags(
         [intent.gold for intent, _ in pairs],
         [intent.predicted for intent, _ in pairs],
-        [_as_tags(slot.gold) or [] for _, slot in pairs],
-        [_as_tags(slot.predicted) for _, slot in pairs],
+        [as_tags(slot.gold) or [] for _, slot in pairs],
+        [as_tags(slot.predicted) for _, slot in pairs],
         rule,
     )

@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-from clfbench.engine import metrics
+from clfbench.engine import metrics, stats
 from clfbench.engine.context import CONVERTING, LOADING_MODEL, WRITING_RESULTS, RunContext
 from clfbench.engine.methods.catalog import check_task_fit
 from clfbench.engine.models import _plan as model_plan
@@ -172,14 +172,20 @@ def result_rows(tasks: list[TaskData], predictions: dict[str, list[Prediction]],
         values = metrics.task_results(task.kind, predictions[task.name], task.labels, task.slot_metric)
         values.update(extra.get(task.name, {}))
         values["wall_time_s"] = wall_time_s
-        rows += [_result_row(task, name, value) for name, value in values.items()]
+        intervals = {name: stats.bootstrap_interval(counts) for name, counts in
+                     stats.task_counts(task.kind, predictions[task.name], task.labels, task.slot_metric).items()}
+        rows += [_result_row(task, name, value, intervals.get(name)) for name, value in values.items()]
     return rows + joint_result_rows(tasks, predictions)
 
 
-def _result_row(task: TaskData, metric: str, value: float) -> dict:
+def _result_row(task: TaskData, metric: str, value: float, interval: stats.Interval | None = None) -> dict:
+    """One result; a share of test examples (accuracy, F1s, rates) carries its 95% bootstrap interval."""
     rule = task.slot_metric or metrics.DEFAULT_SLOT_RULE if task.kind == "token" and metric in metrics.RULED_METRICS \
         else None
-    return {"task": task.name, "metric": metric, "value": float(value), "rule": rule}
+    row = {"task": task.name, "metric": metric, "value": float(value), "rule": rule}
+    if interval is not None and interval.resamples:
+        row.update(low=interval.low, high=interval.high, resamples=interval.resamples)
+    return row
 
 
 def joint_result_rows(tasks: list[TaskData], predictions: dict[str, list[Prediction]]) -> list[dict]:
@@ -190,9 +196,11 @@ def joint_result_rows(tasks: list[TaskData], predictions: dict[str, list[Predict
     token = [t for t in tasks if t.kind == "token"]
     if len(sequence) != 1 or len(token) != 1:
         return []
-    value = metrics.joint_exact_match(predictions[sequence[0].name], predictions[token[0].name],
-                                      token[0].slot_metric or metrics.DEFAULT_SLOT_RULE)
-    return [] if value is None else [_result_row(token[0], "exact_match", value)]
+    rule = token[0].slot_metric or metrics.DEFAULT_SLOT_RULE
+    counts = stats.exact_match_counts(predictions[sequence[0].name], predictions[token[0].name], rule)
+    if counts is None:
+        return []
+    return [_result_row(token[0], "exact_match", counts.value(), stats.bootstrap_interval(counts))]
 
 
 def _prepare(run: dict, recorder: Recorder, attempt: int) -> RunContext:

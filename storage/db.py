@@ -136,8 +136,16 @@ def _migration_4_phases_changes_leases(connection: Connection) -> None:
     connection.execute(text("UPDATE runs SET change_seq = id WHERE change_seq IS NULL"))
 
 
+def _migration_5_result_intervals(connection: Connection) -> None:
+    """A result carries its 95% bootstrap interval over test examples and the number of resamples behind it (NULL
+    for results stored before: `clfbench rescore` computes them from the run's stored predictions)."""
+    for column, sql_type in (("low", "FLOAT"), ("high", "FLOAT"), ("resamples", "INTEGER")):
+        _add_column(connection, "results", column, sql_type)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1_initial, _migration_2_task_identity,
-                                                  _migration_3_nonfinite_metrics, _migration_4_phases_changes_leases]
+                                                  _migration_3_nonfinite_metrics, _migration_4_phases_changes_leases,
+                                                  _migration_5_result_intervals]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

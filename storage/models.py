@@ -130,6 +130,11 @@ class Result(SQLModel, table=True):
     metric: str
     value: float
     rule: str | None = None  # the rule the metric was computed under (e.g. slot F1's "massive"); NULL: none named
+    # Schema v5: the 95% percentile bootstrap interval over test examples (engine.stats) and its resample count;
+    # NULL where none was computed (results stored before v5, metrics that are no share of examples: n, times).
+    low: float | None = None
+    high: float | None = None
+    resamples: int | None = None
 
 
 class Event(SQLModel, table=True):

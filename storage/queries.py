@@ -144,6 +144,19 @@ def run_result_rules(store: Store, run_id: int) -> dict[str, dict[str, str]]:
     return out
 
 
+def run_result_intervals(store: Store, run_id: int) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """{task: {metric: (low, high, resamples)}} for one run's results that carry a bootstrap interval."""
+    with store.read() as connection:
+        rows = connection.execute(
+            select(RESULTS.c.task, RESULTS.c.metric, RESULTS.c.low, RESULTS.c.high, RESULTS.c.resamples)
+            .where(RESULTS.c.run_id == run_id, RESULTS.c.resamples.is_not(None))
+        ).all()
+    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for task, metric, low, high, resamples in rows:
+        out.setdefault(task, {})[metric] = (low, high, resamples)
+    return out
+
+
 def metric_series(store: Store, run_id: int, after_id: int = 0) -> list[dict]:
     """Metric points of a run, oldest first; `after_id` lets a live view fetch only new points."""
     with store.read() as connection:
@@ -231,21 +244,31 @@ class Cell:
     seeds: list[int] = field(default_factory=list)
     repeats: list[int] = field(default_factory=list)  # run ids left out: their seed has a newer run here
     finished: list[float] = field(default_factory=list)  # finished_at of each kept run (which one is newest)
+    # Each kept run's 95% bootstrap interval over test examples (low, high, resamples), None where not stored.
+    intervals: list[tuple[float, float, int] | None] = field(default_factory=list)
 
-    def add(self, value: float, run_id: int, seed: int, finished_at: float | None) -> None:
+    def add(self, value: float, run_id: int, seed: int, finished_at: float | None,
+            interval: tuple[float, float, int] | None = None) -> None:
         finished_at = finished_at or 0.0
         if seed not in self.seeds:
             self.values.append(value)
             self.run_ids.append(run_id)
             self.seeds.append(seed)
             self.finished.append(finished_at)
+            self.intervals.append(interval)
             return
         k = self.seeds.index(seed)
         if (finished_at, run_id) > (self.finished[k], self.run_ids[k]):
             self.repeats.append(self.run_ids[k])
             self.values[k], self.run_ids[k], self.finished[k] = value, run_id, finished_at
+            self.intervals[k] = interval
         else:
             self.repeats.append(run_id)
+
+    @property
+    def interval(self) -> tuple[float, float, int] | None:
+        """One run's bootstrap interval; None for several seeds (their spread is the std) or none stored."""
+        return self.intervals[0] if len(self.intervals) == 1 else None
 
     @property
     def n(self) -> int:
@@ -435,7 +458,7 @@ def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
     query = (
         select(RUNS.c.id, RUNS.c.model, RUNS.c.method, RUNS.c.shots, RUNS.c.task.label("run_task"),
                RUNS.c.spec_json, RUNS.c.tasks_json, RESULTS.c.task, RESULTS.c.value, RESULTS.c.rule,
-               RUNS.c.seed, RUNS.c.finished_at)
+               RUNS.c.seed, RUNS.c.finished_at, RESULTS.c.low, RESULTS.c.high, RESULTS.c.resamples)
         .join(RESULTS, RESULTS.c.run_id == RUNS.c.id)
         .where(RUNS.c.status == RunStatus.succeeded.value, RESULTS.c.metric.in_(wanted))
         .order_by(RUNS.c.id)
@@ -454,7 +477,8 @@ def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
     columns_of, warnings = _identity_columns([(row[0], row[4], row[6], row[7]) for row in rows])
     matrix = Matrix(metric=metric, rows=[], columns=[], cells={}, warnings=warnings)
     known_rows: set[RowKey] = set()
-    for run_id, run_model, run_method, shots, _task, _spec, _tasks, result_task, value, rule, seed, finished in rows:
+    for (run_id, run_model, run_method, shots, _task, _spec, _tasks, result_task, value, rule, seed, finished,
+         low, high, resamples) in rows:
         row_key = (run_model, run_method, shots, variants[run_id])
         column = columns_of[(run_id, result_task)]
         if row_key not in known_rows:  # a set beside the list: a scan of matrix.rows per result was quadratic
@@ -464,7 +488,8 @@ def results_matrix(store: Store, metric: str = "auto", model: str | None = None,
         rules = matrix.rules.setdefault(column, set())
         if rule:
             rules.add(rule)
-        matrix.cells.setdefault((row_key, column), Cell()).add(value, run_id, seed, finished)
+        interval = (low, high, resamples) if resamples else None
+        matrix.cells.setdefault((row_key, column), Cell()).add(value, run_id, seed, finished, interval)
     matrix.columns = sorted(matrix.column_tasks)
     return matrix
 

@@ -306,7 +306,8 @@ def _replace_outputs(connection: Connection, run_id: int, attempt: int, predicti
         connection.execute(insert(PredictionRow.__table__), [{"run_id": run_id, **p} for p in predictions])
     if results:
         # "rule" is optional per row (slot metrics name theirs); one executemany needs the same keys in every row.
-        connection.execute(insert(Result.__table__), [{"run_id": run_id, "rule": None, **r} for r in results])
+        connection.execute(insert(Result.__table__), [{"run_id": run_id, "rule": None, "low": None, "high": None,
+                                                       "resamples": None, **r} for r in results])
     log_event(connection, "succeeded", f"attempt {attempt}", run_id)
 
 
@@ -567,9 +568,10 @@ def _lease_lost_reason(run: Mapping, clock: float) -> str:
 
 
 def replace_result_values(store: Store, run_id: int, rows: list[dict]) -> bool:
-    """Set the value and rule of some of a succeeded run's results ({"task", "metric", "value", "rule"}), adding
-    the rows it lacks, in one transaction (`clfbench rescore`); False, and nothing written, if the run is not
-    succeeded (a running run's worker would write its own results over them)."""
+    """Set the value, rule and interval of some of a succeeded run's results ({"task", "metric", "value", "rule",
+    and optionally "low", "high", "resamples"}), adding the rows it lacks, in one transaction (`clfbench
+    rescore`); False, and nothing written, if the run is not succeeded (a running run's worker would write its
+    own results over them)."""
     table = Result.__table__
     with store.write() as connection:
         status = connection.execute(select(Run.__table__.c.status).where(Run.__table__.c.id == run_id)).scalar()
@@ -577,7 +579,8 @@ def replace_result_values(store: Store, run_id: int, rows: list[dict]) -> bool:
             return False
         for row in rows:
             where = (table.c.run_id == run_id) & (table.c.task == row["task"]) & (table.c.metric == row["metric"])
-            values = {"value": row["value"], "rule": row.get("rule")}
+            values = {"value": row["value"], "rule": row.get("rule"),
+                      **{key: row[key] for key in ("low", "high", "resamples") if key in row}}
             if connection.execute(update(table).where(where).values(**values)).rowcount == 0:
                 connection.execute(insert(table).values(run_id=run_id, task=row["task"], metric=row["metric"],
                                                         **values))

@@ -85,8 +85,10 @@ def test_the_matrix_counts_a_seed_once_and_every_export_agrees(cli):
 
     printed = cli.run("results", "-f", "csv").stdout
     table = list(csv.reader(io.StringIO(printed)))
-    assert table[0][4:] == ["massive-intent", "massive-intent std", "massive-intent n"]
+    assert table[0][4:] == ["massive-intent", "massive-intent std", "massive-intent n", "massive-intent low",
+                            "massive-intent high"]
     assert float(table[1][4]) == pytest.approx(mean * 100, abs=1e-3) and table[1][6] == "2"  # percent, like md
+    assert table[1][7:] == ["", ""]  # two seeds: their spread is the std, no one run's bootstrap interval
     assert "# cells: accuracy / slot F1 (%), mean ± std over 2 seeds each" in printed.splitlines()[2]
     md = cli.run("results", "-f", "md").stdout
     assert f"| {text} |" in md.replace("**", "") and "over 2 seeds each" in md

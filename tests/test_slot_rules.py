@@ -304,7 +304,7 @@ def test_every_export_of_the_matrix_names_the_slot_rule():
     assert render.render_matrix(matrix, "md").splitlines()[-1] == note + "  "
     table = render.render_matrix(matrix, "csv")
     assert table.splitlines()[-1] == "# " + note
-    assert list(csv.reader(io.StringIO(table)))[1][-3:] == ["50", "", "1"]  # the data rows are untouched
+    assert list(csv.reader(io.StringIO(table)))[1][-5:] == ["50", "", "1", "", ""]  # the data rows are untouched
     assert "{\\footnotesize slot rule 'massive' (massive-slots)" in render.render_matrix(matrix, "latex")
     exported = json.loads(render.render_matrix(matrix, "json"))
     assert exported["rules"] == {"massive-intent": [], "massive-slots": ["massive"]} and exported["notes"] == [note]

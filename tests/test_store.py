@@ -295,6 +295,8 @@ def test_a_version_1_store_migrates_in_place_keeping_its_runs_and_results(tmp_pa
     with sqlite3.connect(tmp_path / "old.db") as connection:  # the store as schema v1 left it
         connection.execute("ALTER TABLE runs DROP COLUMN tasks_json")
         connection.execute("ALTER TABLE results DROP COLUMN rule")
+        for column in ("low", "high", "resamples"):
+            connection.execute(f"ALTER TABLE results DROP COLUMN {column}")
         _make_metric_points_version_2(connection)
         connection.execute("UPDATE schema_info SET version = 1")
     with sqlite3.connect(tmp_path / "old.db") as connection:
@@ -302,7 +304,7 @@ def test_a_version_1_store_migrates_in_place_keeping_its_runs_and_results(tmp_pa
 
     migrated = open_store(url)
     with migrated.read() as connection:
-        assert connection.execute(text("SELECT version FROM schema_info")).scalar() == SCHEMA_VERSION == 4
+        assert connection.execute(text("SELECT version FROM schema_info")).scalar() == SCHEMA_VERSION == 5
     assert queries.get_run(migrated, run_id)["tasks_json"] is None
     assert queries.get_run(migrated, run_id)["status"] == "succeeded"
     assert queries.run_results(migrated, run_id) == {"massive-intent": {"accuracy": 0.75}}

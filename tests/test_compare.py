@@ -1,0 +1,154 @@
+"""Numbers a researcher can defend, through the real command line on real tfidf runs of the shipped MASSIVE
+sample: every result carries its 95% bootstrap interval, the matrix and every export show it, `rescore` gives
+runs stored before intervals theirs, and `compare` pairs two runs on their shared examples."""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from statsmodels.stats.contingency_tables import mcnemar
+
+from clfbench.engine import stats
+from tests.conftest import SAMPLES, Cli, kill_processes_of_home
+from tests.test_cli import assert_one_line_error
+
+TFIDF = ["--method", "tfidf", "--model", "tfidf", "--task", "massive-intent", "--data-dir", str(SAMPLES)]
+
+
+@pytest.fixture(scope="module")
+def built_store(tmp_path_factory) -> tuple[Path, tuple[int, int, int]]:
+    """Two tfidf runs that differ in one option, and a third that answered only the first 120 test examples: run
+    once by a real engine for the module; each test gets a copy of the store."""
+    home = tmp_path_factory.mktemp("compare-home")
+    env = {**os.environ, "CLFBENCH_HOME": str(home)}
+    for name in ("CLFBENCH_DB", "CLFBENCH_DATA"):
+        env.pop(name, None)
+    cli = Cli(home=home, env=env)
+    try:
+        (words,) = cli.json("queue", *TFIDF, "-o", "max_ngram=1")
+        (pairs,) = cli.json("queue", *TFIDF, "-o", "max_ngram=2", "-o", "C=0.5")
+        (fewer,) = cli.json("queue", *TFIDF, "-o", "max_ngram=2", "-o", "C=0.5", "-o", "test_limit=120")
+        assert cli.run("engine", "--until-idle", "--max-cpu-runs", "3").returncode == 0
+        assert [run["status"] for run in cli.json("ls")] == ["succeeded"] * 3
+    finally:
+        kill_processes_of_home(home)
+    return home / "clfbench.db", (words["id"], pairs["id"], fewer["id"])
+
+
+@pytest.fixture
+def two_runs(cli, built_store):
+    database, ids = built_store
+    cli.home.mkdir(parents=True, exist_ok=True)
+    shutil.copy(database, cli.home / "clfbench.db")
+    return ids
+
+
+def test_every_result_has_its_interval_and_every_format_shows_it(cli, two_runs):
+    words, _pairs, _fewer = two_runs
+    shown = cli.json("show", str(words))
+    accuracy = shown["results"]["massive-intent"]["accuracy"]
+    interval = shown["result_intervals"]["massive-intent"]["accuracy"]
+    assert interval["low"] < accuracy < interval["high"] and interval["resamples"] == 1000
+    text = cli.run("show", str(words)).stdout
+    assert f"accuracy={accuracy:.4g} [{interval['low']:.4g}, {interval['high']:.4g}]" in text
+
+    exported = cli.json("results")
+    cell = next(row for row in exported["rows"] if "max_ngram=1" in row["variant"])["cells"]["massive-intent"]
+    half = (interval["high"] - interval["low"]) / 2 * 100
+    assert cell["low"] == interval["low"] and cell["high"] == interval["high"] and cell["resamples"] == 1000
+    assert cell["text"] == f"{accuracy * 100:.1f} ±{half:.1f}"
+    assert "± is half its 95% bootstrap interval over test examples (1,000 resamples)" in exported["cells_note"]
+    table = list(csv.reader(io.StringIO(cli.run("results", "-f", "csv").stdout)))
+    row = next(r for r in table[1:] if "max_ngram=1" in r[3])
+    assert table[0][7:9] == ["massive-intent low", "massive-intent high"]
+    assert float(row[7]) == pytest.approx(interval["low"] * 100) and float(row[8]) == pytest.approx(
+        interval["high"] * 100)
+    assert cell["text"] in cli.run("results", "-f", "md").stdout
+    assert cell["text"].replace("±", "$\\pm$") in cli.run("results", "-f", "latex").stdout
+    terminal = cli.run("results").stdout
+    assert cell["text"] in terminal and "half its 95% bootstrap interval" in terminal
+
+
+def test_rescore_gives_results_stored_before_intervals_the_same_ones(cli, two_runs):
+    words, _pairs, _fewer = two_runs
+    before = cli.json("show", str(words))["result_intervals"]
+    with sqlite3.connect(cli.home / "clfbench.db") as connection:  # as a store made before schema v5 holds them
+        connection.execute("UPDATE results SET low = NULL, high = NULL, resamples = NULL")
+    assert cli.json("show", str(words))["result_intervals"] == {}
+    assert "±" not in cli.json("results")["rows"][0]["cells"]["massive-intent"]["text"]
+    printed = cli.run("rescore", str(words)).stdout
+    assert "massive-intent accuracy" in printed and "95% interval" in printed and "added" in printed
+    assert cli.json("show", str(words))["result_intervals"] == before
+    assert cli.run("rescore", str(words)).stdout.strip().endswith("changed 0 of 1 run(s)")
+
+
+def test_compare_pairs_two_runs_with_mcnemar_and_the_paired_bootstrap(cli, two_runs):
+    words, pairs, _fewer = two_runs
+    report = cli.json("compare", str(words), str(pairs))
+    (task,) = report["tasks"]
+    assert task["task"] == "massive-intent" and task["shared"] == 200 and task["only_a"] == task["only_b"] == 0
+    agreement = task["agreement"]
+    assert sum(agreement.values()) == 200
+    accuracy, macro_f1 = task["metrics"]
+    expected = mcnemar([[agreement["both right"], agreement["only a right"]],
+                        [agreement["only b right"], agreement["both wrong"]]], exact=True).pvalue
+    assert accuracy["metric"] == "accuracy" and accuracy["difference"]["test"] == "McNemar exact"
+    assert accuracy["difference"]["p_value"] == pytest.approx(expected)
+    shown = {run: cli.json("show", str(run))["results"]["massive-intent"] for run in (words, pairs)}
+    assert accuracy["value_a"] == pytest.approx(shown[words]["accuracy"])
+    assert accuracy["difference"]["value"] == pytest.approx(shown[words]["accuracy"] - shown[pairs]["accuracy"])
+    assert macro_f1["value_b"] == pytest.approx(shown[pairs]["macro_f1"])
+    assert macro_f1["difference"]["test"] == "paired bootstrap (1000 resamples)"
+    low, high = macro_f1["difference"]["low"], macro_f1["difference"]["high"]
+    assert low <= macro_f1["difference"]["value"] <= high
+    # The examples only one run got right are listed, with gold and both answers.
+    assert {d["right"] for d in task["disagreements"]} <= {"a", "b"}
+    assert len(task["disagreements"]) == min(5, agreement["only a right"]) + min(5, agreement["only b right"])
+
+    text = cli.run("compare", str(words), str(pairs)).stdout
+    assert "McNemar exact" in text and "200 test examples both answered" in text
+    assert ("no significant difference at 0.05" in text) or ("is better by" in text)
+    # A run compared with itself: no difference, p = 1.
+    same = cli.json("compare", str(words), str(words))["tasks"][0]["metrics"][0]["difference"]
+    assert same["value"] == 0 and same["p_value"] == 1.0
+
+
+def test_compare_says_when_test_sets_differ_and_uses_the_shared_examples(cli, two_runs):
+    _words, pairs, fewer = two_runs
+    (task,) = cli.json("compare", str(pairs), str(fewer))["tasks"]
+    assert task["shared"] == 120 and task["only_a"] == 80 and task["only_b"] == 0
+    text = cli.run("compare", str(pairs), str(fewer)).stdout
+    assert "the test sets differ (A alone has 80, B alone 0): compared on the shared examples only" in text
+    # Same model and options on the same 120 examples: the same answers.
+    assert task["agreement"]["only a right"] == task["agreement"]["only b right"] == 0
+
+
+def test_compare_refuses_in_one_line(cli, two_runs):
+    words, pairs, _fewer = two_runs
+    (queued,) = cli.json("queue", *TFIDF, "-o", "C=3")
+    assert_one_line_error(cli.run("compare", str(words), str(queued["id"]), check=False),
+                          f"run {queued['id']} is queued", "only succeeded runs")
+    assert_one_line_error(cli.run("compare", str(words), str(pairs), "--task", "massive-slots", check=False),
+                          "no task in common named 'massive-slots'")
+    assert_one_line_error(cli.run("compare", str(words), str(pairs), "--alpha", "2", check=False), "--alpha")
+
+
+def test_the_interval_the_worker_stored_is_the_one_the_predictions_give(cli, two_runs):
+    from clfbench.engine.types import Prediction
+    from clfbench.storage import queries
+    from clfbench.storage.db import open_store
+
+    words, _pairs, _fewer = two_runs
+    store = open_store(f"sqlite:///{cli.home / 'clfbench.db'}")
+    rows = queries.predictions(store, words, "massive-intent")
+    predictions = [Prediction(example_id=r["example_id"], text=r["text"], gold=r["gold"], predicted=r["predicted"])
+                   for r in rows]
+    counts = stats.accuracy_counts([p.gold for p in predictions], [p.predicted for p in predictions])
+    interval = stats.bootstrap_interval(counts)
+    stored = queries.run_result_intervals(store, words)["massive-intent"]["accuracy"]
+    assert stored == (interval.low, interval.high, 1000)
