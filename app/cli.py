@@ -357,16 +357,29 @@ def results_command(
     as_json: bool = typer.Option(False, "--json", help="same as --format json"),
     fraction: bool = typer.Option(False, "--fraction", help="accuracy, F1 and rates as fractions (0.775), not "
                                                             "percent (77.5), in every format"),
+    significance: bool = typer.Option(False, "--significance", "-s",
+                                      help="bold also the cells not significantly worse than their column's best "
+                                           "(paired tests on the shared test examples, Holm-corrected)"),
+    alpha: float = typer.Option(0.05, "--alpha", help="significance level for --significance"),
 ) -> None:
     """The results matrix: model × method × shots rows, task columns, mean ± std over distinct seeds and their
-    number n (in %), the same numbers in every format."""
+    number n (in %), the same numbers in every format; a one-seed cell's ± is half its 95% bootstrap interval."""
     fmt = "json" if as_json else fmt
     if fmt not in render.FORMATS:
         fail(f"unknown format '{fmt}' (choose from {', '.join(render.FORMATS)})")
-    matrix = queries.results_matrix(store(), metric=metric, model=model, method=method, task=task,
+    if not 0 < alpha < 1:
+        fail(f"--alpha must be between 0 and 1, got {alpha}")
+    s = store()
+    matrix = queries.results_matrix(s, metric=metric, model=model, method=method, task=task,
                                     ignore=execution_options(), defaults=option_defaults())
+    notes = []
+    if significance and matrix.rows:
+        from clfbench.app.compare import mark_ties
+
+        matrix = render.applicable_cells(matrix)
+        notes.append(mark_ties(s, matrix, render.best_per_column(matrix), alpha))
     if fmt != "table":
-        typer.echo(render.render_matrix(matrix, fmt, fraction=fraction))
+        typer.echo(render.render_matrix(matrix, fmt, fraction=fraction, extra_notes=notes))
         for warning in matrix.warnings:  # on stderr: a csv/latex/json body stays a clean file
             typer.echo(f"warning: {warning}", err=True)
         return
@@ -384,11 +397,11 @@ def results_command(
         cells = []
         for column in matrix.columns:
             text = render.cell_text(matrix, row, column, percent, show_n)
-            cells.append(f"[bold green]{text}[/]" if best.get(column) == row else text)
+            cells.append(f"[bold green]{text}[/]" if render.is_marked(matrix, best, row, column) else text)
         table.add_row(render.row_label(row), *cells)
     console.print(table)
     console.print(render.cells_note(matrix, percent), style="dim", markup=False, highlight=False)
-    for note in render.rule_notes(matrix):
+    for note in render.rule_notes(matrix) + notes:
         console.print(note, style="yellow" if note.startswith("warning:") else "dim", markup=False, highlight=False)
     for warning in matrix.warnings:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 from clfbench.engine import metrics, stats
 from clfbench.engine.tasks.identity import frozen_tasks
-from clfbench.engine.types import ClfbenchError
+from clfbench.engine.types import ClfbenchError, Prediction
 from clfbench.storage import queries
 from clfbench.storage.db import Store
+from clfbench.storage.queries import Matrix
 
 # Metrics compared per task kind; the first one's per-example rightness is McNemar's.
 COMPARED = {"sequence": ("accuracy", "macro_f1"), "token": ("slot_f1", "exact_tags", "token_accuracy")}
@@ -169,3 +170,69 @@ def _per_label(a: list[dict], b: list[dict], labels: list[str]) -> list[tuple[st
 def shared_tasks(run_a: dict, run_b: dict) -> list[str]:
     tasks_b = run_b["task"].split("+")
     return [task for task in run_a["task"].split("+") if task in tasks_b]
+
+
+# ---- significance marks in the results matrix -------------------------------------------------
+
+def _predictions(rows: list[dict], kind: str) -> list[Prediction]:
+    def tags(value):
+        return value.split() if kind == "token" and value is not None else value
+
+    return [Prediction(example_id=r["example_id"], text=r["text"], gold=tags(r["gold"]), predicted=tags(r["predicted"]),
+                       raw_output=r["raw_output"], parse_status=r["parse_status"]) for r in rows]
+
+
+def cell_p_value(store: Store, run_id: int, best_id: int, task: str, metric: str) -> float | None:
+    """Two-sided p of run `run_id` against run `best_id` on `task`'s shared examples: McNemar's exact test for
+    accuracy, the paired bootstrap for the other shares of examples; None for a metric that is no such share
+    (a loss, a time) or predictions these tests cannot pair."""
+    try:
+        a, b, _only_a, _only_b = _paired_rows(store, run_id, best_id, task)
+    except ClfbenchError:
+        return None
+    kind = "token" if "slot_f1" in queries.run_results(store, best_id).get(task, {}) else "sequence"
+    rule = queries.run_result_rules(store, best_id).get(task, {}).get("slot_f1") or metrics.DEFAULT_SLOT_RULE
+    if metric == "accuracy" and kind == "sequence":
+        right_a, right_b = _right_flags(kind, a, rule), _right_flags(kind, b, rule)
+        agreement = _agreement(right_a, right_b)
+        return stats.mcnemar_exact(agreement["only a right"], agreement["only b right"])
+    labels = sorted({r["gold"] for r in a} | {r["predicted"] for r in a + b if r["predicted"] is not None})
+    counts_a = stats.task_counts(kind, _predictions(a, kind), labels, rule).get(metric)
+    counts_b = stats.task_counts(kind, _predictions(b, kind), labels, rule).get(metric)
+    if counts_a is None or counts_b is None:
+        return None
+    return stats.paired_bootstrap(counts_a, counts_b).p_value
+
+
+def mark_ties(store: Store, matrix: Matrix, best: dict[str, tuple], alpha: float = 0.05) -> str:
+    """Fill `matrix.ties`: per column, the one-seed cells not significantly different from the column's best cell
+    (paired on the shared test examples, Holm-corrected over the column's comparisons, at `alpha`), so that bold
+    means "not shown worse than the best". Returns the note that says so, naming what was not tested."""
+    untested = 0
+    for column, best_row in best.items():
+        best_cell = matrix.cells[(best_row, column)]
+        others = [row for row in matrix.rows if row != best_row and (row, column) in matrix.cells]
+        if best_cell.n != 1:
+            untested += len(others)
+            continue
+        metric = matrix.metric
+        if metric == "auto":
+            kind_token = "slot_f1" in queries.run_results(store, best_cell.run_ids[0]).get(
+                matrix.column_tasks[column], {})
+            metric = "slot_f1" if kind_token else "accuracy"
+        tested, p_values = [], []
+        for row in others:
+            cell = matrix.cells[(row, column)]
+            p_value = cell_p_value(store, cell.run_ids[0], best_cell.run_ids[0], matrix.column_tasks[column],
+                                   metric) if cell.n == 1 else None
+            if p_value is None:
+                untested += 1
+                continue
+            tested.append(row)
+            p_values.append(p_value)
+        matrix.ties[column] = {row for row, p in zip(tested, stats.holm(p_values)) if p >= alpha}
+    note = (f"bold: each column's best and the cells not significantly different from it (paired on the shared "
+            f"test examples: McNemar exact for accuracy, paired bootstrap otherwise; Holm-corrected over the "
+            f"column; alpha {alpha:g})")
+    return note + (f"; {untested} cell(s) of several seeds or without stored predictions not tested"
+                   if untested else "")

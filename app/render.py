@@ -135,6 +135,11 @@ def best_per_column(matrix: Matrix) -> dict[str, tuple]:
     return best
 
 
+def is_marked(matrix: Matrix, best: dict[str, tuple], row, column: str) -> bool:
+    """Bold: the column's best, and (when significance was asked for) the cells not significantly worse."""
+    return best.get(column) == row or row in matrix.ties.get(column, ())
+
+
 def is_percent_metric(metric: str) -> bool:
     return metric in ("auto", "accuracy", "macro_f1", "slot_f1", "slot_precision", "slot_recall",
                       "exact_match", "parse_failure_rate", "token_accuracy")
@@ -166,8 +171,10 @@ def _matrix_json(matrix: Matrix, notes: list[str], percent: bool) -> str:
         return {"mean": cell.mean, "std": cell.std, "n": len(cell.values), "runs": cell.run_ids,
                 "seeds": getattr(cell, "seeds", []), "repeats": getattr(cell, "repeats", []),
                 "low": interval[0] if interval else None, "high": interval[1] if interval else None,
-                "resamples": interval[2] if interval else None, "text": cell_text(matrix, r, c, percent)}
+                "resamples": interval[2] if interval else None, "text": cell_text(matrix, r, c, percent),
+                "bold": is_marked(matrix, best, r, c)}
 
+    best = best_per_column(matrix)
     rows = [{"model": r[0], "method": r[1], "shots": r[2], "variant": r[3],
              "cells": {c: one(r, c) for c in matrix.columns if (r, c) in matrix.cells}}
             for r in matrix.rows]
@@ -221,7 +228,8 @@ def _matrix_md(matrix: Matrix, notes: list[str], percent: bool) -> str:
     best = best_per_column(matrix)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r, cells in zip(matrix.rows, body):
-        marked = [cells[0]] + [f"**{v}**" if best.get(c) == r else v for c, v in zip(matrix.columns, cells[1:])]
+        marked = [cells[0]] + [f"**{v}**" if is_marked(matrix, best, r, c) else v
+                               for c, v in zip(matrix.columns, cells[1:])]
         lines.append("| " + " | ".join(marked) + " |")
     lines += ["", cells_note(matrix, percent)]  # a paragraph of its own; the rule notes keep their line breaks
     return "\n".join(lines + ([""] + [f"{note}  " for note in notes] if notes else []))
@@ -239,7 +247,8 @@ def _matrix_latex(matrix: Matrix, notes: list[str], percent: bool) -> str:
              " & ".join(esc(h) for h in header).replace("·", "/") + " \\\\", "\\midrule"]
     for r, cells in zip(matrix.rows, body):
         marked = [esc(cells[0]).replace("·", "/")] + [
-            f"\\textbf{{{esc(v)}}}" if best.get(c) == r else esc(v) for c, v in zip(matrix.columns, cells[1:])
+            f"\\textbf{{{esc(v)}}}" if is_marked(matrix, best, r, c) else esc(v)
+            for c, v in zip(matrix.columns, cells[1:])
         ]
         lines.append(" & ".join(marked).replace("±", "$\\pm$") + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}", "",
@@ -257,7 +266,7 @@ _MATRIX_FORMATS = {"json": _matrix_json, "csv": _matrix_csv, "md": _matrix_md, "
 _EMPTY = {"md": "{}", "csv": "# {}", "latex": "% {}"}
 
 
-def render_matrix(matrix: Matrix, fmt: str, fraction: bool = False) -> str:
+def render_matrix(matrix: Matrix, fmt: str, fraction: bool = False, extra_notes: list[str] = ()) -> str:
     """The matrix as md, csv, latex or json. Every format gives the same numbers: percent for the percent metrics
     (fractions when `fraction`), mean ± std over distinct seeds and n (csv: columns of their own; md, LaTeX:
     n in a cells note, or in each cell when the cells' seed counts differ; json: fields, with the stored values
@@ -269,7 +278,7 @@ def render_matrix(matrix: Matrix, fmt: str, fraction: bool = False) -> str:
     percent = is_percent_metric(matrix.metric) and not fraction
     if not matrix.rows and fmt in _EMPTY:
         return _EMPTY[fmt].format(NO_RESULTS)
-    notes = rule_notes(matrix) if matrix.rows else [NO_RESULTS]
+    notes = rule_notes(matrix) + list(extra_notes) if matrix.rows else [NO_RESULTS]
     return _MATRIX_FORMATS[fmt](matrix, notes, percent)
 
 

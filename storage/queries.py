@@ -302,6 +302,9 @@ class Matrix:
     warnings: list[str] = field(default_factory=list)  # e.g. one name used by two different tasks
     rules: dict[str, set[str]] = field(default_factory=dict)  # column -> the rules its results name
     column_tasks: dict[str, str] = field(default_factory=dict)  # column -> the task name its results carry
+    # column -> rows whose cell is not significantly different from the column's best (app.compare.mark_ties;
+    # empty unless asked for): the exports bold them with the best.
+    ties: dict[str, set] = field(default_factory=dict)
 
 
 def _option_variants(specs: dict[int, tuple[tuple[str, str, int, str], dict]],

@@ -152,3 +152,19 @@ def test_the_interval_the_worker_stored_is_the_one_the_predictions_give(cli, two
     interval = stats.bootstrap_interval(counts)
     stored = queries.run_result_intervals(store, words)["massive-intent"]["accuracy"]
     assert stored == (interval.low, interval.high, 1000)
+
+
+def test_significance_bolds_the_cells_not_shown_worse_than_the_best(cli, two_runs):
+    exported = cli.json("results", "--significance")
+    cells = {row["variant"]: row["cells"]["massive-intent"] for row in exported["rows"]}
+    assert len(cells) == 3
+    best = max(cells, key=lambda variant: cells[variant]["mean"])
+    others = [variant for variant in cells if variant != best]
+    # The same p-values `compare` gives against the best run (McNemar exact, on their shared examples), then Holm.
+    p_values = [cli.json("compare", str(cells[v]["runs"][0]), str(cells[best]["runs"][0]))["tasks"][0]["metrics"][0]
+                ["difference"]["p_value"] for v in others]
+    assert cells[best]["bold"]
+    assert [cells[v]["bold"] for v in others] == [p >= 0.05 for p in stats.holm(p_values)]
+    assert any("Holm-corrected over the column" in note for note in exported["notes"])
+    plain = cli.json("results")  # without --significance only the best is bold
+    assert [v for row in plain["rows"] for v in [row["cells"]["massive-intent"]["bold"]]].count(True) == 1
