@@ -250,7 +250,10 @@ def test_detail_shows_curves_results_spec_and_log_tail(seeded):
         results = screen.query_one("#results-table", DataTable)
         rows = [tuple(map(str, results.get_row_at(i))) for i in range(results.row_count)]
         accuracy = queries.run_results(pilot.app.store, SUCCEEDED_ENCODER)["20ng-20class"]["accuracy"]
-        assert ("20ng-20class", "accuracy", f"{accuracy:.4g}", "") in rows
+        low, high, _resamples = queries.run_result_intervals(pilot.app.store, SUCCEEDED_ENCODER)["20ng-20class"][
+            "accuracy"]
+        assert low < accuracy < high
+        assert ("20ng-20class", "accuracy", f"{accuracy:.4g}", f"[{low:.4g}, {high:.4g}]", "") in rows
         assert '"batch_size": 16' in str(screen.query_one("#spec").render())
         await pilot.press("5")
         log = screen.query_one("#log-view", Log)
@@ -292,7 +295,7 @@ def test_an_encoder_has_no_parse_failure_rate_a_blank_not_zero(seeded):
         assert str(screen.query_one("#parse-failures").render()) == "parse failures: –"
         results = screen.query_one("#results-table", DataTable)
         rows = [tuple(map(str, results.get_row_at(i))) for i in range(results.row_count)]
-        assert ("20ng-20class", "parse_failure_rate", "–", "") in rows
+        assert ("20ng-20class", "parse_failure_rate", "–", "", "") in rows  # no interval for a blank either
 
     run_app(make_app(seeded), scenario)
 

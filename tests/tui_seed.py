@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 from sqlalchemy import insert
 
-from clfbench.engine import metrics
+from clfbench.engine import metrics, stats
 from clfbench.engine.types import Prediction
 from clfbench.storage.db import open_store
 from clfbench.storage.models import Event, MetricPoint, PredictionRow, Result, Run
@@ -195,14 +195,25 @@ def _result_rows(run: SeedRun, predictions: dict[str, list[Prediction]], wall_ti
     rows = []
     for task, task_predictions in predictions.items():
         kind = "token" if task == SLOTS else "sequence"
-        values = metrics.task_results(kind, task_predictions, _labels(task) if kind == "sequence" else [])
+        labels = _labels(task) if kind == "sequence" else []
+        values = metrics.task_results(kind, task_predictions, labels)
         values["wall_time_s"] = wall_time
         values["examples_per_s"] = len(task_predictions) / wall_time
-        rows += [{"task": task, "metric": name, "value": float(value)} for name, value in values.items()]
+        counts = stats.task_counts(kind, task_predictions, labels)
+        rows += [{"task": task, "metric": name, "value": float(value),
+                  **_interval(counts[name] if name in counts else None)} for name, value in values.items()]
     if INTENT in predictions and SLOTS in predictions:
-        rows.append({"task": SLOTS, "metric": "exact_match",
-                     "value": metrics.joint_exact_match(predictions[INTENT], predictions[SLOTS])})
+        joint = stats.exact_match_counts(predictions[INTENT], predictions[SLOTS], metrics.DEFAULT_SLOT_RULE)
+        rows.append({"task": SLOTS, "metric": "exact_match", "value": joint.value(), **_interval(joint)})
     return rows
+
+
+def _interval(counts) -> dict:
+    """A result's 95% bootstrap interval, as the worker stores it (none for counts, times and rates per second)."""
+    if counts is None:
+        return {"low": None, "high": None, "resamples": None}  # one executemany: every row has the same keys
+    interval = stats.bootstrap_interval(counts)
+    return {"low": interval.low, "high": interval.high, "resamples": interval.resamples}
 
 
 def _log_lines(run_id: int, run: SeedRun) -> str:

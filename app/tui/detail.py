@@ -95,6 +95,7 @@ class DetailScreen(Screen):
         self.log_noise = LauncherNoise()  # the log tab shows the run's lines, not torchrun's traceback
         self.results: dict[str, dict[str, float]] = {}
         self.result_rules: dict[str, dict[str, str]] = {}  # task -> metric -> the rule it was computed under
+        self.intervals: dict[str, dict[str, tuple]] = {}  # task -> metric -> (low, high, resamples)
 
     def compose(self) -> ComposeResult:
         yield TitleBar(f"run {self.run_id}", id="title")
@@ -108,7 +109,7 @@ class DetailScreen(Screen):
                 yield Static("", classes="summary", id="parse-failures")
             with TabPane("3 Results", id="results"):
                 table = KeyTable(cursor_type="row", zebra_stripes=True, id="results-table")
-                table.add_columns("task", "metric", "value", "rule")
+                table.add_columns("task", "metric", "value", "95% interval", "rule")
                 yield table
             with TabPane("4 Config", id="config"):
                 with VerticalScroll():
@@ -135,16 +136,17 @@ class DetailScreen(Screen):
         new_points = queries.metric_series(self.store, self.run_id, after_id=self.last_point_id)
         results = queries.run_results(self.store, self.run_id)
         rules = queries.run_result_rules(self.store, self.run_id)
+        intervals = queries.run_result_intervals(self.store, self.run_id)
         log_text, log_offset = read_log(run["log_path"], self.log_offset)
         if not get_current_worker().is_cancelled:
-            call_if_open(self, self.show, run, new_points, results, log_text, log_offset, rules)
+            call_if_open(self, self.show, run, new_points, results, log_text, log_offset, rules, intervals)
 
     def gone(self) -> None:
         self.notify(f"run {self.run_id} no longer exists", severity="warning")
         self.action_close()
 
     def show(self, run: dict, new_points: list[dict], results: dict, log_text: str, log_offset: int,
-             rules: dict | None = None) -> None:
+             rules: dict | None = None, intervals: dict | None = None) -> None:
         spec_changed = self.run is None or self.run["spec_json"] != run["spec_json"] or \
             self.run["error"] != run["error"]
         attempt_changed = self.run is None or run["attempt"] != self.run["attempt"]
@@ -158,8 +160,9 @@ class DetailScreen(Screen):
         self.points = self.points_by_attempt.setdefault(run["attempt"], {})
         if new_points or attempt_changed:  # a retry charts its own points, not the first attempt's
             self.draw_charts()
-        if results != self.results or (rules or {}) != self.result_rules:  # `clfbench rescore` changes rules
-            self.results, self.result_rules = results, rules or {}
+        # `clfbench rescore` changes rules and adds intervals
+        if results != self.results or (rules or {}) != self.result_rules or (intervals or {}) != self.intervals:
+            self.results, self.result_rules, self.intervals = results, rules or {}, intervals or {}
             self.fill_results()
         self.update_summaries()
         if spec_changed:
@@ -245,7 +248,10 @@ class DetailScreen(Screen):
         for task, values in sorted(self.results.items()):
             for metric, value in sorted(values.items()):
                 rule = self.result_rules.get(task, {}).get(metric, "")  # how slot spans were read
-                table.add_row(task, metric, f"{value:.4g}" if self.metric_applies(metric) else "–", rule)
+                applies = self.metric_applies(metric)
+                interval = self.intervals.get(task, {}).get(metric)  # bootstrap over test examples
+                ends = f"[{interval[0]:.4g}, {interval[1]:.4g}]" if interval and applies else ""
+                table.add_row(task, metric, f"{value:.4g}" if applies else "–", ends, rule)
 
     def update_spec(self) -> None:
         try:
