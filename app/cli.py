@@ -6,28 +6,11 @@ Every user error is one line on stderr, `error: ...`, and exit code 1; nothing i
 """
 from __future__ import annotations
 
+# Ctrl-C is one line from the first moment on: app/__init__.py installs the handler before this module is read.
 import json
 import os
-import signal
 import sys
 import time
-
-
-def _interrupted(_signum, _frame) -> None:
-    """Ctrl-C in a command: one line and exit 130, at any moment (typer turns a KeyboardInterrupt into a silent
-    exit, and one during the imports below would be a traceback). Store writes are transactions, so nothing is
-    half-written; the engine puts its own handler in place (a graceful stop) once it runs."""
-    try:
-        sys.stdout.flush()
-    finally:
-        os.write(2, b"error: interrupted\n")
-        os._exit(130)
-
-
-# Only when this process is the command line (`clfbench ...`, `python -m clfbench.app.cli`), not when a test or
-# another program imports the module; installed before the slow imports so start-up is covered too.
-if __name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "clfbench":
-    signal.signal(signal.SIGINT, _interrupted)
 from pathlib import Path
 from typing import Any, Optional
 
