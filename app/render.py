@@ -118,8 +118,9 @@ def cells_note(matrix: Matrix, percent: bool) -> str:
 
 
 def lower_is_better(metric: str) -> bool:
-    """Failure rates, losses and times are best when smallest."""
-    return metric == "parse_failure_rate" or "loss" in metric or metric.endswith("_time_s")
+    """Failure rates, losses, times and costs (GPU-seconds, memory, dollars) are best when smallest."""
+    return metric == "parse_failure_rate" or "loss" in metric or metric.endswith(("_time_s", "_gb", "_usd")) \
+        or metric == "gpu_seconds"
 
 
 def best_per_column(matrix: Matrix) -> dict[str, tuple]:

@@ -163,8 +163,25 @@ def _prediction_rows(task: str, predictions: list[Prediction]) -> list[dict]:
     return rows
 
 
+def run_costs(device: str, world_size: int, wall_time_s: float) -> dict[str, float]:
+    """What a run cost, recorded the same way for every method, so the matrix can show any of them beside its
+    quality (`clfbench results --metric gpu_seconds`): GPU-seconds (the run's GPUs × its wall time; 0 on CPU), the
+    peak resident memory of rank 0's process, and on a GPU the peak memory torch allocated on rank 0's device."""
+    import resource
+
+    on_gpu = device.startswith("cuda")
+    # ru_maxrss is in kB on Linux (bytes on macOS, where clfbench does not train).
+    costs = {"gpu_seconds": (world_size if on_gpu else 0) * wall_time_s,
+             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+    if on_gpu:
+        import torch
+
+        costs["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(torch.device(device)) / 1e9
+    return costs
+
+
 def result_rows(tasks: list[TaskData], predictions: dict[str, list[Prediction]], extra: dict[str, dict[str, float]],
-                wall_time_s: float) -> list[dict]:
+                wall_time_s: float, costs: dict[str, float] | None = None) -> list[dict]:
     """Every task's scores, then the joint ones. A slot score's row names the rule its spans were read under
     (`rule`), so a number never travels without the definition that produced it."""
     rows = []
@@ -172,6 +189,7 @@ def result_rows(tasks: list[TaskData], predictions: dict[str, list[Prediction]],
         values = metrics.task_results(task.kind, predictions[task.name], task.labels, task.slot_metric)
         values.update(extra.get(task.name, {}))
         values["wall_time_s"] = wall_time_s
+        values.update(costs or {})
         intervals = {name: stats.bootstrap_interval(counts) for name, counts in
                      stats.task_counts(task.kind, predictions[task.name], task.labels, task.slot_metric).items()}
         rows += [_result_row(task, name, value, intervals.get(name)) for name, value in values.items()]
@@ -249,7 +267,9 @@ def _finish(store, ctx: RunContext, output: MethodOutput | None, started: float)
         raise RuntimeError(f"method {ctx.method} returned no output on rank 0")
     predictions = join_predictions(ctx.tasks, output)
     rows = [row for task in ctx.tasks for row in _prediction_rows(task.name, predictions[task.name])]
-    results = result_rows(ctx.tasks, predictions, output.extra_results, wall_time_s=time.time() - started)
+    wall_time_s = time.time() - started
+    results = result_rows(ctx.tasks, predictions, output.extra_results, wall_time_s=wall_time_s,
+                          costs=run_costs(ctx.device, ctx.world_size, wall_time_s))
     # Through an outage: retried for the window (storage.outage), then StoreUnreachable. A commit whose answer the
     # outage swallowed is retried too and then refused (the run is no longer running): it was written.
     if retrying(lambda: queue.finish_succeeded(store, ctx.run_id, ctx.attempt, rows, results),

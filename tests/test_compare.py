@@ -168,3 +168,15 @@ def test_significance_bolds_the_cells_not_shown_worse_than_the_best(cli, two_run
     assert any("Holm-corrected over the column" in note for note in exported["notes"])
     plain = cli.json("results")  # without --significance only the best is bold
     assert [v for row in plain["rows"] for v in [row["cells"]["massive-intent"]["bold"]]].count(True) == 1
+
+
+def test_every_run_records_what_it_cost_and_the_matrix_shows_it_lowest_best(cli, two_runs):
+    costs = {run: cli.json("show", str(run))["results"]["massive-intent"] for run in two_runs}
+    for values in costs.values():
+        assert values["gpu_seconds"] == 0.0  # a CPU run
+        assert 0.05 < values["peak_rss_gb"] < 16  # rank 0's resident memory: Python, scikit-learn and the data
+        assert values["wall_time_s"] > 0
+    exported = cli.json("results", "--metric", "peak_rss_gb")
+    cells = [row["cells"]["massive-intent"] for row in exported["rows"]]
+    (bold,) = [cell for cell in cells if cell["bold"]]
+    assert bold["mean"] == min(cell["mean"] for cell in cells)  # a cost: the smallest is the best
