@@ -442,6 +442,42 @@ def errors_command(
             typer.echo(f"    raw output: {r['raw_output'][:200]!r}")
 
 
+@app.command("plot")
+def plot_command(
+    task: str = typer.Option(..., "--task", "-t", help="the results column to plot (as `clfbench results` names it)"),
+    x: str = typer.Option("wall_time_s", "--x", help="the cost axis: wall_time_s, gpu_seconds, peak_rss_gb, "
+                                                     "test_examples_per_s, cost_usd, ... (any result metric)"),
+    y: str = typer.Option("auto", "--y", help="the quality axis: auto (accuracy / slot F1), or any result metric"),
+    model: Optional[str] = typer.Option(None, "--model", help="only models containing this text"),
+    method: Optional[str] = typer.Option(None, "--method", help="only methods containing this text"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write an SVG here instead of drawing"),
+) -> None:
+    """Quality against cost on one task, one point per results row, the Pareto front marked: in the terminal, or
+    as SVG (-o plot.svg) for a paper."""
+    from clfbench.app.plot import points_of, svg_plot, terminal_plot
+
+    s = store()
+    matrices = [queries.results_matrix(s, metric=metric, model=model, method=method,
+                                       ignore=execution_options(), defaults=option_defaults()) for metric in (y, x)]
+    quality, cost = matrices
+    if task not in quality.columns:
+        fail(f"no results column '{task}' for {y}" + (f" (columns: {', '.join(quality.columns)})"
+                                                      if quality.columns else " (no results yet)"))
+    points = points_of(quality, cost, task)
+    if not points:
+        fail(f"no row has both {y} and {x} on {task}; `clfbench results --metric {x}` shows which runs record {x}")
+    y_name = f"{'accuracy / slot F1' if y == 'auto' else y}{' (fraction)' if render.is_percent_metric(y) else ''}"
+    if output is None:
+        typer.echo(terminal_plot(points, x, y_name, width=min(console.width, 100)))
+        return
+    try:
+        output.write_text(svg_plot(points, x, y_name, title=f"{task}: {y_name} against {x}"))
+    except OSError as error:
+        fail(f"cannot write {output}: {error.strerror or error}")
+    front = sum(p.on_front for p in points)
+    typer.echo(f"wrote {output}: {len(points)} points, {front} on the Pareto front")
+
+
 @app.command("compare")
 def compare_command(
     run_a: int = typer.Argument(..., help="run id"),

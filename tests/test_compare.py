@@ -180,3 +180,34 @@ def test_every_run_records_what_it_cost_and_the_matrix_shows_it_lowest_best(cli,
     cells = [row["cells"]["massive-intent"] for row in exported["rows"]]
     (bold,) = [cell for cell in cells if cell["bold"]]
     assert bold["mean"] == min(cell["mean"] for cell in cells)  # a cost: the smallest is the best
+
+
+def test_plot_draws_quality_against_cost_with_the_pareto_front(cli, two_runs, tmp_path):
+    import xml.etree.ElementTree as ElementTree
+
+    quality = {run: cli.json("show", str(run))["results"]["massive-intent"] for run in two_runs}
+    drawn = cli.run("plot", "--task", "massive-intent", "--x", "peak_rss_gb").stdout
+    assert drawn.count("peak_rss_gb") >= 3 and "Pareto front" in drawn
+    target = tmp_path / "pareto.svg"
+    printed = cli.run("plot", "--task", "massive-intent", "--x", "peak_rss_gb", "-o", str(target)).stdout
+    svg = ElementTree.parse(target).getroot()
+    circles = svg.findall("{http://www.w3.org/2000/svg}circle")
+    assert len(circles) == 3 and f"wrote {target}: 3 points" in printed
+    # The most accurate run is never dominated: nothing beats its accuracy.
+    best = max(two_runs, key=lambda run: quality[run]["accuracy"])
+    front = [c.find("{http://www.w3.org/2000/svg}title").text for c in circles if c.get("fill") == "#c0392b"]
+    assert front and len(front) <= 3
+    assert any(f"{quality[best]['accuracy']:.4g}" in line and "◆" in line for line in drawn.splitlines())
+    assert_one_line_error(cli.run("plot", "--task", "massive-slots", check=False), "no results column 'massive-slots'")
+
+
+def test_the_pareto_front_keeps_exactly_the_undominated_points():
+    from clfbench.app.plot import Point, mark_front
+
+    points = [Point("cheap, poor", 1, 0.5), Point("dear, good", 10, 0.9), Point("dear, poor", 10, 0.4),
+              Point("middling", 5, 0.7), Point("worse middling", 6, 0.6), Point("tie", 5, 0.7)]
+    front = {p.label for p in mark_front(points, x_lower_better=True, y_lower_better=False) if p.on_front}
+    assert front == {"cheap, poor", "dear, good", "middling", "tie"}
+    # Throughput is better high: the fastest and the best remain.
+    fast = {p.label for p in mark_front(points, x_lower_better=False, y_lower_better=False) if p.on_front}
+    assert fast == {"dear, good"}
