@@ -478,6 +478,55 @@ def plot_command(
     typer.echo(f"wrote {output}: {len(points)} points, {front} on the Pareto front")
 
 
+@app.command("report")
+def report_command(
+    output: Path = typer.Option(..., "--output", "-o", help="report.md (plots as SVG files beside it) or report.html"),
+    model: Optional[str] = typer.Option(None, "--model", help="only models containing this text"),
+    method: Optional[str] = typer.Option(None, "--method", help="only methods containing this text"),
+    task: Optional[str] = typer.Option(None, "--task", help="only tasks containing this text"),
+    runs: Optional[str] = typer.Option(None, "--runs", help="runs to detail, e.g. 3,5 (default: each column's best)"),
+    alpha: float = typer.Option(0.05, "--alpha", help="significance level of the matrix's marks"),
+) -> None:
+    """A report for a paper or a pull request: the matrix with intervals and significance marks, quality against
+    cost with the Pareto front, and the chosen runs' specs, code versions, per-label scores and confusions."""
+    from clfbench.app.report import COST_AXES, build_report, write_html, write_markdown
+
+    if output.suffix not in (".md", ".html"):
+        fail(f"--output must end in .md or .html, got {output.name}")
+    if not 0 < alpha < 1:
+        fail(f"--alpha must be between 0 and 1, got {alpha}")
+    if not output.parent.is_dir():
+        fail(f"cannot write {output}: {output.parent} is not a folder")
+    s = store()
+    filters = dict(model=model, method=method, task=task, ignore=execution_options(), defaults=option_defaults())
+    quality = queries.results_matrix(s, **filters)
+    if not quality.rows:
+        fail("no results to report" + (" with these filters" if model or method or task else ""))
+    chosen = _report_runs(s, runs, quality)
+    costs = {axis: queries.results_matrix(s, metric=axis, **filters) for axis in COST_AXES}
+    blocks = build_report(s, quality, costs, chosen, alpha)
+    try:
+        written = (write_html if output.suffix == ".html" else write_markdown)(blocks, output)
+    except OSError as error:
+        fail(f"cannot write {output}: {error.strerror or error}")
+    typer.echo(f"wrote {', '.join(str(path) for path in written)} (runs detailed: "
+               f"{', '.join(map(str, chosen))})")
+
+
+def _report_runs(s: Store, runs: Optional[str], quality) -> list[int]:
+    """The runs a report details: those given, else each column's best run."""
+    if not runs:
+        return sorted({quality.cells[(row, column)].run_ids[0]
+                       for column, row in render.best_per_column(quality).items()})
+    try:
+        chosen = [int(part) for part in runs.split(",") if part.strip()]
+    except ValueError:
+        fail(f"--runs takes run ids separated by commas, e.g. 3,5; got '{runs}'")
+    for run_id in chosen:
+        get_run_or_fail(s, run_id)
+    return chosen
+
+
 @app.command("compare")
 def compare_command(
     run_a: int = typer.Argument(..., help="run id"),

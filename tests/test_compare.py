@@ -211,3 +211,29 @@ def test_the_pareto_front_keeps_exactly_the_undominated_points():
     # Throughput is better high: the fastest and the best remain.
     fast = {p.label for p in mark_front(points, x_lower_better=False, y_lower_better=False) if p.on_front}
     assert fast == {"dear, good"}
+
+
+def test_a_report_holds_the_matrix_the_plot_and_each_chosen_runs_details(cli, two_runs, tmp_path):
+    import xml.etree.ElementTree as ElementTree
+    from html.parser import HTMLParser
+
+    words, pairs, _fewer = two_runs
+    target = tmp_path / "report.md"
+    printed = cli.run("report", "-o", str(target), "--runs", f"{words},{pairs}").stdout
+    text = target.read_text()
+    matrix_cell = cli.json("results")["rows"][0]["cells"]["massive-intent"]["text"]
+    assert "## Results" in text and matrix_cell in text and "Holm-corrected" in text
+    assert f"## Run {words}: tfidf · tfidf · massive-intent" in text and f"## Run {pairs}:" in text
+    assert '"max_ngram": 1' in text  # the exact spec, its local paths shortened for sharing
+    assert str(SAMPLES) not in text and '"data_dir": "…/engine/sample_data"' in text
+    assert "per-label scores" in text and "most frequent confusions" in text and "| accuracy |" in text
+    plots = sorted(tmp_path.glob("report-*.svg"))
+    assert plots and all(ElementTree.parse(plot).getroot().tag.endswith("svg") for plot in plots)
+    assert f"({plots[0].name})" in text and str(plots[0]) in printed
+    page = tmp_path / "report.html"
+    cli.run("report", "-o", str(page))
+    HTMLParser().feed(page.read_text())
+    assert "<svg" in page.read_text() and "<table>" in page.read_text()
+    assert_one_line_error(cli.run("report", "-o", str(tmp_path / "report.txt"), check=False), ".md or .html")
+    assert_one_line_error(cli.run("report", "-o", str(tmp_path / "report.md"), "--runs", "x", check=False),
+                          "--runs takes run ids")
