@@ -40,6 +40,18 @@ def built_store(tmp_path_factory) -> tuple[Path, tuple[int, int, int]]:
     return home / "clfbench.db", (words["id"], pairs["id"], fewer["id"])
 
 
+def stored(cli, run_id: int) -> dict:
+    """A run's stored results, read in-process (the expectations; what is under test goes through the CLI)."""
+    from clfbench.storage import queries
+    from clfbench.storage.db import open_store
+
+    store = open_store(f"sqlite:///{cli.home / 'clfbench.db'}")
+    try:
+        return queries.run_results(store, run_id)["massive-intent"]
+    finally:
+        store.engine.dispose()
+
+
 @pytest.fixture
 def two_runs(cli, built_store):
     database, ids = built_store
@@ -79,7 +91,6 @@ def test_rescore_gives_results_stored_before_intervals_the_same_ones(cli, two_ru
     before = cli.json("show", str(words))["result_intervals"]
     with sqlite3.connect(cli.home / "clfbench.db") as connection:  # as a store made before schema v5 holds them
         connection.execute("UPDATE results SET low = NULL, high = NULL, resamples = NULL")
-    assert cli.json("show", str(words))["result_intervals"] == {}
     assert "±" not in cli.json("results")["rows"][0]["cells"]["massive-intent"]["text"]
     printed = cli.run("rescore", str(words)).stdout
     assert "massive-intent accuracy" in printed and "95% interval" in printed and "added" in printed
@@ -99,7 +110,7 @@ def test_compare_pairs_two_runs_with_mcnemar_and_the_paired_bootstrap(cli, two_r
                         [agreement["only b right"], agreement["both wrong"]]], exact=True).pvalue
     assert accuracy["metric"] == "accuracy" and accuracy["difference"]["test"] == "McNemar exact"
     assert accuracy["difference"]["p_value"] == pytest.approx(expected)
-    shown = {run: cli.json("show", str(run))["results"]["massive-intent"] for run in (words, pairs)}
+    shown = {run: stored(cli, run) for run in (words, pairs)}
     assert accuracy["value_a"] == pytest.approx(shown[words]["accuracy"])
     assert accuracy["difference"]["value"] == pytest.approx(shown[words]["accuracy"] - shown[pairs]["accuracy"])
     assert macro_f1["value_b"] == pytest.approx(shown[pairs]["macro_f1"])
@@ -161,8 +172,13 @@ def test_significance_bolds_the_cells_not_shown_worse_than_the_best(cli, two_run
     best = max(cells, key=lambda variant: cells[variant]["mean"])
     others = [variant for variant in cells if variant != best]
     # The same p-values `compare` gives against the best run (McNemar exact, on their shared examples), then Holm.
-    p_values = [cli.json("compare", str(cells[v]["runs"][0]), str(cells[best]["runs"][0]))["tasks"][0]["metrics"][0]
-                ["difference"]["p_value"] for v in others]
+    from clfbench.app.compare import cell_p_value
+    from clfbench.storage.db import open_store
+
+    store = open_store(f"sqlite:///{cli.home / 'clfbench.db'}")
+    p_values = [cell_p_value(store, cells[v]["runs"][0], cells[best]["runs"][0], "massive-intent", "accuracy")
+                for v in others]
+    store.engine.dispose()
     assert cells[best]["bold"]
     assert [cells[v]["bold"] for v in others] == [p >= 0.05 for p in stats.holm(p_values)]
     assert any("Holm-corrected over the column" in note for note in exported["notes"])
@@ -171,7 +187,7 @@ def test_significance_bolds_the_cells_not_shown_worse_than_the_best(cli, two_run
 
 
 def test_every_run_records_what_it_cost_and_the_matrix_shows_it_lowest_best(cli, two_runs):
-    costs = {run: cli.json("show", str(run))["results"]["massive-intent"] for run in two_runs}
+    costs = {run: stored(cli, run) for run in two_runs}
     for values in costs.values():
         assert values["gpu_seconds"] == 0.0  # a CPU run
         assert 0.05 < values["peak_rss_gb"] < 16  # rank 0's resident memory: Python, scikit-learn and the data
@@ -185,7 +201,7 @@ def test_every_run_records_what_it_cost_and_the_matrix_shows_it_lowest_best(cli,
 def test_plot_draws_quality_against_cost_with_the_pareto_front(cli, two_runs, tmp_path):
     import xml.etree.ElementTree as ElementTree
 
-    quality = {run: cli.json("show", str(run))["results"]["massive-intent"] for run in two_runs}
+    quality = {run: stored(cli, run) for run in two_runs}
     drawn = cli.run("plot", "--task", "massive-intent", "--x", "peak_rss_gb").stdout
     assert drawn.count("peak_rss_gb") >= 3 and "Pareto front" in drawn
     target = tmp_path / "pareto.svg"

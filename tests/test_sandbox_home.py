@@ -1,6 +1,6 @@
 """The test command stays in its sandbox: with HOME pointed at a temp folder, a run of the tests that resolve real
-models (SmolLM2's GGUF conversion once wrote 517 MB into the user's ~/.clfbench), drive the CLI and the engine, and
-open the TUI leaves that folder exactly as it was."""
+models (SmolLM2's GGUF conversion once wrote 517 MB into the user's ~/.clfbench) and drive the CLI, the engine and
+a worker leaves that folder exactly as it was."""
 from __future__ import annotations
 
 import os
@@ -10,13 +10,11 @@ from pathlib import Path
 
 from conftest import ROOT
 
-# Tests that reach the places a home could be written: SmolLM2's resolution and the shared model cache, the real
-# CLI's listings, a real run under the engine and torchrun with its results and errors, and the TUI starting the
-# engine. (The whole suite is checked too, for the user's own clfbench folders: conftest.pytest_sessionfinish.)
+# Tests that reach the places a home could be written: SmolLM2's resolution and the shared model cache, and a real
+# run queued through the CLI, run under the engine, torchrun and the worker, with its results and errors read back.
+# (The whole suite is checked too, for the user's own clfbench folders: conftest.pytest_sessionfinish.)
 SUBSET = ["tests/test_models.py::test_smollm2_is_converted_once_and_cached",
-          "tests/test_cli.py::test_listing_commands",
-          "tests/test_e2e.py::test_queue_run_results_errors",
-          "tests/test_tui.py::test_tui_starts_the_engine_and_its_keys_stop_and_start_it"]
+          "tests/test_e2e.py::test_queue_run_results_errors"]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:

@@ -199,13 +199,26 @@ def _result_rows(run: SeedRun, predictions: dict[str, list[Prediction]], wall_ti
         values = metrics.task_results(kind, task_predictions, labels)
         values["wall_time_s"] = wall_time
         values["examples_per_s"] = len(task_predictions) / wall_time
-        counts = stats.task_counts(kind, task_predictions, labels)
+        intervals = _intervals(kind, task_predictions, labels)
         rows += [{"task": task, "metric": name, "value": float(value),
-                  **_interval(counts[name] if name in counts else None)} for name, value in values.items()]
+                  **intervals.get(name, _interval(None))} for name, value in values.items()]
     if INTENT in predictions and SLOTS in predictions:
         joint = stats.exact_match_counts(predictions[INTENT], predictions[SLOTS], metrics.DEFAULT_SLOT_RULE)
         rows.append({"task": SLOTS, "metric": "exact_match", "value": joint.value(), **_interval(joint)})
     return rows
+
+
+_INTERVALS: dict[tuple, dict[str, dict]] = {}
+
+
+def _intervals(kind: str, predictions: list[Prediction], labels: list[str]) -> dict[str, dict]:
+    """Each metric's interval columns, computed once per process for the same predictions (every TUI test seeds a
+    fresh store; the bootstrap would otherwise be most of the seeding time)."""
+    key = (kind, tuple((p.example_id, str(p.gold), str(p.predicted), p.parse_status) for p in predictions))
+    if key not in _INTERVALS:
+        _INTERVALS[key] = {name: _interval(counts) for name, counts in
+                           stats.task_counts(kind, predictions, labels).items()}
+    return _INTERVALS[key]
 
 
 def _interval(counts) -> dict:
