@@ -261,14 +261,15 @@ def no_process_left(store, run_id: int, attempt: int) -> bool:
 
 
 def attempts_did_not_overlap(store, run_id: int) -> bool:
-    """The first attempt wrote its last metric point before the second attempt wrote its first."""
+    """The first attempt wrote its last metric point before the second attempt wrote its first (or wrote none: on a
+    fast box a worker killed at its first checkpoint can die before its first batch of points is flushed)."""
     with store.read() as connection:
         spans = dict(connection.execute(text(
             "SELECT attempt, max(time) FROM metric_points WHERE run_id = :r AND attempt = 1 GROUP BY attempt"
         ), {"r": run_id}).all())
         first_of_second = connection.execute(text(
             "SELECT min(time) FROM metric_points WHERE run_id = :r AND attempt = 2"), {"r": run_id}).scalar()
-    return first_of_second is not None and spans[1] < first_of_second
+    return first_of_second is not None and spans.get(1, float("-inf")) < first_of_second
 
 
 def store_run(store, run_id: int) -> dict:
