@@ -140,7 +140,11 @@ def _mount_tmpfs(folder: Path, size: str) -> None:
 def _fill(folder: Path) -> Path:
     """Write a file until the disk is full."""
     filler = folder / "filler"
-    with open(filler, "wb") as handle:
+    try:
+        handle = open(filler, "wb")
+    except OSError:  # already full (the store's WAL took the last of it): the ballast is what frees space
+        return filler
+    with handle:
         try:
             while True:
                 handle.write(b"\0" * 65536)
@@ -153,8 +157,11 @@ def _fill(folder: Path) -> Path:
 def test_a_full_disk_under_sqlite_ends_the_attempt_interrupted_and_the_run_resumes_after_space_is_freed(
         cli, tmp_path, tiny_bert):
     disk = tmp_path / "disk"  # the store alone; the run's folder (log, checkpoint, spill file) is elsewhere
-    _mount_tmpfs(disk, "8m")
+    _mount_tmpfs(disk, "16m")
     try:
+        # Freed with the filler: space comes back even when the store itself filled the disk before the filler.
+        ballast = disk / "ballast"
+        ballast.write_bytes(b"\0" * 512 * 1024)
         url = f"sqlite:///{disk / 'store.db'}"
         run_id = _queue(cli, url, tiny_bert, 200, "-o", "checkpoint_every=50")  # 800 steps
         env = dict(cli.env, CLFBENCH_STORE_OUTAGE_S="3")  # give up on training after 3 s without the store
@@ -169,7 +176,8 @@ def test_a_full_disk_under_sqlite_ends_the_attempt_interrupted_and_the_run_resum
             stopped_line = [line for line in log_path.read_text().splitlines() if "stopped: the store" in line]
             assert len(stopped_line) == 1, log_path.read_text()[-3000:]
             assert "database or disk is full" in stopped_line[0] and "CLFBENCH_STORE_OUTAGE_S=3" in stopped_line[0]
-            filler.unlink()  # space again: the worker writes what it holds, exits, the next attempt resumes
+            filler.unlink(missing_ok=True)  # space again: the worker writes what it holds, exits, the next
+            ballast.unlink()                # attempt resumes
             _finish(engine)
         finally:
             if engine.poll() is None:
