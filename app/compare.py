@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from clfbench.engine import metrics, stats
 from clfbench.engine.tasks.identity import frozen_tasks
-from clfbench.engine.types import ClfbenchError, Prediction
+from clfbench.engine.rescore import as_predictions
+from clfbench.engine.types import ClfbenchError
 from clfbench.storage import queries
 from clfbench.storage.db import Store
 from clfbench.storage.queries import Matrix
@@ -48,10 +49,6 @@ def _rows_by_id(store: Store, run_id: int, task: str) -> dict[str, dict]:
     return {row["example_id"]: row for row in queries.predictions(store, run_id, task)}
 
 
-def _tags(value: str | None) -> list[str] | None:
-    return None if value is None else value.split()
-
-
 def _task_labels(run: dict, task: str) -> list[str] | None:
     from clfbench.app.error_analysis import task_labels
 
@@ -63,8 +60,8 @@ def _right_flags(kind: str, rows: list[dict], rule: str) -> list[bool]:
     """Per example, whether a run got it right: the label, or (token task) every tag as the rule reads them."""
     if kind == "sequence":
         return [row["predicted"] is not None and row["predicted"] == row["gold"] for row in rows]
-    gold, predicted = metrics.rule_sequences([_tags(r["gold"]) or [] for r in rows],
-                                             [_tags(r["predicted"]) for r in rows], rule)
+    gold, predicted = metrics.rule_sequences([metrics.as_tags(r["gold"]) or [] for r in rows],
+                                             [metrics.as_tags(r["predicted"]) for r in rows], rule)
     return [g == p for g, p in zip(gold, predicted)]
 
 
@@ -150,7 +147,8 @@ def _sequence_counts(rows: list[dict], labels: list[str]) -> dict[str, stats.Cou
 
 
 def _token_counts(rows: list[dict], rule: str, right: list[bool]) -> dict[str, stats.Counts]:
-    gold_tags, predicted_tags = [_tags(r["gold"]) or [] for r in rows], [_tags(r["predicted"]) for r in rows]
+    gold_tags = [metrics.as_tags(r["gold"]) or [] for r in rows]
+    predicted_tags = [metrics.as_tags(r["predicted"]) for r in rows]
     return {"slot_f1": stats.slot_counts(gold_tags, predicted_tags, rule)["slot_f1"],
             "exact_tags": stats.share_counts(right),
             "token_accuracy": stats.token_accuracy_counts(gold_tags, predicted_tags)}
@@ -174,14 +172,6 @@ def shared_tasks(run_a: dict, run_b: dict) -> list[str]:
 
 # ---- significance marks in the results matrix -------------------------------------------------
 
-def _predictions(rows: list[dict], kind: str) -> list[Prediction]:
-    def tags(value):
-        return value.split() if kind == "token" and value is not None else value
-
-    return [Prediction(example_id=r["example_id"], text=r["text"], gold=tags(r["gold"]), predicted=tags(r["predicted"]),
-                       raw_output=r["raw_output"], parse_status=r["parse_status"]) for r in rows]
-
-
 def cell_p_value(store: Store, run_id: int, best_id: int, task: str, metric: str) -> float | None:
     """Two-sided p of run `run_id` against run `best_id` on `task`'s shared examples: McNemar's exact test for
     accuracy, the paired bootstrap for the other shares of examples; None for a metric that is no such share
@@ -197,8 +187,8 @@ def cell_p_value(store: Store, run_id: int, best_id: int, task: str, metric: str
         agreement = _agreement(right_a, right_b)
         return stats.mcnemar_exact(agreement["only a right"], agreement["only b right"])
     labels = sorted({r["gold"] for r in a} | {r["predicted"] for r in a + b if r["predicted"] is not None})
-    counts_a = stats.task_counts(kind, _predictions(a, kind), labels, rule).get(metric)
-    counts_b = stats.task_counts(kind, _predictions(b, kind), labels, rule).get(metric)
+    counts_a = stats.task_counts(kind, as_predictions(a, kind == "token"), labels, rule).get(metric)
+    counts_b = stats.task_counts(kind, as_predictions(b, kind == "token"), labels, rule).get(metric)
     if counts_a is None or counts_b is None:
         return None
     return stats.paired_bootstrap(counts_a, counts_b).p_value

@@ -39,8 +39,8 @@ def build_report(store: Store, quality: Matrix, costs: dict[str, Matrix], run_id
               Block("text", f"Store {store.label()}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
                             f"Local paths in specs are shortened to their last two parts (a report is shared); "
                             f"`clfbench show N` prints them whole.")]
-    best = render.best_per_column(render.applicable_cells(quality))
     matrix = render.applicable_cells(quality)
+    best = render.best_per_column(matrix)
     ties_note = mark_ties(store, matrix, best, alpha) if matrix.rows else ""
     header = ["model · method · shots"] + matrix.columns
     show_n = render.shared_n(matrix) is None

@@ -51,7 +51,7 @@ def _task_kinds_and_rules(run: dict) -> dict[str, tuple[str, str | None]]:
     return {task.name: (task.kind, task.slot_rule) for task in _task_definitions(run)}
 
 
-def _as_predictions(rows: list[dict], token: bool) -> list[Prediction]:
+def as_predictions(rows: list[dict], token: bool) -> list[Prediction]:
     """Stored prediction rows as Predictions: a token task's gold and predicted tags are stored joined by spaces."""
     def tags(value: str | None):
         return value.split() if token and value is not None else value
@@ -70,7 +70,7 @@ def rescored_rows(store: Store, run: dict) -> list[dict]:
     rows = []
     for name in token:
         rule = tasks[name][1] or metrics.DEFAULT_SLOT_RULE
-        stored = _as_predictions(queries.predictions(store, run["id"], name), token=True)
+        stored = as_predictions(queries.predictions(store, run["id"], name), token=True)
         if not stored:
             continue
         scores = metrics.slot_scores([p.gold for p in stored], [p.predicted for p in stored], rule)
@@ -79,7 +79,7 @@ def rescored_rows(store: Store, run: dict) -> list[dict]:
                   **_interval_columns(stats.bootstrap_interval(counts[metric]))}
                  for metric in ("slot_f1", "slot_precision", "slot_recall")]
         if len(token) == 1 and len(sequence) == 1:
-            intents = _as_predictions(queries.predictions(store, run["id"], sequence[0]), token=False)
+            intents = as_predictions(queries.predictions(store, run["id"], sequence[0]), token=False)
             joint = stats.exact_match_counts(intents, stored, rule)
             if joint is not None:
                 rows.append({"task": name, "metric": "exact_match", "value": joint.value(), "rule": rule,
@@ -108,15 +108,13 @@ def interval_rows(store: Store, run: dict, skip: set[tuple[str, str]] = frozense
     have = queries.run_result_intervals(store, run["id"])
     definitions = _task_definitions(run)
     by_name = {task.name: task for task in definitions}
-    predictions_of = {}
     rows = []
     for name, values in stored_values.items():
         task = by_name.get(name)
         wanted = [m for m in values if m not in have.get(name, {}) and (name, m) not in skip]
         if task is None or not wanted:
             continue
-        stored = _as_predictions(queries.predictions(store, run["id"], name), token=task.kind == "token")
-        predictions_of[name] = stored
+        stored = as_predictions(queries.predictions(store, run["id"], name), token=task.kind == "token")
         if not stored:
             continue
         try:
@@ -140,7 +138,7 @@ def _joint_interval_row(store: Store, run: dict, definitions: list[TaskDef], nam
     sequence = [task.name for task in definitions if task.kind == "sequence"]
     if len(sequence) != 1:
         return []
-    intents = _as_predictions(queries.predictions(store, run["id"], sequence[0]), token=False)
+    intents = as_predictions(queries.predictions(store, run["id"], sequence[0]), token=False)
     joint = stats.exact_match_counts(intents, stored, rule or metrics.DEFAULT_SLOT_RULE)
     if joint is None or abs(joint.value() - value) > 1e-9:
         return []
