@@ -454,7 +454,7 @@ def plot_command(
 ) -> None:
     """Quality against cost on one task, one point per results row, the Pareto front marked: in the terminal, or
     as SVG (-o plot.svg) for a paper."""
-    from clfbench.app.plot import points_of, svg_plot, terminal_plot
+    from clfbench.app.plot import points_of, quality_name, svg_plot, terminal_plot
 
     s = store()
     matrices = [queries.results_matrix(s, metric=metric, model=model, method=method,
@@ -466,7 +466,7 @@ def plot_command(
     points = points_of(quality, cost, task)
     if not points:
         fail(f"no row has both {y} and {x} on {task}; `clfbench results --metric {x}` shows which runs record {x}")
-    y_name = f"{'accuracy / slot F1' if y == 'auto' else y}{' (fraction)' if render.is_percent_metric(y) else ''}"
+    y_name = quality_name(s, quality, task)
     if output is None:
         typer.echo(terminal_plot(points, x, y_name, width=min(console.width, 100)))
         return
@@ -573,40 +573,28 @@ def compare_command(
 
 
 def _print_comparison(c, alpha: float) -> None:
+    from clfbench.app.compare import METRIC_COLUMNS, metric_rows, shared_note, verdict
+
     typer.echo("")
-    extra = ""
-    if c.only_a or c.only_b:
-        extra = (f"; the test sets differ (A alone has {c.only_a:,}, B alone {c.only_b:,}): compared on the shared "
-                 f"examples only")
-    typer.echo(f"{c.task}: {c.shared:,} test examples both answered{extra}"
-               + (f"; spans read under the '{c.rule}' rule" if c.rule else ""))
+    typer.echo(shared_note(c))
     table = Table(header_style="bold", box=None, pad_edge=False)
-    for column in ("metric", "A", "B", "A − B", "95% interval", "p", "test"):
+    for column in METRIC_COLUMNS:
         table.add_column(column, justify="left" if column in ("metric", "test") else "right")
-    for m in c.metrics:
-        d = m.difference
-        table.add_row(m.metric, f"{m.value_a * 100:.1f}", f"{m.value_b * 100:.1f}", f"{d.value * 100:+.1f}",
-                      f"[{d.low * 100:+.1f}, {d.high * 100:+.1f}]", f"{d.p_value:.3g}", d.test)
+    for row in metric_rows(c):
+        table.add_row(*row)
     console.print(table)
     agreement = c.agreement
     typer.echo(f"agreement ({'every tag right' if c.kind == 'token' else 'label right'}): both "
                f"{agreement['both right']:,} · only A {agreement['only a right']:,} · only B "
                f"{agreement['only b right']:,} · both wrong {agreement['both wrong']:,}")
     for m in c.metrics:
-        typer.echo(_verdict(m.metric, m.difference, alpha))
+        typer.echo(verdict(m.metric, m.difference, alpha))
     if c.labels_note:
         typer.echo(f"note: {c.labels_note}")
     if c.per_label:
         typer.echo("per-label F1, largest differences first: " + "; ".join(
             f"{label} {fa * 100:.0f} vs {fb * 100:.0f} (n={n})" for label, fa, fb, n in c.per_label[:8]))
     _print_disagreements(c.disagreements)
-
-
-def _verdict(metric: str, d, alpha: float) -> str:
-    if d.p_value < alpha:
-        return f"{metric}: {'A' if d.value > 0 else 'B'} is better by {abs(d.value) * 100:.1f} points " \
-               f"(p = {d.p_value:.3g} < {alpha:g})"
-    return f"{metric}: no significant difference at {alpha:g} (p = {d.p_value:.3g})"
 
 
 def _print_disagreements(disagreements: list[dict]) -> None:

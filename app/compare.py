@@ -165,6 +165,33 @@ def _per_label(a: list[dict], b: list[dict], labels: list[str]) -> list[tuple[st
     return sorted(rows, key=lambda row: (-abs(row[1] - row[2]), row[0]))
 
 
+def metric_rows(comparison: TaskComparison) -> list[tuple[str, ...]]:
+    """The metrics table as the CLI and the TUI print it: metric, A, B, A − B, its 95% interval, p, test (points)."""
+    return [(m.metric, f"{m.value_a * 100:.1f}", f"{m.value_b * 100:.1f}", f"{m.difference.value * 100:+.1f}",
+             f"[{m.difference.low * 100:+.1f}, {m.difference.high * 100:+.1f}]", f"{m.difference.p_value:.3g}",
+             m.difference.test) for m in comparison.metrics]
+
+
+METRIC_COLUMNS = ("metric", "A", "B", "A − B", "95% interval", "p", "test")
+
+
+def verdict(metric: str, difference: stats.Difference, alpha: float) -> str:
+    """One line a reader can quote: which run is better and by how much, or that the test found no difference."""
+    if difference.p_value < alpha:
+        return (f"{metric}: {'A' if difference.value > 0 else 'B'} is better by {abs(difference.value) * 100:.1f} "
+                f"points (p = {difference.p_value:.3g} < {alpha:g})")
+    return f"{metric}: no significant difference at {alpha:g} (p = {difference.p_value:.3g})"
+
+
+def shared_note(comparison: TaskComparison) -> str:
+    """How many examples were paired, and that the rest were left out when the test sets differ."""
+    note = f"{comparison.task}: {comparison.shared:,} test examples both answered"
+    if comparison.only_a or comparison.only_b:
+        note += (f"; the test sets differ (A alone has {comparison.only_a:,}, B alone {comparison.only_b:,}): "
+                 f"compared on the shared examples only")
+    return note + (f"; spans read under the '{comparison.rule}' rule" if comparison.rule else "")
+
+
 def shared_tasks(run_a: dict, run_b: dict) -> list[str]:
     tasks_b = run_b["task"].split("+")
     return [task for task in run_a["task"].split("+") if task in tasks_b]

@@ -24,7 +24,9 @@ class Point:
 
 
 def points_of(quality: Matrix, cost: Matrix, column: str) -> list[Point]:
-    """One point per row that has both numbers in `column` (a cell's mean over its seeds)."""
+    """One point per row that has both numbers in `column` (a cell's mean over its seeds); accuracy-like
+    qualities in percent, as every table and export of clfbench prints them."""
+    scale = 100.0 if render.is_percent_metric(quality.metric) else 1.0
     found = []
     for row in quality.rows:
         q, c = quality.cells.get((row, column)), cost.cells.get((row, column))
@@ -32,7 +34,7 @@ def points_of(quality: Matrix, cost: Matrix, column: str) -> list[Point]:
             continue
         if not render.metric_applies(quality.metric, row[1]):
             continue
-        found.append(Point(render.row_label(row), c.mean, q.mean))
+        found.append(Point(render.row_label(row), c.mean, q.mean * scale))
     return mark_front(found, x_lower_better=render.lower_is_better(cost.metric),
                       y_lower_better=render.lower_is_better(quality.metric))
 
@@ -47,8 +49,10 @@ def mark_front(points: list[Point], x_lower_better: bool, y_lower_better: bool) 
     return [Point(p.label, p.x, p.y, not any(dominates(o, p) for o in points if o is not p)) for p in points]
 
 
-def terminal_plot(points: list[Point], x_name: str, y_name: str, width: int = 80, height: int = 20) -> str:
-    """A plotext scatter: front points as ◆, the others as ·, each numbered; the numbers' legend under it."""
+def terminal_plot(points: list[Point], x_name: str, y_name: str, width: int = 80, height: int = 20,
+                  legend: bool = True) -> str:
+    """A plotext scatter: front points as ◆, the others as ·, each numbered; the numbers' legend under it
+    (legend=False: the caller lays its own out)."""
     import plotext
 
     plotext.clear_figure()
@@ -57,18 +61,21 @@ def terminal_plot(points: list[Point], x_name: str, y_name: str, width: int = 80
     for marker, on_front in (("·", False), ("◆", True)):
         chosen = [p for p in points if p.on_front == on_front]
         if chosen:
+            # The key in the plot's corner only with the legend: it can cover a point there.
             plotext.scatter([p.x for p in chosen], [p.y for p in chosen], marker=marker,
-                            label="Pareto front" if on_front else "dominated")
-    for number, p in enumerate(points, 1):
-        plotext.text(str(number), p.x, p.y)
+                            label=("Pareto front" if on_front else "dominated") if legend else None)
+    for number, p in enumerate(points, 1):  # the front's numbers in red: the numbers cover the markers
+        plotext.text(str(number), p.x, p.y, color="red" if p.on_front else "default")
     log_x = wide_range([p.x for p in points])
     if log_x:
         plotext.xscale("log")
     plotext.xlabel(x_name + (" (log scale)" if log_x else ""))
     plotext.ylabel(y_name)
-    legend = [f"{n:>3} {'◆' if p.on_front else '·'} {p.label}: {y_name} {p.y:.4g}, {x_name} {p.x:.4g}"
-              for n, p in enumerate(points, 1)]
-    return plotext.build() + "\n" + "\n".join(legend)
+    if not legend:
+        return plotext.build()
+    lines = [f"{n:>3} {'◆' if p.on_front else '·'} {p.label}: {y_name} {p.y:.4g}, {x_name} {p.x:.4g}"
+             for n, p in enumerate(points, 1)]
+    return plotext.build() + "\n" + "\n".join(lines)
 
 
 def svg_plot(points: list[Point], x_name: str, y_name: str, title: str, width: int = 720, height: int = 480) -> str:
@@ -116,6 +123,33 @@ def svg_plot(points: list[Point], x_name: str, y_name: str, title: str, width: i
     out.append(f'<text x="{width - right + 12}" y="{top + 14 * (len(points) + 2)}" fill="#c0392b">'
                f'red, joined: the Pareto front</text>')
     return "\n".join(out + ["</svg>"]) + "\n"
+
+
+COST_SUFFIXES = ("_per_s", "_time_s", "_gb", "_usd")
+
+
+def is_cost_metric(metric: str) -> bool:
+    """A metric that says what a run cost (speed, time, GPU-seconds, memory, dollars): a plot's x axis."""
+    return metric.endswith(COST_SUFFIXES) or metric == "gpu_seconds"
+
+
+def quality_name(store, quality: Matrix, column: str) -> str:
+    """axis_name for `column` of the quality matrix: a token column is one whose runs scored slot F1."""
+    from clfbench.storage import queries
+
+    run_ids = [cell.run_ids[0] for (_row, name), cell in quality.cells.items() if name == column]
+    task = quality.column_tasks.get(column, column)
+    token = bool(run_ids) and "slot_f1" in queries.run_results(store, run_ids[0]).get(task, {})
+    return axis_name(quality.metric, token_column=token if run_ids else None)
+
+
+def axis_name(metric: str, token_column: bool | None = None) -> str:
+    """The quality axis's name, in percent for accuracy-like metrics (points_of scales them). "auto" is slot F1
+    on a token column and accuracy on a sequence one (None: not known)."""
+    name = metric
+    if metric == "auto":
+        name = "accuracy / slot F1" if token_column is None else "slot F1" if token_column else "accuracy"
+    return name + (" (%)" if render.is_percent_metric(metric) else "")
 
 
 def wide_range(values: list[float]) -> bool:

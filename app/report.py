@@ -16,7 +16,7 @@ from pathlib import Path
 from clfbench.app import render
 from clfbench.app.compare import mark_ties
 from clfbench.app.error_analysis import error_report
-from clfbench.app.plot import points_of, svg_plot
+from clfbench.app.plot import points_of, quality_name, svg_plot
 from clfbench.storage import queries
 from clfbench.storage.db import Store
 from clfbench.storage.queries import Matrix
@@ -51,21 +51,22 @@ def build_report(store: Store, quality: Matrix, costs: dict[str, Matrix], run_id
     blocks += [Block("heading", "Results"), Block("table", rows=[header] + body),
                Block("text", render.cells_note(matrix, True))]
     blocks += [Block("text", note) for note in render.rule_notes(matrix) + ([ties_note] if ties_note else [])]
-    blocks += _plots(quality, costs)
+    blocks += _plots(store, quality, costs)
     for run_id in run_ids:
         blocks += _run_blocks(store, run_id)
     return blocks
 
 
-def _plots(quality: Matrix, costs: dict[str, Matrix]) -> list[Block]:
+def _plots(store: Store, quality: Matrix, costs: dict[str, Matrix]) -> list[Block]:
     blocks = [Block("heading", "Quality against cost")]
     for column in quality.columns:
         for axis in COST_AXES:
             points = points_of(quality, costs[axis], column)
             if len(points) >= 2:
                 name = f"{column}-{axis}".replace(" ", "_").replace("(", "").replace(")", "")
-                blocks.append(Block("svg", svg_plot(points, axis, "accuracy / slot F1 (fraction)",
-                                                    f"{column}: quality against {axis}"), name=f"{name}.svg"))
+                y_name = quality_name(store, quality, column)
+                blocks.append(Block("svg", svg_plot(points, axis, y_name, f"{column}: {y_name} against {axis}"),
+                                    name=f"{name}.svg"))
                 front = ", ".join(p.label for p in points if p.on_front)
                 blocks.append(Block("text", f"{column}: Pareto front ({axis}): {front}."))
                 break

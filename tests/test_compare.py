@@ -213,7 +213,9 @@ def test_plot_draws_quality_against_cost_with_the_pareto_front(cli, two_runs, tm
     best = max(two_runs, key=lambda run: quality[run]["accuracy"])
     front = [c.find("{http://www.w3.org/2000/svg}title").text for c in circles if c.get("fill") == "#c0392b"]
     assert front and len(front) <= 3
-    assert any(f"{quality[best]['accuracy']:.4g}" in line and "◆" in line for line in drawn.splitlines())
+    # In percent, as every table of clfbench prints accuracy.
+    assert any(f"accuracy (%) {quality[best]['accuracy'] * 100:.4g}" in line and "◆" in line
+               for line in drawn.splitlines())
     assert_one_line_error(cli.run("plot", "--task", "massive-slots", check=False), "no results column 'massive-slots'")
 
 
