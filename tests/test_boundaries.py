@@ -33,6 +33,7 @@ def test_tui_never_imports_ml_packages():
     # The TUI's screens, and the queue-time module the new-run form validates and queues runs through.
     loaded = modules_after_import("import clfbench.app.tui.app, clfbench.app.tui.runs, clfbench.app.tui.new_run, "
                                   "clfbench.app.tui.detail, clfbench.app.tui.results, clfbench.app.tui.errors, "
+                                  "clfbench.app.tui.compare, clfbench.app.tui.plot, "
                                   "clfbench.engine.submit, clfbench.app.cli")
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
 

@@ -485,11 +485,12 @@ def test_the_detail_keys_open_the_errors_and_a_prefilled_form(seeded):
 
 
 def test_screens_navigate_by_messages_and_never_import_each_other():
-    # A screen posts OpenRun / OpenErrors / OpenNewRun; only the app shell imports the screen modules.
+    # A screen posts OpenRun / OpenErrors / OpenNewRun / OpenCompare / OpenPlot; only the app shell imports the
+    # screen modules.
     from tests.architecture import ROOT, import_graph
 
     graph = import_graph()
-    screens = {f"app.tui.{name}" for name in ("runs", "detail", "errors", "results", "new_run")}
+    screens = {f"app.tui.{name}" for name in ("runs", "detail", "errors", "results", "new_run", "compare", "plot")}
     assert sorted(f"{module} -> {other}" for module in graph if module != "app.tui.app"
                   for other in graph[module] & screens) == []
     reaching_into_the_app = [path.name for path in (ROOT / "app" / "tui").glob("*.py")

@@ -190,6 +190,9 @@ def _metric_points(run_id: int, run: SeedRun, started: float, rng: random.Random
              "time": started + step * 1.5} for step, name, value in points]
 
 
+TEST_SPEED = {ENCODER: 310.0, PROMPT: 4.2, LLM_FT: 6.5}  # test examples/s on a GPU box, zero-shot
+
+
 def _result_rows(run: SeedRun, predictions: dict[str, list[Prediction]], wall_time: float) -> list[dict]:
     """What engine.worker.result_rows stores, from the same scorer (it is torch-free)."""
     rows = []
@@ -199,6 +202,8 @@ def _result_rows(run: SeedRun, predictions: dict[str, list[Prediction]], wall_ti
         values = metrics.task_results(kind, task_predictions, labels)
         values["wall_time_s"] = wall_time
         values["examples_per_s"] = len(task_predictions) / wall_time
+        # What the worker measures at test time: methods differ by orders of magnitude (the plot screen's x axis).
+        values["test_examples_per_s"] = TEST_SPEED[run.method] / (1 + 1.5 * run.shots / 5) * (1 + 0.05 * run.seed)
         intervals = _intervals(kind, task_predictions, labels)
         rows += [{"task": task, "metric": name, "value": float(value),
                   **intervals.get(name, _interval(None))} for name, value in values.items()]

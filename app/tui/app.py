@@ -4,8 +4,9 @@ The TUI is one more client of the store: it reads through storage.queries and wr
 queue functions as the CLI. Every store read and every engine start/stop runs in a thread worker, so the
 keyboard never waits on SQLite's writer lock or on a process starting.
 
-Navigation: a screen posts a message (app.tui.messages: OpenRun, OpenErrors, OpenNewRun) and the handlers
-here push the screen, so only this module imports the screen modules (a screen imports only its own dialogs).
+Navigation: a screen posts a message (app.tui.messages: OpenRun, OpenErrors, OpenNewRun, OpenCompare, OpenPlot)
+and the handlers here push the screen, so only this module imports the screen modules (a screen imports only
+dialogs).
 Screens other than the runs list are imported when first opened, which keeps the first paint fast.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 
 from clfbench.app.tui.dialogs import HelpScreen
-from clfbench.app.tui.messages import OpenErrors, OpenNewRun, OpenRun
+from clfbench.app.tui.messages import OpenCompare, OpenErrors, OpenNewRun, OpenPlot, OpenRun
 from clfbench.app.tui.palette import GuardedCommandPalette
 from clfbench.app.tui.runs import RunsScreen
 from clfbench.engine.types import ClfbenchError
@@ -135,6 +136,18 @@ class ClfbenchApp(App):
         from clfbench.app.tui.errors import ErrorsScreen
 
         self.push_screen(ErrorsScreen(self.store, message.run_id, task=message.task))
+
+    @on(OpenCompare)
+    def open_compare(self, message: OpenCompare) -> None:
+        from clfbench.app.tui.compare import CompareScreen
+
+        self.push_screen(CompareScreen(self.store, message.run_a, message.run_b, message.task, message.role_b))
+
+    @on(OpenPlot)
+    def open_plot(self, message: OpenPlot) -> None:
+        from clfbench.app.tui.plot import PlotScreen
+
+        self.push_screen(PlotScreen(self.store, message.quality, message.column))
 
     @on(OpenNewRun)
     def open_new_run(self, message: OpenNewRun) -> None:

@@ -1,11 +1,14 @@
-"""Small modal screens shared by every screen: a yes/no confirmation and the key help."""
+"""Small modal screens shared by every screen: a yes/no confirmation, the key help, a file name to write."""
 from __future__ import annotations
 
+from pathlib import Path
+
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Static
+from textual.widgets import Button, Input, Static
 
 from clfbench.app.tui.screen_parts import KeyTable
 
@@ -88,3 +91,48 @@ class HelpScreen(ModalScreen[None]):
             return
         self.closed = True
         self.dismiss(None)
+
+
+class ExportScreen(ModalScreen[str | None]):
+    """Ask for a file name to write `what` to; the extension (one of `extensions`) picks the format. Dismisses
+    with the path, or None. The results matrix's exports and the plot's SVG."""
+
+    DEFAULT_CSS = """
+    ExportScreen { align: center middle; }
+    ExportScreen > Vertical { width: 70; height: auto; border: thick $primary; background: $surface; padding: 0 1; }
+    ExportScreen #export-error { color: $error; height: auto; }
+    """
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, default: str, what: str, extensions: tuple[str, ...]) -> None:
+        super().__init__()
+        self.default = default
+        self.what = what
+        self.extensions = extensions
+        self.answered = False
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Static(f"{self.what} (enter: write, escape: cancel)")
+            yield Input(value=self.default, id="export-path")
+            yield Static("", id="export-error")
+
+    @on(Input.Submitted)
+    def submitted(self, event: Input.Submitted) -> None:
+        path = event.value.strip()
+        if Path(path).suffix.lower() not in self.extensions:
+            self.query_one("#export-error", Static).update(
+                f"unknown extension '{Path(path).suffix}': use {', '.join(self.extensions)}")
+            return
+        self.answer(path)
+
+    def action_cancel(self) -> None:
+        self.answer(None)
+
+    def answer(self, path: str | None) -> None:
+        # The first answer only, as in dialogs.ConfirmScreen: a second Enter queued behind the first dismissed
+        # again after the pop and popped the screen underneath (ScreenStackError, soak seed 1011).
+        if self.answered or not self.is_current:
+            return
+        self.answered = True
+        self.dismiss(path)

@@ -32,3 +32,20 @@ class OpenNewRun(Message):
     def __init__(self, prefill: dict | None = None) -> None:
         super().__init__()
         self.prefill = prefill
+
+
+class OpenCompare(Message):
+    """Compare run A with run B on one task (paired tests); `role_b` says why B: the baseline, the column's best."""
+
+    def __init__(self, run_a: int, run_b: int, task: str, role_b: str = "") -> None:
+        super().__init__()
+        self.run_a, self.run_b, self.task, self.role_b = run_a, run_b, task, role_b
+
+
+class OpenPlot(Message):
+    """Plot quality against cost for one column of a results matrix (as shown: its rows are the points)."""
+
+    def __init__(self, quality, column: str) -> None:
+        super().__init__()
+        self.quality = quality  # storage.queries.Matrix
+        self.column = column

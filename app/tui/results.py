@@ -24,13 +24,14 @@ from pathlib import Path
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
-from textual.screen import ModalScreen, Screen
+from textual.containers import Horizontal
+from textual.screen import Screen
 from textual.widgets import Footer, Input, Select, Static
 
 from clfbench.app import render
 from clfbench.app.tui.matrix_view import MatrixData, MatrixView
-from clfbench.app.tui.messages import OpenErrors
+from clfbench.app.tui.dialogs import ExportScreen
+from clfbench.app.tui.messages import OpenCompare, OpenErrors, OpenPlot
 from clfbench.app.tui.screen_parts import OneRead, TitleBar, copy_for_user, copy_key, show_in
 from clfbench.engine.methods.catalog import execution_options, option_defaults
 from clfbench.storage import queries
@@ -244,48 +245,6 @@ def metric_title(metric: str) -> str:
     return f"{name} (%)" if render.is_percent_metric(metric) else name
 
 
-class ExportScreen(ModalScreen[str | None]):
-    """Ask for a file name; the extension picks the format. Dismisses with the path, or None."""
-
-    DEFAULT_CSS = """
-    ExportScreen { align: center middle; }
-    ExportScreen > Vertical { width: 70; height: auto; border: thick $primary; background: $surface; padding: 0 1; }
-    ExportScreen #export-error { color: $error; height: auto; }
-    """
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
-
-    def __init__(self, default: str) -> None:
-        super().__init__()
-        self.default = default
-        self.answered = False
-
-    def compose(self) -> ComposeResult:
-        with Vertical():
-            yield Static("Export the matrix as shown: .md, .csv, .tex or .json (enter: write, escape: cancel)")
-            yield Input(value=self.default, id="export-path")
-            yield Static("", id="export-error")
-
-    @on(Input.Submitted)
-    def submitted(self, event: Input.Submitted) -> None:
-        path = event.value.strip()
-        if Path(path).suffix.lower() not in EXPORT_FORMATS:
-            self.query_one("#export-error", Static).update(
-                f"unknown extension '{Path(path).suffix}': use {', '.join(EXPORT_FORMATS)}")
-            return
-        self.answer(path)
-
-    def action_cancel(self) -> None:
-        self.answer(None)
-
-    def answer(self, path: str | None) -> None:
-        # The first answer only, as in dialogs.ConfirmScreen: a second Enter queued behind the first dismissed
-        # again after the pop and popped the screen underneath (ScreenStackError, soak seed 1011).
-        if self.answered or not self.is_current:
-            return
-        self.answered = True
-        self.dismiss(path)
-
-
 class ResultsScreen(Screen):
     """The results matrix, filtered, sorted and exported in memory; the store is read in thread workers."""
 
@@ -300,6 +259,9 @@ class ResultsScreen(Screen):
         Binding("o", "sort", "Order by column"),
         Binding("p", "toggle_paper", "Paper layout"),
         Binding("w", "export", "Export"),
+        Binding("v", "versus", "Compare"),
+        Binding("b", "baseline", "Baseline", show=False),
+        Binding("f", "front", "Cost plot"),
         copy_key("copy_cell", "Copy cell"),
         Binding("ctrl+r", "reload", "Reload", show=False),
     ]
@@ -329,6 +291,7 @@ class ResultsScreen(Screen):
         self.metric_options = list(PREFERRED_METRICS)
         self.loaded_key: tuple[str, tuple] | None = None  # (metric, queries.matrix_version) of what is shown
         self.reads = OneRead(self.read_worker)
+        self.baseline: tuple[tuple, str] | None = None  # (row, column) marked with b: what v compares against
 
     def compose(self) -> ComposeResult:
         yield TitleBar("results", id="results-title")
@@ -523,7 +486,8 @@ class ResultsScreen(Screen):
         self.refresh_view()
 
     def action_export(self) -> None:
-        self.app.push_screen(ExportScreen(f"results-{self.metric}.md"), self.export_to)
+        self.app.push_screen(ExportScreen(f"results-{self.metric}.md", "Export the matrix as shown: .md, .csv, .tex "
+                                          "or .json", tuple(EXPORT_FORMATS)), self.export_to)
 
     def export_to(self, path: str | None) -> None:
         shown = self.shown
@@ -553,6 +517,57 @@ class ResultsScreen(Screen):
         # "mytask (2)" is a label: the predictions are stored under the task's own name
         self.post_message(OpenErrors(values.run_ids[0], self.prepared.matrix.column_tasks.get(column,
                                                                                             base_task(column))))
+
+    # ---- compare two cells, plot quality against cost (issue 13) -----------------------------------
+    def cell_run(self, row: tuple, column: str) -> int | None:
+        cell = self.prepared.matrix.cells.get((row, column))
+        return cell.run_ids[0] if cell else None
+
+    def action_baseline(self) -> None:
+        """b: mark the cell under the cursor as what `v` compares other cells of its column with."""
+        cell = self.cursor_cell()
+        if cell is None or cell[1] is None or self.cell_run(*cell) is None:
+            self.notify("move to a cell with a result to mark it as the baseline", severity="warning")
+            return
+        self.baseline = cell
+        self.notify(f"baseline: {render.row_label(cell[0])} on {cell[1]} (run {self.cell_run(*cell)}); "
+                    f"v on another cell of this column compares with it")
+
+    def action_versus(self) -> None:
+        """v: the cell under the cursor (A) against the baseline of its column, or else the column's best (B)."""
+        cell = self.cursor_cell()
+        if cell is None or cell[1] is None or self.cell_run(*cell) is None:
+            self.notify("move to a cell with a result to compare it", severity="warning")
+            return
+        row, column = cell
+        if self.baseline is not None and self.baseline[1] == column and self.baseline[0] != row:
+            other, role = self.baseline[0], "the baseline"
+        else:
+            position = self.columns.index(column) + 1
+            best = [self.prepared.matrix.rows[i] for i, shown in self.prepared.best(self.rows, self.columns)
+                    if shown == position]
+            other, role = (best[0] if best else None), "the column's best"
+        if other is None or other == row:
+            self.notify("this is the column's best: mark a baseline with b, or move to another row")
+            return
+        run_a, run_b = self.cell_run(row, column), self.cell_run(other, column)
+        several = [r for r in (row, other) if self.prepared.matrix.cells[(r, column)].n > 1]
+        if several:
+            self.notify(f"{len(several)} of the two cells average several seeds: comparing their first runs "
+                        f"({run_a} and {run_b})")
+        task = self.prepared.matrix.column_tasks.get(column, base_task(column))
+        self.post_message(OpenCompare(run_a, run_b, task, role))
+
+    def action_front(self) -> None:
+        """f: the shown rows of the column under the cursor (the first shown one on the row names) as points of
+        quality against cost, with the Pareto front."""
+        if self.prepared is None or not self.columns:
+            self.notify("no results to plot yet", severity="warning")
+            return
+        cell = self.cursor_cell()
+        column = cell[1] if cell and cell[1] else self.columns[0]
+        # The matrix as shown (its filter applied): the plot reads only the cost.
+        self.post_message(OpenPlot(self.prepared.sub_matrix(self.rows, [column]), column))
 
     def action_copy_cell(self) -> None:
         view = self.query_one("#matrix", MatrixView)
