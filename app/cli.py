@@ -611,6 +611,43 @@ def _print_disagreements(disagreements: list[dict]) -> None:
                     typer.echo(f"    {who.upper()} raw: {raw[:120]!r}")
 
 
+@app.command("calibration")
+def calibration_command(
+    run_id: int = typer.Argument(...),
+    task: Optional[str] = typer.Option(None, "--task", "-t", help="task of the run (default: its first)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write the reliability diagram as SVG"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """How far a run's confidence can be trusted: expected calibration error (15 equal-width bins, with its 95%
+    bootstrap interval) and the reliability diagram, from the probabilities the method gave its answers."""
+    from clfbench.app.calibration import calibration, diagram_lines, reliability_svg, summary_line
+
+    s = store()
+    run = get_run_or_fail(s, run_id)
+    task = task_for_user(frozen_tasks(run["tasks_json"]), run["task"].split("+"), task)
+    if not queries.predictions(s, run_id, task):
+        fail(f"run {run_id} has no predictions for task '{task}' (tasks: {run['task']}, status {run['status']})")
+    result = calibration(s, run_id, task)
+    if result is None:
+        fail(f"run {run_id} ({run['method']}) stored no confidences for '{task}': calibration needs the "
+             f"probability of each answer (encoder heads, ls-llama, llmembed, tfidf; runs since schema v6)")
+    if as_json:
+        import dataclasses
+
+        print_json(dataclasses.asdict(result))
+    else:
+        typer.echo(summary_line(result))
+        typer.echo("\n".join(diagram_lines(result)))
+    if output is not None:
+        try:
+            title = f"run {run_id} · {render.run_label(run['model'], run['method'], run['shots'])} · {task}"
+            output.write_text(reliability_svg(result, title))
+        except OSError as error:
+            fail(f"cannot write {output}: {error.strerror or error}")
+        if not as_json:
+            typer.echo(f"wrote {output}")
+
+
 @app.command("rescore")
 def rescore_command(
     run_ids: list[int] = typer.Argument(None, help="run ids (default: every succeeded run)"),

@@ -118,8 +118,9 @@ def cells_note(matrix: Matrix, percent: bool) -> str:
 
 
 def lower_is_better(metric: str) -> bool:
-    """Failure rates, losses, times and costs (GPU-seconds, memory, dollars) are best when smallest."""
-    return metric == "parse_failure_rate" or "loss" in metric or metric.endswith(("_time_s", "_gb", "_usd")) \
+    """Failure rates, calibration error, losses, times and costs (GPU-seconds, memory, dollars) are best when
+    smallest."""
+    return metric in ("parse_failure_rate", "ece") or "loss" in metric or metric.endswith(("_time_s", "_gb", "_usd")) \
         or metric == "gpu_seconds"
 
 
@@ -143,7 +144,7 @@ def is_marked(matrix: Matrix, best: dict[str, tuple], row, column: str) -> bool:
 
 def is_percent_metric(metric: str) -> bool:
     return metric in ("auto", "accuracy", "macro_f1", "slot_f1", "slot_precision", "slot_recall",
-                      "exact_match", "parse_failure_rate", "token_accuracy")
+                      "exact_match", "parse_failure_rate", "token_accuracy", "ece")
 
 
 def rule_notes(matrix: Matrix) -> list[str]:

@@ -261,23 +261,29 @@ def evaluate(model, codec: Codec, heads: list[Head], dev: list[Row], ctx: RunCon
 
 
 def predict(model, codec: Codec, heads: list[Head], rows: list[Row], device: torch.device, autocast,
-            batch_size: int, report: Callable[[int], None] | None = None) -> tuple[list[list[str | list[str]]], int]:
-    """Per head, the prediction for every row in order (a label, or one tag per word); and how many words
-    max_length cut off (predicted "O"). `report(rows done)` after each batch."""
+            batch_size: int, report: Callable[[int], None] | None = None
+            ) -> tuple[list[list[str | list[str]]], int, list[list[float | None]]]:
+    """Per head, the prediction for every row in order (a label, or one tag per word); how many words max_length
+    cut off (predicted "O"); and per head the softmax probability of each predicted label (sequence heads; None
+    for tags), which calibration reads. `report(rows done)` after each batch."""
     out: list[list] = [[None] * len(rows) for _ in heads]
+    confidences: list[list[float | None]] = [[None] * len(rows) for _ in heads]
     truncated = 0
     for batch, encoding, logits in _forward_batches(model, codec, rows, device, autocast, batch_size, report):
         batch_rows = [rows[i] for i in batch]
         for k, head in enumerate(heads):
             for i, value in zip(batch, _decode(head, logits[k], encoding, batch_rows)):
                 out[k][i] = value
+            if head.kind == "sequence":  # float32 softmax: bf16 logits would round the probabilities
+                for i, p in zip(batch, torch.softmax(logits[k].float(), -1).max(-1).values.tolist()):
+                    confidences[k][i] = p
         if codec.words:
             lengths = encoding["attention_mask"].sum(-1).tolist()
             truncated += sum(cut_words(encoding.word_ids(b), len(row.inputs), lengths[b], codec.max_length)
                              for b, row in enumerate(batch_rows))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return out, truncated
+    return out, truncated, confidences
 
 
 # ------------------------------------------------------------------------------- a head-training run
@@ -376,7 +382,8 @@ def _test_output(ctx: RunContext, fit: HeadFit, training: Training, times: LoopT
     device, test = torch.device(ctx.device), fit.rows.test
     ctx.set_phase(TESTING, 0, len(test))
     started = time.perf_counter()
-    predicted, truncated = predict(fit.model, fit.codec, fit.heads, test, device, fit.autocast, fit.batch_size * 2,
+    predicted, truncated, confidences = predict(fit.model, fit.codec, fit.heads, test, device, fit.autocast,
+                                                fit.batch_size * 2,
                                    report_examples(ctx, TESTING, len(test)))
     test_time = time.perf_counter() - started
     train_time = times.train_time_s
@@ -393,7 +400,8 @@ def _test_output(ctx: RunContext, fit: HeadFit, training: Training, times: LoopT
     predictions: dict[str, dict[str, Predicted]] = {}
     results: dict[str, dict[str, float]] = {}
     for k, head in enumerate(fit.heads):
-        predictions[head.name] = {row.id: Predicted(value) for row, value in zip(test, predicted[k])}
+        predictions[head.name] = {row.id: Predicted(value, confidence=confidence)
+                                  for row, value, confidence in zip(test, predicted[k], confidences[k])}
         results[head.name] = dict(common)
         if head.kind == "token":
             results[head.name]["truncated_words"] = float(truncated)

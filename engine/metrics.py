@@ -10,6 +10,7 @@ Conventions shared by every function here:
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
 
 from clfbench.engine.types import ClfbenchError, Prediction
@@ -336,11 +337,51 @@ def as_tags(value: str | Sequence[str] | None) -> list[str] | None:
     return list(value)
 
 
+# ---- calibration ------------------------------------------------------------------------------------------
+
+CALIBRATION_BINS = 15  # equal-width bins over [0, 1], as Guo et al. (2017) measure ECE
+
+
+def calibration_bin(confidence: float, bins: int = CALIBRATION_BINS) -> int:
+    """The bin of a confidence: (k/B, (k+1)/B], 0 in the first; scikit-learn's calibration_curve binning (an edge
+    goes to the lower bin), so the diagram matches what a reader computes with it."""
+    return bisect_left([k / bins for k in range(1, bins)], confidence)
+
+
+def confidences_of(predictions: Sequence[Prediction]) -> list[float] | None:
+    """Every prediction's confidence, or None unless every prediction has one (a method without probabilities,
+    or predictions stored before clfbench kept them)."""
+    values = [p.confidence for p in predictions]
+    return None if not values or any(v is None for v in values) else [float(v) for v in values]
+
+
+def reliability(confidences: Sequence[float], correct: Sequence[bool], bins: int = CALIBRATION_BINS) -> list[dict]:
+    """A reliability diagram's bars: per bin, its range, how many predictions fall in it, their mean confidence
+    and the share of them that is right (empty bins listed with count 0)."""
+    totals = [[0, 0.0, 0] for _ in range(bins)]  # count, confidence sum, right
+    for confidence, right in zip(confidences, correct):
+        total = totals[calibration_bin(confidence, bins)]
+        total[0] += 1
+        total[1] += confidence
+        total[2] += bool(right)
+    return [{"low": k / bins, "high": (k + 1) / bins, "count": count,
+             "confidence": _safe_ratio(confidence_sum, count), "accuracy": _safe_ratio(right, count)}
+            for k, (count, confidence_sum, right) in enumerate(totals)]
+
+
+def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool],
+                               bins: int = CALIBRATION_BINS) -> float:
+    """ECE: the mean over predictions of |accuracy − confidence| of their bin, Σ_b (n_b / n)·|acc_b − conf_b|."""
+    n = len(confidences)
+    return sum(b["count"] / n * abs(b["accuracy"] - b["confidence"]) for b in reliability(confidences, correct, bins)
+               if b["count"]) if n else 0.0
+
+
 def task_results(kind: str, predictions: list[Prediction], labels: list[str],
                  slot_rule: str | None = None) -> dict[str, float]:
     """The result rows the worker stores for one task.
 
-    "sequence": accuracy, macro_f1, parse_failure_rate, n.
+    "sequence": accuracy, macro_f1, parse_failure_rate, n, and ece where every prediction has a confidence.
     "token": slot_f1, slot_precision, slot_recall (spans read under `slot_rule`, default DEFAULT_SLOT_RULE),
     token_accuracy, parse_failure_rate, n.
     `labels` is the task's label set (used by the sequence scores; tag sets need no list).
@@ -350,12 +391,16 @@ def task_results(kind: str, predictions: list[Prediction], labels: list[str],
         report = classification_report(
             [p.gold for p in predictions], [p.predicted for p in predictions], labels
         )
-        return {
+        results = {
             "accuracy": report["accuracy"],
             "macro_f1": report["macro_f1"],
             "parse_failure_rate": failure_rate,
             "n": report["n"],
         }
+        confidences = confidences_of(predictions)
+        if confidences is not None:
+            results["ece"] = expected_calibration_error(confidences, [p.predicted == p.gold for p in predictions])
+        return results
     if kind == "token":
         gold_tags = [as_tags(p.gold) or [] for p in predictions]
         predicted_tags = [as_tags(p.predicted) for p in predictions]

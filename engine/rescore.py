@@ -58,7 +58,7 @@ def as_predictions(rows: list[dict], token: bool) -> list[Prediction]:
 
     return [Prediction(example_id=row["example_id"], text=row["text"], gold=tags(row["gold"]),
                        predicted=tags(row["predicted"]), raw_output=row["raw_output"],
-                       parse_status=row["parse_status"]) for row in rows]
+                       parse_status=row["parse_status"], confidence=row.get("confidence")) for row in rows]
 
 
 def rescored_rows(store: Store, run: dict) -> list[dict]:

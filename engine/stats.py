@@ -148,8 +148,12 @@ def task_counts(kind: str, predictions: Sequence[Prediction], labels: Sequence[s
     failures = share_counts([p.parse_status != "ok" for p in predictions])
     if kind == "sequence":
         gold, predicted = [p.gold for p in predictions], [p.predicted for p in predictions]
-        return {"accuracy": accuracy_counts(gold, predicted), "macro_f1": macro_f1_counts(gold, predicted, labels),
-                "parse_failure_rate": failures}
+        counts = {"accuracy": accuracy_counts(gold, predicted), "macro_f1": macro_f1_counts(gold, predicted, labels),
+                  "parse_failure_rate": failures}
+        confidences = metrics.confidences_of(predictions)
+        if confidences is not None:
+            counts["ece"] = ece_counts(confidences, [p == g for g, p in zip(gold, predicted)])
+        return counts
     if kind == "token":
         gold_tags = [metrics.as_tags(p.gold) or [] for p in predictions]
         predicted_tags = [metrics.as_tags(p.predicted) for p in predictions]
@@ -158,6 +162,22 @@ def task_counts(kind: str, predictions: Sequence[Prediction], labels: Sequence[s
         counts["parse_failure_rate"] = failures
         return counts
     raise ClfbenchError(f"unknown task kind {kind!r}: expected 'sequence' or 'token'")
+
+
+def ece_counts(confidences: Sequence[float], correct: Sequence[bool],
+               bins: int = metrics.CALIBRATION_BINS) -> Counts:
+    """Per example, in its bin (engine.metrics.calibration_bin): 1, its confidence, whether it is right; ECE is
+    Σ_b |Σ right − Σ confidence| / n over the bins, so a resample's ECE re-bins nothing."""
+    columns = np.zeros((len(confidences), 3 * bins))
+    for row, (confidence, right) in enumerate(zip(confidences, correct)):
+        b = metrics.calibration_bin(confidence, bins)
+        columns[row, [b, bins + b, 2 * bins + b]] = (1.0, confidence, float(right))
+
+    def score(s: np.ndarray) -> np.ndarray:
+        count, confidence, right = s[..., :bins], s[..., bins:2 * bins], s[..., 2 * bins:]
+        return _ratio(np.abs(right - confidence).sum(axis=-1), count.sum(axis=-1))
+
+    return Counts(columns, score)
 
 
 def exact_match_counts(intent_predictions: Sequence[Prediction], slot_predictions: Sequence[Prediction],

@@ -76,6 +76,9 @@ class Predicted:
     value: str | list[str] | None
     raw_output: str | None = None
     parse_status: ParseStatus = "ok"
+    # The probability the method gave its answer (a sequence label), where it has one: a classifier head's softmax,
+    # tf-idf's logistic regression. None where there is none (generated text); calibration reads it.
+    confidence: float | None = None
 
 
 @dataclass
@@ -91,6 +94,7 @@ class Prediction:
     predicted: str | list[str] | None
     raw_output: str | None = None
     parse_status: ParseStatus = "ok"
+    confidence: float | None = None  # Predicted.confidence
 
 
 @dataclass

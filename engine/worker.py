@@ -147,7 +147,7 @@ def join_predictions(tasks: list[TaskData], output: MethodOutput) -> dict[str, l
             Prediction(example_id=example.id, text=example.text,
                        gold=list(example.tags or ()) if task.kind == "token" else example.label,
                        predicted=answers[example.id].value, raw_output=answers[example.id].raw_output,
-                       parse_status=answers[example.id].parse_status)
+                       parse_status=answers[example.id].parse_status, confidence=answers[example.id].confidence)
             for example in task.test
         ]
     return joined
@@ -159,7 +159,8 @@ def _prediction_rows(task: str, predictions: list[Prediction]) -> list[dict]:
         gold = " ".join(p.gold) if isinstance(p.gold, list) else p.gold
         predicted = " ".join(p.predicted) if isinstance(p.predicted, list) else p.predicted
         rows.append({"task": task, "example_id": p.example_id, "text": p.text, "gold": gold,
-                     "predicted": predicted, "raw_output": p.raw_output, "parse_status": p.parse_status})
+                     "predicted": predicted, "raw_output": p.raw_output, "parse_status": p.parse_status,
+                     "confidence": p.confidence})
     return rows
 
 

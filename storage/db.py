@@ -143,9 +143,15 @@ def _migration_5_result_intervals(connection: Connection) -> None:
         _add_column(connection, "results", column, sql_type)
 
 
+def _migration_6_prediction_confidence(connection: Connection) -> None:
+    """A prediction carries the probability the method gave its answer, where it has one (calibration: ECE and the
+    reliability diagram); NULL for predictions stored before and for methods without probabilities."""
+    _add_column(connection, "predictions", "confidence", "FLOAT")
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1_initial, _migration_2_task_identity,
                                                   _migration_3_nonfinite_metrics, _migration_4_phases_changes_leases,
-                                                  _migration_5_result_intervals]
+                                                  _migration_5_result_intervals, _migration_6_prediction_confidence]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -118,6 +118,7 @@ class PredictionRow(SQLModel, table=True):
     predicted: str | None  # None: the output could not be parsed
     raw_output: str | None = None
     parse_status: str = "ok"
+    confidence: float | None = None  # the probability the method gave its answer, where it has one
 
 
 class Result(SQLModel, table=True):

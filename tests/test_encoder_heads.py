@@ -226,6 +226,9 @@ def test_joint_sequence_and_token_heads_learn_on_one_encoder(tiny_bert, tmp_path
     assert [p.example_id for p in intents] == ids == [p.example_id for p in slots]
     assert all(isinstance(p.predicted, str) for p in intents) and all(isinstance(p.predicted, list) for p in slots)
     assert accuracy(intents) >= 0.9 and slot_f1(slots) >= 0.9
+    # The sequence head's softmax probability of each answer (calibration); tags carry none.
+    labels = len(tasks["syn-intent"].labels)
+    assert all(1 / labels <= p.confidence <= 1 for p in intents) and all(p.confidence is None for p in slots)
     assert set(output.extra_results) == {"syn-intent", "syn-slots"}
     assert "truncated_words" in output.extra_results["syn-slots"]
     assert "truncated_words" not in output.extra_results["syn-intent"]

@@ -89,6 +89,10 @@ def test_second_run_reads_the_cache_and_predicts_the_same(tiny_paths, home):
     assert again["extraction_time_s"] < extra["extraction_time_s"]
     assert [p.predicted for p in second.predictions["massive-intent"]] == \
         [p.predicted for p in first.predictions["massive-intent"]]
+    # The fused classifier's softmax probability of each answer, the same from cached features.
+    confidences = [p.confidence for p in first.predictions["massive-intent"]]
+    assert all(0 < c <= 1 for c in confidences)
+    assert [p.confidence for p in second.predictions["massive-intent"]] == pytest.approx(confidences)
 
 
 def test_cache_is_invalidated_by_other_layers_or_other_texts(tiny_paths, home):

@@ -195,6 +195,7 @@ def test_sequence_run_learns_logs_and_checkpoints_only_trainable_weights(tiny_ll
     assert [p.example_id for p in predictions] == [ex.id for ex in task.test]
     accuracy = sum(p.predicted == p.gold for p in predictions) / len(predictions)
     assert accuracy >= 0.8  # 4 classes: chance is 0.25
+    assert all(0.25 <= p.confidence <= 1 for p in predictions)  # the label head's softmax, for calibration
     assert {"train_loss", "lr", "train_examples_per_s", "eval_loss", "eval_accuracy"} <= {n for _, n, _ in
                                                                                         recorder.metrics}
     losses = recorder.values("train_loss")

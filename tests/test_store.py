@@ -297,6 +297,7 @@ def test_a_version_1_store_migrates_in_place_keeping_its_runs_and_results(tmp_pa
         connection.execute("ALTER TABLE results DROP COLUMN rule")
         for column in ("low", "high", "resamples"):
             connection.execute(f"ALTER TABLE results DROP COLUMN {column}")
+        connection.execute("ALTER TABLE predictions DROP COLUMN confidence")
         _make_metric_points_version_2(connection)
         connection.execute("UPDATE schema_info SET version = 1")
     with sqlite3.connect(tmp_path / "old.db") as connection:
@@ -304,19 +305,23 @@ def test_a_version_1_store_migrates_in_place_keeping_its_runs_and_results(tmp_pa
 
     migrated = open_store(url)
     with migrated.read() as connection:
-        assert connection.execute(text("SELECT version FROM schema_info")).scalar() == SCHEMA_VERSION == 5
+        assert connection.execute(text("SELECT version FROM schema_info")).scalar() == SCHEMA_VERSION == 6
     assert queries.get_run(migrated, run_id)["tasks_json"] is None
     assert queries.get_run(migrated, run_id)["status"] == "succeeded"
     assert queries.run_results(migrated, run_id) == {"massive-intent": {"accuracy": 0.75}}
     assert queries.run_result_rules(migrated, run_id) == {}
-    assert [p["predicted"] for p in queries.predictions(migrated, run_id, "massive-intent")] == ["alarm_set"]
+    assert [(p["predicted"], p["confidence"]) for p in queries.predictions(migrated, run_id, "massive-intent")] == \
+        [("alarm_set", None)]  # stored before confidences: calibration says it has none
     # A run from before the migration and one after it, side by side: new rows carry the new columns.
     later, = queue.enqueue(migrated, [new_run(task="massive-slots", tasks_json="[]")])
     run = claim_cpu(migrated)
-    queue.finish_succeeded(migrated, run["id"], run["attempt"], [],
+    queue.finish_succeeded(migrated, run["id"], run["attempt"],
+                           [dict(task="massive-slots", example_id="1", text="wake me up", gold="O O",
+                                 predicted="O O", confidence=0.875)],
                            [dict(task="massive-slots", metric="slot_f1", value=0.5, rule="massive"),
                             dict(task="massive-slots", metric="n", value=10.0)])
     assert queries.run_result_rules(migrated, later) == {"massive-slots": {"slot_f1": "massive"}}
+    assert queries.predictions(migrated, later, "massive-slots")[0]["confidence"] == 0.875
 
 
 def _identity_run(store, task: str, identity: str | None, value: float, run_task: str | None = None,

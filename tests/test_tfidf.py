@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+from clfbench.engine import metrics
 from clfbench.engine.methods import tfidf
 from clfbench.engine.tasks import get_task, load_task
 from tests.conftest import SAMPLES, method_context, run_method
@@ -33,6 +34,10 @@ def test_beats_the_majority_class_by_far_with_labels_of_the_task(name):
     assert {row.predicted for row in rows} <= set(task.labels)
     accuracy = sum(row.predicted == row.gold for row in rows) / len(rows)
     assert accuracy >= majority_accuracy(task) + 0.3, (accuracy, majority_accuracy(task))
+    # Each answer carries the logistic regression's probability for it (at least 1/labels: it is the largest),
+    # so the worker stores an ECE.
+    assert all(1 / len(task.labels) <= row.confidence <= 1 for row in rows)
+    assert 0 <= metrics.task_results("sequence", rows, task.labels)["ece"] < 0.5
     extra = output.extra_results[name]
     assert extra["features"] > 1000 and extra["fit_time_s"] > 0
     assert progress[-1][0] == progress[-1][1] > 0

@@ -9,6 +9,7 @@ random draw from one seeded generator, so snapshots do not drift.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -216,10 +217,22 @@ def _result_rows(run: SeedRun, predictions: dict[str, list[Prediction]], wall_ti
 _INTERVALS: dict[tuple, dict[str, dict]] = {}
 
 
+def _with_confidence(run_id: int, run: SeedRun, task: str, predictions: list[Prediction]) -> list[Prediction]:
+    """An encoder head's softmax confidence per answer, over-confident as fine-tuned encoders are (Guo et al.):
+    high when right, still fairly high when wrong. Its own generator, so the shared draws (and every other
+    snapshot) stay as they were."""
+    if run.method != ENCODER or task == SLOTS:
+        return predictions
+    rng = random.Random(run_id)
+    return [dataclasses.replace(p, confidence=(0.6 + 0.4 * rng.random() ** 0.4 if p.predicted == p.gold
+                                               else 0.35 + 0.6 * rng.random())) for p in predictions]
+
+
 def _intervals(kind: str, predictions: list[Prediction], labels: list[str]) -> dict[str, dict]:
     """Each metric's interval columns, computed once per process for the same predictions (every TUI test seeds a
     fresh store; the bootstrap would otherwise be most of the seeding time)."""
-    key = (kind, tuple((p.example_id, str(p.gold), str(p.predicted), p.parse_status) for p in predictions))
+    key = (kind, tuple((p.example_id, str(p.gold), str(p.predicted), p.parse_status, p.confidence)
+                       for p in predictions))
     if key not in _INTERVALS:
         _INTERVALS[key] = {name: _interval(counts) for name, counts in
                            stats.task_counts(kind, predictions, labels).items()}
@@ -296,11 +309,12 @@ def seed_store(path: Path) -> str:
                 connection.execute(insert(MetricPoint.__table__), points)
             if run.status != "succeeded":
                 continue
-            predictions = {task: _predict(run, task, rng) for task in run.task.split("+")}
+            predictions = {task: _with_confidence(run_id, run, task, _predict(run, task, rng))
+                           for task in run.task.split("+")}
             rows = [{"run_id": run_id, "task": task, "example_id": p.example_id, "text": p.text,
                      "gold": " ".join(p.gold) if isinstance(p.gold, list) else p.gold,
                      "predicted": " ".join(p.predicted) if isinstance(p.predicted, list) else p.predicted,
-                     "raw_output": p.raw_output, "parse_status": p.parse_status}
+                     "raw_output": p.raw_output, "parse_status": p.parse_status, "confidence": p.confidence}
                     for task, task_predictions in predictions.items() for p in task_predictions]
             connection.execute(insert(PredictionRow.__table__), rows)
             connection.execute(insert(Result.__table__), [

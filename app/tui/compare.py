@@ -12,8 +12,6 @@ first (sequence tasks); 3 the examples exactly one of them got right, with both 
 """
 from __future__ import annotations
 
-import re
-
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -98,10 +96,15 @@ class CompareScreen(Screen):
 
     def on_mount(self) -> None:
         metrics_table = self.query_one("#metrics", DataTable)
-        for column in METRIC_COLUMNS:
-            metrics_table.add_column(column, key=column)
-        self.query_one("#per-label", DataTable).add_columns("label", "F1 A", "F1 B", "A − B", "support")
-        self.query_one("#examples", DataTable).add_columns("right", "gold", "A said", "B said", "text")
+        # Fixed widths: measured from rows that arrive later, the header would be drawn before they fit, and the
+        # 80-column screen holds the table whole.
+        for column, width in zip(METRIC_COLUMNS, (14, 5, 5, 6, 14, 8, 9)):
+            metrics_table.add_column(column, key=column, width=width)
+        for table, columns in (("#per-label", (("label", 30), ("F1 A", 5), ("F1 B", 5), ("A − B", 6), ("support", 7))),
+                               ("#examples", (("right", 5), ("gold", 15), ("A said", 15), ("B said", 15),
+                                              ("text", 60)))):
+            for name, width in columns:
+                self.query_one(table, DataTable).add_column(name, width=width)
         metrics_table.focus()
         self.compare_runs()
 
@@ -132,11 +135,13 @@ class CompareScreen(Screen):
                 + (f"\nnote: {comparison.labels_note}" if comparison.labels_note else ""))
         metrics_table = self.query_one("#metrics", DataTable)
         for row in metric_rows(comparison):
-            # "paired bootstrap (1000 resamples)" would push the table past 80 columns
-            metrics_table.add_row(*row[:-1], re.sub(r"paired bootstrap \((\d+) resamples\)", r"bootstrap ×\1", row[-1]))
+            # The test's name without its resamples (said under the verdicts): the table fits 80 columns.
+            metrics_table.add_row(*row[:-1], "McNemar" if row[-1].startswith("McNemar") else "bootstrap")
         show_in(self.query_one("#agreement", Static), agreement_text(comparison))
+        tests = sorted({m.difference.test for m in comparison.metrics})
         show_in(self.query_one("#verdicts", Static),
-                "\n".join(verdict(m.metric, m.difference, ALPHA) for m in comparison.metrics))
+                "\n".join([verdict(m.metric, m.difference, ALPHA) for m in comparison.metrics]
+                          + [f"tests: {', '.join(tests)}"]))
         self.fill_per_label(comparison)
         self.fill_examples(comparison)
 

@@ -1,4 +1,5 @@
-"""Run detail: live loss and eval curves (plotext charts), throughput, parse failures, results, spec, log.
+"""Run detail: live loss and eval curves (plotext charts), throughput, parse failures, results, spec, log, and
+the calibration of its answers' confidences (ECE and the reliability diagram, where the method has them).
 
 Everything is read in thread workers on a timer. Metric points are fetched incrementally (only points newer
 than the last one seen) and the log is followed from the byte offset read so far, so a long run's detail view
@@ -30,7 +31,8 @@ from clfbench.storage.db import Store
 
 REFRESH_S = 1.5
 LOG_TAIL_BYTES = 64_000  # the first read of a log shows its last 64 kB; later reads follow from there
-TABS = [("curves", "Curves"), ("eval", "Eval"), ("results", "Results"), ("config", "Config"), ("log", "Log")]
+TABS = [("curves", "Curves"), ("eval", "Eval"), ("results", "Results"), ("config", "Config"), ("log", "Log"),
+        ("calibration", "Calibration")]
 
 
 def is_loss(name: str) -> bool:
@@ -78,6 +80,7 @@ class DetailScreen(Screen):
     DetailScreen PlotextPlot { height: 1fr; }
     DetailScreen .summary { height: auto; padding: 0 1; }
     DetailScreen Log { height: 1fr; }
+    DetailScreen #calibration-text { padding: 0 1; }
     DetailScreen DataTable { height: 1fr; }
     """
 
@@ -96,6 +99,7 @@ class DetailScreen(Screen):
         self.results: dict[str, dict[str, float]] = {}
         self.result_rules: dict[str, dict[str, str]] = {}  # task -> metric -> the rule it was computed under
         self.intervals: dict[str, dict[str, tuple]] = {}  # task -> metric -> (low, high, resamples)
+        self.calibrated: tuple | None = None  # the tasks with an ECE whose calibration was read (read once)
 
     def compose(self) -> ComposeResult:
         yield TitleBar(f"run {self.run_id}", id="title")
@@ -116,6 +120,11 @@ class DetailScreen(Screen):
                     yield Static("", id="spec")
             with TabPane("5 Log", id="log"):
                 yield Log(id="log-view", max_lines=5000, auto_scroll=True)
+            with TabPane("6 Calibration", id="calibration"):
+                with VerticalScroll():
+                    yield Static("no confidences yet: they come with the results of a method that gives "
+                                 "probabilities (encoder heads, ls-llama, llmembed, tfidf)", id="calibration-text",
+                                 markup=False)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -164,6 +173,7 @@ class DetailScreen(Screen):
         if results != self.results or (rules or {}) != self.result_rules or (intervals or {}) != self.intervals:
             self.results, self.result_rules, self.intervals = results, rules or {}, intervals or {}
             self.fill_results()
+        self.calibrate(results)
         self.update_summaries()
         if spec_changed:
             self.update_spec()
@@ -252,6 +262,27 @@ class DetailScreen(Screen):
                 interval = self.intervals.get(task, {}).get(metric)  # bootstrap over test examples
                 ends = f"[{interval[0]:.4g}, {interval[1]:.4g}]" if interval and applies else ""
                 table.add_row(task, metric, f"{value:.4g}" if applies else "–", ends, rule)
+
+    def calibrate(self, results: dict) -> None:
+        """Read the calibration of the tasks with an ECE, once per run's results: it reads every prediction."""
+        with_ece = tuple(sorted(task for task, values in results.items() if "ece" in values))
+        if with_ece and with_ece != self.calibrated:
+            self.calibrated = with_ece
+            self.read_calibration(with_ece)
+
+    @work(thread=True, group="detail-calibration", exclusive=True)
+    def read_calibration(self, tasks: tuple[str, ...]) -> None:
+        from clfbench.app.calibration import calibration
+
+        found = [calibration(self.store, self.run_id, task) for task in tasks]
+        call_if_open(self, self.show_calibration, [c for c in found if c is not None])
+
+    def show_calibration(self, found: list) -> None:
+        from clfbench.app.calibration import diagram_lines, summary_line
+
+        blocks = ["\n".join([summary_line(c), *diagram_lines(c)]) for c in found]
+        self.query_one("#calibration-text", Static).update("\n\n".join(blocks) + "\n\n`clfbench calibration "
+                                                          f"{self.run_id} -o diagram.svg` writes it for a paper")
 
     def update_spec(self) -> None:
         try:

@@ -112,8 +112,11 @@ def run(ctx: RunContext) -> MethodOutput | None:
     classifier_time = time.perf_counter() - started
     progress.done()
 
-    predicted = test_logits.argmax(-1).tolist() if test_logits is not None else []
-    predictions = {ex.id: Predicted(task.labels[p]) for ex, p in zip(task.test, predicted)}
+    # The classifier's softmax: each answer's probability, for calibration (ECE, the reliability diagram).
+    top = torch.softmax(test_logits.float(), -1).max(-1) if test_logits is not None else None
+    predicted, confidences = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+    predictions = {ex.id: Predicted(task.labels[p], confidence=c)
+                   for ex, p, c in zip(task.test, predicted, confidences)}
     extra = {
         "extraction_time_s": extraction.time_s,
         "classifier_time_s": classifier_time,
