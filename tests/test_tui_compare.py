@@ -231,3 +231,32 @@ def test_snapshot_plot(seeded, snap_compare):
         await settle(pilot)
 
     assert snap_compare(make_app(seeded), terminal_size=(80, 24), run_before=before)
+
+
+def test_t_bolds_the_cells_tied_with_the_best_as_results_significance_does_and_a_filter_drops_them(seeded):
+    from clfbench.app.compare import mark_ties
+    from clfbench.engine.methods.catalog import execution_options, option_defaults
+
+    async def scenario(pilot):
+        results = await open_results(pilot)
+        best_only = set(results.query_one("#matrix", MatrixView).data.best)
+        await pilot.press("t")
+        await settle(pilot)
+        store = pilot.app.store
+        matrix = render.applicable_cells(queries.results_matrix(store, ignore=execution_options(),
+                                                                 defaults=option_defaults()))
+        mark_ties(store, matrix, render.best_per_column(matrix))
+        assert results.ties == matrix.ties and any(matrix.ties.values())
+        drawn = set(results.query_one("#matrix", MatrixView).data.best)
+        tied = sum(len(rows) for rows in matrix.ties.values())
+        assert drawn > best_only and len(drawn) == len(best_only) + tied
+        status = str(results.query_one("#status", Static).render())
+        assert f"{tied} cell(s) not significantly different" in status and "not tested" in status
+        # The export bolds them too, as `clfbench results --significance --format md` does.
+        assert results.shown.ties == matrix.ties
+        # Another view has other best cells: the marks go, and the status says how to get them back.
+        await pilot.press("slash", *"method:prompt", "enter")
+        await pilot.pause()
+        assert results.ties == {} and "t marks it again" in str(results.query_one("#status", Static).render())
+
+    run_app(make_app(seeded), scenario, size=(100, 30))

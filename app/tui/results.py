@@ -32,7 +32,7 @@ from clfbench.app import render
 from clfbench.app.tui.matrix_view import MatrixData, MatrixView
 from clfbench.app.tui.dialogs import ExportScreen
 from clfbench.app.tui.messages import OpenCompare, OpenErrors, OpenPlot
-from clfbench.app.tui.screen_parts import OneRead, TitleBar, copy_for_user, copy_key, show_in
+from clfbench.app.tui.screen_parts import OneRead, TitleBar, call_if_open, copy_for_user, copy_key, show_in
 from clfbench.engine.methods.catalog import execution_options, option_defaults
 from clfbench.storage import queries
 from clfbench.storage.db import Store
@@ -262,6 +262,7 @@ class ResultsScreen(Screen):
         Binding("v", "versus", "Compare"),
         Binding("b", "baseline", "Baseline", show=False),
         Binding("f", "front", "Cost plot"),
+        Binding("t", "significance", "Ties with best", show=False),
         copy_key("copy_cell", "Copy cell"),
         Binding("ctrl+r", "reload", "Reload", show=False),
     ]
@@ -269,7 +270,7 @@ class ResultsScreen(Screen):
     ResultsScreen #controls { height: 3; }
     ResultsScreen #query { width: 1fr; }
     ResultsScreen #metric { width: 28; }
-    ResultsScreen #status { height: 1; color: $text-muted; padding: 0 1; }
+    ResultsScreen #status { height: auto; max-height: 3; color: $text-muted; padding: 0 1; }
     ResultsScreen #status.error { color: $error; }
     ResultsScreen #notice { height: auto; max-height: 1; color: $warning; padding: 0 1; display: none; }
     ResultsScreen #notice.shown { display: block; }
@@ -292,6 +293,11 @@ class ResultsScreen(Screen):
         self.loaded_key: tuple[str, tuple] | None = None  # (metric, queries.matrix_version) of what is shown
         self.reads = OneRead(self.read_worker)
         self.baseline: tuple[tuple, str] | None = None  # (row, column) marked with b: what v compares against
+        # t: column -> rows not significantly different from the column's best, for the view they were computed on
+        # (ties_view); any other view drops them, since its best cells differ.
+        self.ties: dict[str, set] = {}
+        self.ties_view: tuple | None = None
+        self.ties_note = ""
 
     def compose(self) -> ComposeResult:
         yield TitleBar("results", id="results-title")
@@ -316,8 +322,17 @@ class ResultsScreen(Screen):
 
     @property
     def shown(self) -> Matrix | None:
-        """What the screen shows, as a storage Matrix (exports render this with the CLI's code)."""
-        return self.prepared.sub_matrix(self.rows, self.columns) if self.prepared else None
+        """What the screen shows, as a storage Matrix (exports render this with the CLI's code, bolding the cells
+        tied with the best when t marked them)."""
+        if self.prepared is None:
+            return None
+        matrix = self.prepared.sub_matrix(self.rows, self.columns)
+        if self.ties and self.ties_view == self.view_key():
+            matrix.ties = {column: set(rows) for column, rows in self.ties.items()}
+        return matrix
+
+    def view_key(self) -> tuple:
+        return self.loaded_key, frozenset(self.rows), frozenset(self.columns)
 
     # ---- reading the store (one thread worker at a time) ----------------------------------------------
     def reload(self) -> None:
@@ -399,11 +414,21 @@ class ResultsScreen(Screen):
             self.sort_key, self.sort_reverse = None, False
         self.rows, self.columns = self.prepared.select(query, self.paper, self.sort_key, self.sort_reverse)
         data = self.prepared.view_data(self.columns, self.paper)
+        if self.ties and self.ties_view != self.view_key():
+            self.ties, self.ties_note = {}, "significance marks dropped: the view changed (t marks it again)"
         data = MatrixData(headers=data.headers, texts=data.texts, widths=data.widths,
-                          best=self.prepared.best(self.rows, self.columns))
+                          best=self.prepared.best(self.rows, self.columns) | self.tie_cells())
         self.query_one("#matrix", MatrixView).show(data, self.rows)
         self.show_rules()
         self.update_status()
+
+    def tie_cells(self) -> set[tuple[int, int]]:
+        """(row index, shown column position) of the cells t found not significantly different from the best."""
+        if not self.ties:
+            return set()
+        index = {row: i for i, row in enumerate(self.prepared.matrix.rows)}
+        return {(index[row], position) for position, column in enumerate(self.columns, 1)
+                for row in self.ties.get(column, ()) if row in index}
 
     def show_rules(self) -> None:
         """Under the matrix, the slot rules of the shown columns (render.rule_notes, the exports' footnote)."""
@@ -425,6 +450,8 @@ class ResultsScreen(Screen):
         self.query_one("#results-title", TitleBar).set_title("results", metric_title(self.metric) + layout)
         text = (f"{len(self.rows)}/{total} rows · {len(self.columns)} columns · sort: {sort}"
                 if total else "no results yet (runs appear here when they succeed)")
+        if self.ties_note:
+            text += f"\n{self.ties_note}"
         show_in(self.query_one("#status", Static), text)
 
     # ---- the cursor ------------------------------------------------------------------------------
@@ -568,6 +595,37 @@ class ResultsScreen(Screen):
         column = cell[1] if cell and cell[1] else self.columns[0]
         # The matrix as shown (its filter applied): the plot reads only the cost.
         self.post_message(OpenPlot(self.prepared.sub_matrix(self.rows, [column]), column))
+
+    def action_significance(self) -> None:
+        """t: bold also the cells not significantly different from their column's best (the marks of `clfbench
+        results --significance`), for the view as it is; again: without them."""
+        if self.ties or self.prepared is None or not self.rows:
+            self.ties, self.ties_view, self.ties_note = {}, None, ""
+            self.refresh_view()
+            return
+        self.ties_note = "testing each column's cells against its best (paired on their test examples)…"
+        self.update_status()
+        self.mark_ties_worker(self.shown, self.view_key())
+
+    @work(thread=True, group="results-ties")
+    def mark_ties_worker(self, shown: Matrix, view: tuple) -> None:
+        from clfbench.app.compare import mark_ties  # numpy and every prediction of the shown cells: only when asked
+
+        matrix = render.applicable_cells(shown)
+        note = mark_ties(self.store, matrix, render.best_per_column(matrix))
+        call_if_open(self, self.ties_marked, view, matrix.ties, note)
+
+    def ties_marked(self, view: tuple, ties: dict[str, set], note: str) -> None:
+        if view != self.view_key():  # the user filtered or a run finished meanwhile: the marks are for another view
+            self.ties_note = "significance marks dropped: the view changed (t marks it again)"
+        else:
+            # The CLI's note says how the cells were tested; here its short form, and what was left untested.
+            untested = [part for part in note.split("; ") if "not tested" in part]
+            tied = sum(len(rows) for rows in ties.values())
+            self.ties, self.ties_view = ties, view
+            self.ties_note = "; ".join([f"bold: each column's best and {tied} cell(s) not significantly different "
+                                        f"(paired tests, Holm, alpha 0.05)", *untested])
+        self.refresh_view()
 
     def action_copy_cell(self) -> None:
         view = self.query_one("#matrix", MatrixView)
