@@ -199,39 +199,56 @@ def shared_tasks(run_a: dict, run_b: dict) -> list[str]:
 
 # ---- significance marks in the results matrix -------------------------------------------------
 
-def cell_p_value(store: Store, run_id: int, best_id: int, task: str, metric: str) -> float | None:
-    """Two-sided p of run `run_id` against run `best_id` on `task`'s shared examples: McNemar's exact test for
-    accuracy, the paired bootstrap for the other shares of examples; None for a metric that is no such share
-    (a loss, a time) or predictions these tests cannot pair."""
-    try:
-        a, b, _only_a, _only_b = _paired_rows(store, run_id, best_id, task)
-    except ClfbenchError:
+def cell_p_value(store: Store, run_ids: list[int], best_ids: list[int], task: str, metric: str) -> float | None:
+    """Two-sided p of a cell (its runs, one per seed) against the column's best cell on `task`'s examples that
+    every run of both answered: McNemar's exact test for the accuracy of two one-run cells, the paired bootstrap
+    for their other shares of examples, and the two-level bootstrap over examples and seeds when either cell has
+    several seeds. None for a metric that is no share of examples (a loss, a time) or predictions these tests
+    cannot pair."""
+    paired = _rows_on_shared_examples(store, [*run_ids, *best_ids], task)
+    if paired is None:
         return None
-    kind = "token" if "slot_f1" in queries.run_results(store, best_id).get(task, {}) else "sequence"
-    rule = queries.run_result_rules(store, best_id).get(task, {}).get("slot_f1") or metrics.DEFAULT_SLOT_RULE
-    if metric == "accuracy" and kind == "sequence":
-        right_a, right_b = _right_flags(kind, a, rule), _right_flags(kind, b, rule)
-        agreement = _agreement(right_a, right_b)
+    kind = "token" if "slot_f1" in queries.run_results(store, best_ids[0]).get(task, {}) else "sequence"
+    rule = queries.run_result_rules(store, best_ids[0]).get(task, {}).get("slot_f1") or metrics.DEFAULT_SLOT_RULE
+    if metric == "accuracy" and kind == "sequence" and len(paired) == 2:
+        agreement = _agreement(*(_right_flags(kind, side, rule) for side in paired))
         return stats.mcnemar_exact(agreement["only a right"], agreement["only b right"])
-    labels = sorted({r["gold"] for r in a} | {r["predicted"] for r in a + b if r["predicted"] is not None})
-    counts_a = stats.task_counts(kind, as_predictions(a, kind == "token"), labels, rule).get(metric)
-    counts_b = stats.task_counts(kind, as_predictions(b, kind == "token"), labels, rule).get(metric)
-    if counts_a is None or counts_b is None:
+    labels = _labels_seen(paired)
+    counts = [stats.task_counts(kind, as_predictions(side, kind == "token"), labels, rule).get(metric)
+              for side in paired]
+    if any(c is None for c in counts):
         return None
-    return stats.paired_bootstrap(counts_a, counts_b).p_value
+    if len(paired) == 2:
+        return stats.paired_bootstrap(counts[0], counts[1]).p_value
+    return stats.seeds_bootstrap(counts[:len(run_ids)], counts[len(run_ids):]).p_value
+
+
+def _rows_on_shared_examples(store: Store, run_ids: list[int], task: str) -> list[list[dict]] | None:
+    """Each run's prediction rows on the examples every one of them answered (the last run's order); None when
+    they share none or disagree on a gold answer (not the same task's data)."""
+    rows = [_rows_by_id(store, run_id, task) for run_id in run_ids]
+    shared = [example_id for example_id in rows[-1] if all(example_id in r for r in rows)]
+    if not shared or any(len({r[i]["gold"] for r in rows}) != 1 for i in shared):
+        return None
+    return [[r[i] for i in shared] for r in rows]
+
+
+def _labels_seen(paired: list[list[dict]]) -> list[str]:
+    """The labels the gold answers or any run's answers name (macro-F1's labels when the task's are not at hand)."""
+    seen = {row["gold"] for row in paired[0]}
+    seen |= {row["predicted"] for side in paired for row in side if row["predicted"] is not None}
+    return sorted(seen)
 
 
 def mark_ties(store: Store, matrix: Matrix, best: dict[str, tuple], alpha: float = 0.05) -> str:
-    """Fill `matrix.ties`: per column, the one-seed cells not significantly different from the column's best cell
-    (paired on the shared test examples, Holm-corrected over the column's comparisons, at `alpha`), so that bold
-    means "not shown worse than the best". Returns the note that says so, naming what was not tested."""
+    """Fill `matrix.ties`: per column, the cells not significantly different from the column's best cell (paired
+    on the shared test examples, over seeds too where a cell has several, Holm-corrected over the column's
+    comparisons, at `alpha`), so that bold means "not shown worse than the best". Returns the note that says so,
+    naming what was not tested."""
     untested = 0
     for column, best_row in best.items():
         best_cell = matrix.cells[(best_row, column)]
         others = [row for row in matrix.rows if row != best_row and (row, column) in matrix.cells]
-        if best_cell.n != 1:
-            untested += len(others)
-            continue
         metric = matrix.metric
         if metric == "auto":
             kind_token = "slot_f1" in queries.run_results(store, best_cell.run_ids[0]).get(
@@ -239,9 +256,8 @@ def mark_ties(store: Store, matrix: Matrix, best: dict[str, tuple], alpha: float
             metric = "slot_f1" if kind_token else "accuracy"
         tested, p_values = [], []
         for row in others:
-            cell = matrix.cells[(row, column)]
-            p_value = cell_p_value(store, cell.run_ids[0], best_cell.run_ids[0], matrix.column_tasks[column],
-                                   metric) if cell.n == 1 else None
+            p_value = cell_p_value(store, list(matrix.cells[(row, column)].run_ids), list(best_cell.run_ids),
+                                   matrix.column_tasks[column], metric)
             if p_value is None:
                 untested += 1
                 continue
@@ -249,7 +265,6 @@ def mark_ties(store: Store, matrix: Matrix, best: dict[str, tuple], alpha: float
             p_values.append(p_value)
         matrix.ties[column] = {row for row, p in zip(tested, stats.holm(p_values)) if p >= alpha}
     note = (f"bold: each column's best and the cells not significantly different from it (paired on the shared "
-            f"test examples: McNemar exact for accuracy, paired bootstrap otherwise; Holm-corrected over the "
-            f"column; alpha {alpha:g})")
-    return note + (f"; {untested} cell(s) of several seeds or without stored predictions not tested"
-                   if untested else "")
+            f"test examples: McNemar exact for accuracy, paired bootstrap otherwise, over examples and seeds "
+            f"for cells of several seeds; Holm-corrected over the column; alpha {alpha:g})")
+    return note + (f"; {untested} cell(s) without stored predictions to pair not tested" if untested else "")

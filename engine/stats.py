@@ -237,6 +237,32 @@ def paired_bootstrap(a: Counts, b: Counts, resamples: int = RESAMPLES, seed: int
                       f"paired bootstrap ({resamples} resamples)")
 
 
+def seeds_bootstrap(a: Sequence[Counts], b: Sequence[Counts], resamples: int = RESAMPLES,
+                    seed: int = BOOTSTRAP_SEED, level: float = LEVEL) -> Difference:
+    """mean over A's seed runs − mean over B's, when every run answered the same examples (rows in the same order).
+
+    Two-level bootstrap: each resample draws the test examples (the same draw for every run: the pairing) and,
+    independently per side, the seed runs with replacement, so the interval and the p-value carry both the test
+    set's noise and the seeds' spread. With one run per side it is paired_bootstrap (the same example draws)."""
+    if not a or not b or len({c.n for c in (*a, *b)}) != 1:
+        raise ClfbenchError("two-level bootstrap: every run of both sides must have answered the same examples")
+    value = float(np.mean([c.value() for c in a]) - np.mean([c.value() for c in b]))
+    seed_rng = np.random.default_rng(seed + 1)  # apart from the example draws: one run per side is paired_bootstrap
+    chunks = []
+    for draws in resample_draws(a[0].n, resamples, seed):
+        means = []
+        for side in (a, b):
+            scores = np.stack([c.score(draws @ c.columns) for c in side], axis=1)  # resamples × runs
+            chosen = seed_rng.integers(0, len(side), size=scores.shape)
+            means.append(np.take_along_axis(scores, chosen, axis=1).mean(axis=1))
+        chunks.append(means[0] - means[1])
+    differences = np.concatenate(chunks)
+    at_most, at_least = int((differences <= 0).sum()), int((differences >= 0).sum())
+    p_value = min(1.0, 2 * (min(at_most, at_least) + 1) / (resamples + 1))
+    return Difference(value, *_percentile_ends(differences, level), p_value,
+                      f"two-level bootstrap over examples and seeds ({resamples} resamples)")
+
+
 def mcnemar_exact(only_a_right: int, only_b_right: int) -> float:
     """McNemar's exact two-sided p-value: of the examples exactly one of two classifiers gets right, is the split
     further from even than chance allows? Binomial(b + c, 1/2), twice the smaller tail, at most 1."""

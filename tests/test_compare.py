@@ -176,7 +176,7 @@ def test_significance_bolds_the_cells_not_shown_worse_than_the_best(cli, two_run
     from clfbench.storage.db import open_store
 
     store = open_store(f"sqlite:///{cli.home / 'clfbench.db'}")
-    p_values = [cell_p_value(store, cells[v]["runs"][0], cells[best]["runs"][0], "massive-intent", "accuracy")
+    p_values = [cell_p_value(store, cells[v]["runs"], cells[best]["runs"], "massive-intent", "accuracy")
                 for v in others]
     store.engine.dispose()
     assert cells[best]["bold"]

@@ -146,3 +146,34 @@ def test_a_real_difference_is_found_and_identical_runs_differ_by_nothing():
     assert better.value > 0 and better.low > 0 and better.p_value < 0.01
     same = stats.paired_bootstrap(stats.macro_f1_counts(gold, good, labels), stats.macro_f1_counts(gold, good, labels))
     assert same.value == 0 and same.low == 0 == same.high and same.p_value == 1.0
+
+
+def seed_runs(rng, n: int, accuracies) -> list[stats.Counts]:
+    """One run per seed on the same n examples, each right with its own (seed-dependent) probability."""
+    return [stats.share_counts(list(rng.random(n) < accuracy)) for accuracy in accuracies]
+
+
+def test_the_two_level_bootstrap_over_one_seed_each_is_the_paired_bootstrap():
+    rng = np.random.default_rng(3)
+    a, b = seed_runs(rng, 400, [0.8]), seed_runs(rng, 400, [0.74])
+    two_level, paired = stats.seeds_bootstrap(a, b), stats.paired_bootstrap(a[0], b[0])
+    assert (two_level.value, two_level.low, two_level.high, two_level.p_value) == \
+        (paired.value, paired.low, paired.high, paired.p_value)
+
+
+def test_the_two_level_bootstrap_holds_its_level_when_seeds_spread_and_finds_a_real_difference():
+    """Three seeds a side whose accuracies spread (sd 0.03) around the same mean: at 0.05 it rejects about 5% of the
+    time, because it resamples the seeds too; a test over the examples alone would count the seeds' spread as a
+    difference between the rows and reject far more often (checked here on the same data)."""
+    rng = np.random.default_rng(11)
+    trials, two_level, examples_only = 200, 0, 0
+    for trial in range(trials):
+        a = seed_runs(rng, 300, 0.75 + 0.03 * rng.standard_normal(3))
+        b = seed_runs(rng, 300, 0.75 + 0.03 * rng.standard_normal(3))
+        two_level += stats.seeds_bootstrap(a, b, resamples=400, seed=trial).p_value < 0.05
+        pooled = [stats.Counts(np.vstack([c.columns for c in side]), side[0].score) for side in (a, b)]
+        examples_only += stats.paired_bootstrap(*pooled, resamples=400, seed=trial).p_value < 0.05
+    assert two_level / trials <= 0.09
+    assert examples_only / trials > 2 * max(two_level / trials, 0.03)
+    better = stats.seeds_bootstrap(seed_runs(rng, 300, [0.86, 0.85, 0.87]), seed_runs(rng, 300, [0.74, 0.75, 0.73]))
+    assert better.value > 0.08 and better.low > 0 and better.p_value < 0.01
