@@ -108,7 +108,9 @@ def run(ctx: RunContext) -> MethodOutput | None:
           f"fused features {model.fused_dim}, {sum(p.numel() for p in model.parameters())} parameters", flush=True)
     history = train_classifier(model, train_x, train_y, dev_x, dev_y, opts, ctx.seed, device, ctx, progress)
     ctx.set_phase(TESTING, 0, len(task.test))
+    predict_started = time.perf_counter()
     test_logits = predict_logits(model, extraction.features["test"], device, opts.batch_size * 4) if task.test else None
+    predict_time = time.perf_counter() - predict_started
     classifier_time = time.perf_counter() - started
     progress.done()
 
@@ -130,6 +132,11 @@ def run(ctx: RunContext) -> MethodOutput | None:
     }
     if len(dev_y):
         extra["best_dev_accuracy"] = history.best_accuracy
+    if extraction.texts and extraction.forward_time_s > 0 and task.test:
+        # What one test text costs: its share of the measured forward passes, plus the classifier's prediction (the
+        # name every method gives it: the plot's cost axis). Features read from the cache measured no forward pass.
+        per_text = extraction.forward_time_s / extraction.texts
+        extra["test_examples_per_s"] = len(task.test) / (per_text * len(task.test) + predict_time)
     print(f"{LOG} extraction {extraction.time_s:.1f} s, classifier {classifier_time:.1f} s ({history.epochs} epochs, "
           f"best {history.best_epoch}, dev accuracy {max(history.best_accuracy, 0):.4f})", flush=True)
     return MethodOutput(predictions={task.name: predictions}, extra_results={task.name: extra})
