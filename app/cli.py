@@ -74,6 +74,24 @@ def main_options(
 
 # ---- queue -------------------------------------------------------------------------------------
 
+def refuse_what_cannot_fit(specs, gpu_memory: float | None) -> None:
+    """A run on GPUs whose model's shapes are at hand must fit them (engine.memory_plan), else nothing of the sweep
+    is queued; the one line says what would fit. CPU runs and hub models without a local config are not planned."""
+    from clfbench.engine import memory_plan
+
+    gpu_specs = [spec for spec in specs if spec.gpus]
+    if not gpu_specs:
+        return
+    memory = gpu_memory or memory_plan.local_gpu_memory_gb() or memory_plan.DEFAULT_GPU_GB
+    for spec in gpu_specs:
+        try:
+            plan, shape = memory_plan.plan_spec(spec, memory)
+        except ClfbenchError:
+            continue  # no shapes at hand to plan from: the worker finds out
+        if not plan.fits:
+            fail(memory_plan.refusal(spec, plan, shape) + "; nothing queued (`clfbench plan` shows the parts)")
+
+
 @app.command("queue")
 def queue_command(
     spec_file: Optional[Path] = typer.Argument(None, help="YAML spec file; lists in it expand to a sweep"),
@@ -94,6 +112,8 @@ def queue_command(
     as_json: bool = typer.Option(False, "--json", help="print the queued runs as JSON"),
     allow_duplicate: bool = typer.Option(False, "--allow-duplicate",
                                          help="queue a spec even when a queued, running or succeeded run has it"),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GB per GPU to plan a GPU run for "
+                                                                          "(default: this host's, else 80)"),
 ) -> None:
     """Validate a spec (file and/or flags) and queue its runs; a sweep is queued whole or not at all. A spec
     identical to a queued, running or succeeded run is refused (exit 1) unless --allow-duplicate."""
@@ -110,6 +130,7 @@ def queue_command(
             for s in specs:
                 typer.echo(f"would queue: {s.method} {s.model} {s.task} shots={s.shots} seed={s.seed}")
         return
+    refuse_what_cannot_fit(specs, gpu_memory)
     run_store = store()
     if not allow_duplicate:  # a command line cannot ask, so it refuses and says how to force it
         try:
@@ -609,6 +630,41 @@ def _print_disagreements(disagreements: list[dict]) -> None:
                 raw = d[f"{who}_raw"]
                 if raw and raw != d[who]:
                     typer.echo(f"    {who.upper()} raw: {raw[:120]!r}")
+
+
+@app.command("plan")
+def plan_command(
+    spec_file: Optional[Path] = typer.Argument(None, help="YAML spec file (as for queue)"),
+    method: Optional[str] = typer.Option(None, "--method", "-m"),
+    model: Optional[str] = typer.Option(None, "--model"),
+    task: Optional[str] = typer.Option(None, "--task", "-t"),
+    shots: Optional[int] = typer.Option(None, "--shots"),
+    gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs per run (default 1)"),
+    option: list[str] = typer.Option([], "--option", "-o", help="method option KEY=VALUE"),
+    gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GB per GPU (default: this host's "
+                                                                          "smallest GPU, else 80)"),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="tokens per example (prompting assumes 4,096; "
+                                                                "fine-tuning: its max_length)"),
+) -> None:
+    """Will a run fit? GPU memory per GPU from the model's config.json alone (weights, optimizer state,
+    activations, KV cache); exit 0 when every run fits, else 1 with one error line that says what would fit."""
+    from clfbench.engine import memory_plan
+
+    flags = {"method": method, "model": model, "task": task, "shots": shots, "gpus": gpus}
+    try:
+        specs = build_specs(spec_file, flags, parse_option_pairs(option))
+        memory = gpu_memory or memory_plan.local_gpu_memory_gb() or memory_plan.DEFAULT_GPU_GB
+        plans = [(spec, *memory_plan.plan_spec(spec, memory, tokens)) for spec in specs]
+    except ClfbenchError as error:
+        fail(str(error))
+    for spec, plan, shape in plans:
+        typer.echo(f"{spec.method} · {spec.model} ({memory_plan.parameter_count(shape) / 1e9:.2f}B parameters) "
+                   f"· {spec.task}")
+        typer.echo("\n".join(memory_plan.plan_lines(plan)))
+    refused = [(spec, plan, shape) for spec, plan, shape in plans if not plan.fits]
+    if refused:
+        fail(memory_plan.refusal(*refused[0], tokens) + (f" (and {len(refused) - 1} more)" if len(refused) > 1
+                                                         else ""))
 
 
 @app.command("calibration")

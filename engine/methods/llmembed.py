@@ -119,6 +119,17 @@ def run(ctx: RunContext) -> MethodOutput | None:
     predicted, confidences = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
     predictions = {ex.id: Predicted(task.labels[p], confidence=c)
                    for ex, p, c in zip(task.test, predicted, confidences)}
+    extra = _test_numbers(extraction, model, history, classifier_time, predict_time, len(task.test))
+    if len(dev_y):
+        extra["best_dev_accuracy"] = history.best_accuracy
+    print(f"{LOG} extraction {extraction.time_s:.1f} s, classifier {classifier_time:.1f} s ({history.epochs} epochs, "
+          f"best {history.best_epoch}, dev accuracy {max(history.best_accuracy, 0):.4f})", flush=True)
+    return MethodOutput(predictions={task.name: predictions}, extra_results={task.name: extra})
+
+
+def _test_numbers(extraction, model, history, classifier_time: float, predict_time: float, test_size: int
+                  ) -> dict[str, float]:
+    """The numbers a run stores besides its scores: times, throughputs, what was extracted and trained."""
     extra = {
         "extraction_time_s": extraction.time_s,
         "classifier_time_s": classifier_time,
@@ -130,16 +141,12 @@ def run(ctx: RunContext) -> MethodOutput | None:
         "epochs_trained": float(history.epochs),
         "best_epoch": float(history.best_epoch),
     }
-    if len(dev_y):
-        extra["best_dev_accuracy"] = history.best_accuracy
-    if extraction.texts and extraction.forward_time_s > 0 and task.test:
+    if extraction.texts and extraction.forward_time_s > 0 and test_size:
         # What one test text costs: its share of the measured forward passes, plus the classifier's prediction (the
         # name every method gives it: the plot's cost axis). Features read from the cache measured no forward pass.
         per_text = extraction.forward_time_s / extraction.texts
-        extra["test_examples_per_s"] = len(task.test) / (per_text * len(task.test) + predict_time)
-    print(f"{LOG} extraction {extraction.time_s:.1f} s, classifier {classifier_time:.1f} s ({history.epochs} epochs, "
-          f"best {history.best_epoch}, dev accuracy {max(history.best_accuracy, 0):.4f})", flush=True)
-    return MethodOutput(predictions={task.name: predictions}, extra_results={task.name: extra})
+        extra["test_examples_per_s"] = test_size / (per_text * test_size + predict_time)
+    return extra
 
 
 def labelled_features(task: TaskData, features: dict[str, list[torch.Tensor]], dev_fraction: float, seed: int

@@ -1,0 +1,72 @@
+"""`clfbench plan` and the queue-time memory check (issue 11, item 4): GPU memory per GPU from config.json alone.
+
+The parameter count behind every estimate is checked against transformers' own count of the same configs (built
+on the meta device: no memory), including the shipped shapes of the paper's Llama-3-8B and -70B; then what a
+user sees: a plan that fits exits 0, one that cannot exits 1 with one line that says what would fit, and the
+same refusal at queue time leaves the store empty.
+"""
+from __future__ import annotations
+
+import pytest
+
+from clfbench.engine import memory_plan
+
+SHIPPED = ["minilm", "smollm2-135m", "llama-3-8b", "llama-3-70b"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_the_parameter_count_from_the_shapes_is_transformers_own(name):
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    path = memory_plan.shipped_config(name)
+    config = AutoConfig.from_pretrained(path)
+    shape = memory_plan.shape_of(memory_plan.read_config(path))
+    with torch.device("meta"):  # shapes only: a 70B model costs nothing here
+        model = (AutoModelForCausalLM if shape.decoder else AutoModel).from_config(config)
+    assert memory_plan.parameter_count(shape) == sum(p.numel() for p in model.parameters())
+
+
+def test_the_paper_models_have_their_published_sizes():
+    sizes = {name: memory_plan.parameter_count(memory_plan.shape_of(memory_plan.read_config(
+        memory_plan.shipped_config(name)))) for name in ("llama-3-8b", "llama-3-70b")}
+    assert sizes == {"llama-3-8b": 8_030_261_248, "llama-3-70b": 70_553_706_496}
+
+
+def test_sharding_divides_the_optimizer_state_and_checkpointing_shrinks_activations():
+    shape = memory_plan.shape_of(memory_plan.read_config(memory_plan.shipped_config("llama-3-8b")))
+    ddp = memory_plan.finetune_parts(shape, 8, 8, 1024, "ddp")
+    fsdp = memory_plan.finetune_parts(shape, 8, 8, 1024, "fsdp")
+    assert ddp["weights, gradients, AdamW (fp32)"] == 16 * 8_030_261_248
+    assert fsdp["weights, gradients, AdamW (fp32, sharded)"] == ddp["weights, gradients, AdamW (fp32)"] / 8
+    checkpointed = memory_plan.finetune_parts(shape, 8, 8, 1024, "fsdp", checkpointing=True)
+    assert checkpointed["activations (checkpointed)"] < fsdp["activations"] / 10
+
+
+def test_plan_exits_0_when_the_run_fits_and_1_with_one_line_saying_what_would(cli):
+    fits = cli.run("plan", "--method", "prompt", "--model", "llama-3-70b", "--task", "massive-intent",
+                   "--gpus", "4", "--gpu-memory", "80")
+    assert "70.55B parameters" in fits.stdout and "weights (bf16)" in fits.stdout and " fits" in fits.stdout
+    refused = cli.run("plan", "--method", "prompt", "--model", "llama-3-70b", "--task", "massive-intent",
+                      "--gpus", "1", "--gpu-memory", "80", check=False)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert refused.stderr.startswith("error: prompt with llama-3-70b needs") and "4 GPUs of 80 GB" in refused.stderr
+    # The paper's 70B full fine-tune on 8 GPUs without offload: refused, even sharded and checkpointed.
+    full = cli.run("plan", "--method", "llm-finetune", "--model", "llama-3-70b", "--task", "massive-intent",
+                   "--gpus", "8", "--gpu-memory", "80", "-o", "strategy=fsdp", "-o", "gradient_checkpointing=true",
+                   check=False)
+    assert full.returncode == 1 and "does not fit in 80 GB" in full.stdout
+    unknown = cli.run("plan", "--method", "prompt", "--model", "org/not-here", "--task", "massive-intent",
+                      check=False)
+    assert unknown.returncode == 1 and "no config.json at hand for 'org/not-here'" in unknown.stderr
+
+
+def test_queue_refuses_a_gpu_run_that_cannot_fit_and_queues_nothing(cli):
+    refused = cli.run("queue", "--method", "prompt", "--model", "llama-3-70b", "--task", "massive-intent",
+                      "--gpus", "1", "--gpu-memory", "80", check=False)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "nothing queued" in refused.stderr
+    assert cli.json("ls") == []
+    queued = cli.run("queue", "--method", "prompt", "--model", "llama-3-70b", "--task", "massive-intent",
+                     "--gpus", "4", "--gpu-memory", "80")
+    assert "queued 1 run(s)" in queued.stdout
