@@ -166,13 +166,13 @@ def test_the_two_level_bootstrap_holds_its_level_when_seeds_spread_and_finds_a_r
     time, because it resamples the seeds too; a test over the examples alone would count the seeds' spread as a
     difference between the rows and reject far more often (checked here on the same data)."""
     rng = np.random.default_rng(11)
-    trials, two_level, examples_only = 200, 0, 0
+    trials, two_level, examples_only = 150, 0, 0
     for trial in range(trials):
         a = seed_runs(rng, 300, 0.75 + 0.03 * rng.standard_normal(3))
         b = seed_runs(rng, 300, 0.75 + 0.03 * rng.standard_normal(3))
-        two_level += stats.seeds_bootstrap(a, b, resamples=400, seed=trial).p_value < 0.05
+        two_level += stats.seeds_bootstrap(a, b, resamples=300, seed=trial).p_value < 0.05
         pooled = [stats.Counts(np.vstack([c.columns for c in side]), side[0].score) for side in (a, b)]
-        examples_only += stats.paired_bootstrap(*pooled, resamples=400, seed=trial).p_value < 0.05
+        examples_only += stats.paired_bootstrap(*pooled, resamples=300, seed=trial).p_value < 0.05
     assert two_level / trials <= 0.09
     assert examples_only / trials > 2 * max(two_level / trials, 0.03)
     better = stats.seeds_bootstrap(seed_runs(rng, 300, [0.86, 0.85, 0.87]), seed_runs(rng, 300, [0.74, 0.75, 0.73]))
