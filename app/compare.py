@@ -199,13 +199,14 @@ def shared_tasks(run_a: dict, run_b: dict) -> list[str]:
 
 # ---- significance marks in the results matrix -------------------------------------------------
 
-def cell_p_value(store: Store, run_ids: list[int], best_ids: list[int], task: str, metric: str) -> float | None:
+def cell_p_value(store: Store, run_ids: list[int], best_ids: list[int], task: str, metric: str,
+                 read: dict[int, dict[str, dict]] | None = None) -> float | None:
     """Two-sided p of a cell (its runs, one per seed) against the column's best cell on `task`'s examples that
     every run of both answered: McNemar's exact test for the accuracy of two one-run cells, the paired bootstrap
     for their other shares of examples, and the two-level bootstrap over examples and seeds when either cell has
     several seeds. None for a metric that is no share of examples (a loss, a time) or predictions these tests
-    cannot pair."""
-    paired = _rows_on_shared_examples(store, [*run_ids, *best_ids], task)
+    cannot pair. `read`: prediction rows already read, by run (mark_ties reads the best cell's once per column)."""
+    paired = _rows_on_shared_examples(store, [*run_ids, *best_ids], task, read)
     if paired is None:
         return None
     kind = "token" if "slot_f1" in queries.run_results(store, best_ids[0]).get(task, {}) else "sequence"
@@ -223,10 +224,13 @@ def cell_p_value(store: Store, run_ids: list[int], best_ids: list[int], task: st
     return stats.seeds_bootstrap(counts[:len(run_ids)], counts[len(run_ids):]).p_value
 
 
-def _rows_on_shared_examples(store: Store, run_ids: list[int], task: str) -> list[list[dict]] | None:
+def _rows_on_shared_examples(store: Store, run_ids: list[int], task: str,
+                             read: dict[int, dict[str, dict]] | None = None) -> list[list[dict]] | None:
     """Each run's prediction rows on the examples every one of them answered (the last run's order); None when
     they share none or disagree on a gold answer (not the same task's data)."""
-    rows = [_rows_by_id(store, run_id, task) for run_id in run_ids]
+    read = {} if read is None else read
+    rows = [read[run_id] if run_id in read else read.setdefault(run_id, _rows_by_id(store, run_id, task))
+            for run_id in run_ids]
     shared = [example_id for example_id in rows[-1] if all(example_id in r for r in rows)]
     if not shared or any(len({r[i]["gold"] for r in rows}) != 1 for i in shared):
         return None
@@ -254,10 +258,10 @@ def mark_ties(store: Store, matrix: Matrix, best: dict[str, tuple], alpha: float
             kind_token = "slot_f1" in queries.run_results(store, best_cell.run_ids[0]).get(
                 matrix.column_tasks[column], {})
             metric = "slot_f1" if kind_token else "accuracy"
-        tested, p_values = [], []
+        tested, p_values, read = [], [], {}
         for row in others:
             p_value = cell_p_value(store, list(matrix.cells[(row, column)].run_ids), list(best_cell.run_ids),
-                                   matrix.column_tasks[column], metric)
+                                   matrix.column_tasks[column], metric, read)
             if p_value is None:
                 untested += 1
                 continue

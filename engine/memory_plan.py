@@ -196,10 +196,10 @@ def what_would_fit(method: str, shape: Shape, options: dict, gpus: int, gpu_memo
     if enough is not None and enough > gpus:
         advice.append(f"{enough} GPUs of {gpu_memory_gb:g} GB")
     if method == "llm-finetune":
-        sharded = {**options, "strategy": "fsdp"}
-        if options.get("strategy", "ddp") != "fsdp" and (fewest_gpus(method, shape, sharded, gpu_memory_gb, tokens)
-                                                         or 99) <= max(gpus, 8):
-            advice.append(f"-o strategy=fsdp on {fewest_gpus(method, shape, sharded, gpu_memory_gb, tokens)} GPUs")
+        if options.get("strategy", "ddp") != "fsdp":
+            sharded = fewest_gpus(method, shape, {**options, "strategy": "fsdp"}, gpu_memory_gb, tokens)
+            if sharded is not None and sharded <= max(gpus, 8):
+                advice.append(f"-o strategy=fsdp on {sharded} GPUs")
         if not options.get("gradient_checkpointing") and plan_run(
                 method, shape, {**options, "gradient_checkpointing": True}, gpus, gpu_memory_gb, tokens).fits:
             advice.append("-o gradient_checkpointing=true")
@@ -265,16 +265,20 @@ def local_gpu_memory_gb() -> float | None:
 DEFAULT_GPU_GB = 80.0  # an A100/H100 80GB, the paper's GPU, where no GPU is at hand to ask
 
 
+def spec_options(spec) -> dict:
+    return spec.options.model_dump() if hasattr(spec.options, "model_dump") else dict(spec.options or {})
+
+
 def plan_spec(spec, gpu_memory_gb: float, tokens: int | None = None) -> tuple[Plan, Shape]:
     """A queued spec's plan on its GPUs (1 when it names none) of `gpu_memory_gb` each."""
     shape = shape_of(read_config(model_config(spec.model)))
-    options = spec.options.model_dump() if hasattr(spec.options, "model_dump") else dict(spec.options or {})
+    options = spec_options(spec)
     return plan_run(spec.method, shape, options, spec.gpus or 1, gpu_memory_gb, tokens), shape
 
 
 def refusal(spec, plan: Plan, shape: Shape, tokens: int | None = None) -> str:
     """The one line that says a run cannot fit, and what would."""
-    options = spec.options.model_dump() if hasattr(spec.options, "model_dump") else dict(spec.options or {})
+    options = spec_options(spec)
     fix = what_would_fit(spec.method, shape, options, plan.gpus, plan.gpu_memory_gb, tokens)
     return (f"{spec.method} with {spec.model} needs {gb(plan.total)} per GPU on {plan.gpus} × "
             f"{plan.gpu_memory_gb:g} GB ({plan.what}); it would fit with {fix}")

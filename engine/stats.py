@@ -218,6 +218,13 @@ def bootstrap_interval(counts: Counts, resamples: int = RESAMPLES, seed: int = B
     return Interval(value, *_percentile_ends(scores, level), resamples, level)
 
 
+def _two_sided_p(differences: np.ndarray, resamples: int) -> float:
+    """Twice the share of resampled differences on the far side of zero, each count plus one over resamples plus
+    one, so that it is never 0 from a finite number of resamples."""
+    at_most, at_least = int((differences <= 0).sum()), int((differences >= 0).sum())
+    return min(1.0, 2 * (min(at_most, at_least) + 1) / (resamples + 1))
+
+
 def paired_bootstrap(a: Counts, b: Counts, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
                      level: float = LEVEL) -> Difference:
     """a − b resampling the same examples for both (rows of a and b are the same examples, in order).
@@ -231,8 +238,7 @@ def paired_bootstrap(a: Counts, b: Counts, resamples: int = RESAMPLES, seed: int
         return Difference(value, math.nan, math.nan, math.nan, "paired bootstrap")
     differences = np.concatenate([a.score(draws @ a.columns) - b.score(draws @ b.columns)
                                   for draws in resample_draws(a.n, resamples, seed)])
-    at_most, at_least = int((differences <= 0).sum()), int((differences >= 0).sum())
-    p_value = min(1.0, 2 * (min(at_most, at_least) + 1) / (resamples + 1))
+    p_value = _two_sided_p(differences, resamples)
     return Difference(value, *_percentile_ends(differences, level), p_value,
                       f"paired bootstrap ({resamples} resamples)")
 
@@ -257,8 +263,7 @@ def seeds_bootstrap(a: Sequence[Counts], b: Sequence[Counts], resamples: int = R
             means.append(np.take_along_axis(scores, chosen, axis=1).mean(axis=1))
         chunks.append(means[0] - means[1])
     differences = np.concatenate(chunks)
-    at_most, at_least = int((differences <= 0).sum()), int((differences >= 0).sum())
-    p_value = min(1.0, 2 * (min(at_most, at_least) + 1) / (resamples + 1))
+    p_value = _two_sided_p(differences, resamples)
     return Difference(value, *_percentile_ends(differences, level), p_value,
                       f"two-level bootstrap over examples and seeds ({resamples} resamples)")
 
