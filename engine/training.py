@@ -55,12 +55,13 @@ class StepPlan:
 
 
 def plan_steps(n_rows: int, batch_size: int, world_size: int, epochs: float, warmup_ratio: float,
-               grad_accum: int = 1) -> StepPlan:
+               grad_accum: int = 1, max_steps: int | None = None) -> StepPlan:
     """Every rank draws `batch_size` rows per micro-batch from its share of the rows (padded to ceil(n / world
-    size), as DistributedSampler does), `grad_accum` micro-batches per optimizer step."""
+    size), as DistributedSampler does), `grad_accum` micro-batches per optimizer step; `max_steps` (when given)
+    replaces `epochs`: the epochs go on, reshuffled, until that many steps."""
     micro_batches = math.ceil(math.ceil(n_rows / world_size) / batch_size)
     steps_per_epoch = math.ceil(micro_batches / grad_accum)
-    total_steps = max(1, math.ceil(epochs * steps_per_epoch))
+    total_steps = max_steps or max(1, math.ceil(epochs * steps_per_epoch))
     return StepPlan(steps_per_epoch, total_steps, int(round(warmup_ratio * total_steps)))
 
 
@@ -211,11 +212,23 @@ def start_training(ctx: RunContext, model: torch.nn.Module, plan: StepPlan, fing
 
 
 def gradient_sync(training: Training, last: bool):
-    """Gradients are all-reduced on a step's last micro-batch only (DDP and FSDP have `no_sync`; a single process
-    has nothing to synchronise)."""
-    if last or not hasattr(training.wrapped, "no_sync"):
+    """Gradients are reduced across ranks on a step's last micro-batch only (DDP's `no_sync`, FSDP2's
+    `set_requires_gradient_sync`; a single process has nothing to synchronise)."""
+    wrapped = training.wrapped
+    if last:
         return contextlib.nullcontext()
-    return training.wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(wrapped)
+    return wrapped.no_sync() if hasattr(wrapped, "no_sync") else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(wrapped):
+    wrapped.set_requires_gradient_sync(False)  # recursive: every FSDP unit keeps its unsharded gradient
+    try:
+        yield
+    finally:
+        wrapped.set_requires_gradient_sync(True)
 
 
 def optimizer_step(training: Training) -> None:
@@ -429,7 +442,7 @@ def autocast_for(device: torch.device, bf16: bool):
 # ------------------------------------------------------------------------------------ checkpoints
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -461,10 +474,10 @@ def save_checkpoint(ctx: RunContext, model_state: Callable[[], dict], optimizer,
                     steps_per_epoch: int, fingerprint: dict) -> None:
     """Write `output_dir/checkpoint` atomically on rank 0 (temp folder + rename); all ranks must call.
     `model_state()`: the weights to keep (e.g. `model.state_dict`)."""
-    rng = [_rng_state()]
+    rng = [rng_state()]
     if ctx.world_size > 1:
         rng = [None] * ctx.world_size
-        dist.all_gather_object(rng, _rng_state())
+        dist.all_gather_object(rng, rng_state())
     if ctx.is_main:
         output_dir = Path(ctx.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -372,9 +372,38 @@ def run_worker(run_id: int) -> int:
     except StoreUnreachable as lost:
         return _stop_on_outage(recorder, run_id, attempt, lost)
     except Exception as error:
+        if _peer_lost(error):
+            return _stop_on_lost_peer(recorder, error)
         return _fail(store, recorder, run_id, attempt, error)
     finally:
         _destroy_process_group()
+
+
+# What gloo and NCCL say when another rank of the run died mid-collective.
+PEER_LOST_SIGNS = ("Connection reset by peer", "Connection closed by peer", "remote process exited",
+                   "Socket Timeout", "Broken pipe")
+
+
+def _peer_lost(error: Exception) -> bool:
+    """Whether a collective failed because another rank died (killed, out of memory, a lost node): the run did
+    not fail, its attempt ended. Only with several ranks."""
+    if _distributed_env()[1] < 2:
+        return False
+    dist = getattr(sys.modules.get("torch"), "distributed", None)
+    kinds = tuple(k for k in (getattr(dist, "DistNetworkError", None),) if k is not None)
+    return isinstance(error, kinds) or any(sign in str(error) for sign in PEER_LOST_SIGNS)
+
+
+def _stop_on_lost_peer(recorder: Recorder, error: Exception) -> int:
+    """Write nothing: the engine reads torchrun's root cause (the rank that died first) and ends the attempt by
+    it (a killed rank: requeued, resumed from the checkpoint), instead of this rank calling the run failed."""
+    try:
+        recorder.close()
+    except Exception as write_error:
+        print(f"clfbench worker: metric points not written: {_one_line(write_error)}", flush=True)
+    print(f"clfbench worker: another rank of this run died ({_one_line(error)}); stopping without writing",
+          flush=True)
+    return 1
 
 
 def main() -> int:

@@ -211,9 +211,91 @@ def test_long_prompts_are_refused_or_cut(tiny_llama, tmp_path, capsys):
         run_method(lf, make_ctx(tiny_llama, "massive-intent", tmp_path, Recorder(), max_length=100, cut_long=True))
 
 
-def test_fsdp_is_refused_on_cpu(tiny_llama, tmp_path):
-    with pytest.raises(ClfbenchError, match="strategy=fsdp needs CUDA"):
-        run_method(lf, make_ctx(tiny_llama, "massive-intent", tmp_path, Recorder(), strategy="fsdp"))
+def test_paper_preset_sets_section_5_5_and_steps_by_model_size(tiny_llama, tmp_path):
+    opts = LlmFinetuneOptions(preset="paper", lr=3e-4).resolved(["massive-intent"])
+    assert (opts.lr, opts.batch_size, opts.global_batch, opts.max_length) == (1e-6, 1, 8, 16384)
+    assert opts.cut_long and opts.gradient_checkpointing
+    on_eight = SimpleNamespace(options=opts, world_size=8, is_main=False)
+    assert lf.step_settings(on_eight, 8_030_261_248) == (1, 4000)  # Llama-3-8B: 8 processes x 1 = the batch of 8
+    on_two = SimpleNamespace(options=opts, world_size=2, is_main=False)
+    assert lf.step_settings(on_two, 70_553_706_496) == (4, 8000)  # 70B; 2 x 1 x 4 accumulated = 8
+    mine = SimpleNamespace(options=LlmFinetuneOptions(max_steps=5, epochs=1), world_size=1, is_main=False)
+    assert lf.step_settings(mine, 10**6) == (1, 5)
+    with pytest.raises(ValueError, match="offload=true needs strategy=fsdp"):
+        LlmFinetuneOptions(offload=True).check_task_kinds(["sequence"])
+
+
+def _losses(store, run_id: int, name: str) -> list[tuple[int, float]]:
+    with store.read() as connection:
+        return [tuple(row) for row in connection.execute(text(
+            "SELECT step, value FROM metric_points WHERE run_id = :run AND name = :name ORDER BY step"),
+            {"run": run_id, "name": name})]
+
+
+def test_fsdp_over_two_cpu_processes_follows_ddp(cli):
+    """FSDP2 over gloo and DDP compute the same training: the same loss at every step (float tolerance: the
+    reduce-scatter sums in another order, and FSDP feeds whole sequences where DDP shares the prompt prefix),
+    with gradients accumulated over two micro-batches."""
+    common = [*TINY, "--task", "massive-intent", "--nproc", "2", "-o", "max_steps=4", "-o", "train_limit=32",
+              "-o", "test_limit=2", "-o", "batch_size=2", "-o", "grad_accum=2", "-o", "log_every=1",
+              "-o", "dev_limit=3", "-o", "eval_every=2", "-o", "lr=1e-3", "-o", "checkpoint_every=0"]
+    (ddp,) = cli.json("queue", *common, "-o", "strategy=ddp")
+    (fsdp,) = cli.json("queue", *common, "-o", "strategy=fsdp")
+    cli.run("engine", "--until-idle")
+    for run in (ddp, fsdp):
+        shown = cli.json("show", str(run["id"]))
+        assert shown["status"] == "succeeded", shown["error"]
+    store = open_store()
+    for name in ("train_loss", "eval_loss"):
+        expected, got = _losses(store, ddp["id"], name), _losses(store, fsdp["id"], name)
+        assert [step for step, _ in got] == [step for step, _ in expected] and len(got) >= 2
+        assert [value for _, value in got] == pytest.approx([value for _, value in expected], rel=1e-4), name
+    train = [value for _, value in _losses(store, fsdp["id"], "train_loss")]
+    assert train[-1] < train[0]  # it learns (lr 1e-3 on the tiny model)
+
+
+def kill_a_rank_once_checkpointed(cli, run_id: int, rank: int, marker: str = "checkpoint",
+                                  inspect=lambda output_dir: None) -> None:
+    """Start the engine, SIGKILL the run's worker `rank` (0 or -1: the last) once `output_dir/<marker>` exists
+    (after `inspect(output_dir)`), and wait for the engine to finish the run's next attempt; then the run resumed and nothing of attempt 1 is
+    left."""
+    store = open_store()
+
+    def checkpointed() -> bool:
+        row = store_run(store, run_id)
+        return bool(row["output_dir"]) and (Path(row["output_dir"]) / marker).exists()
+
+    engine = cli.popen("engine", "--until-idle")
+    try:
+        wait_for(checkpointed, 180, "the first checkpoint")
+        inspect(Path(store_run(store, run_id)["output_dir"]))
+        workers = _children(store_run(store, run_id)["pid"])
+        assert workers, "torchrun has no worker child"
+        os.kill(workers[rank], signal.SIGKILL)
+        engine.wait(timeout=600)
+    finally:
+        engine.kill()
+    row = store_run(store, run_id)
+    assert row["status"] == "succeeded" and row["attempt"] == 2
+    assert no_process_left(store, run_id, attempt=1) and attempts_did_not_overlap(store, run_id)
+    assert "requeued" in events_of(store, run_id)
+    assert "resuming from" in cli.run("logs", str(run_id)).stdout
+
+
+def test_fsdp_sigkill_resumes_from_the_sharded_checkpoint(cli):
+    """Rank 1 killed: rank 0 sees its peer gone mid-collective and must not call the run failed."""
+    (run,) = cli.json("queue", *TINY, "--task", "massive-intent", "--nproc", "2", "-o", "strategy=fsdp",
+                      "-o", "max_steps=24", "-o", "train_limit=32", "-o", "test_limit=2", "-o", "batch_size=2",
+                      "-o", "checkpoint_every=6", "-o", "eval_every=0", "-o", "log_every=6")
+
+    def one_shard_file_per_rank(output_dir: Path) -> None:  # no rank ever holds the whole state
+        assert len(list((output_dir / "checkpoint").glob("*.distcp"))) == 2
+
+    kill_a_rank_once_checkpointed(cli, run["id"], rank=-1, marker="checkpoint/meta.json",
+                                  inspect=one_shard_file_per_rank)
+    shown = cli.json("show", str(run["id"]))
+    assert shown["results"]["massive-intent"]["resumed_from_step"] >= 6
+    assert shown["results"]["massive-intent"]["train_steps"] == 24
 
 
 @pytest.mark.gpu
@@ -256,26 +338,6 @@ def test_sigkill_of_the_worker_resumes_from_the_checkpoint(cli):
                       "-o", "test_limit=10", "-o", "batch_size=8", "-o", "checkpoint_every=8", "-o", "eval_every=0",
                       "-o", "log_every=2")
     run_id = run["id"]
-    store = open_store()
-
-    def checkpointed() -> bool:
-        row = store_run(store, run_id)
-        return bool(row["output_dir"]) and (Path(row["output_dir"]) / "checkpoint").is_dir()
-
-    engine = cli.popen("engine", "--until-idle")
-    try:
-        wait_for(checkpointed, 180, "the first checkpoint")
-        workers = _children(store_run(store, run_id)["pid"])
-        assert workers, "torchrun has no worker child"
-        os.kill(workers[0], signal.SIGKILL)
-        engine.wait(timeout=600)
-    finally:
-        engine.kill()
-    row = store_run(store, run_id)
-    assert row["status"] == "succeeded" and row["attempt"] == 2
-    assert no_process_left(store, run_id, attempt=1) and attempts_did_not_overlap(store, run_id)
-    assert "requeued" in events_of(store, run_id)
-    log = cli.run("logs", str(run_id)).stdout
-    assert "resuming from" in log
+    kill_a_rank_once_checkpointed(cli, run_id, rank=0)
     shown = cli.json("show", str(run_id))
     assert shown["results"]["massive-intent"]["resumed_from_step"] >= 8

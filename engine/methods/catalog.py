@@ -368,11 +368,24 @@ class LlmFinetuneOptions(MethodOptions):
     Each training example is the rendered chat prompt (zero- or `shots`-shot) followed by the target answer and
     the model's stop token; only the answer tokens carry the loss. Two tasks ("a+b") train on the consolidated
     JSON answer. After training, rank 0 predicts the test set with the prompt method's decision modes.
+
+    `preset: paper` (Zhao et al., section 5.5) overrides lr=1e-6, global_batch=8 (1 example per process and
+    micro-batch, gradients accumulated up to 8 over all processes), max_length=16384 with cut_long, gradient
+    checkpointing on, and max_steps from the model's size when max_steps is not given: 4,000 optimizer steps,
+    8,000 for a model of 30B parameters or more (the paper's 70B).
     """
+
+    preset: Literal["none", "paper"] = Field(
+        "none", description="'paper': lr 1e-6, global batch 8, max_length 16384, gradient checkpointing, 4,000 "
+                            "steps (8,000 from 30B parameters); overrides those options")
 
     epochs: float = Field(1.0, gt=0, le=MAX_EPOCHS, description="passes over the training set")
     batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="examples per micro-batch, per process")
     grad_accum: int = Field(1, ge=1, le=MAX_BATCH, description="micro-batches per optimizer step")
+    global_batch: int | None = Field(
+        None, ge=1, le=MAX_BATCH * 64, description="examples per optimizer step over all processes: sets grad_accum "
+                                                   "to global_batch / (batch_size x processes), rounded up")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps to train (empty: epochs decide)")
     lr: float = Field(2e-5, gt=0, le=MAX_LR, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases and norms)")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="fraction of steps with linear warm-up (then linear decay)")
@@ -381,11 +394,15 @@ class LlmFinetuneOptions(MethodOptions):
                                               "(false: such a prompt is an error)")
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp: a full model copy per process; fsdp: parameters, gradients and optimizer state "
-                           "sharded over the GPUs (through accelerate; CUDA only)")
+                           "sharded over the processes (PyTorch FSDP2; NCCL on GPUs, gloo on CPU)")
+    offload: bool = Field(False, description="strategy=fsdp: keep the sharded parameters, gradients and AdamW state "
+                                             "in CPU memory and step the optimizer there (far less GPU memory, "
+                                             "slower)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward (less memory, "
                                                             "~30% slower; turns share_prefix off)")
     share_prefix: bool = Field(True, description="run the prompt text shared by every example (instruction, labels, "
-                                                 "shots) once per micro-batch instead of once per example")
+                                                 "shots) once per micro-batch instead of once per example (not under "
+                                                 "strategy=fsdp)")
     bf16: bool = Field(True, description="bf16 autocast on GPUs that support it (ignored on CPU)")
     eval_every: int = Field(200, ge=0, description="optimizer steps between dev evaluations (0: only at the end)")
     checkpoint_every: int = Field(200, ge=0, description="optimizer steps between checkpoints (0: none)",
@@ -417,7 +434,22 @@ class LlmFinetuneOptions(MethodOptions):
         if self.decision == "score" and "token" in kinds:
             raise ValueError("decision=score is not defined for token (slot) tasks: there is no closed list of "
                              "answers to score; use decision=constrained or generate")
+        if self.offload and self.strategy != "fsdp":
+            raise ValueError("offload=true needs strategy=fsdp (it offloads FSDP's shards)")
 
+    def resolved(self, task_names: list[str]) -> "LlmFinetuneOptions":
+        """The options after the preset (max_steps by model size is left to the method, which knows the model)."""
+        if self.preset == "none":
+            return self
+        return self.model_copy(update={"lr": 1e-6, "batch_size": 1, "global_batch": 8, "max_length": 16384,
+                                       "cut_long": True, "gradient_checkpointing": True})
+
+
+PAPER_LARGE_PARAMS = 30e9  # preset paper: from here a model gets the paper's 8,000 steps (70B), below 4,000 (7-8B)
+
+
+def paper_steps(n_params: int) -> int:
+    return 8000 if n_params >= PAPER_LARGE_PARAMS else 4000
 
 
 class TfidfOptions(MethodOptions):

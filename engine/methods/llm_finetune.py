@@ -10,7 +10,8 @@
 - the loss is the mean cross-entropy over the labelled tokens of an optimizer step, exact across micro-batches
   (`grad_accum`) and processes: each rank counts its step's labelled tokens first, the counts are summed, and each
   micro-batch's summed loss is scaled by world_size / global tokens (DDP then averages over ranks);
-- `share_prefix` (default): the prompt text every example shares (system prompt, instruction, label list, shots:
+- `share_prefix` (default; not under FSDP or gradient checkpointing, see `training_sequences`): the prompt text
+  every example shares (system prompt, instruction, label list, shots:
   450 of MASSIVE intent's ~475 tokens for SmolLM2) runs once per micro-batch with gradients, and its keys/values
   are expanded to every row, whose own part (document, prompt tail, answer) follows with explicit positions and a
   4-D attention mask. The same maths as whole sequences (tested), ~8x fewer tokens on MASSIVE. Logits are
@@ -31,13 +32,16 @@
   (`decision`: generate | constrained | score, `score_norm`), the other ranks return None.
 
 `strategy`: `ddp` (DistributedDataParallel over gloo on CPU, NCCL on GPUs; `engine.training.start_training`) or
-`fsdp` (FullyShardedDataParallel through accelerate, `engine.fsdp`, for a model whose weights + gradients + Adam
-state do not fit one GPU: decoder layers are sharded over the GPUs; CUDA only, refused on CPU). bf16 autocast on
-GPUs that support it, fp32 master weights.
+`fsdp` (PyTorch's FSDP2 `fully_shard`, `engine.fsdp`, for a model whose weights + gradients + Adam state do not fit
+one GPU: every decoder layer is sharded over the processes, on GPUs over NCCL and on CPU over gloo; `offload` keeps
+the shards and the optimizer in CPU memory; checkpoints are sharded). fp32 master weights; bf16 on GPUs that
+support it (autocast under DDP, FSDP2's mixed-precision policy under FSDP). `preset: paper` and `global_batch` /
+`max_steps`: `step_settings`.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -53,6 +57,7 @@ from clfbench.engine.decoding.model import cache_argument, returned_cache
 from clfbench.engine.dev_split import split_dev_rows
 from clfbench.engine.fsdp import fsdp_training
 from clfbench.engine.prompting.chat import ChatFormat
+from clfbench.engine.methods.catalog import paper_steps
 from clfbench.engine.prompting.library import Item, PromptBuilder, load_prompt_set, paired_items
 from clfbench.engine.training import (CONVERTING, EVALUATING, LoopTimes, StepPlan, Tally, Training, all_ranks_sum,
                                       autocast_for, epoch_batcher, gradient_sync, length_grouped_epochs, plan_steps,
@@ -72,9 +77,6 @@ FORMAT = 1  # in the checkpoint fingerprint
 def run(ctx: RunContext) -> MethodOutput | None:
     opts = ctx.options
     device = torch.device(ctx.device)
-    if opts.strategy == "fsdp" and device.type != "cuda":
-        raise ClfbenchError("llm-finetune: strategy=fsdp needs CUDA GPUs (FSDP shards the model over NCCL); "
-                            "on CPU use strategy=ddp")
     require_process_group(ctx, LOG)
     prompt = load_prompt_set(opts.prompt_set).select(ctx.tasks, ctx.shots)
 
@@ -87,13 +89,15 @@ def run(ctx: RunContext) -> MethodOutput | None:
 
     data = training_sequences(ctx, decoder, builder, prompt.describe())
     loss_model = prepare_model(model, decoder, opts)
+    n_params = sum(p.numel() for p in model.parameters())
+    grad_accum, max_steps = step_settings(ctx, n_params)
     plan = plan_steps(len(data.train), opts.batch_size, ctx.world_size, opts.epochs, opts.warmup_ratio,
-                      opts.grad_accum)
+                      grad_accum, max_steps)
     fingerprint = {
         "format": FORMAT, "prompt": prompt.describe(), "shots": ctx.shots, "n_train": len(data.train),
         "n_dev": len(data.dev), "world_size": ctx.world_size, "batch_size": opts.batch_size,
-        "grad_accum": opts.grad_accum, "total_steps": plan.total_steps, "seed": ctx.seed, "strategy": opts.strategy,
-        "n_params": sum(p.numel() for p in model.parameters()),
+        "grad_accum": grad_accum, "total_steps": plan.total_steps, "seed": ctx.seed, "strategy": opts.strategy,
+        "n_params": n_params,
     }
     training = start(ctx, loss_model, plan, fingerprint)
     times = train(ctx, training, model, plan, data, decoder.pad_id)
@@ -107,6 +111,20 @@ def run(ctx: RunContext) -> MethodOutput | None:
         "train_examples": float(len(data.train)), "train_steps": float(plan.total_steps),
         "resumed_from_step": float(training.start_step), "shots": float(ctx.shots),
     })
+
+
+def step_settings(ctx: RunContext, n_params: int) -> tuple[int, int | None]:
+    """(micro-batches per optimizer step, optimizer steps or None for `epochs`): `global_batch` over all processes
+    sets the first, `preset: paper` the second by the model's size when `max_steps` is not given."""
+    opts = ctx.options
+    grad_accum = opts.grad_accum
+    if opts.global_batch:
+        grad_accum = max(1, math.ceil(opts.global_batch / (opts.batch_size * ctx.world_size)))
+    max_steps = opts.max_steps or (paper_steps(n_params) if opts.preset == "paper" else None)
+    if ctx.is_main and (opts.global_batch or max_steps):
+        print(f"{LOG} {opts.batch_size} x {ctx.world_size} process(es) x {grad_accum} micro-batches per step"
+              + (f", {max_steps:,} steps" if max_steps else ""), flush=True)
+    return grad_accum, max_steps
 
 
 # ------------------------------------------------------------------------------------------ sequences
@@ -204,7 +222,10 @@ def training_sequences(ctx: RunContext, decoder: Decoder, builder: PromptBuilder
                          convert)
     dev = encode_items(decoder, builder, dev_items, opts.max_length, True, "dev", ctx.is_main,
                        lambda done: convert(len(train_items) + done))
-    share = opts.share_prefix and not opts.gradient_checkpointing  # HF drops the KV cache under checkpointing
+    # Whole sequences under gradient checkpointing (HF drops the KV cache there) and under FSDP: the prefix's
+    # keys/values reach a layer's weights in backward without passing through that layer's output, where FSDP2
+    # hooks the all-gather that backward needs (tried: "storage of size 0").
+    share = opts.share_prefix and not opts.gradient_checkpointing and opts.strategy != "fsdp"
     prefix = shared_prefix_ids(decoder.chat, builder) if share else []
     if ctx.is_main:
         answer_tokens = sum(len(s.ids) - s.n_prompt for s in train) / len(train)
@@ -305,7 +326,7 @@ def start(ctx: RunContext, loss_model: AnswerLoss, plan: StepPlan, fingerprint: 
     opts = ctx.options
     if opts.strategy == "fsdp":
         return fsdp_training(ctx, loss_model, loss_model.model, plan, fingerprint, lr=opts.lr,
-                             weight_decay=opts.weight_decay, bf16=opts.bf16, log_prefix=LOG)
+                             weight_decay=opts.weight_decay, bf16=opts.bf16, offload=opts.offload, log_prefix=LOG)
     return start_training(ctx, loss_model.model, plan, fingerprint, lr=opts.lr, weight_decay=opts.weight_decay,
                           log_prefix=LOG, module=loss_model)
 
@@ -373,12 +394,17 @@ def dev_loss(ctx: RunContext, training: Training, model: nn.Module, data: Sequen
     ctx.set_phase(EVALUATING, 0, len(data.dev))
     was_training = model.training
     model.eval()
+    # Every rank runs the same number of batches: under FSDP each forward is collective (all-gathers), so a rank
+    # whose share ran out runs one of its rows again and does not count it.
+    batches = math.ceil(math.ceil(len(data.dev) / ctx.world_size) / batch_size)
     try:
-        for start_at in range(0, len(shard), batch_size):
+        for start_at in range(0, batches * batch_size, batch_size):
             rows = shard[start_at:start_at + batch_size]
+            counted = 1.0 if rows else 0.0
             with autocast:
-                summed = training.wrapped(**_inputs(collate(rows, data.prefix, pad_id), device))
-            totals += torch.tensor([float(summed), sum(s.n_labels for s in rows)], dtype=torch.float64,
+                summed = training.wrapped(**_inputs(collate(rows or (shard or data.dev)[:1], data.prefix, pad_id),
+                                                    device))
+            totals += torch.tensor([float(summed) * counted, sum(s.n_labels for s in rows)], dtype=torch.float64,
                                    device=device)
             report(start_at + len(rows))
     finally:
@@ -399,8 +425,9 @@ def prediction_model(ctx: RunContext, training: Training, model: nn.Module) -> n
     state = training.full_state()
     if not ctx.is_main:
         return model
-    _, full = load_model(ctx.model_path, "bfloat16" if torch.cuda.is_bf16_supported() else "float32",
-                         torch.device(ctx.device))
+    device = torch.device(ctx.device)
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    _, full = load_model(ctx.model_path, "bfloat16" if bf16 else "float32", device)
     full.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     return full
 
