@@ -58,6 +58,13 @@ class RunContext:
         return self.world_size > 1
 
     @property
+    def gpus(self) -> list[int]:
+        """The run's GPUs as this process sees them (the engine sets CUDA_VISIBLE_DEVICES to the run's GPUs and
+        launches one process per GPU): 0..world_size-1 on a GPU run, [] on CPU. A method that computes on rank 0
+        alone (prompting, extraction) may place a model too large for one GPU across all of them."""
+        return list(range(self.world_size)) if self.device.startswith("cuda") else []
+
+    @property
     def method(self) -> str:
         return self.spec.method
 

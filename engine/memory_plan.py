@@ -1,25 +1,42 @@
 """How much GPU memory a run needs, from the model's config.json alone (no weights, no torch): `clfbench plan`.
 
-The paper's LLM rows are 7B–70B models on one 8-GPU box. Whether a run fits is arithmetic on the model's shapes,
-so it is answered before anything is launched. Per GPU, in bytes:
+The paper's LLM rows are 7B-70B models on one 8-GPU box. Whether a run fits is arithmetic on the model's shapes,
+so it is answered before anything is launched. The plan counts the bytes of live tensors at the moment of the
+peak, what `torch.cuda.max_memory_allocated` reports; bench/plan_vs_measured.py checks it against the same count
+on CPU (torch's allocator events) for SmolLM2-135M and MiniLM. Per GPU:
 
-- weights: every parameter counted from the shapes (embeddings, attention with its key/value heads, the MLP,
-  norms, an untied output head), 2 bytes each in bf16 for inference and the frozen base of LoRA runs;
-- full fine-tuning (AdamW with fp32 master weights and bf16 autocast): 16 bytes per parameter (weights 4,
-  gradients 4, the two moments 8), on every GPU under DDP and divided by the GPUs under FSDP (full sharding),
-  which also holds two gathered layers in bf16 at a time;
-- activations kept for backward: per layer and token about 8·hidden + 4·intermediate bf16 values (norm inputs,
-  q/k/v, attention output, the gated MLP's four tensors; flash attention keeps no tokens² scores), only the layer
-  inputs (hidden) when gradient checkpointing recomputes the rest, plus the output logits (bf16 logits, their
-  fp32 copy for the loss and its gradient: 10 bytes per token and vocabulary entry);
-- inference: the KV cache (keys and values of every layer's key/value heads, bf16) of the whole batch, the
-  widest moment of one layer's forward (the gated MLP's three intermediates beside two residual-width tensors)
-  and the last position's logits;
-- 1 GB per GPU for the CUDA context and the allocator's slack.
+- weights: every parameter counted from the shapes. Inference holds them in the run's dtype (bf16 on GPUs).
+  Full fine-tuning keeps fp32 master weights (4 bytes), AdamW's two fp32 moments (8) and fp32 gradients (4); bf16
+  autocast on GPUs adds the bf16 copy of each weight a matrix product makes, which autograd keeps for backward
+  (2 bytes a parameter, freed layer by layer in backward, so counted with the activations). Under DDP with
+  several processes the gradients are also copied into DDP's buckets (another 4 bytes). `strategy=fsdp` divides
+  weights, gradients and moments by the GPUs; the gathered layers (bf16) and the root unit (embeddings, norm, LM
+  head: kept gathered from forward to backward) come on top, with the gradients of a gathered layer; `offload`
+  moves the shards to the host, leaving only the gathered parts on the GPU;
+- the peak of a training step is in backward, where the activations kept for it are freed layer by layer while
+  the gradients appear: it is max(activations + the output head's gradient, every gradient), not their sum (the
+  head's gradient, vocab x hidden, is the first one made and lives to the end);
+- activations kept for backward, per layer and token (Llama-style, counted from the operations' saved tensors):
+  each RMSNorm its fp32 input and normalised value (it computes in fp32) and its output in the compute dtype;
+  attention q and k after rotary, v, the attention output and its reshaped copy (3 x attention width + 2 x
+  key/value width); the gated MLP gate, its activation, up and their product (4 x intermediate). With gradient
+  checkpointing only each layer's input is kept, and one layer is recomputed at a time. BERT-style encoders:
+  q/k/v, attention output and copy, two LayerNorms with their inputs, GELU input and output, dropout masks; and
+  where attention dropout runs on CPU the math kernel keeps the attention probabilities (heads x tokens per
+  token; GPU kernels fuse dropout and keep none);
+- llm-finetune's logits: only the answer columns are computed (`logits_to_keep`): their fp32 log-softmax, its
+  gradient and the logits in the compute dtype, per answer token and vocabulary entry. A shared prompt prefix
+  (`share_prefix`) is computed once per micro-batch: its tokens count once, not once per row;
+- inference: the KV cache (keys and values of every layer's key/value heads) of the whole batch, the widest
+  moment of one layer's forward (the MLP's intermediates beside the residual stream), the batch's attention mask
+  (a bool mask and its additive copy, rows x tokens^2) and the last position's logits;
+- 1 GB per GPU for the CUDA context and the allocator's slack (not counted on CPU).
 
 These are estimates of the dominant terms, not a simulation of the allocator: they say which runs cannot fit and
 how many GPUs one needs. Prompt lengths are not known before the prompts are built (they depend on the task's
-texts and shots), so a prompting plan assumes `tokens` per example (4,096 unless given).
+texts and shots), so a prompting plan assumes `tokens` per example (4,096 unless given); a fine-tuning plan
+assumes rows of max_length tokens with no shared prefix and 64 answer tokens (the worst case: real batches share
+their prompt's prefix and MASSIVE's answers are a few tokens).
 """
 from __future__ import annotations
 
@@ -31,7 +48,10 @@ from clfbench.engine.types import ClfbenchError
 
 GB = 1e9
 CUDA_OVERHEAD = 1.0 * GB
+CUDA_CONTEXT = "CUDA context and slack"
 PROMPT_TOKENS = 4096  # assumed prompt + answer tokens per example when planning a prompting run
+ANSWER_TOKENS = 64  # assumed labelled tokens per training row (answer + stop token) when planning a fine-tune
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 CONFIGS = Path(__file__).resolve().parent / "model_defs" / "configs"
 
 
@@ -105,43 +125,147 @@ class Plan:
         return self.total <= self.gpu_memory_gb * GB
 
 
-def _activation_bytes_per_token(shape: Shape) -> float:
-    """bf16 values a layer keeps per token for backward (see the module docstring)."""
-    return 2.0 * (8 * shape.hidden + 4 * shape.intermediate)
+@dataclass(frozen=True)
+class Workload:
+    """What one process computes at once: `batch` rows of `tokens` each (prompt + answer, or prompt + new
+    tokens), `shared_prefix` of them the same in every row and computed once, `answer_tokens` per row with logits
+    (training), in `precision` (inference: the weights' dtype; training: the compute dtype, bf16 by autocast on
+    GPUs, fp32 on CPU), on a GPU or not (no CUDA context, no fused optimizer on CPU)."""
+
+    batch: int
+    tokens: int
+    answer_tokens: int = ANSWER_TOKENS
+    shared_prefix: int = 0
+    precision: str = "bfloat16"
+    on_gpu: bool = True
+
+    @property
+    def value_bytes(self) -> int:
+        return DTYPE_BYTES.get(self.precision, 4)
+
+    @property
+    def computed_tokens(self) -> int:
+        """Tokens that go through the layers: a shared prefix once, then every row's own part."""
+        shared = min(self.shared_prefix, self.tokens)
+        return shared + self.batch * (self.tokens - shared)
 
 
-def finetune_parts(shape: Shape, gpus: int, batch: int, tokens: int, strategy: str = "ddp",
-                   checkpointing: bool = False, lora: bool = False) -> dict[str, float]:
-    """Per-GPU bytes of one training process: weights and optimizer state, activations, logits."""
+def _norm_bytes(shape: Shape, value_bytes: int) -> float:
+    """What a norm keeps for backward, per token: its fp32 input and normalised value (RMSNorm and LayerNorm
+    compute in fp32 under autocast too) and its output in the compute dtype, read by the next matrix product."""
+    return 2 * 4.0 * shape.hidden + value_bytes * shape.hidden
+
+
+def _decoder_layer_bytes(shape: Shape, value_bytes: int) -> float:
+    """A Llama-style layer's saved tensors per token: two RMSNorms; q and k after rotary, v, the attention output
+    and its reshaped copy (what o_proj reads); the gated MLP's gate, silu(gate), up and their product."""
+    attention = shape.heads * shape.head_dim
+    kv = shape.kv_heads * shape.head_dim
+    return 2 * _norm_bytes(shape, value_bytes) + value_bytes * (3 * attention + 2 * kv + 4 * shape.intermediate)
+
+
+def _encoder_layer_bytes(shape: Shape, value_bytes: int, tokens: int, on_gpu: bool) -> float:
+    """A BERT-style layer's saved tensors per token: its input, q, k, v, the attention output and its reshaped copy,
+    the attention projection's output (to its dropout), two LayerNorms, the GELU's input and output, two dropout
+    masks (1 byte a value). On CPU attention dropout runs in the math kernel, which keeps the softmax, its mask and
+    the dropped probabilities (heads x tokens a token); GPU kernels fuse the dropout and keep none."""
+    hidden = shape.hidden
+    kept = value_bytes * (7 * hidden + 2 * shape.intermediate) + 2 * _norm_bytes(shape, value_bytes) + 2 * hidden
+    if not on_gpu:
+        kept += (2 * value_bytes + 1) * shape.heads * tokens
+    return kept
+
+
+def activation_bytes(shape: Shape, work: Workload, checkpointing: bool = False, residual_bytes: int = 4) -> float:
+    """Bytes every layer of one process keeps for backward (see the module docstring). `residual_bytes`: the
+    residual stream's dtype, what checkpointing keeps of each layer (fp32 from fp32 embeddings, also under
+    autocast; bf16 under FSDP's bf16 parameters)."""
+    if shape.decoder:
+        per_layer = _decoder_layer_bytes(shape, work.value_bytes) * work.computed_tokens
+    else:
+        per_layer = _encoder_layer_bytes(shape, work.value_bytes, work.tokens, work.on_gpu) * work.computed_tokens
+    if checkpointing:  # each layer's input, and one layer recomputed at a time
+        return shape.layers * residual_bytes * shape.hidden * work.computed_tokens + per_layer
+    return shape.layers * per_layer
+
+
+def logits_bytes(shape: Shape, work: Workload) -> float:
+    """llm-finetune's answer columns: logits in the compute dtype, their fp32 log-softmax and its fp32 gradient,
+    and the logits' gradient in the compute dtype; a label head's logits are tiny."""
+    if not shape.decoder:
+        return 0.0
+    columns = work.batch * min(work.answer_tokens, work.tokens)
+    return (2 * work.value_bytes + 2 * 4.0) * columns * shape.vocab
+
+
+def head_parameters(shape: Shape) -> int:
+    """The output head's (or, tied, the embedding's) parameters: the first gradient backward makes."""
+    return shape.vocab * shape.hidden if shape.decoder else 0
+
+
+def _largest_parameter(shape: Shape) -> int:
+    return max(shape.vocab * shape.hidden, shape.hidden * shape.intermediate)
+
+
+def finetune_parts(shape: Shape, gpus: int, work: Workload, strategy: str = "ddp", checkpointing: bool = False,
+                   lora: bool = False, offload: bool = False) -> dict[str, float]:
+    """Per-GPU bytes of one training process at its peak, in backward (see the module docstring)."""
     params = parameter_count(shape)
-    tokens_in_flight = batch * tokens
-    if lora:  # a frozen bf16 base; the adapters and the head are small enough to leave out
-        parts = {"frozen weights (bf16)": 2.0 * params}
-    elif strategy == "fsdp":
-        parts = {"weights, gradients, AdamW (fp32, sharded)": 16.0 * params / gpus,
-                 "two gathered layers (bf16)": 2 * 2.0 * layer_parameters(shape)}
+    autocast = work.on_gpu and work.value_bytes == 2
+    residual = 2 if autocast and strategy == "fsdp" else 4
+    activations = activation_bytes(shape, work, checkpointing, residual) + logits_bytes(shape, work)
+    if lora:  # a frozen base in the compute dtype; the adapters and the head are small enough to leave out
+        return {f"frozen weights ({work.precision})": work.value_bytes * params, "activations": activations,
+                **_context(work)}
+    if autocast and strategy != "fsdp":  # autocast's bf16 weight copies, kept for backward like activations
+        activations += 2.0 * (params - (0 if shape.tied else head_parameters(shape)))
+    if strategy == "fsdp":
+        parts = _fsdp_parts(shape, gpus, params, offload)
+        parts["activations and logits"] = activations
+        return {**parts, **_context(work)}
+    parts = {"weights and AdamW moments (fp32)": 12.0 * params}
+    if gpus > 1:
+        parts["DDP gradient buckets (fp32)"] = 4.0 * params
+    # Backward frees each layer's activations as it makes the layer's gradients: the peak is the larger moment.
+    gradients = 4.0 * params
+    if not work.on_gpu:  # the unfused AdamW of CPU makes two temporaries the size of each parameter in turn
+        gradients += 2 * 4.0 * _largest_parameter(shape)
+    early = activations + 4.0 * head_parameters(shape)
+    if early >= gradients:
+        parts["activations, logits and the head's gradient"] = early
     else:
-        parts = {"weights, gradients, AdamW (fp32)": 16.0 * params}
-    per_layer = _activation_bytes_per_token(shape) * tokens_in_flight
-    if checkpointing:
-        parts["activations (checkpointed)"] = shape.layers * 2.0 * shape.hidden * tokens_in_flight + per_layer
-    else:
-        parts["activations"] = shape.layers * per_layer
-    if shape.decoder and not lora:  # the LM head's logits over every position (a label head's are tiny)
-        parts["logits and their gradient"] = 10.0 * tokens_in_flight * shape.vocab
-    parts["CUDA context and slack"] = CUDA_OVERHEAD
+        parts["gradients (fp32)"] = gradients
+    return {**parts, **_context(work)}
+
+
+def _fsdp_parts(shape: Shape, gpus: int, params: int, offload: bool) -> dict[str, float]:
+    """FSDP2 (full sharding, bf16 parameters for compute): the shards, and what is gathered at once."""
+    root = parameter_count(shape) - shape.layers * layer_parameters(shape)
+    parts = {} if offload else {"weights, gradients, AdamW (fp32, sharded)": 16.0 * params / gpus}
+    # two layers gathered (the one computing and the next, prefetched) and one layer's unsharded gradients; the
+    # root unit (embeddings, final norm, LM head) stays gathered from forward to backward, with its gradients
+    parts["gathered layers and root (bf16)"] = (2 * 2.0 + 2.0) * layer_parameters(shape) + (2.0 + 2.0) * root
     return parts
 
 
-def inference_parts(shape: Shape, gpus: int, batch: int, tokens: int) -> dict[str, float]:
-    """Per-GPU bytes of prompting: bf16 weights split over the GPUs, the batch's KV cache, one layer's work."""
-    kv_cache = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2.0 * batch * tokens
-    return {"weights (bf16)": 2.0 * parameter_count(shape) / gpus,
-            "KV cache (bf16)": kv_cache / gpus,
-            # the widest moment of a layer's forward: the gated MLP's three intermediates beside the residual stream
-            "activations (one layer)": 2.0 * (2 * shape.hidden + 3 * shape.intermediate) * batch * tokens,
-            "last-position logits (fp32)": 4.0 * batch * shape.vocab,
-            "CUDA context and slack": CUDA_OVERHEAD}
+def _context(work: Workload) -> dict[str, float]:
+    return {CUDA_CONTEXT: CUDA_OVERHEAD} if work.on_gpu else {}
+
+
+def inference_parts(shape: Shape, gpus: int, work: Workload) -> dict[str, float]:
+    """Per-GPU bytes of prompting: weights split over the GPUs, the batch's KV cache, one layer's forward."""
+    size = work.value_bytes
+    kv_cache = 2 * shape.layers * shape.kv_heads * shape.head_dim * size * work.batch * work.tokens
+    attention = shape.heads * shape.head_dim
+    # the widest moment of a layer's forward: the residual stream and the norm's output beside the MLP's three
+    # intermediates (silu(gate), up, their product) or attention's q, its rotary temporaries and output
+    widest = size * (2 * shape.hidden + max(3 * shape.intermediate, 4 * attention)) * work.batch * work.tokens
+    return {f"weights ({work.precision})": size * parameter_count(shape) / gpus,
+            f"KV cache ({work.precision})": kv_cache / gpus,
+            "activations (one layer)": widest,
+            "attention mask": (1 + size) * work.batch * work.tokens ** 2,
+            "last-position logits (fp32)": 4.0 * work.batch * shape.vocab,
+            **_context(work)}
 
 
 def read_config(path: Path) -> dict:
@@ -153,30 +277,40 @@ def read_config(path: Path) -> dict:
         raise ClfbenchError(f"{path} is not valid JSON") from None
 
 
-def method_plan(method: str, shape: Shape, options: dict, gpus: int, tokens: int | None) -> tuple[dict, str]:
-    """(per-GPU parts, what was assumed) for a method and its options."""
-    batch = int(options.get("batch_size") or 8)
-    if method in ("prompt",):
-        length = tokens or PROMPT_TOKENS
-        return inference_parts(shape, gpus, batch, length), f"batch {batch}, {length:,} tokens per example"
-    if method == "llmembed":
-        batch, length = int(options.get("extract_batch_size") or 32), int(options.get("max_length") or 128)
-        return inference_parts(shape, gpus, batch, tokens or length), f"extraction batch {batch}, " \
-                                                                      f"{tokens or length:,} tokens"
-    length = tokens or int(options.get("max_length") or 512)
+def method_parts(method: str, shape: Shape, options: dict, gpus: int, work: Workload) -> dict[str, float]:
+    """Per-GPU bytes of `method` with its options for one process's workload."""
+    if method in ("prompt", "llmembed"):
+        return inference_parts(shape, gpus, work)
     strategy = str(options.get("strategy") or "ddp")
-    checkpointing = bool(options.get("gradient_checkpointing", False))
-    lora = method in ("ls-llama", "ls-unllama")
-    parts = finetune_parts(shape, gpus, batch, length, strategy, checkpointing, lora)
-    how = f"micro-batch {batch} per GPU, {length:,} tokens" + ("" if lora else f", strategy {strategy}") + \
-        (", gradient checkpointing" if checkpointing else "")
-    return parts, how
+    return finetune_parts(shape, gpus, work, strategy, bool(options.get("gradient_checkpointing", False)),
+                          lora=method in ("ls-llama", "ls-unllama"), offload=bool(options.get("offload", False)))
+
+
+def method_workload(method: str, options: dict, tokens: int | None) -> tuple[Workload, str]:
+    """The workload a run's options describe, on GPUs (bf16), and the assumptions in words."""
+    if method == "prompt":
+        batch, length = int(options.get("batch_size") or 8), tokens or PROMPT_TOKENS
+        return Workload(batch, length), f"batch {batch}, {length:,} tokens per example"
+    if method == "llmembed":
+        batch, length = int(options.get("extract_batch_size") or 32), tokens or int(options.get("max_length") or 128)
+        return Workload(batch, length), f"extraction batch {batch}, {length:,} tokens"
+    batch, length = int(options.get("batch_size") or 8), tokens or int(options.get("max_length") or 512)
+    precision = "bfloat16" if options.get("bf16", True) else "float32"
+    how = f"micro-batch {batch} per GPU, {length:,} tokens"
+    if method == "llm-finetune":
+        how += f", strategy {options.get('strategy') or 'ddp'}" + (", offload" if options.get("offload") else "")
+    if options.get("gradient_checkpointing"):
+        how += ", gradient checkpointing"
+    return Workload(batch, length, precision=precision), how
 
 
 def plan_run(method: str, shape: Shape, options: dict, gpus: int, gpu_memory_gb: float,
              tokens: int | None = None) -> Plan:
-    parts, how = method_plan(method, shape, options, gpus, tokens)
-    return Plan(what=how, gpus=gpus, gpu_memory_gb=gpu_memory_gb, parts=parts)
+    work, how = method_workload(method, options, tokens)
+    if method == "llm-finetune" and options.get("offload"):  # not GPU memory, but the host must have it
+        how += f" ({16.0 * parameter_count(shape) / GB:,.0f} GB of host memory for the offloaded shards)"
+    return Plan(what=how, gpus=gpus, gpu_memory_gb=gpu_memory_gb,
+                parts=method_parts(method, shape, options, gpus, work))
 
 
 def fewest_gpus(method: str, shape: Shape, options: dict, gpu_memory_gb: float, tokens: int | None = None,
@@ -203,6 +337,10 @@ def what_would_fit(method: str, shape: Shape, options: dict, gpus: int, gpu_memo
         if not options.get("gradient_checkpointing") and plan_run(
                 method, shape, {**options, "gradient_checkpointing": True}, gpus, gpu_memory_gb, tokens).fits:
             advice.append("-o gradient_checkpointing=true")
+        if not options.get("offload"):
+            offloaded = {**options, "strategy": "fsdp", "offload": True}
+            if plan_run(method, shape, offloaded, max(gpus, 1), gpu_memory_gb, tokens).fits:
+                advice.append(f"-o strategy=fsdp -o offload=true on {max(gpus, 1)} GPUs")
     if int(options.get("batch_size") or 8) > 1 and plan_run(method, shape, {**options, "batch_size": 1}, gpus,
                                                             gpu_memory_gb, tokens).fits:
         advice.append("-o batch_size=1")

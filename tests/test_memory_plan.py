@@ -33,20 +33,35 @@ def test_the_paper_models_have_their_published_sizes():
     assert sizes == {"llama-3-8b": 8_030_261_248, "llama-3-70b": 70_553_706_496}
 
 
-def test_sharding_divides_the_optimizer_state_and_checkpointing_shrinks_activations():
+def test_sharding_divides_the_optimizer_state_offload_removes_it_and_checkpointing_shrinks_activations():
     shape = memory_plan.shape_of(memory_plan.read_config(memory_plan.shipped_config("llama-3-8b")))
-    ddp = memory_plan.finetune_parts(shape, 8, 8, 1024, "ddp")
-    fsdp = memory_plan.finetune_parts(shape, 8, 8, 1024, "fsdp")
-    assert ddp["weights, gradients, AdamW (fp32)"] == 16 * 8_030_261_248
-    assert fsdp["weights, gradients, AdamW (fp32, sharded)"] == ddp["weights, gradients, AdamW (fp32)"] / 8
-    checkpointed = memory_plan.finetune_parts(shape, 8, 8, 1024, "fsdp", checkpointing=True)
-    assert checkpointed["activations (checkpointed)"] < fsdp["activations"] / 10
+    work = memory_plan.Workload(batch=8, tokens=1024)
+    ddp = memory_plan.finetune_parts(shape, 8, work, "ddp")
+    fsdp = memory_plan.finetune_parts(shape, 8, work, "fsdp")
+    assert ddp["weights and AdamW moments (fp32)"] == 12 * 8_030_261_248
+    assert ddp["DDP gradient buckets (fp32)"] == 4 * 8_030_261_248
+    assert fsdp["weights, gradients, AdamW (fp32, sharded)"] == 16 * 8_030_261_248 / 8
+    offloaded = memory_plan.finetune_parts(shape, 8, work, "fsdp", offload=True)
+    assert "weights, gradients, AdamW (fp32, sharded)" not in offloaded
+    checkpointed = memory_plan.finetune_parts(shape, 8, work, "fsdp", checkpointing=True)
+    assert checkpointed["activations and logits"] < fsdp["activations and logits"] / 5
+
+
+def test_a_shared_prefix_counts_once_and_the_cpu_plan_has_no_cuda_context():
+    shape = memory_plan.shape_of(memory_plan.read_config(memory_plan.shipped_config("smollm2-135m")))
+    whole = memory_plan.Workload(batch=4, tokens=256, answer_tokens=8, precision="float32", on_gpu=False)
+    shared = memory_plan.Workload(batch=4, tokens=256, answer_tokens=8, shared_prefix=192, precision="float32",
+                                  on_gpu=False)
+    assert shared.computed_tokens == 192 + 4 * 64
+    ratio = memory_plan.activation_bytes(shape, shared) / memory_plan.activation_bytes(shape, whole)
+    assert ratio == pytest.approx(448 / 1024)
+    assert memory_plan.CUDA_CONTEXT not in memory_plan.finetune_parts(shape, 1, whole)
 
 
 def test_plan_exits_0_when_the_run_fits_and_1_with_one_line_saying_what_would(cli):
     fits = cli.run("plan", "--method", "prompt", "--model", "llama-3-70b", "--task", "massive-intent",
                    "--gpus", "4", "--gpu-memory", "80")
-    assert "70.55B parameters" in fits.stdout and "weights (bf16)" in fits.stdout and " fits" in fits.stdout
+    assert "70.55B parameters" in fits.stdout and "weights (bfloat16)" in fits.stdout and " fits" in fits.stdout
     refused = cli.run("plan", "--method", "prompt", "--model", "llama-3-70b", "--task", "massive-intent",
                       "--gpus", "1", "--gpu-memory", "80", check=False)
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1

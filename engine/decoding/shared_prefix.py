@@ -68,8 +68,9 @@ class RowCache:
         return keys, values
 
     def batch_select_indices(self, index: torch.Tensor) -> None:
-        """Keep only these rows (the name and meaning of transformers' cache method)."""
-        self.layers = {layer: (k[index], v[index]) for layer, (k, v) in self.layers.items()}
+        """Keep only these rows (the name and meaning of transformers' cache method). With the model across GPUs
+        each layer's keys sit on its layer's GPU: the index goes to each."""
+        self.layers = {layer: (k[index.to(k.device)], v[index.to(v.device)]) for layer, (k, v) in self.layers.items()}
 
 
 @dataclass
@@ -82,20 +83,29 @@ class PackedCall:
     real: torch.Tensor
     bias: torch.Tensor
     slots: torch.Tensor  # flat indices of the real slots in [rows * width]
-    _grouped: torch.Tensor | None = None
+    _grouped: dict | None = None  # device -> grouped bias (a model across GPUs needs one on each)
+    _slots: dict | None = None  # device -> slots
 
     @classmethod
     def make(cls, cache: RowCache, real: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype) -> "PackedCall":
         bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
         return cls(cache=cache, real=real, bias=bias[:, None], slots=real.reshape(-1).nonzero()[:, 0])
 
-    def grouped_bias(self, group: int) -> torch.Tensor:
+    def grouped_bias(self, group: int, device: torch.device) -> torch.Tensor:
         """The mask for queries folded by KV head, [rows, 1, group * width, W]: the `group` query heads that share
         a KV head attend as one block of rows (half the time of one small product per query head on CPU). Made
-        by the first layer, reused by the others (every layer of a model has the same group)."""
-        if self._grouped is None:
-            self._grouped = self.bias.repeat(1, 1, group, 1)
-        return self._grouped
+        by the first layer on each device, reused by the others (every layer of a model has the same group)."""
+        self._grouped = self._grouped or {}
+        if device not in self._grouped:
+            self._grouped[device] = self.bias.to(device).repeat(1, 1, group, 1)
+        return self._grouped[device]
+
+    def slots_on(self, device: torch.device) -> torch.Tensor:
+        """`slots` on `device` (the layer's, when the model is placed across GPUs), moved once per device."""
+        self._slots = self._slots or {}
+        if device not in self._slots:
+            self._slots[device] = self.slots.to(device)
+        return self._slots[device]
 
 
 def enable(model) -> bool:
@@ -141,11 +151,12 @@ def _packed_attention(module, query, key, value, scaling, shared_prefix: PrefixK
     scale = scaling if scaling is not None else D ** -0.5
     part = _part_cpu if query.device.type == "cpu" else _part_math
     rows, width = packed.real.shape
+    slots = packed.slots_on(query.device)
 
     def to_rows(x: torch.Tensor) -> torch.Tensor:  # [1, heads, N, D] -> [rows, heads, width, D], zeros at pads
         heads = x.shape[1]
         out = x.new_zeros(heads, rows * width, D)
-        out[:, packed.slots] = x[0]
+        out[:, slots] = x[0]
         return out.view(heads, rows, width, D).transpose(0, 1)
 
     # 1. The prefix: query heads h = kv * group + g share KV head kv, so the group and the packed tokens fold into
@@ -156,9 +167,9 @@ def _packed_attention(module, query, key, value, scaling, shared_prefix: PrefixK
     # 2. The rows' own tokens, in the padded row layout, under their masks; then back to the packed order.
     keys, values = packed.cache.append(module.layer_idx, to_rows(key), to_rows(value))
     folded = to_rows(query).reshape(rows, KVH, group * width, D)
-    out_own, lse_own = part(folded, keys, values, packed.grouped_bias(group), scale)
-    out_own = out_own.reshape(rows, H, width, D).transpose(0, 1).reshape(H, rows * width, D)[:, packed.slots]
-    lse_own = lse_own.reshape(rows, H, width).transpose(0, 1).reshape(H, rows * width)[:, packed.slots]
+    out_own, lse_own = part(folded, keys, values, packed.grouped_bias(group, query.device), scale)
+    out_own = out_own.reshape(rows, H, width, D).transpose(0, 1).reshape(H, rows * width, D)[:, slots]
+    lse_own = lse_own.reshape(rows, H, width).transpose(0, 1).reshape(H, rows * width)[:, slots]
     # 3. The exact merge: each part's softmax was normalised by its own sum, exp(lse); reweight by its share.
     total = torch.logaddexp(lse_prefix, lse_own)
     out = out_prefix.float() * torch.exp(lse_prefix - total)[..., None] \

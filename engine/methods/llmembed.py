@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clfbench.engine.decoding.model import load_placed
 from clfbench.engine.dev_split import split_held_out
 from clfbench.engine.models import resolve_model
 from clfbench.storage.paths import feature_cache_dir
@@ -93,7 +94,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
         check_layers(source)
     progress = Progress(ctx)
     extraction = extract_features(sources, {"train": task.train, "dev": task.dev, "test": task.test}, opts, device,
-                                  dtype, progress)
+                                  dtype, progress, gpus=ctx.gpus)
 
     started = time.perf_counter()
     train_x, train_y, dev_x, dev_y = labelled_features(task, extraction.features, opts.dev_fraction, ctx.seed)
@@ -256,7 +257,10 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 class Extractor:
     """A frozen model (`AutoModel`, no LM head) and its tokenizer, padding on the right."""
 
-    def __init__(self, path: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, path: str, device: torch.device, dtype: torch.dtype, gpus: Sequence[int] = (),
+                 batch_size: int = 32, max_length: int = 128):
+        """With several `gpus` (the run's) the model is placed across them for batches of `batch_size` texts of
+        `max_length` tokens (the decoding library's placement); `device`, the first GPU, takes the inputs."""
         from transformers import AutoModel, AutoTokenizer
 
         self.path, self.device = path, device
@@ -266,8 +270,7 @@ class Extractor:
             if self.tokenizer.eos_token is None:
                 raise ClfbenchError(f"the tokenizer of {path} has neither a pad nor an eos token")
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModel.from_pretrained(path, dtype=dtype)
-        self.model.to(device)
+        self.model = load_placed(AutoModel, path, dtype, device, gpus, batch_size, max_length)
         self.model.eval()
         self.n_layers = layer_count(self.model.config.to_dict())
 
@@ -324,12 +327,12 @@ def _look_up(cache: FeatureCache, sources: list[Source], splits: dict[str, list[
 
 def _extract_missing(source: Source, keys: dict[str, str], hits: dict[str, torch.Tensor | None],
                      splits: dict[str, list[Example]], opts, device: torch.device, dtype: torch.dtype,
-                     cache: FeatureCache, progress: Progress) -> tuple[int, float]:
+                     cache: FeatureCache, progress: Progress, gpus: Sequence[int] = ()) -> tuple[int, float]:
     """Extract (and cache) the splits `hits` lacks with `source`, filling them in; (texts, seconds of forward)."""
     missing = [split for split, value in hits.items() if value is None]
     if not missing:
         return 0, 0.0
-    extractor = Extractor(source.path, device, dtype)
+    extractor = Extractor(source.path, device, dtype, gpus, opts.extract_batch_size, opts.max_length)
     extracted, seconds = 0, 0.0
     for split in missing:
         texts = [ex.text for ex in splits[split]]
@@ -345,7 +348,7 @@ def _extract_missing(source: Source, keys: dict[str, str], hits: dict[str, torch
 
 
 def extract_features(sources: list[Source], splits: dict[str, list[Example]], opts, device: torch.device,
-                     dtype: torch.dtype, progress: Progress) -> Extraction:
+                     dtype: torch.dtype, progress: Progress, gpus: Sequence[int] = ()) -> Extraction:
     """Every split's pooled features from every source: from the cache, else extracted and cached."""
     cache = FeatureCache(feature_cache_dir())
     started = time.perf_counter()
@@ -357,7 +360,8 @@ def extract_features(sources: list[Source], splits: dict[str, list[Example]], op
     features: dict[str, list[torch.Tensor]] = {split: [] for split in splits}
     extracted, forward_time = 0, 0.0
     for source, source_keys, hits in zip(sources, keys, found):
-        texts, seconds = _extract_missing(source, source_keys, hits, splits, opts, device, dtype, cache, progress)
+        texts, seconds = _extract_missing(source, source_keys, hits, splits, opts, device, dtype, cache, progress,
+                                          gpus)
         extracted, forward_time = extracted + texts, forward_time + seconds
         for split, value in hits.items():
             features[split].append(value)
