@@ -344,7 +344,25 @@ def what_would_fit(method: str, shape: Shape, options: dict, gpus: int, gpu_memo
     if int(options.get("batch_size") or 8) > 1 and plan_run(method, shape, {**options, "batch_size": 1}, gpus,
                                                             gpu_memory_gb, tokens).fits:
         advice.append("-o batch_size=1")
+    if not advice:  # no one change is enough: the fewest changes, taken together in that order, that are
+        advice = _combined_changes(method, shape, options, gpus, gpu_memory_gb, tokens)
     return " or ".join(advice) if advice else "no setting on GPUs of this size (a larger GPU, or a smaller model)"
+
+
+def _combined_changes(method: str, shape: Shape, options: dict, gpus: int, gpu_memory_gb: float,
+                      tokens: int | None) -> list[str]:
+    changes = [("strategy", "fsdp"), ("gradient_checkpointing", True), ("offload", True), ("batch_size", 1)]
+    if method != "llm-finetune":
+        changes = [("batch_size", 1)]
+    changed, flags = dict(options), []
+    for key, value in changes:
+        if changed.get(key) == value:
+            continue
+        changed[key] = value
+        flags.append(f"-o {key}={str(value).lower()}")
+        if plan_run(method, shape, changed, gpus, gpu_memory_gb, tokens).fits:
+            return [" ".join(flags) + f" on {gpus} GPUs"]
+    return []
 
 
 def gb(value: float) -> str:
@@ -404,7 +422,14 @@ DEFAULT_GPU_GB = 80.0  # an A100/H100 80GB, the paper's GPU, where no GPU is at 
 
 
 def spec_options(spec) -> dict:
-    return spec.options.model_dump() if hasattr(spec.options, "model_dump") else dict(spec.options or {})
+    """The options the run will use: after its preset (llm-finetune's `preset: paper` sets 16,384 tokens)."""
+    options = spec.options
+    if hasattr(options, "resolved"):
+        try:
+            options = options.resolved(spec.task_names)
+        except ValueError:  # the queue's own check reports a preset that does not know the tasks
+            pass
+    return options.model_dump() if hasattr(options, "model_dump") else dict(options or {})
 
 
 def plan_spec(spec, gpu_memory_gb: float, tokens: int | None = None) -> tuple[Plan, Shape]:

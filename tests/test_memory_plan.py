@@ -81,7 +81,17 @@ def test_queue_refuses_a_gpu_run_that_cannot_fit_and_queues_nothing(cli):
                       "--gpus", "1", "--gpu-memory", "80", check=False)
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
     assert "nothing queued" in refused.stderr
+    # The paper's 70B full fine-tune on 8 GPUs (its preset: 16,384 tokens) without offload: refused, and the line
+    # names the changes that, together, make it fit.
+    paper = cli.run("queue", "--method", "llm-finetune", "--model", "llama-3-70b", "--task", "massive-intent",
+                    "--gpus", "8", "--gpu-memory", "80", "-o", "preset=paper", "-o", "strategy=fsdp", check=False)
+    assert paper.returncode == 1 and len(paper.stderr.strip().splitlines()) == 1
+    assert "16,384 tokens" in paper.stderr and "-o offload=true" in paper.stderr
     assert cli.json("ls") == []
+    offloaded = cli.run("queue", "--method", "llm-finetune", "--model", "llama-3-70b", "--task", "massive-intent",
+                        "--gpus", "8", "--gpu-memory", "80", "-o", "preset=paper", "-o", "strategy=fsdp",
+                        "-o", "offload=true")
+    assert "queued 1 run(s)" in offloaded.stdout
     queued = cli.run("queue", "--method", "prompt", "--model", "llama-3-70b", "--task", "massive-intent",
                      "--gpus", "4", "--gpu-memory", "80")
     assert "queued 1 run(s)" in queued.stdout
