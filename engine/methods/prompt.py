@@ -34,7 +34,8 @@ AVX512-BF16 or AMX), else float32; the log-softmax normalisers are computed in f
 `backend`: `hf` is the decoding above (transformers); `vllm` runs the same prompts, parser and decision modes on
 an offline vLLM engine (`engine.decoding.vllm_backend`, docs/vllm.md); `auto` is vllm on GPUs where it is installed.
 
-Runs on rank 0 only (a run with several processes leaves the other ranks idle: they return None at once).
+Runs on rank 0 only (a run with several processes leaves the other ranks idle: they return None at once); on
+the hf backend, rank 0 places a model too large for one GPU across all the run's GPUs (`load_model`).
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def run(ctx: RunContext) -> MethodOutput | None:
         decide_with = engine.decide
     else:
         device = torch.device(ctx.device)
-        tokenizer, model = load_model(ctx.model_path, opts.dtype, device)
+        tokenizer, model = load_model(ctx.model_path, opts.dtype, device, ctx.gpus, opts.batch_size)
         chat = ChatFormat(tokenizer, opts.chat_format, getattr(model, "generation_config", None))
         weights = f"{str(model.dtype).removeprefix('torch.')} weights"
         decoder = Decoder(model, chat, device)
