@@ -149,9 +149,26 @@ def _migration_6_prediction_confidence(connection: Connection) -> None:
     _add_column(connection, "predictions", "confidence", "FLOAT")
 
 
+def _migration_7_hosts_logs_jobs(connection: Connection) -> None:
+    """Several hosts on one store: runs may be pinned to a host or a GPU type and remember their batch job's id
+    (Slurm); engines say their GPUs' type and their launcher; run logs live in the store (run_log), so any host
+    shows any run's log. The table is written out here, not taken from the model, so the migration stays the same."""
+    for column, sql_type in (("pin_host", "VARCHAR"), ("pin_gpu_type", "VARCHAR"), ("job_id", "VARCHAR")):
+        _add_column(connection, "runs", column, sql_type)
+    for column, sql_type in (("gpu_type", "VARCHAR"), ("launcher", "VARCHAR")):
+        _add_column(connection, "engines", column, sql_type)
+    key = "SERIAL" if connection.dialect.name == "postgresql" else "INTEGER"
+    connection.execute(text(
+        f"CREATE TABLE IF NOT EXISTS run_log (id {key} NOT NULL, run_id INTEGER NOT NULL, attempt INTEGER NOT NULL, "
+        "time FLOAT NOT NULL, text VARCHAR NOT NULL, PRIMARY KEY (id), "
+        "FOREIGN KEY(run_id) REFERENCES runs (id) ON DELETE CASCADE)"))
+    connection.execute(text("CREATE INDEX IF NOT EXISTS ix_run_log_run_id ON run_log (run_id, id)"))
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [_migration_1_initial, _migration_2_task_identity,
                                                   _migration_3_nonfinite_metrics, _migration_4_phases_changes_leases,
-                                                  _migration_5_result_intervals, _migration_6_prediction_confidence]
+                                                  _migration_5_result_intervals, _migration_6_prediction_confidence,
+                                                  _migration_7_hosts_logs_jobs]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -76,6 +76,12 @@ class Run(SQLModel, table=True):
     # A store-wide counter bumped by a trigger on every insert or update of a row (schema v4), so a list reads
     # only the rows changed since the version it last saw instead of every row on every tick.
     change_seq: int | None = Field(default=None, index=True)
+    # Schema v7. Pins set at queue time (the spec's `host:` and `gpu_type:`): only an engine on that host, or one
+    # whose GPUs' name contains gpu_type, claims the run. job_id: the batch scheduler's id of the attempt's job
+    # (Slurm's), where a launcher other than the local one runs it; NULL for local runs.
+    pin_host: str | None = None
+    pin_gpu_type: str | None = None
+    job_id: str | None = None
 
 
 class MetricPoint(SQLModel, table=True):
@@ -166,6 +172,25 @@ class EngineRow(SQLModel, table=True):
     identity: str | None = None
     host_id: str | None = None
     lease_until: float | None = None
+    # Schema v7. gpu_type: the name of its GPUs as the driver reports it ("NVIDIA H100 80GB HBM3"; "" without);
+    # launcher: "local" (runs its workers itself) or "slurm" (submits each run as a job).
+    gpu_type: str | None = None
+    launcher: str | None = None
+
+
+class RunLogChunk(SQLModel, table=True):
+    """A run's log as its engine read it from the log file, in order (schema v7), so every host can show it: the
+    engine appends what the file grew by, and keeps the newest `storage.queue.LOG_KEEP_BYTES` per run whole (older
+    chunks are dropped, a note says so). The file on the running host keeps every line."""
+
+    __tablename__ = "run_log"
+    __table_args__ = (Index("ix_run_log_run_id", "run_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: int = Field(foreign_key="runs.id", ondelete="CASCADE")
+    attempt: int
+    time: float
+    text: str
 
 
 class SchemaInfo(SQLModel, table=True):

@@ -298,6 +298,10 @@ def test_a_version_1_store_migrates_in_place_keeping_its_runs_and_results(tmp_pa
         for column in ("low", "high", "resamples"):
             connection.execute(f"ALTER TABLE results DROP COLUMN {column}")
         connection.execute("ALTER TABLE predictions DROP COLUMN confidence")
+        for table, column in (("runs", "pin_host"), ("runs", "pin_gpu_type"), ("runs", "job_id"),
+                              ("engines", "gpu_type"), ("engines", "launcher")):
+            connection.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+        connection.execute("DROP TABLE run_log")
         _make_metric_points_version_2(connection)
         connection.execute("UPDATE schema_info SET version = 1")
     with sqlite3.connect(tmp_path / "old.db") as connection:
@@ -305,8 +309,11 @@ def test_a_version_1_store_migrates_in_place_keeping_its_runs_and_results(tmp_pa
 
     migrated = open_store(url)
     with migrated.read() as connection:
-        assert connection.execute(text("SELECT version FROM schema_info")).scalar() == SCHEMA_VERSION == 6
+        assert connection.execute(text("SELECT version FROM schema_info")).scalar() == SCHEMA_VERSION == 7
     assert queries.get_run(migrated, run_id)["tasks_json"] is None
+    assert queries.get_run(migrated, run_id)["pin_host"] is None  # v7: pins, job ids, logs in the store
+    with migrated.read() as connection:
+        assert connection.execute(text("SELECT COUNT(*) FROM run_log")).scalar() == 0
     assert queries.get_run(migrated, run_id)["status"] == "succeeded"
     assert queries.run_results(migrated, run_id) == {"massive-intent": {"accuracy": 0.75}}
     assert queries.run_result_rules(migrated, run_id) == {}
