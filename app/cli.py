@@ -114,11 +114,16 @@ def queue_command(
                                          help="queue a spec even when a queued, running or succeeded run has it"),
     gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GB per GPU to plan a GPU run for "
                                                                           "(default: this host's, else 80)"),
+    host: Optional[str] = typer.Option(None, "--host", help="run only on this host (`clfbench engine status` "
+                                                            "lists them)"),
+    gpu_type: Optional[str] = typer.Option(None, "--gpu-type", help="run only on GPUs whose name contains this "
+                                                                    "(e.g. H100)"),
 ) -> None:
     """Validate a spec (file and/or flags) and queue its runs; a sweep is queued whole or not at all. A spec
     identical to a queued, running or succeeded run is refused (exit 1) unless --allow-duplicate."""
     flags = {"method": method, "model": model, "task": task, "shots": shots, "seed": seed, "gpus": gpus,
-             "nproc": nproc, "threads": threads, "data_dir": data_dir, "name": name}
+             "nproc": nproc, "threads": threads, "data_dir": data_dir, "name": name, "host": host,
+             "gpu_type": gpu_type}
     try:
         specs = build_specs(spec_file, flags, parse_option_pairs(option))
     except ClfbenchError as error:
@@ -274,16 +279,26 @@ def logs_command(
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing until the run ends"),
     raw: bool = typer.Option(False, "--raw", help="every line, torchrun's own tracebacks included"),
 ) -> None:
-    """Print a run's log (stdout and stderr of every rank, every attempt; torchrun's own tracebacks left out)."""
+    """Print a run's log (stdout and stderr of every rank, every attempt; torchrun's own tracebacks left out), from
+    any host: the copy its engines keep in the store, or its log file where that holds more (render.log_source)."""
     s = store()
     run = get_run_or_fail(s, run_id)
-    if not run["log_path"]:
-        fail(f"run {run_id} has no log yet (status {run['status']})")
-    path = Path(run["log_path"])
-    if not path.exists():
-        fail(f"log file {path} is not on this host (run {run_id} ran on {run['host']})")
     noise = LauncherNoise()
     shown = (lambda text: text) if raw else noise.feed
+    local = render.log_source(s, run)
+    if local is not None:
+        follow_log_file(s, run_id, Path(local), follow, shown)
+    elif not follow_stored_log(s, run_id, follow, shown):
+        where = f" (its file {run['log_path']} is on {run['host']})" if run["log_path"] else ""
+        fail(f"run {run_id} has no log yet (status {run['status']}){where}")
+    if not raw:
+        sys.stdout.write(noise.finish())
+
+
+STORED_LOG_WAIT_S = 30.0  # logs -f: how long after a run's end to wait for its engine to store the log's end
+
+
+def follow_log_file(s, run_id: int, path: Path, follow: bool, shown) -> None:
     with open(path, "rb") as handle:
         while True:
             chunk = handle.read()
@@ -298,8 +313,27 @@ def logs_command(
                     sys.stdout.write(shown(rest.decode("utf-8", errors="replace")))
                 break
             time.sleep(0.5)
-    if not raw:
-        sys.stdout.write(noise.finish())
+
+
+def follow_stored_log(s, run_id: int, follow: bool, shown) -> bool:
+    """Print the run's log as the store holds it and, with `follow`, what its engine adds until the run has ended
+    and its engine has stored the last attempt's log whole (the worker may record the end first); an engine that
+    is gone stores no more, so that wait is bounded. False when the store holds none of it."""
+    last_id, printed, ended_at = 0, False, None
+    while True:
+        run = queries.get_run(s, run_id)  # read before the chunks: none is missed
+        whole = queries.log_complete(s, run_id, run["attempt"])
+        chunks = queries.log_chunks(s, run_id, after_id=last_id)
+        for chunk in chunks:
+            sys.stdout.write(shown(chunk["text"]))
+        if chunks:
+            sys.stdout.flush()
+            last_id, printed = chunks[-1]["id"], True
+        if run["status"] in TERMINAL_STATUSES and ended_at is None:
+            ended_at = time.monotonic()
+        if not follow or whole or (ended_at is not None and time.monotonic() - ended_at > STORED_LOG_WAIT_S):
+            return printed
+        time.sleep(0.5)
 
 
 @app.command("cancel")
@@ -823,7 +857,8 @@ def engine_status_data(s: Store) -> dict:
     pid = engine_lock_holder(s.url)
     counts = queries.count_by_status(s)
     engines = queries.live_engines(s, stale_after_s=30, now=time.time())
-    return {"store": s.describe(), "engine_pid_on_this_host": pid, "live_engines": engines,
+    hosts = queries.hosts_overview(s, stale_after_s=30, now=time.time())
+    return {"store": s.describe(), "engine_pid_on_this_host": pid, "live_engines": engines, "hosts": hosts,
             "queued": counts.get(RunStatus.queued.value, 0), "running": counts.get(RunStatus.running.value, 0)}
 
 
@@ -906,7 +941,8 @@ def engine_stop() -> None:
 
 @engine_app.command("status")
 def engine_status(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Is an engine running for this store here, and how long is the queue."""
+    """Every host with a live engine on this store (GPUs busy and free, running runs, its share of the last day's
+    runs), whether this host runs one, and how long the queue is."""
     data = engine_status_data(store())
     if as_json:
         print_json(data)
@@ -914,8 +950,19 @@ def engine_status(as_json: bool = typer.Option(False, "--json")) -> None:
     pid = data["engine_pid_on_this_host"]
     typer.echo(f"store: {data['store']}")
     typer.echo(f"engine on this host: {'running (pid %s)' % pid if pid else 'not running'}")
-    for e in data["live_engines"]:
-        typer.echo(f"  live engine: {e['host']} pid {e['pid']} gpus [{e['gpus']}]")
+    if data["hosts"]:
+        table = Table(box=None, header_style="bold", pad_edge=False, padding=(0, 1))
+        for column in ("host", "engines", "gpus", "busy", "free", "running", "share 24h", "gpu type"):
+            table.add_column(column, no_wrap=True)
+        for h in data["hosts"]:
+            engines = f"{len(h['engine_ids'])} {'/'.join(h['launchers'])}"
+            free = [g for g in h["gpus"] if g not in h["busy"]]
+            table.add_row(h["host"], engines, str(len(h["gpus"])) if h["gpus"] else "cpu", str(len(h["busy"])),
+                          ",".join(map(str, free)) or "-", str(h["running"]), f"{100 * h['share']:.0f}%",
+                          h["gpu_type"] or "-")
+        console.print(table)
+    else:
+        typer.echo("no live engine on any host")
     typer.echo(f"queued: {data['queued']}  running: {data['running']}")
 
 

@@ -21,6 +21,36 @@ from clfbench.storage.models import RunStatus
 from clfbench.storage.queries import Matrix
 
 FORMATS = ("table", "md", "csv", "latex", "json")
+
+
+def log_source(store, run: dict) -> str | None:
+    """Where to read a run's log: None for the copy its engines keep in the store, else the path of its log file.
+
+    The store's copy holds every attempt, whichever host ran it, so it is read whenever it is whole. When it was
+    trimmed (a long log) or is missing (a run from before store v7), the file is read where this host holds the
+    whole of it: the run's last attempt ran here, or its folder is in the shared CLFBENCH_ARTIFACTS place (a path
+    of another host may exist here too, holding only what this host once ran of the run)."""
+    import os
+
+    from clfbench.engine.daemon import host_label
+    from clfbench.storage.paths import artifacts_place
+    from clfbench.storage.queries import stored_log_state
+
+    path = run.get("log_path")
+    if not path or not os.path.exists(path) or stored_log_state(store, run["id"]) == "whole":
+        return None
+    shared = artifacts_place()
+    if run.get("host") in (None, host_label()) or (shared and "://" not in shared and _under(path, shared)):
+        return path
+    return None
+
+
+def _under(path: str, folder: str) -> bool:
+    import os
+
+    return os.path.realpath(path).startswith(os.path.realpath(folder) + os.sep)
+
+
 # How the TUI colours a run status (`clfbench ls` prints statuses plain).
 STATUS_STYLES = {
     RunStatus.queued.value: "cyan", RunStatus.running.value: "bold yellow", RunStatus.succeeded.value: "green",

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clfbench.engine.gpus import discover_gpus
+from clfbench.engine.gpus import discover_gpus, gpu_type
 from clfbench.engine.runlog import readable
 from clfbench.engine.types import EXIT_NOT_OURS, EXIT_STORE_UNREACHABLE, ClfbenchError
 from clfbench.storage import paths, queries, queue
@@ -82,9 +82,14 @@ def delete_run(url: str, store: Store, run_id: int) -> bool:
     The folder must go too: SQLite may give a later run the same id, which would otherwise append to the old
     log and resume from the deleted run's checkpoint.
     """
+    run = queries.get_run(store, run_id)
     if not queue.delete_run(store, run_id):
         return False
-    shutil.rmtree(run_dir(url, run_id), ignore_errors=True)
+    folders = {run_dir(url, run_id), run_dir(url, run_id, queries.store_id(store))}
+    if run and run["output_dir"]:
+        folders.add(Path(run["output_dir"]))
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
     return True
 
 
@@ -255,6 +260,43 @@ def log_tail(path: str | None, lines: int = 20, raw: bool = False) -> str:
 
 # Each attempt's part of a run's log starts with this line (written by the engine at launch).
 ATTEMPT_HEADER = "===== clfbench: run"
+# Logs go into the store (storage.queue.append_log) at most once a second per run, in pieces of whole lines of at
+# most LOG_PIECE_BYTES; a file that grew by more than the store keeps is skipped ahead to what it keeps.
+LOG_SHIP_S = 1.0
+LOG_PIECE_BYTES = 64_000
+
+
+def new_log_text(path: str, offset: int, final: bool) -> tuple[str, int]:
+    """The text the log file at `path` grew by since byte `offset`, as whole lines (all of it when `final`: the
+    worker has ended), at most LOG_PIECE_BYTES; and the offset it ends at. A log a line longer than a piece (a
+    progress bar without newlines) is cut at the piece's size."""
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size <= offset:
+                return "", min(offset, size)
+            keep = queue.log_keep_bytes()
+            if size - offset > 2 * keep:  # more than the store keeps: go straight to what it will keep
+                offset = size - keep
+            handle.seek(offset)
+            data = handle.read(min(size - offset, LOG_PIECE_BYTES))
+    except OSError:
+        return "", offset
+    if not final and len(data) < LOG_PIECE_BYTES:
+        cut = data.rfind(b"\n") + 1
+        data = data[:cut]
+    return data.decode("utf-8", errors="replace"), offset + len(data)
+
+
+def attempt_start(path: str, run_id: int, attempt: int) -> int:
+    """The byte offset of an attempt's header in its log file (where its log starts), else the file's end."""
+    marker = f"{ATTEMPT_HEADER} {run_id} attempt {attempt} ".encode()
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return 0
+    found = data.rfind(marker)
+    return len(data) if found < 0 else max(0, found - 1)  # from the blank line before the header"
 
 
 def rank_exit_code(log_text: str) -> int | None:
@@ -363,6 +405,9 @@ class Child:
     log_handle: object = None
     term_sent_at: float | None = None
     kill_sent: bool = False
+    # How far its log file has been copied into the store (a byte offset), and when (monotonic): ship_logs.
+    shipped: int = 0
+    shipped_at: float = 0.0
     started_at: float = field(default_factory=time.monotonic)  # when this engine launched or adopted it
 
     def poll(self) -> tuple[bool, int | None]:
@@ -400,6 +445,8 @@ class Engine:
     engine_id: int
     host: str = field(default_factory=host_label)
     host_id: str = field(default_factory=host_identity)
+    gpu_type: str = ""  # its GPUs' name (engine.gpus.gpu_type): runs pinned to a GPU type match against it
+    store_id: str = ""  # the store's own id: names run folders in a shared CLFBENCH_ARTIFACTS place
     children: dict[int, Child] = field(default_factory=dict)
     stopping: bool = False
     lease_s: float = LEASE_S
@@ -452,6 +499,7 @@ class Engine:
             CLFBENCH_RUN_TAG=run_tag(self.config.url, run["id"], run["attempt"]),
             CLFBENCH_RUN_DIR=str(folder),
             CLFBENCH_HOME=str(paths.home()),
+            CLFBENCH_ARTIFACT_URL=paths.artifact_url(run["id"], self.store_id) or "",
             CUDA_VISIBLE_DEVICES=",".join(str(g) for g in gpus),  # "" hides every GPU from CPU runs
             PYTHONUNBUFFERED="1",
         )
@@ -477,6 +525,7 @@ class Engine:
             api_free=self.api_runs() < self.config.max_api_runs,
             host_id=self.host_id,
             gpu_ids=free,
+            gpu_type=self.gpu_type,
         )
         if run is None:
             return False
@@ -486,7 +535,8 @@ class Engine:
     def launch(self, run: dict) -> None:
         """Start the worker of a run just claimed, on the GPUs the claim assigned it in the store."""
         gpus = [int(gpu) for gpu in (run["gpus_assigned"] or "").split(",") if gpu.strip()]
-        folder = paths.private_dir(run_dir(self.config.url, run["id"]))
+        # In a shared CLFBENCH_ARTIFACTS folder, the same folder as the run's earlier attempts on any host.
+        folder = paths.private_dir(run_dir(self.config.url, run["id"], self.store_id))
         log_path = folder / "log.txt"
         if run["launch"] == "process":
             command = [sys.executable, "-m", "clfbench.engine.worker", str(run["id"])]
@@ -497,6 +547,7 @@ class Engine:
         if why:
             queue.log_event_standalone(self.store, "threads", why, run["id"])
         log_handle = paths.open_private(log_path)
+        shipped = log_handle.seek(0, os.SEEK_END)  # the store gets this attempt's log from its header on
         header = (f"\n{ATTEMPT_HEADER} {run['id']} attempt {run['attempt']} on {self.host} "
                   f"gpus [{','.join(map(str, gpus))}] at {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n")
         if why:
@@ -521,7 +572,7 @@ class Engine:
         self.children[run["id"]] = Child(
             run_id=run["id"], attempt=run["attempt"], pid=popen.pid, gpus=gpus, launch=run["launch"],
             log_path=str(log_path), tag=run_tag(self.config.url, run["id"], run["attempt"]), popen=popen,
-            log_handle=log_handle, threads=threads,
+            log_handle=log_handle, threads=threads, shipped=shipped,
         )
         queue.set_launched(self.store, run["id"], run["attempt"], pid=popen.pid,
                            gpus_assigned=",".join(map(str, gpus)), log_path=str(log_path),
@@ -538,6 +589,7 @@ class Engine:
             kill_processes(child.processes(), signal.SIGKILL)
             if child.log_handle is not None:
                 child.log_handle.close()
+            self.ship_log(child, final=True)  # the whole log is in the store before the run shows as ended
             if child.launch == "torchrun" and code is not None and code > 0:
                 code = rank_exit_code(log_tail(child.log_path, lines=80, raw=True)) or code
             reason = describe_exit(code)
@@ -555,6 +607,30 @@ class Engine:
             if child.threads:  # last: a reap that an outage cut short is redone whole, and must not count it twice
                 now = time.monotonic()
                 self.ended_cpu_runs.append((now, now - child.started_at, child.threads))
+
+    def ship_logs(self) -> None:
+        """Copy what each worker's log file grew by into the store (at most once a second per run), so `clfbench
+        logs` and the TUI show it from any host."""
+        moment = time.monotonic()
+        for child in list(self.children.values()):
+            if child.log_path and moment - child.shipped_at >= LOG_SHIP_S:
+                self.ship_log(child, final=False)
+
+    def ship_log(self, child: Child, final: bool) -> None:
+        """Copy the next piece of the child's log into the store; `final` (its worker ended): all of the rest, then
+        an empty piece that tells readers the attempt's log is whole (the worker may record the run's end before
+        its engine has copied the last lines)."""
+        while child.log_path:
+            text, end = new_log_text(child.log_path, child.shipped, final)
+            child.shipped_at = time.monotonic()
+            if not text:
+                break
+            queue.append_log(self.store, child.run_id, child.attempt, text, end)
+            child.shipped = end
+            if not final:
+                return
+        if final:
+            queue.append_log(self.store, child.run_id, child.attempt, "", child.shipped)
 
     def handle_cancels(self) -> None:
         if not self.children:
@@ -636,9 +712,12 @@ class Engine:
             return  # it moved on meanwhile (finished, or reclaimed)
         say(f"run {run['id']} attempt {run['attempt']}: adopted its running worker (pid {run['pid']})")
         gpus = [int(g) for g in (run["gpus_assigned"] or "").split(",") if g]
+        shipped = queries.log_shipped_end(self.store, run["id"], run["attempt"])
+        if shipped is None and run["log_path"]:
+            shipped = attempt_start(run["log_path"], run["id"], run["attempt"])
         self.children[run["id"]] = Child(
             run_id=run["id"], attempt=run["attempt"], pid=run["pid"] or 0, gpus=gpus,
-            launch=run["launch"], log_path=run["log_path"] or "", tag=tag,
+            launch=run["launch"], log_path=run["log_path"] or "", tag=tag, shipped=shipped or 0,
         )
 
     def idle(self) -> bool:
@@ -662,6 +741,7 @@ class Engine:
                 dropped = [(run_id, child) for run_id, child in before if run_id not in self.children]
                 if dropped:
                     self.children[dropped[-1][0]] = dropped[-1][1]
+            steps.ride_out(self.ship_logs, "storing logs")
             steps.ride_out(self.handle_cancels, "handling cancels")
             launched = False
             while not self.stopping:
@@ -755,10 +835,13 @@ def run_engine(config: EngineConfig) -> None:
     store = open_store(config.url)
     host, host_id, identity = host_label(), host_identity(), str(uuid.uuid4())
     lock, previous = acquire_engine_lock(config.url, identity, host_id)
-    engine_id = queue.register_engine(store, host, os.getpid(), config.gpus, host_id=host_id, identity=identity)
+    kind = gpu_type(config.gpus)
+    engine_id = queue.register_engine(store, host, os.getpid(), config.gpus, host_id=host_id, identity=identity,
+                                      gpu_type=kind)
     if previous:
         queue.take_over_engine(store, previous, engine_id)
-    engine = Engine(config=config, store=store, engine_id=engine_id, host=host, host_id=host_id, lease_s=lease_s)
+    engine = Engine(config=config, store=store, engine_id=engine_id, host=host, host_id=host_id, lease_s=lease_s,
+                    gpu_type=kind, store_id=queries.store_id(store))
     say(f"started on {host}, pid {os.getpid()}, engine {engine_id}: gpus [{','.join(map(str, config.gpus))}], "
         f"up to {config.max_cpu_runs} CPU run(s), store {store.describe()}"
         + ("; took over from this host's previous engine" if previous else ""))

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from clfbench.engine.artifacts import fetch_checkpoint, mirror_checkpoint
 from clfbench.engine.context import RunContext
 from clfbench.engine.training import (CHECKPOINT_DIR, MAX_GRAD_NORM, StepPlan, Training, announce_resume,
                                       make_optimizer, make_scheduler, ranks_agree, replace_directory,
@@ -88,6 +89,7 @@ def _resume(ctx: RunContext, module: nn.Module, optimizer, scheduler, fingerprin
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     output_dir = Path(ctx.output_dir)
+    fetch_checkpoint(output_dir, log_prefix if ctx.is_main else "")  # from CLFBENCH_ARTIFACTS' URL, if it has one
     # `.checkpoint.old` is the whole previous checkpoint when a save died between its two renames.
     folder = next((f for f in (output_dir / CHECKPOINT_DIR, output_dir / f".{CHECKPOINT_DIR}.old")
                    if (f / EXTRA_FILE).is_file()), output_dir / CHECKPOINT_DIR)
@@ -133,6 +135,8 @@ def _save(ctx: RunContext, module: nn.Module, optimizer, scheduler, step: int, f
         (tmp / "meta.json").write_text(json.dumps({"step": step, "fingerprint": fingerprint,
                                                    "saved_at": time.time(), "sharded": True}, indent=2) + "\n")
         replace_directory(tmp, output_dir / CHECKPOINT_DIR)
+        # One node's ranks share this folder; on several nodes each would hold its own shards (see docs).
+        mirror_checkpoint(output_dir / CHECKPOINT_DIR, step, "checkpoint:")
     dist.barrier()
 
 

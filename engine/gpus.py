@@ -4,6 +4,7 @@ No torch import here: the daemon runs inside the CLI process with `--foreground`
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -71,3 +72,22 @@ def discover_gpus(override: str | None = None) -> list[int]:
         if found is not None:
             return found
     return []
+
+
+def gpu_type(gpus: list[int]) -> str:
+    """The name of this engine's GPUs as the driver reports it ("NVIDIA H100 80GB HBM3"), what runs pinned with
+    `gpu_type:` are matched against; "" without GPUs. CLFBENCH_GPU_TYPE overrides it (a box whose names are odd, and
+    the tests). A box with mixed GPUs reports its first one's: run one engine per type (`--gpus`) to pin by type."""
+    override = os.environ.get("CLFBENCH_GPU_TYPE", "").strip()
+    if override or not gpus:
+        return override if gpus or override else ""
+    if not shutil.which("nvidia-smi"):
+        return ""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--id={gpus[0]}", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return ""
+    return out.strip().splitlines()[0].strip() if out.strip() else ""

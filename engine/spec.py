@@ -46,6 +46,13 @@ class RunSpec(BaseModel):
         None, ge=1, description="CPU threads for the run, shared by its nproc processes; empty: chosen by the "
         "engine from the cores free at launch (an execution setting: it never splits results)")
     data_dir: str | None = Field(None, description="folder with the dataset files (else CLFBENCH_DATA, else the hub)")
+    # Pins: execution settings like threads (left out of the stored spec when empty, so they never split results).
+    host: str | None = Field(
+        None, min_length=1, description="run only on this host (an engine's host name as `clfbench engine status` "
+        "lists it; on Slurm: the node); empty: any host")
+    gpu_type: str | None = Field(
+        None, min_length=1, description="run only on GPUs whose name contains this, case-insensitive (e.g. A100, "
+        "H100); empty: any GPU")
     name: str | None = Field(None, description="a label for this run shown in lists")
     # The method's own options model (validated against it: an unknown option is an error), not a dict: a method
     # reads typed options, and nothing validates them a second time. SerializeAsAny: dumped with every field of
@@ -89,8 +96,9 @@ class RunSpec(BaseModel):
     def canonical_json(self) -> str:
         """The resolved spec (option defaults filled in) as stable JSON: what is stored and hashed."""
         data = self.model_dump()
-        if data["threads"] is None:  # a spec that leaves threads to the engine keeps the JSON and hash it had before
-            del data["threads"]
+        for unset in ("threads", "host", "gpu_type"):  # a spec that leaves these to the engine keeps the JSON and
+            if data[unset] is None:                      # hash it had before they existed
+                del data[unset]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def spec_hash(self) -> str:

@@ -226,7 +226,7 @@ def new_runs(specs: list[RunSpec], priority: int) -> list[NewRun]:
             method=s.method, model=s.model, task=s.task, shots=s.shots, seed=s.seed,
             spec_json=s.canonical_json(), spec_hash=s.spec_hash(), launch=s.method_info.launch,
             gpus_requested=s.gpus_needed(), nproc=s.nproc, code_version=version, name=s.name, priority=priority,
-            tasks_json=json.dumps(freeze_tasks(s.task_names, s.data_dir)),
+            tasks_json=json.dumps(freeze_tasks(s.task_names, s.data_dir)), pin_host=s.host, pin_gpu_type=s.gpu_type,
         )
         for s in specs
     ]

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from clfbench.engine.artifacts import fetch_checkpoint, mirror_checkpoint
 from clfbench.engine.context import CONVERTING, EVALUATING, TESTING, TRAINING, RunContext  # noqa: F401 (re-exported)
 from clfbench.engine.types import ClfbenchError
 
@@ -497,6 +498,7 @@ def save_checkpoint(ctx: RunContext, model_state: Callable[[], dict], optimizer,
             {"step": step, "epoch": epoch, "position_in_epoch": position, "saved_at": time.time(),
              "fingerprint": fingerprint}, indent=2) + "\n")
         replace_directory(tmp, output_dir / CHECKPOINT_DIR)
+        mirror_checkpoint(output_dir / CHECKPOINT_DIR, step, LOG)  # where CLFBENCH_ARTIFACTS is a URL
     if ctx.world_size > 1:
         dist.barrier()
 
@@ -522,6 +524,7 @@ def load_checkpoint(output_dir: Path, fingerprint: dict, verbose: bool) -> dict 
     """The checkpoint left by an earlier attempt of this run, or None (missing, unreadable, other setup)."""
     output_dir = Path(output_dir)
     remove_unfinished_checkpoints(output_dir)
+    fetch_checkpoint(output_dir, LOG if verbose else "")  # from CLFBENCH_ARTIFACTS' URL, on a host without it
     for folder in (output_dir / CHECKPOINT_DIR, output_dir / f".{CHECKPOINT_DIR}.old"):
         path = folder / "state.pt"
         if not path.is_file():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,10 +158,13 @@ def _migration_7_hosts_logs_jobs(connection: Connection) -> None:
         _add_column(connection, "runs", column, sql_type)
     for column, sql_type in (("gpu_type", "VARCHAR"), ("launcher", "VARCHAR")):
         _add_column(connection, "engines", column, sql_type)
+    # The store's own id, whatever URL reaches it (hosts may name the server differently): run folders in a shared
+    # artifact place are named by it (storage.paths.run_dir). `migrate` sets it.
+    _add_column(connection, "schema_info", "store_id", "VARCHAR")
     key = "SERIAL" if connection.dialect.name == "postgresql" else "INTEGER"
     connection.execute(text(
         f"CREATE TABLE IF NOT EXISTS run_log (id {key} NOT NULL, run_id INTEGER NOT NULL, attempt INTEGER NOT NULL, "
-        "time FLOAT NOT NULL, text VARCHAR NOT NULL, PRIMARY KEY (id), "
+        "time FLOAT NOT NULL, text VARCHAR NOT NULL, file_end INTEGER NOT NULL, PRIMARY KEY (id), "
         "FOREIGN KEY(run_id) REFERENCES runs (id) ON DELETE CASCADE)"))
     connection.execute(text("CREATE INDEX IF NOT EXISTS ix_run_log_run_id ON run_log (run_id, id)"))
 
@@ -239,10 +243,11 @@ def migrate(store: Store) -> None:
         for index in range(version, SCHEMA_VERSION):
             MIGRATIONS[index](connection)
         if version != SCHEMA_VERSION:
+            # The store's id (v7) survives every later migration; a store gets one when it first reaches v7.
+            store_id = connection.execute(text("SELECT store_id FROM schema_info WHERE id = 1")).scalar()
             connection.execute(text("DELETE FROM schema_info"))
-            connection.execute(
-                text("INSERT INTO schema_info (id, version) VALUES (1, :v)"), {"v": SCHEMA_VERSION}
-            )
+            connection.execute(text("INSERT INTO schema_info (id, version, store_id) VALUES (1, :v, :sid)"),
+                               {"v": SCHEMA_VERSION, "sid": store_id or uuid.uuid4().hex})
 
 
 def _create_engine(url: str) -> Engine:

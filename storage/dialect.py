@@ -52,7 +52,9 @@ def claim_sql(engine: Engine, source: str, target: str) -> str:
     and returns its id. The statuses come from the run state machine (storage.states), never from a user.
 
     Parameters: host, engine_id, now, default_gpus (what a run with no GPU count asks for on this box),
-    free_gpus, cpu_free (1 if a CPU slot is free), api_free (1 if an API slot is free).
+    free_gpus, cpu_free (1 if a CPU slot is free), api_free (1 if an API slot is free), gpu_type (the claiming
+    engine's GPU name, lower case; '' without GPUs), pins_anywhere (1: claim pinned runs whatever the host and GPU
+    type, for a launcher that passes the pins on to its scheduler).
     """
     lock = "" if is_sqlite(engine) else " FOR UPDATE SKIP LOCKED"
     return f"""
@@ -68,6 +70,10 @@ def claim_sql(engine: Engine, source: str, target: str) -> str:
                     AND COALESCE(gpus_requested, :default_gpus) <= :free_gpus
                     AND (COALESCE(gpus_requested, :default_gpus) >= 1 OR :cpu_free = 1))
             )
+            AND (:pins_anywhere = 1 OR (
+                (pin_host IS NULL OR pin_host = :host)
+                AND (pin_gpu_type IS NULL OR (:gpu_type <> '' AND :gpu_type LIKE '%' || LOWER(pin_gpu_type) || '%'))
+            ))
             ORDER BY priority DESC, id
             LIMIT 1{lock}
         )

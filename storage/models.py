@@ -180,8 +180,8 @@ class EngineRow(SQLModel, table=True):
 
 class RunLogChunk(SQLModel, table=True):
     """A run's log as its engine read it from the log file, in order (schema v7), so every host can show it: the
-    engine appends what the file grew by, and keeps the newest `storage.queue.LOG_KEEP_BYTES` per run whole (older
-    chunks are dropped, a note says so). The file on the running host keeps every line."""
+    engine appends what the file grew by, in whole lines, and keeps the newest `storage.queue.log_keep_bytes()` per run
+    (older chunks are dropped and the oldest kept one says so). The file on the running host keeps every line."""
 
     __tablename__ = "run_log"
     __table_args__ = (Index("ix_run_log_run_id", "run_id", "id"),)
@@ -191,6 +191,7 @@ class RunLogChunk(SQLModel, table=True):
     attempt: int
     time: float
     text: str
+    file_end: int  # the byte offset in the log file on the running host where this chunk ends
 
 
 class SchemaInfo(SQLModel, table=True):
@@ -200,3 +201,4 @@ class SchemaInfo(SQLModel, table=True):
 
     id: int = Field(default=1, primary_key=True)
     version: int
+    store_id: str | None = None  # schema v7: a uuid naming the store whatever URL reaches it

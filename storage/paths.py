@@ -3,7 +3,8 @@
     $CLFBENCH_HOME (default ~/.clfbench)
         clfbench.db                      the default store (SQLite)
         tasks/                           the user's task and dataset YAML files
-        runs/<store key>/<run id>/       a run's log, checkpoints and caches (survives retries)
+        runs/<store key>/<run id>/       a run's log, checkpoints and caches (survives retries); with
+                                         CLFBENCH_ARTIFACTS a folder: there, as runs/<store id>/<run id>/
         logs/engine-<store key>.log      a detached engine's own output
         cache/features/                  LLMEmbed's pooled features
 
@@ -42,8 +43,32 @@ def store_key(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:10]
 
 
-def run_dir(url: str, run_id: int) -> Path:
+def artifacts_place() -> str | None:
+    """`$CLFBENCH_ARTIFACTS`: a folder every host mounts, or an fsspec URL (`s3://...`) checkpoints are mirrored to
+    (engine.artifacts); None: run folders stay in the home of the host that runs them."""
+    return os.environ.get("CLFBENCH_ARTIFACTS", "").strip() or None
+
+
+def _is_url(place: str) -> bool:
+    return "://" in place
+
+
+def run_dir(url: str, run_id: int, store_id: str | None = None) -> Path:
+    """A run's folder: `$CLFBENCH_ARTIFACTS/runs/<store id>/<run id>` when that is a shared folder (named by the
+    store's id, which every host reads from the store, not by the URL, which hosts may spell differently), else
+    `home/runs/<store key>/<run id>`."""
+    place = artifacts_place()
+    if place and not _is_url(place) and store_id:
+        return Path(place).expanduser() / "runs" / store_id / str(run_id)
     return home() / "runs" / store_key(url) / str(run_id)
+
+
+def artifact_url(run_id: int, store_id: str | None) -> str | None:
+    """Where a run's checkpoints are mirrored when `$CLFBENCH_ARTIFACTS` is a URL, else None."""
+    place = artifacts_place()
+    if not place or not _is_url(place) or not store_id:
+        return None
+    return f"{place.rstrip('/')}/runs/{store_id}/{run_id}"
 
 
 def engine_log_path(url: str) -> Path:

@@ -13,8 +13,8 @@ from sqlalchemy import Float, case, func, literal_column, select
 
 from clfbench.storage import dialect
 from clfbench.storage.db import Store
-from clfbench.storage.models import (EngineRow, Event, MetricPoint, PredictionRow, Result, Run, RunStatus,
-                                     metric_value)
+from clfbench.storage.models import (EngineRow, Event, MetricPoint, PredictionRow, Result, Run, RunLogChunk,
+                                     RunStatus, SchemaInfo, metric_value)
 
 RUNS = Run.__table__
 RESULTS = Result.__table__
@@ -207,6 +207,36 @@ def live_engines(store: Store, stale_after_s: float, now: float) -> list[dict]:
     with store.read() as connection:
         rows = connection.execute(select(ENGINES).where(ENGINES.c.stopped_at.is_(None), alive)).mappings()
         return [dict(row) for row in rows]
+
+
+def hosts_overview(store: Store, stale_after_s: float, now: float, window_s: float = 86_400.0) -> list[dict]:
+    """One row per host with a live engine (live_engines): host, launchers, gpu_type, gpus (its engines' GPU ids),
+    busy (those held by running runs of its engines), running (its running runs), started (runs it started in the
+    last `window_s` of the reader's clock) and share (its part of every host's started runs in that window).
+    A run's host is the engine's host name (runs.host), so the counts survive an engine's restart."""
+    engines = live_engines(store, stale_after_s, now)
+    with store.read() as connection:
+        running = connection.execute(select(RUNS.c.engine_id, RUNS.c.gpus_assigned)
+                                     .where(RUNS.c.status == RunStatus.running.value)).all()
+        started = dict(connection.execute(select(RUNS.c.host, func.count()).where(RUNS.c.started_at > now - window_s)
+                                          .group_by(RUNS.c.host)).all())
+    total = sum(started.values())
+    hosts: dict[str, dict] = {}
+    for engine in sorted(engines, key=lambda e: (e["host"], e["id"])):
+        host = hosts.setdefault(engine["host"], {
+            "host": engine["host"], "launchers": [], "gpu_type": engine.get("gpu_type") or "", "gpus": [],
+            "busy": [], "running": 0, "engine_ids": [], "started": started.get(engine["host"], 0),
+            "share": started.get(engine["host"], 0) / total if total else 0.0})
+        host["engine_ids"].append(engine["id"])
+        host["launchers"] = sorted({*host["launchers"], engine.get("launcher") or "local"})
+        host["gpus"] = sorted({*host["gpus"], *(int(g) for g in (engine["gpus"] or "").split(",") if g.strip())})
+    owner = {engine_id: host for host in hosts.values() for engine_id in host["engine_ids"]}
+    for engine_id, assigned in running:
+        host = owner.get(engine_id)
+        if host is not None:
+            host["running"] += 1
+            host["busy"] = sorted({*host["busy"], *(int(g) for g in (assigned or "").split(",") if g.strip())})
+    return list(hosts.values())
 
 
 # ---- the engine's reads --------------------------------------------------------------------------
@@ -555,3 +585,50 @@ def runs_with_spec_hashes(store: Store, spec_hashes: Collection[str], statuses: 
                                   .where(RUNS.c.spec_hash.in_(list(spec_hashes)), RUNS.c.status.in_(list(statuses)))
                                   .order_by(RUNS.c.id)).mappings()
         return [dict(row) for row in rows]
+
+
+def log_chunks(store: Store, run_id: int, after_id: int = 0) -> list[dict]:
+    """The pieces of a run's log the store holds (storage.queue.append_log), oldest first, after chunk `after_id`:
+    id, attempt, text. Any host reads them, whichever host ran the run."""
+    table = RunLogChunk.__table__
+    with store.read() as connection:
+        rows = connection.execute(select(table.c.id, table.c.attempt, table.c.text)
+                                  .where(table.c.run_id == run_id, table.c.id > after_id).order_by(table.c.id))
+        return [dict(row) for row in rows.mappings()]
+
+
+def log_shipped_end(store: Store, run_id: int, attempt: int) -> int | None:
+    """Where in its log file the stored log of this attempt ends (a byte offset), or None if none is stored: an
+    engine that adopts a running worker goes on from there."""
+    table = RunLogChunk.__table__
+    with store.read() as connection:
+        return connection.execute(select(func.max(table.c.file_end))
+                                  .where(table.c.run_id == run_id, table.c.attempt == attempt)).scalar()
+
+
+def store_id(store: Store) -> str:
+    """The store's own id (schema v7), the same from every host whatever URL reaches the store."""
+    with store.read() as connection:
+        return connection.execute(select(SchemaInfo.__table__.c.store_id)).scalar() or ""
+
+
+def log_complete(store: Store, run_id: int, attempt: int) -> bool:
+    """Whether the engine has stored the whole log of this attempt (its empty last piece: engine.daemon.ship_log)."""
+    table = RunLogChunk.__table__
+    with store.read() as connection:
+        return connection.execute(select(table.c.id).where(table.c.run_id == run_id, table.c.attempt == attempt,
+                                                           table.c.text == "").limit(1)).first() is not None
+
+
+def stored_log_state(store: Store, run_id: int) -> str:
+    """"none" (the store holds none of the run's log: a run from before store v7, or not started), "whole" (every
+    line of every attempt since the first) or "trimmed" (its oldest lines were dropped to bound it)."""
+    from clfbench.storage.queue import LOG_DROPPED_NOTE  # queue imports this module
+
+    table = RunLogChunk.__table__
+    with store.read() as connection:
+        first = connection.execute(select(table.c.text).where(table.c.run_id == run_id).order_by(table.c.id)
+                                   .limit(1)).scalar()
+    if first is None:
+        return "none"
+    return "trimmed" if first.startswith(LOG_DROPPED_NOTE) else "whole"

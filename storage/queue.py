@@ -17,15 +17,16 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from clfbench.storage import dialect
-from clfbench.storage.db import Store, seconds_from_env
+from clfbench.storage.db import Store, StoreError, seconds_from_env
 from clfbench.storage.db import now as _host_clock
-from clfbench.storage.models import (EngineRow, Event, MetricPoint, PredictionRow, Result, Run, RunStatus,
-                                     metric_value_columns)
+from clfbench.storage.models import (EngineRow, Event, MetricPoint, PredictionRow, Result, Run, RunLogChunk,
+                                     RunStatus, metric_value_columns)
 from clfbench.storage.states import DELETABLE, ENDED_WITH_ERROR, Writer, allowed, kept_by, sources
 
 RUNS = Run.__table__
 EVENTS = Event.__table__
 ENGINES = EngineRow.__table__
+RUN_LOG = RunLogChunk.__table__
 
 # An engine's lease lasts this long past its last renewal, on the database's clock (env CLFBENCH_ENGINE_LEASE_S).
 DEFAULT_ENGINE_LEASE_S = 60.0
@@ -105,6 +106,8 @@ class NewRun:
     name: str | None = None
     priority: int = 0
     tasks_json: str | None = None  # the tasks frozen at queue time (engine.tasks.identity)
+    pin_host: str | None = None  # the spec's host: / gpu_type: (only such an engine claims it)
+    pin_gpu_type: str | None = None
 
 
 def enqueue(store: Store, runs: Iterable[NewRun]) -> list[int]:
@@ -134,6 +137,8 @@ def claim(
     api_free: bool,
     host_id: str | None = None,
     gpu_ids: Sequence[int] | None = None,
+    gpu_type: str = "",
+    honour_pins: bool = True,
 ) -> dict | None:
     """Atomically move the best claimable queued run to running, owned by `engine_id`. Returns the run row, or None.
 
@@ -142,6 +147,10 @@ def claim(
     GPUs are counted and assigned through the store in the same transaction: those assigned to running runs of any
     engine of the same host are not free, so two engines on one host never hand out one GPU twice. `free_gpus` is
     then ignored; without `gpu_ids` it is the caller's count and nothing is assigned here.
+
+    A run pinned to a host (`pin_host`) is claimed only by an engine whose `host` is that name; one pinned to a GPU
+    type only by an engine whose `gpu_type` contains it (case-insensitive). A launcher that places runs itself (Slurm:
+    pins become sbatch options) claims them whatever its own host, with `honour_pins=False`.
     """
     (source,) = sources(RunStatus.running, Writer.engine)  # one statement: one status it claims from
     with store.write() as connection:
@@ -161,6 +170,8 @@ def claim(
                 "free_gpus": free_gpus,
                 "cpu_free": int(cpu_free),
                 "api_free": int(api_free),
+                "gpu_type": (gpu_type or "").lower(),
+                "pins_anywhere": int(not honour_pins),
             },
         ).first()
         if row is None:
@@ -414,11 +425,54 @@ def delete_run(store: Store, run_id: int) -> bool:
         status = connection.execute(select(RUNS.c.status).where(RUNS.c.id == run_id)).scalar()
         if status is None or RunStatus(status) not in DELETABLE:
             return False
-        for table in (MetricPoint.__table__, PredictionRow.__table__, Result.__table__):
+        for table in (MetricPoint.__table__, PredictionRow.__table__, Result.__table__, RUN_LOG):
             connection.execute(delete(table).where(table.c.run_id == run_id))
         connection.execute(delete(RUNS).where(RUNS.c.id == run_id))
         log_event(connection, "deleted", "", run_id)
         return True
+
+
+# The log the store keeps per run (env CLFBENCH_LOG_KEEP_BYTES): the newest bytes, whole chunks of whole lines.
+# 1 MB holds a long fine-tune's every loss line and any traceback; the file on the running host keeps the rest.
+DEFAULT_LOG_KEEP_BYTES = 1_000_000
+LOG_DROPPED_NOTE = "[clfbench: earlier lines of this log were dropped from the store to bound it; " \
+    "`clfbench logs` on the host that ran it shows the whole file]\n"
+
+
+def log_keep_bytes() -> int:
+    raw = os.environ.get("CLFBENCH_LOG_KEEP_BYTES", "").strip()
+    if not raw:
+        return DEFAULT_LOG_KEEP_BYTES
+    if not raw.isdigit() or int(raw) < 1000:
+        raise StoreError(f"CLFBENCH_LOG_KEEP_BYTES must be a whole number of bytes >= 1000, not {raw!r}")
+    return int(raw)
+
+
+def append_log(store: Store, run_id: int, attempt: int, chunk: str, file_end: int) -> None:
+    """Store the next piece of a run's log (whole lines, read from the log file up to byte `file_end`), then drop
+    the oldest pieces while the run's stored log is over log_keep_bytes(), never the newest one: the tail a user
+    needs (the traceback, the last losses) stays whole. The oldest piece kept starts with LOG_DROPPED_NOTE."""
+    keep = log_keep_bytes()
+    with store.write() as connection:
+        if connection.execute(select(RUNS.c.id).where(RUNS.c.id == run_id)).first() is None:
+            return  # deleted meanwhile
+        connection.execute(insert(RUN_LOG).values(run_id=run_id, attempt=attempt, time=now(), text=chunk,
+                                                  file_end=file_end))
+        sizes = connection.execute(select(RUN_LOG.c.id, func.length(RUN_LOG.c.text)).where(RUN_LOG.c.run_id == run_id)
+                                   .order_by(RUN_LOG.c.id.desc())).all()
+        total, kept = 0, []  # newest first; the newest piece with text is kept whatever its size
+        for chunk_id, size in sizes:
+            if total + size > keep and total > 0:
+                break
+            total += size
+            kept.append(chunk_id)
+        if len(kept) == len(sizes):
+            return
+        connection.execute(delete(RUN_LOG).where(RUN_LOG.c.run_id == run_id, RUN_LOG.c.id < kept[-1]))
+        oldest = connection.execute(select(RUN_LOG.c.text).where(RUN_LOG.c.id == kept[-1])).scalar_one()
+        if not oldest.startswith(LOG_DROPPED_NOTE):
+            connection.execute(update(RUN_LOG).where(RUN_LOG.c.id == kept[-1])
+                               .values(text=LOG_DROPPED_NOTE + oldest))
 
 
 def log_event_standalone(store: Store, kind: str, message: str = "", run_id: int | None = None) -> None:
@@ -441,7 +495,7 @@ def append_error_detail(store: Store, run_id: int, attempt: int, detail: str) ->
 # ---- engines ------------------------------------------------------------------------------------
 
 def register_engine(store: Store, host: str, pid: int, gpus: list[int], *, host_id: str | None = None,
-                    identity: str | None = None) -> int:
+                    identity: str | None = None, gpu_type: str = "", launcher: str = "local") -> int:
     """Record an engine that starts on this store, with its lease (engine_lease_s, on the database's clock);
     returns its id. `identity` (a uuid per engine process) defaults to a new one, `host_id` to `host`."""
     gpu_list = ",".join(map(str, gpus))
@@ -449,6 +503,7 @@ def register_engine(store: Store, host: str, pid: int, gpus: list[int], *, host_
         engine_id = connection.execute(
             insert(ENGINES).values(host=host, pid=pid, started_at=now(), heartbeat_at=now(), gpus=gpu_list,
                                    identity=identity or str(uuid.uuid4()), host_id=host_id or host,
+                                   gpu_type=gpu_type, launcher=launcher,
                                    lease_until=db_now_expr(connection) + engine_lease_s())
             .returning(ENGINES.c.id)
         ).scalar_one()

@@ -182,3 +182,17 @@ def kill_processes_of_home(home: Path) -> None:
                 os.kill(int(proc.name), signal.SIGKILL)
         except (OSError, ValueError):
             pass
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    """One real PostgreSQL server for a test module (tests/pg_server.py); each test makes its own database."""
+    import shutil
+
+    from tests.pg_server import start_pg_server
+
+    server = start_pg_server(tmp_path_factory.mktemp("pg"))
+    yield server
+    server.ctl("stop", "-m", "immediate")
+    if server.user:
+        shutil.rmtree(server.folder, ignore_errors=True)

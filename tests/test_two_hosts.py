@@ -8,7 +8,6 @@ by 10 minutes either way (CLFBENCH_CLOCK_OFFSET_S), and sample the processes and
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -42,17 +41,6 @@ def _claim(store, engine_id: int, host_id: str = "host-a", gpu_ids=None):
 def _run(store, run_id: int) -> dict:
     with store.read() as connection:
         return dict(connection.execute(text("SELECT * FROM runs WHERE id = :r"), {"r": run_id}).mappings().one())
-
-
-@pytest.fixture(scope="module")
-def postgres(tmp_path_factory):
-    from tests.pg_server import start_pg_server
-
-    server = start_pg_server(tmp_path_factory.mktemp("pg"))
-    yield server
-    server.ctl("stop", "-m", "immediate")
-    if server.user:
-        shutil.rmtree(server.folder, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -150,6 +138,32 @@ def test_two_engines_of_one_host_never_hand_out_one_gpu_twice(store):
     assert _run(store, ids[3])["status"] == "queued"
 
 
+def test_a_pinned_run_goes_only_to_its_host_or_gpu_type_and_a_scheduler_launcher_takes_any(store):
+    def claim(engine_id, host, gpu_type="", gpus=(0,), honour_pins=True):
+        return queue.claim(store, host=host, engine_id=engine_id, default_gpus=1 if gpus else 0, free_gpus=0,
+                           cpu_free=True, api_free=True, host_id=host, gpu_ids=list(gpus), gpu_type=gpu_type,
+                           honour_pins=honour_pins)
+
+    a100 = queue.register_engine(store, "box-a", 1, [0], host_id="box-a", gpu_type="NVIDIA A100-SXM4-80GB")
+    h100 = queue.register_engine(store, "box-h", 2, [0], host_id="box-h", gpu_type="NVIDIA H100 80GB HBM3")
+    cpu = queue.register_engine(store, "laptop", 3, [], host_id="laptop")
+    on_h, any_h100, on_laptop = queue.enqueue(store, [
+        _new_run(spec_hash="1", pin_host="box-h"), _new_run(spec_hash="2", pin_gpu_type="h100"),
+        _new_run(spec_hash="3", pin_host="laptop", gpus_requested=0)])
+    assert claim(a100, "box-a") is None  # nothing here for an A100 on box-a
+    assert claim(cpu, "laptop", gpus=())["id"] == on_laptop  # a CPU run pinned to the laptop
+    assert claim(cpu, "laptop", gpus=()) is None  # a CPU engine never takes a GPU-type pin
+    assert claim(h100, "box-h")["id"] == on_h
+    assert claim(h100, "box-h") is None  # its one GPU is busy now
+    (slurm,) = [queue.register_engine(store, "login", 4, [], host_id="login", launcher="slurm")]
+    assert claim(slurm, "login", gpus=(0, 1), honour_pins=False)["id"] == any_h100  # pins go on to sbatch
+    with store.read() as connection:
+        kinds = dict(connection.execute(text("SELECT host, gpu_type FROM engines")).all())
+        launchers = dict(connection.execute(text("SELECT host, launcher FROM engines")).all())
+    assert kinds["box-h"] == "NVIDIA H100 80GB HBM3" and launchers == {
+        "box-a": "local", "box-h": "local", "laptop": "local", "login": "slurm"}
+
+
 def test_the_engine_lock_is_per_store_and_host_not_per_home_and_a_probe_never_blocks_a_start(tmp_path, monkeypatch):
     from clfbench.engine.daemon import acquire_engine_lock, engine_lock_holder
     from clfbench.engine.types import ClfbenchError
@@ -199,8 +213,9 @@ class Hosts:
     """Two engines, 'host-a' and 'host-b', on one SQLite store, each with its own home and its own clock offset;
     a sampler that records, every 0.1 s, which attempts of which runs have a process that executes (not stopped)."""
 
-    def __init__(self, tmp_path: Path, cli):
-        self.url = f"sqlite:///{tmp_path / 'store.db'}"
+    def __init__(self, tmp_path: Path, cli, url: str | None = None, env: dict | None = None):
+        self.url = url or f"sqlite:///{tmp_path / 'store.db'}"
+        self.extra_env = env or {}  # for both engines (a shared CLFBENCH_ARTIFACTS)
         self.cli = cli
         cli.env["CLFBENCH_DB"] = self.url
         self.store = open_store(self.url)
@@ -213,7 +228,8 @@ class Hosts:
     def env(self, host: str, offset_s: int) -> dict:
         env = dict(self.cli.env)
         env.update(CLFBENCH_HOST_ID=host, CLFBENCH_CLOCK_OFFSET_S=str(offset_s), CLFBENCH_ENGINE_LEASE_S=str(LEASE_S),
-                   CLFBENCH_HOME=str(self.tmp_path / f"home-{host}"), CLFBENCH_LOCK_DIR=str(self.tmp_path / "locks"))
+                   CLFBENCH_HOME=str(self.tmp_path / f"home-{host}"), CLFBENCH_LOCK_DIR=str(self.tmp_path / "locks"),
+                   **self.extra_env)
         return env
 
     def start(self, host: str, offset_s: int) -> None:

@@ -63,6 +63,23 @@ def read_log(path: str | None, offset: int) -> tuple[str, int]:
     return data.decode("utf-8", errors="replace"), size
 
 
+def read_run_log(store, run: dict, cursor: tuple[str, int]) -> tuple[str, tuple[str, int]]:
+    """New text of a run's log after `cursor` and the cursor after it: ("store", last chunk id) from the copy its
+    engines keep in the store, or ("file", byte offset) from its log file where render.log_source says so. A cursor
+    of the other source starts the log again."""
+    path = render.log_source(store, run)
+    if path is not None:
+        text, offset = read_log(path, cursor[1] if cursor[0] == "file" else 0)
+        return text, ("file", offset)
+    chunks = queries.log_chunks(store, run["id"], after_id=cursor[1] if cursor[0] == "store" else 0)
+    if not chunks:
+        return "", cursor
+    text = "".join(chunk["text"] for chunk in chunks)
+    if cursor[0] != "store":
+        text = text[-LOG_TAIL_BYTES:]
+    return text, ("store", chunks[-1]["id"])
+
+
 class DetailScreen(Screen):
     """One run, live: its curves, results, spec and log in tabs (1-5)."""
 
@@ -94,7 +111,7 @@ class DetailScreen(Screen):
         # even when a retry's first points arrive in the same read as the row that still names the old one.
         self.points_by_attempt: dict[int, dict[str, list[tuple[int, float]]]] = {}
         self.last_point_id = 0
-        self.log_offset = 0
+        self.log_cursor: tuple[str, int] = ("none", 0)
         self.log_noise = LauncherNoise()  # the log tab shows the run's lines, not torchrun's traceback
         self.results: dict[str, dict[str, float]] = {}
         self.result_rules: dict[str, dict[str, str]] = {}  # task -> metric -> the rule it was computed under
@@ -146,15 +163,15 @@ class DetailScreen(Screen):
         results = queries.run_results(self.store, self.run_id)
         rules = queries.run_result_rules(self.store, self.run_id)
         intervals = queries.run_result_intervals(self.store, self.run_id)
-        log_text, log_offset = read_log(run["log_path"], self.log_offset)
+        log_text, log_cursor = read_run_log(self.store, run, self.log_cursor)
         if not get_current_worker().is_cancelled:
-            call_if_open(self, self.show, run, new_points, results, log_text, log_offset, rules, intervals)
+            call_if_open(self, self.show, run, new_points, results, log_text, log_cursor, rules, intervals)
 
     def gone(self) -> None:
         self.notify(f"run {self.run_id} no longer exists", severity="warning")
         self.action_close()
 
-    def show(self, run: dict, new_points: list[dict], results: dict, log_text: str, log_offset: int,
+    def show(self, run: dict, new_points: list[dict], results: dict, log_text: str, log_cursor: tuple[str, int],
              rules: dict | None = None, intervals: dict | None = None) -> None:
         spec_changed = self.run is None or self.run["spec_json"] != run["spec_json"] or \
             self.run["error"] != run["error"]
@@ -179,11 +196,11 @@ class DetailScreen(Screen):
             self.update_spec()
         if log_text:
             log = self.query_one("#log-view", Log)
-            if log_offset < self.log_offset:
+            if log_cursor[0] != self.log_cursor[0] or log_cursor[1] < self.log_cursor[1]:
                 log.clear()
                 self.log_noise = LauncherNoise()
             log.write(self.log_noise.feed(log_text))
-        self.log_offset = log_offset
+        self.log_cursor = log_cursor
 
     # ---- drawing ------------------------------------------------------------------------------
     def update_header(self) -> None:

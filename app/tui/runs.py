@@ -31,7 +31,7 @@ import json
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from rich.cells import cell_len
@@ -145,6 +145,7 @@ class EngineInfo:
     gpus: list[str]  # GPUs the live engines of this store manage
     busy: set[str]  # GPUs assigned to running runs
     counts: dict[str, int]
+    hosts: list[dict] = field(default_factory=list)  # queries.hosts_overview: one row per host with a live engine
 
     def text(self) -> Text:
         line = Text("engine ")
@@ -157,6 +158,9 @@ class EngineInfo:
             line.append(f" · GPUs {len(self.busy & set(self.gpus))} busy, {len(free)} free")
         elif self.pid:
             line.append(" · CPU only")
+        if len(self.hosts) > 1 or (self.hosts and not self.pid):  # other hosts work on this store too
+            line.append(f" · {len(self.hosts)} host{'s' if len(self.hosts) > 1 else ''}: ")
+            line.append(", ".join(host_summary(host) for host in self.hosts))
         line.append("\nqueue ")
         for status in (s.value for s in RunStatus):
             count = self.counts.get(status, 0)
@@ -164,19 +168,33 @@ class EngineInfo:
         return line
 
 
+def host_summary(host: dict) -> str:
+    """`box-a 3/8 GPUs` (busy of all), or `laptop cpu 1 run`: one host in the engine panel."""
+    if host["gpus"]:
+        return f"{host['host']} {len(host['busy'])}/{len(host['gpus'])} GPUs"
+    return f"{host['host']} cpu {host['running']} run{'s' if host['running'] != 1 else ''}"
+
+
 def read_engine_info(store: Store, now: float, read_counts: bool) -> EngineInfo:
     """The engine panel as the store has it; the runs per status only when `read_counts` (a list that holds every
     run counts them itself), and the busy GPUs are the list's to fill in (busy_gpus)."""
-    from clfbench.engine.daemon import engine_lock_holder
+    from clfbench.engine.daemon import engine_lock_holder, host_label
 
     engines = queries.live_engines(store, stale_after_s=30, now=now)
-    gpus = sorted({g for e in engines for g in (e["gpus"] or "").split(",") if g})
+    here = host_label()  # the panel's GPUs are this host's; other hosts get one summary each (hosts)
+    gpus = sorted({g for e in engines if e["host"] == here for g in (e["gpus"] or "").split(",") if g})
     return EngineInfo(pid=engine_lock_holder(store.url), gpus=gpus, busy=set(),
-                      counts=queries.count_by_status(store) if read_counts else {})
+                      counts=queries.count_by_status(store) if read_counts else {},
+                      hosts=queries.hosts_overview(store, stale_after_s=30, now=now))
 
 
 def busy_gpus(runs: Iterable[dict]) -> set[str]:
-    return {g for r in runs if r["status"] == RunStatus.running for g in (r["gpus_assigned"] or "").split(",") if g}
+    """This host's GPUs that its running runs hold (another host's GPU 0 is not this one's)."""
+    from clfbench.engine.daemon import host_label
+
+    here = host_label()
+    return {g for r in runs if r["status"] == RunStatus.running and r.get("host") in (here, None)
+            for g in (r["gpus_assigned"] or "").split(",") if g}
 
 
 # ---- incremental reading (in the worker thread; the screen's state is copied into a ListCursor first) ----
