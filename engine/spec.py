@@ -22,6 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator
 
+from clfbench.engine.slurm_spec import SlurmOptions
+
 from clfbench.engine.methods.catalog import METHODS, MethodInfo, MethodOptions
 from clfbench.engine.types import ClfbenchError, check_known
 
@@ -45,6 +47,9 @@ class RunSpec(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for the run, shared by its nproc processes; empty: chosen by the "
         "engine from the cores free at launch (an execution setting: it never splits results)")
+    slurm: SlurmOptions | None = Field(
+        None, description="where a Slurm engine submits the run: partition, time, nodes, account, sbatch_args "
+        "(docs/slurm.md); ignored by a local engine")
     data_dir: str | None = Field(None, description="folder with the dataset files (else CLFBENCH_DATA, else the hub)")
     name: str | None = Field(None, description="a label for this run shown in lists")
     # The method's own options model (validated against it: an unknown option is an error), not a dict: a method
@@ -91,6 +96,8 @@ class RunSpec(BaseModel):
         data = self.model_dump()
         if data["threads"] is None:  # a spec that leaves threads to the engine keeps the JSON and hash it had before
             del data["threads"]
+        if data["slurm"] is None:  # likewise a spec without Slurm options
+            del data["slurm"]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def spec_hash(self) -> str:
