@@ -869,29 +869,50 @@ def engine_command(
     until_idle: bool = typer.Option(False, "--until-idle", help="run in the foreground and exit when nothing is left"),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU indices to use, e.g. 0,1 ('none': CPU only)"),
     max_cpu_runs: int = typer.Option(1, "--max-cpu-runs", help="CPU runs at once (when they do not use GPUs)"),
+    launcher: str = typer.Option("local", "--launcher", help="local: run workers here; slurm: submit each run as a "
+                                                             "Slurm job (docs/slurm.md)"),
+    max_jobs: int = typer.Option(16, "--max-jobs", help="slurm: jobs submitted and unfinished at once"),
 ) -> None:
     """Run the engine. Without a subcommand: start it detached (or --foreground / --until-idle)."""
     if ctx.invoked_subcommand is not None:
-        ctx.obj = {"gpus": gpus, "max_cpu_runs": max_cpu_runs}
+        ctx.obj = {"gpus": gpus, "max_cpu_runs": max_cpu_runs, "launcher": launcher, "max_jobs": max_jobs}
         return
     if not (foreground or until_idle):
-        start_engine(gpus, max_cpu_runs)
+        start_engine(gpus, max_cpu_runs, launcher, max_jobs)
         return
     from clfbench.engine.daemon import EngineConfig
     from clfbench.engine.gpus import discover_gpus
 
     s = store()
     try:
-        found = discover_gpus(gpus)
-        typer.echo(f"engine: store {s.describe()}, GPUs [{','.join(map(str, found))}]"
-                   f"{' (CPU only)' if not found else ''}", err=True)
+        engine_class = launcher_engine(launcher)
+        found = [] if launcher == "slurm" else discover_gpus(gpus)  # a Slurm job's GPUs are Slurm's
+        typer.echo(f"engine: store {s.describe()}, "
+                   + (f"launcher slurm, up to {max_jobs} job(s)" if launcher == "slurm" else
+                      f"GPUs [{','.join(map(str, found))}]{' (CPU only)' if not found else ''}"), err=True)
         engine_with_progress(s, EngineConfig(url=s.url, gpus=found, until_idle=until_idle,
-                                             max_cpu_runs=max_cpu_runs))
+                                             max_cpu_runs=max_cpu_runs, launcher=launcher, max_jobs=max_jobs),
+                             engine_class)
     except ClfbenchError as error:
         fail(str(error))
 
 
-def engine_with_progress(s: Store, config) -> None:
+def launcher_engine(launcher: str):
+    """The engine class of `--launcher` (engine.daemon.Engine, or engine.slurm.SlurmEngine where sbatch works);
+    a launcher that is unknown, or cannot work on this host, is a one-line ClfbenchError."""
+    from clfbench.engine.daemon import LAUNCHER_MODULES, Engine
+
+    if launcher not in LAUNCHER_MODULES:
+        raise ClfbenchError(f"unknown launcher '{launcher}' (choose from {', '.join(LAUNCHER_MODULES)})")
+    if launcher == "local":
+        return Engine
+    from clfbench.engine.slurm import SlurmEngine, check_slurm_commands
+
+    check_slurm_commands()
+    return SlurmEngine
+
+
+def engine_with_progress(s: Store, config, engine_class=None) -> None:
     """Run the engine in this process with a progress bar per run on stdout (plain lines when not a terminal)."""
     from clfbench.app.progress import RunWatcher
     from clfbench.engine.daemon import run_engine
@@ -900,18 +921,19 @@ def engine_with_progress(s: Store, config) -> None:
     config.on_tick = watcher.tick
     watcher.start()
     try:
-        run_engine(config)
+        run_engine(config, engine_class)
     finally:
         watcher.stop()
 
 
-def start_engine(gpus: Optional[str], max_cpu_runs: int) -> None:
+def start_engine(gpus: Optional[str], max_cpu_runs: int, launcher: str = "local", max_jobs: int = 16) -> None:
     from clfbench.engine.daemon import start_detached
     from clfbench.storage.paths import engine_log_path
 
     s = store()
     try:
-        pid = start_detached(s.url, gpus, max_cpu_runs)
+        launcher_engine(launcher)  # refused here in one line, not in the detached engine's log
+        pid = start_detached(s.url, gpus, max_cpu_runs, launcher, max_jobs)
     except ClfbenchError as error:
         fail(str(error))
     typer.echo(f"engine started (pid {pid}); log: {engine_log_path(s.url)}")
@@ -922,12 +944,16 @@ def engine_start(
     ctx: typer.Context,
     gpus: Optional[str] = typer.Option(None, "--gpus", help="GPU indices to use, e.g. 0,1 ('none': CPU only)"),
     max_cpu_runs: Optional[int] = typer.Option(None, "--max-cpu-runs", help="CPU runs at once"),
+    launcher: Optional[str] = typer.Option(None, "--launcher", help="local or slurm (docs/slurm.md)"),
+    max_jobs: Optional[int] = typer.Option(None, "--max-jobs", help="slurm: jobs submitted and unfinished at once"),
 ) -> None:
     """Start the engine detached: runs go on after you log out."""
     # The options are accepted on either side of `start` (`engine --gpus 0 start` or `engine start --gpus 0`).
     options = ctx.obj or {}
     start_engine(gpus if gpus is not None else options.get("gpus"),
-                 max_cpu_runs if max_cpu_runs is not None else options.get("max_cpu_runs", 1))
+                 max_cpu_runs if max_cpu_runs is not None else options.get("max_cpu_runs", 1),
+                 launcher if launcher is not None else options.get("launcher", "local"),
+                 max_jobs if max_jobs is not None else options.get("max_jobs", 16))
 
 
 @engine_app.command("stop")

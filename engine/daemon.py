@@ -389,6 +389,22 @@ def spec_threads(spec_json: str) -> int | None:
     return threads if isinstance(threads, int) and threads >= 1 else None
 
 
+def worker_env(url: str, run: dict, folder: Path, store_id: str = "") -> dict:
+    """The environment every launcher gives a run's worker: this engine's own, plus the store, the attempt (the fence
+    of every write), the run's tag, folder and home, and where its checkpoints are mirrored (engine.artifacts)."""
+    env = dict(os.environ)
+    env.update(
+        CLFBENCH_DB=url,
+        CLFBENCH_RUN_ATTEMPT=str(run["attempt"]),
+        CLFBENCH_RUN_TAG=run_tag(url, run["id"], run["attempt"]),
+        CLFBENCH_RUN_DIR=str(folder),
+        CLFBENCH_HOME=str(paths.home()),
+        CLFBENCH_ARTIFACT_URL=paths.artifact_url(run["id"], store_id) or "",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
 @dataclass
 class Child:
     """A run this engine supervises: launched by it (popen) or adopted from a previous engine (pid only)."""
@@ -436,6 +452,10 @@ class EngineConfig:
     cancel_grace_s: float = 10.0
     # Called once per loop tick (a foreground CLI shows progress from it); it must be quick and only read.
     on_tick: Callable[[], None] | None = None
+    # "local": this engine runs each worker itself; "slurm": it submits each attempt as a Slurm job (engine.slurm),
+    # at most max_jobs submitted and unfinished at once.
+    launcher: str = "local"
+    max_jobs: int = 16
 
 
 @dataclass
@@ -460,6 +480,10 @@ class Engine:
     ended_cpu_runs: list[tuple[float, float, int]] = field(default_factory=list)
 
     # ---- capacity ---------------------------------------------------------------------------
+    def capacity(self) -> str:
+        """What this engine runs at once, for its start line."""
+        return f"gpus [{','.join(map(str, self.config.gpus))}], up to {self.config.max_cpu_runs} CPU run(s)"
+
     def busy_gpus(self) -> set[int]:
         return {gpu for child in self.children.values() for gpu in child.gpus}
 
@@ -492,17 +516,8 @@ class Engine:
 
     def launch_env(self, run: dict, gpus: list[int], folder: Path) -> tuple[dict, int, str]:
         """The worker's environment, the CPU threads its ranks will use together (0: a GPU or API run), and why."""
-        env = dict(os.environ)
-        env.update(
-            CLFBENCH_DB=self.config.url,
-            CLFBENCH_RUN_ATTEMPT=str(run["attempt"]),
-            CLFBENCH_RUN_TAG=run_tag(self.config.url, run["id"], run["attempt"]),
-            CLFBENCH_RUN_DIR=str(folder),
-            CLFBENCH_HOME=str(paths.home()),
-            CLFBENCH_ARTIFACT_URL=paths.artifact_url(run["id"], self.store_id) or "",
-            CUDA_VISIBLE_DEVICES=",".join(str(g) for g in gpus),  # "" hides every GPU from CPU runs
-            PYTHONUNBUFFERED="1",
-        )
+        env = worker_env(self.config.url, run, folder, self.store_id)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)  # "" hides every GPU from CPU runs
         if gpus or run["launch"] == "process":  # threads matter only to a run that computes on the CPU
             return env, 0, ""
         # The worker splits these threads between the run's ranks (each gets at least 1). Oversubscribed OpenMP
@@ -822,8 +837,9 @@ def signal_group(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def run_engine(config: EngineConfig) -> None:
-    """Run the engine loop in this process until stopped (SIGTERM/SIGINT) or, with until_idle, idle.
+def run_engine(config: EngineConfig, engine_class: type[Engine] | None = None) -> None:
+    """Run the engine loop in this process until stopped (SIGTERM/SIGINT) or, with until_idle, idle. `engine_class`:
+    the launcher's (engine.slurm.SlurmEngine for config.launcher "slurm"); default Engine.
 
     Workers are left running when the engine stops: they finish and record their own result, and the
     next engine adopts them.
@@ -832,18 +848,18 @@ def run_engine(config: EngineConfig) -> None:
         lease_s = queue.engine_lease_s()
     except StoreError as error:
         raise ClfbenchError(str(error)) from None
+    engine_class = engine_class or Engine
     store = open_store(config.url)
     host, host_id, identity = host_label(), host_identity(), str(uuid.uuid4())
     lock, previous = acquire_engine_lock(config.url, identity, host_id)
     kind = gpu_type(config.gpus)
     engine_id = queue.register_engine(store, host, os.getpid(), config.gpus, host_id=host_id, identity=identity,
-                                      gpu_type=kind)
+                                      gpu_type=kind, launcher=config.launcher)
     if previous:
         queue.take_over_engine(store, previous, engine_id)
-    engine = Engine(config=config, store=store, engine_id=engine_id, host=host, host_id=host_id, lease_s=lease_s,
-                    gpu_type=kind, store_id=queries.store_id(store))
-    say(f"started on {host}, pid {os.getpid()}, engine {engine_id}: gpus [{','.join(map(str, config.gpus))}], "
-        f"up to {config.max_cpu_runs} CPU run(s), store {store.describe()}"
+    engine = engine_class(config=config, store=store, engine_id=engine_id, host=host, host_id=host_id,
+                          lease_s=lease_s, gpu_type=kind, store_id=queries.store_id(store))
+    say(f"started on {host}, pid {os.getpid()}, engine {engine_id}: {engine.capacity()}, store {store.describe()}"
         + ("; took over from this host's previous engine" if previous else ""))
 
     def _stop(_signum, _frame):
@@ -869,14 +885,20 @@ def run_engine(config: EngineConfig) -> None:
             lock.close()
 
 
-def start_detached(url: str, gpus: str | None, max_cpu_runs: int) -> int:
+# The launchers and the module each one's detached engine runs (engine.slurm imports this module, not the reverse).
+LAUNCHER_MODULES = {"local": "clfbench.engine.daemon", "slurm": "clfbench.engine.slurm"}
+
+
+def start_detached(url: str, gpus: str | None, max_cpu_runs: int, launcher: str = "local",
+                   max_jobs: int = 16) -> int:
     """Start the engine as a daemon (own session, output to the engine log). Returns its pid."""
     holder = engine_lock_holder(url)
     if holder:
         raise ClfbenchError(f"an engine already runs for this store on this host (pid {holder})")
     log = engine_log_path(url)
-    command = [sys.executable, "-m", "clfbench.engine.daemon", "--db", url, "--max-cpu-runs", str(max_cpu_runs)]
-    if gpus is not None:
+    command = [sys.executable, "-m", LAUNCHER_MODULES[launcher], "--db", url]
+    command += ["--max-jobs", str(max_jobs)] if launcher == "slurm" else ["--max-cpu-runs", str(max_cpu_runs)]
+    if gpus is not None and launcher == "local":
         command += ["--gpus", gpus]
     env = dict(os.environ)
     with paths.open_private(log) as handle:
@@ -910,19 +932,22 @@ def stop_engine(url: str, timeout_s: float = 30) -> int | None:
     return pid
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, engine_class: type[Engine] | None = None, launcher: str = "local") -> int:
+    """The detached engine: `python -m clfbench.engine.daemon` (local), or engine.slurm's main (its class)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m clfbench.engine.daemon", description="clfbench engine (detached)")
+    parser = argparse.ArgumentParser(prog=f"python -m {LAUNCHER_MODULES[launcher]}",
+                                     description=f"clfbench engine (detached, launcher {launcher})")
     parser.add_argument("--db", required=True)
     parser.add_argument("--gpus", default=None)
     parser.add_argument("--max-cpu-runs", type=int, default=1)
+    parser.add_argument("--max-jobs", type=int, default=16)
     parser.add_argument("--until-idle", action="store_true")
     args = parser.parse_args(argv)
     try:
-        gpus = discover_gpus(args.gpus)
-        run_engine(EngineConfig(url=args.db, gpus=gpus, until_idle=args.until_idle,
-                                max_cpu_runs=args.max_cpu_runs))
+        gpus = discover_gpus(args.gpus) if launcher == "local" else []  # a batch scheduler's GPUs are its own
+        run_engine(EngineConfig(url=args.db, gpus=gpus, until_idle=args.until_idle, max_cpu_runs=args.max_cpu_runs,
+                                launcher=launcher, max_jobs=args.max_jobs), engine_class)
     except ClfbenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -22,6 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator
 
+from clfbench.engine.slurm_spec import SlurmOptions
+
 from clfbench.engine.methods.catalog import METHODS, MethodInfo, MethodOptions
 from clfbench.engine.types import ClfbenchError, check_known
 
@@ -45,6 +47,9 @@ class RunSpec(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for the run, shared by its nproc processes; empty: chosen by the "
         "engine from the cores free at launch (an execution setting: it never splits results)")
+    slurm: SlurmOptions | None = Field(
+        None, description="where a Slurm engine submits the run: partition, time, nodes, account, sbatch_args "
+        "(docs/slurm.md); ignored by a local engine")
     data_dir: str | None = Field(None, description="folder with the dataset files (else CLFBENCH_DATA, else the hub)")
     # Pins: execution settings like threads (left out of the stored spec when empty, so they never split results).
     host: str | None = Field(
@@ -96,8 +101,8 @@ class RunSpec(BaseModel):
     def canonical_json(self) -> str:
         """The resolved spec (option defaults filled in) as stable JSON: what is stored and hashed."""
         data = self.model_dump()
-        for unset in ("threads", "host", "gpu_type"):  # a spec that leaves these to the engine keeps the JSON and
-            if data[unset] is None:                      # hash it had before they existed
+        for unset in ("threads", "host", "gpu_type", "slurm"):  # a spec that leaves these to the engine keeps
+            if data[unset] is None:                               # the JSON and hash it had before they existed
                 del data[unset]
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 

@@ -61,7 +61,7 @@ def claim_sql(engine: Engine, source: str, target: str) -> str:
         UPDATE runs
         SET status = '{target}', attempt = attempt + 1, host = :host, engine_id = :engine_id,
             started_at = :now, heartbeat_at = :now, finished_at = NULL, error = NULL, pid = NULL,
-            gpus_assigned = NULL, progress_step = NULL, progress_total = NULL
+            gpus_assigned = NULL, progress_step = NULL, progress_total = NULL, job_id = NULL
         WHERE status = '{source}' AND id = (
             SELECT id FROM runs
             WHERE status = '{source}' AND (

@@ -218,13 +218,50 @@ def _assign_gpus(connection: Connection, run_id: int, free: list[int], default_g
                        .values(gpus_assigned=",".join(map(str, free[:need]))))
 
 
-def set_launched(store: Store, run_id: int, attempt: int, *, pid: int, gpus_assigned: str,
-                 log_path: str, output_dir: str) -> None:
+def set_launched(store: Store, run_id: int, attempt: int, *, pid: int | None, gpus_assigned: str,
+                 log_path: str, output_dir: str, job_id: str | None = None) -> None:
+    """Record the launch of an attempt: its process (pid), or its batch job (job_id, Slurm's), its GPUs and files."""
     with store.write() as connection:
         launch = {"pid": pid, "gpus_assigned": gpus_assigned, "log_path": log_path, "output_dir": output_dir,
-                  "heartbeat_at": now()}
+                  "heartbeat_at": now(), "job_id": job_id}
         _write_fields(connection, run_id, Writer.engine, launch, attempt)
-        log_event(connection, "launched", f"pid {pid} gpus [{gpus_assigned}]", run_id)
+        what = f"Slurm job {job_id}" if job_id else f"pid {pid} gpus [{gpus_assigned}]"
+        log_event(connection, "launched", what, run_id)
+
+
+def set_scheduler_phase(store: Store, run_id: int, attempt: int, phase: str | None, *, replaces: str,
+                        host: str | None = None) -> bool:
+    """The engine's word on an attempt that a batch scheduler holds ("queued on Slurm (job 12: Resources)"), and the
+    node it runs on once known. The phase is written only over an empty phase or one starting with `replaces` (the
+    engine's own earlier word): once the worker reports its own phase, the worker's stands. Returns whether written."""
+    values: dict = {"phase": phase, "phase_step": None, "phase_total": None}
+    if host is not None:
+        values["host"] = host
+    with store.write() as connection:
+        result = connection.execute(
+            update(RUNS).where(*_guard(run_id, kept_by(Writer.engine), attempt),
+                               RUNS.c.phase.is_(None) | RUNS.c.phase.startswith(replaces, autoescape=True))
+            .values(**values))
+        return result.rowcount == 1
+
+
+def mark_ended(store: Store, run_id: int, attempt: int, target: RunStatus, reason: str) -> str | None:
+    """End a running attempt whose job a batch scheduler ended, with the status its scheduler's state says
+    (interrupted: its time limit; cancelled: cancelled outside clfbench; failed: the job failed), when its worker
+    wrote no end itself. A cancel the user asked for stays `cancelled by user`. Returns the new status, or None
+    if the run was not running under this attempt (nothing changed)."""
+    with store.write() as connection:
+        run = connection.execute(select(RUNS).where(RUNS.c.id == run_id, RUNS.c.attempt == attempt)).mappings().first()
+        if run is None:
+            return None
+        if run["cancel_requested"]:
+            target, reason = RunStatus.cancelled, "cancelled by user"
+        values = {"finished_at": now(), "error": reason, "attempt_note": f"attempt {attempt}: {reason}",
+                  "phase": None, "phase_step": None, "phase_total": None}
+        if not _move(connection, run_id, target, Writer.engine, values, attempt):
+            return None
+        log_event(connection, target.value, reason, run_id)
+        return target.value
 
 
 def heartbeat(store: Store, run_id: int, attempt: int, progress: tuple[int, int] | None = None,
@@ -497,7 +534,8 @@ def append_error_detail(store: Store, run_id: int, attempt: int, detail: str) ->
 def register_engine(store: Store, host: str, pid: int, gpus: list[int], *, host_id: str | None = None,
                     identity: str | None = None, gpu_type: str = "", launcher: str = "local") -> int:
     """Record an engine that starts on this store, with its lease (engine_lease_s, on the database's clock);
-    returns its id. `identity` (a uuid per engine process) defaults to a new one, `host_id` to `host`."""
+    returns its id. `identity` (a uuid per engine process) defaults to a new one, `host_id` to `host`; `launcher`:
+    "local" or "slurm"."""
     gpu_list = ",".join(map(str, gpus))
     with store.write() as connection:
         engine_id = connection.execute(
@@ -507,7 +545,8 @@ def register_engine(store: Store, host: str, pid: int, gpus: list[int], *, host_
                                    lease_until=db_now_expr(connection) + engine_lease_s())
             .returning(ENGINES.c.id)
         ).scalar_one()
-        log_event(connection, "engine_started", f"{host} pid {pid} gpus [{gpu_list}]")
+        log_event(connection, "engine_started", f"{host} pid {pid} gpus [{gpu_list}]"
+                  + (f" launcher {launcher}" if launcher != "local" else ""))
     return engine_id
 
 
