@@ -23,6 +23,7 @@ from clfbench.engine.slurm import (QUEUED_PHASE, JobRequest, JobState, job_outco
                                    sbatch_script)
 from clfbench.engine.spec import parse_spec
 from clfbench.engine.types import EXIT_STORE_UNREACHABLE, ClfbenchError
+from clfbench.storage import queries
 from clfbench.storage.db import open_store
 from tests.conftest import ROOT, SAMPLES
 from tests.slurm_cluster import running_slurm_cluster
@@ -289,6 +290,11 @@ def test_twenty_runs_through_a_real_slurm_end_truthfully(scene):
     assert sorted(names) == sorted({f"clfbench-{run_id}-{attempt}" for run_id, run in runs.items()
                                     for attempt in range(1, run["attempt"] + 1)})
     assert launcher == ["slurm"]
+    # The log of every attempt is in the store, copied by the launcher from the job's output file.
+    scene.wait(lambda: queries.log_complete(scene.store, failed_node, 2), 60, "the launcher to store the log's end")
+    stored = "".join(chunk["text"] for chunk in queries.log_chunks(scene.store, failed_node))
+    assert f"run {failed_node} attempt 1 submitted to Slurm" in stored
+    assert f"run {failed_node} attempt 2 submitted to Slurm" in stored and f"run {failed_node} succeeded" in stored
     states = {name: state for _, name, state in scene.jobs()}
     assert states[f"clfbench-{failed_node}-1"] == "NODE_FAIL" and states[f"clfbench-{scancelled}-1"] == "CANCELLED"
     print(f"\n20 runs through Slurm: {wall_s:.1f} s")
