@@ -9,8 +9,9 @@ more process, polls every 0.5 s what the TUI's screens read: the runs list, coun
 newest metric points of a run (`metric_series(after_id=...)`). `clfbench ls` is the real command line in a
 subprocess (start-up included; the same command on an idle store is printed beside it).
 
-SQLite runs in a fresh temporary home; PostgreSQL only when CLFBENCH_BENCH_PG_URL names a reachable server (a
-scratch database: the bench creates its tables and its runs there, and leaves them), else it prints "skipped".
+SQLite runs in a fresh temporary home; PostgreSQL when `--start-pg` starts a throwaway server (tests/pg_server.py)
+or CLFBENCH_BENCH_PG_URL names a reachable one (a scratch database: the bench creates its tables and its runs
+there, and leaves them), else it prints "skipped".
 """
 from __future__ import annotations
 
@@ -166,7 +167,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per writer count")
     parser.add_argument("--batch", type=int, default=200, help="points per write (the Recorder's flush_every)")
     parser.add_argument("--writers", default="1,4,8", help="writer counts, e.g. 1,4,8")
+    parser.add_argument("--start-pg", action="store_true",
+                        help="start a throwaway PostgreSQL server (Debian's postgresql, as the tests do) and measure it")
     args = parser.parse_args()
+    server = None
+    if args.start_pg:
+        from tests.pg_server import start_pg_server
+
+        server = start_pg_server(Path(tempfile.mkdtemp(prefix="clfbench-ingest-pg-")))
+        os.environ["CLFBENCH_BENCH_PG_URL"] = server.create_database("ingest")
     args.writers = [int(w) for w in args.writers.split(",")]
     with tempfile.TemporaryDirectory(prefix="clfbench-ingest-") as home:
         os.environ["CLFBENCH_HOME"] = home
@@ -187,6 +196,8 @@ def main() -> None:
             ls_idle[name] = [cli_ls_seconds(url, home) for _ in range(3)]
             results[name] = bench_backend(name, url, args, home)
         print_table(dict(sorted(results.items(), key=lambda item: item[0] != "sqlite")), ls_idle)
+    if server is not None:
+        server.ctl("stop", "-m", "immediate")
 
 
 if __name__ == "__main__":

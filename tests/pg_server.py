@@ -66,7 +66,10 @@ class PgServer:
 
     def _run(self, *command: str, timeout: float = 120) -> None:
         prefix = ["runuser", "-u", self.user, "--"] if self.user else []
-        result = subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=timeout)
+        # Not a test's clfbench environment: the cli fixture kills every process of the test's CLFBENCH_HOME, and
+        # a server started inside a test (a module's, shared by later tests) must outlive it.
+        env = {key: value for key, value in os.environ.items() if not key.startswith("CLFBENCH_")}
+        result = subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=timeout, env=env)
         if result.returncode != 0:
             tail = self.log.read_text()[-2000:] if self.log.exists() else ""
             raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr}\n{tail}")

@@ -42,7 +42,13 @@ def snapshot(store, exclude_run: int) -> dict:
     return out
 
 
-def test_queue_run_results_errors(cli):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_queue_run_results_errors(cli, backend, request, tmp_path, monkeypatch):
+    if backend == "postgresql":  # the whole path on a real PostgreSQL server: queue, engine, worker, reads
+        name = f"e2e_{tmp_path.name.lower().replace('-', '_')[-40:]}"
+        url = request.getfixturevalue("postgres").create_database(name)
+        cli.env["CLFBENCH_DB"] = url
+        monkeypatch.setenv("CLFBENCH_DB", url)
     queued = cli.json("queue", *TINY, "--task", "massive-intent", "-o", "epochs=2", "-o", "test_limit=40",
                       "-o", "eval_every=5")
     run_id = queued[0]["id"]

@@ -23,17 +23,30 @@ def new_run(**overrides) -> queue.NewRun:
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def sqlite_store(tmp_path, monkeypatch):
+    """The default store: SQLite in the home (the tests of SQLite's own behaviour)."""
     monkeypatch.setenv("CLFBENCH_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("CLFBENCH_DB", raising=False)
     return open_store()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path, monkeypatch):
+    """The queue and the results queries on both backends: the default SQLite store, and a database of a real
+    PostgreSQL server (the claim's FOR UPDATE SKIP LOCKED, the change counter's sequence, the dialect's SQL)."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_store")
+    monkeypatch.setenv("CLFBENCH_HOME", str(tmp_path / "home"))
+    server = request.getfixturevalue("postgres")
+    return open_store(server.create_database(f"store_{tmp_path.name.lower().replace('-', '_')[-40:]}"))
 
 
 def claim_cpu(s, host="h", engine_id=1):
     return queue.claim(s, host=host, engine_id=engine_id, default_gpus=0, free_gpus=0, cpu_free=True, api_free=True)
 
 
-def test_default_store_is_private_wal_sqlite(store, tmp_path):
+def test_default_store_is_private_wal_sqlite(sqlite_store, tmp_path):
+    store = sqlite_store
     path = tmp_path / "home" / "clfbench.db"
     assert path.exists()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -408,7 +421,8 @@ def test_a_version_2_store_migrates_metric_points_to_take_nan_keeping_its_points
         assert "ix_metric_points_run_name_step" in indexes
 
 
-def test_opening_a_current_store_takes_no_write_lock(store):
+def test_opening_a_current_store_takes_no_write_lock(sqlite_store):
+    store = sqlite_store
     """Another connection holds SQLite's write lock; opening the store and reading it neither waits nor fails."""
     holder = sqlite3.connect(store.engine.url.database, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
