@@ -26,10 +26,11 @@ FORMATS = ("table", "md", "csv", "latex", "json")
 def log_source(store, run: dict) -> str | None:
     """Where to read a run's log: None for the copy its engines keep in the store, else the path of its log file.
 
-    The store's copy holds every attempt, whichever host ran it, so it is read whenever it is whole. When it was
-    trimmed (a long log) or is missing (a run from before store v7), the file is read where this host holds the
-    whole of it: the run's last attempt ran here, or its folder is in the shared CLFBENCH_ARTIFACTS place (a path
-    of another host may exist here too, holding only what this host once ran of the run)."""
+    The store's copy holds every attempt, whichever host ran it, so it is read whenever it is whole. Where the store
+    has none (a run from before store v7), the file is read if it is here. When the store's copy was trimmed (a long
+    log), the file is read where this host holds the whole of it: the run's last attempt ran here, or its folder is
+    in the shared CLFBENCH_ARTIFACTS place (a path of another host may exist here too, holding only what this host
+    once ran of the run)."""
     import os
 
     from clfbench.engine.daemon import host_label
@@ -37,8 +38,11 @@ def log_source(store, run: dict) -> str | None:
     from clfbench.storage.queries import stored_log_state
 
     path = run.get("log_path")
-    if not path or not os.path.exists(path) or stored_log_state(store, run["id"]) == "whole":
+    if not path or not os.path.exists(path):
         return None
+    state = stored_log_state(store, run["id"])
+    if state != "trimmed":  # "none": the file, whatever host wrote it, is all there is
+        return path if state == "none" else None
     shared = artifacts_place()
     if run.get("host") in (None, host_label()) or (shared and "://" not in shared and _under(path, shared)):
         return path
