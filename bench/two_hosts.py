@@ -1,16 +1,17 @@
 """Two engines as two hosts on one PostgreSQL store, N tiny runs, one host killed in the middle (issue 12).
 
-    python bench/two_hosts.py                 # 200 runs: 190 tfidf + 10 checkpointing tiny-bert fine-tunes
+    python bench/two_hosts.py                 # 200 runs: 180 tfidf + 20 checkpointing tiny-bert fine-tunes
     python bench/two_hosts.py --runs 40 --slow-every 10
 
 A real PostgreSQL server is started in a temp folder (Debian's postgresql: tests/pg_server.py). The hosts are
 two `clfbench engine --foreground` processes with their own home and host name (CLFBENCH_HOST_ID) and one shared
 CLFBENCH_ARTIFACTS folder; both start at once. Once a quarter of the runs have ended and host a is training a
-fine-tune that has saved a checkpoint (or half the runs have ended), host a dies: its engine and every process of its
-running runs get SIGKILL. Host b goes on alone. Printed at the end: the wall time and runs per minute, how each run
-ended, duplicate claims (a run claimed again without a requeue between), lost runs (not succeeded), host a's
-runs that host b requeued and the step each resumed from, and whether `clfbench logs` of one of host a's runs
-works from host b. `clfbench engine status` is printed while both hosts run.
+fine-tune that has saved a checkpoint and has a third of its steps left (or once 90% of the runs have ended), host a
+dies: every process of its running runs, then its engine, get SIGKILL. Host b goes on alone. Printed at the end:
+the wall time and runs per minute, how each run ended, duplicate claims (a run claimed again without a requeue
+between), lost runs (not succeeded), host a's runs that host b requeued and the step each resumed from, and
+whether `clfbench logs` of one of host a's runs works from host b. `clfbench engine status` is printed while both
+hosts run.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def cli(env: dict, *args: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--slow-every", type=int, default=20, help="every Nth run is a checkpointing fine-tune")
+    parser.add_argument("--slow-every", type=int, default=10, help="every Nth run is a checkpointing fine-tune")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="clfbench-two-hosts-"))
     server = start_pg_server(work)
@@ -91,8 +92,8 @@ def run(args, work: Path, url: str) -> int:
         if not status_shown and ended >= args.runs // 10:
             print(cli(env_a, "engine", "status"), flush=True)
             status_shown = True
-        if not killed_runs and engines["host-a"].poll() is None and (
-                ended >= args.runs // 2 or (ended >= args.runs // 4 and training_with_checkpoint(rows, slow, work))):
+        due = ended >= 9 * args.runs // 10 or (ended >= args.runs // 4 and training_with_checkpoint(rows, slow, work))
+        if not killed_runs and engines["host-a"].poll() is None and due:
             killed_runs = kill_host(store, engines["host-a"], "host-a", url)
             print(f"{time.monotonic() - started:.0f} s: host a killed ({ended} runs ended) while it ran "
                   f"{killed_runs}", flush=True)
@@ -112,26 +113,29 @@ def run(args, work: Path, url: str) -> int:
 def runs(store) -> list[dict]:
     with store.read() as connection:
         return [dict(row) for row in connection.execute(text(
-            "SELECT id, status, attempt, host FROM runs ORDER BY id")).mappings()]
+            "SELECT id, status, attempt, host, progress_step, progress_total FROM runs ORDER BY id")).mappings()]
 
 
 def training_with_checkpoint(rows: list[dict], slow: list[int], work: Path) -> bool:
+    """Host a trains a fine-tune that has saved a checkpoint and has at least a third of its steps left."""
     return any(row["status"] == "running" and row["host"] == "host-a" and row["id"] in slow and
-               any((work / "shared").glob(f"runs/*/{row['id']}/checkpoint/state.pt")) for row in rows)
+               row["progress_step"] and row["progress_total"] and row["progress_step"] < 2 * row["progress_total"] / 3
+               and any((work / "shared").glob(f"runs/*/{row['id']}/checkpoint/state.pt")) for row in rows)
 
 
 def kill_host(store, engine: subprocess.Popen, host: str, url: str) -> list[int]:
+    """The machine dies: every process of its running runs, then its engine, SIGKILLed at once (workers first,
+    so none finishes between the engine's death and theirs)."""
     from clfbench.engine.daemon import run_tag, tagged_processes
 
-    engine.send_signal(signal.SIGKILL)
-    engine.wait(timeout=30)
     held = [row for row in runs(store) if row["status"] == "running" and row["host"] == host]
-    for row in held:
-        for pid in tagged_processes(run_tag(url, row["id"], row["attempt"])):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    pids = [pid for row in held for pid in tagged_processes(run_tag(url, row["id"], row["attempt"]))]
+    for pid in [*pids, engine.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    engine.wait(timeout=30)
     return [row["id"] for row in held]
 
 

@@ -112,3 +112,28 @@ def test_random_keys_with_palette_and_resizes_never_crash(home, tmp_path, monkey
 
     asyncio.run(main())  # run_test re-raises an exception that stopped the app
     assert app.return_code in (None, 0)
+
+
+
+def test_the_palette_is_dismissed_once_however_many_selections_reach_it(home, tmp_path):
+    """Two enters in one burst both select before the first pop takes the palette off the stack, and each
+    dismisses it: the second must do nothing (it once set the palette's result again, InvalidStateError, which the
+    soak hit on a busy box; called at once here, it pops a screen too many: ScreenStackError)."""
+    from clfbench.app.tui.palette import GuardedCommandPalette
+
+    folder = tmp_path / "store"
+    folder.mkdir()
+    app = SoakApp(db=seed_store(folder / "clfbench.db"), now=lambda: SEED_NOW, start_engine=False)
+
+    async def main():
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause()
+            await pilot.press("ctrl+p")
+            palette = app.screen
+            assert isinstance(palette, GuardedCommandPalette)
+            palette.dismiss()
+            palette.dismiss()  # the second selection's dismiss, before the pop
+            await pilot.pause()
+            assert app.is_running and not isinstance(app.screen, GuardedCommandPalette)
+
+    asyncio.run(main())
