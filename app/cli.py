@@ -857,7 +857,7 @@ def engine_status_data(s: Store) -> dict:
     pid = engine_lock_holder(s.url)
     counts = queries.count_by_status(s)
     engines = queries.live_engines(s, stale_after_s=30, now=time.time())
-    hosts = queries.hosts_overview(s, stale_after_s=30, now=time.time())
+    hosts = queries.hosts_overview(s, engines, now=time.time())
     return {"store": s.describe(), "engine_pid_on_this_host": pid, "live_engines": engines, "hosts": hosts,
             "queued": counts.get(RunStatus.queued.value, 0), "running": counts.get(RunStatus.running.value, 0)}
 

@@ -209,12 +209,11 @@ def live_engines(store: Store, stale_after_s: float, now: float) -> list[dict]:
         return [dict(row) for row in rows]
 
 
-def hosts_overview(store: Store, stale_after_s: float, now: float, window_s: float = 86_400.0) -> list[dict]:
-    """One row per host with a live engine (live_engines): host, launchers, gpu_type, gpus (its engines' GPU ids),
+def hosts_overview(store: Store, engines: list[dict], now: float, window_s: float = 86_400.0) -> list[dict]:
+    """One row per host of `engines` (what live_engines read, passed in so a reader reads them once): host, launchers, gpu_type, gpus (its engines' GPU ids),
     busy (those held by running runs of its engines), running (its running runs), started (runs it started in the
     last `window_s` of the reader's clock) and share (its part of every host's started runs in that window).
     A run's host is the engine's host name (runs.host), so the counts survive an engine's restart."""
-    engines = live_engines(store, stale_after_s, now)
     with store.read() as connection:
         running = connection.execute(select(RUNS.c.engine_id, RUNS.c.gpus_assigned)
                                      .where(RUNS.c.status == RunStatus.running.value)).all()

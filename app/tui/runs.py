@@ -185,7 +185,7 @@ def read_engine_info(store: Store, now: float, read_counts: bool) -> EngineInfo:
     gpus = sorted({g for e in engines if e["host"] == here for g in (e["gpus"] or "").split(",") if g})
     return EngineInfo(pid=engine_lock_holder(store.url), gpus=gpus, busy=set(),
                       counts=queries.count_by_status(store) if read_counts else {},
-                      hosts=queries.hosts_overview(store, stale_after_s=30, now=now))
+                      hosts=queries.hosts_overview(store, engines, now=now))
 
 
 def busy_gpus(runs: Iterable[dict]) -> set[str]:
