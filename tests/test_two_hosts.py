@@ -108,7 +108,6 @@ def test_an_engine_whose_lease_was_taken_kills_its_workers_and_stops(store):
     from clfbench.engine.daemon import Child, Engine, EngineConfig
 
     a = queue.register_engine(store, "host-a", os.getpid(), [], host_id="host-a")
-    b = queue.register_engine(store, "host-b", 202, [], host_id="host-b")
     engine = Engine(config=EngineConfig(url=store.url, gpus=[]), store=store, engine_id=a, host="host-a",
                     host_id="host-a", lease_s=0.5)
     run_id = queue.enqueue(store, [_new_run()])[0]
@@ -119,6 +118,9 @@ def test_an_engine_whose_lease_was_taken_kills_its_workers_and_stops(store):
     engine.heartbeat()
     assert not engine.stopping and worker.poll() is None
     time.sleep(0.7)  # engine a misses its renewals (paused); engine b takes its run
+    # b registers only now: registered earlier, a slow box could let b's own half-second lease run out before
+    # engine a's first heartbeat, whose reconcile would then declare b lost (a CI run failed so).
+    b = queue.register_engine(store, "host-b", 202, [], host_id="host-b")
     assert queue.engine_heartbeat(store, b) and queue.reclaim_expired(store, b) == [(run_id, "queued")]
     engine.heartbeat()
     assert engine.stopping and engine.children == {}
