@@ -182,7 +182,7 @@ def test_prefix_reuse_and_the_label_tree_give_the_naive_scores(loaded, end):
         decoder.set_prefix(template.partition(decoder_module.SENTINEL)[0] if reuse else "")
         P = len(decoder.prefix_ids)
         assert (P > 100) == reuse
-        trees = [scoring._tree(decoder, t, i, options, end, P) for t, i in zip(texts, ids)]
+        trees = [scoring.answer_tree(decoder, t, i, options, end, P) for t, i in zip(texts, ids)]
         assert len(trees[0].nodes) < sum(len(p) for p in trees[0].paths)  # shared label prefixes are fed once
         scores[reuse] = [[s for s, _ in row] for row in scoring.score_batch(decoder, trees, P)]
     assert torch.allclose(torch.tensor(scores[True]), torch.tensor(scores[False]), atol=1e-4)
@@ -203,7 +203,7 @@ def test_calibrated_scores_differ_from_summed_ones(tiny_llama, loaded):
     b = [p.predicted for p in calibrated.predictions["massive-intent"]]
     assert a != b
     # calibrated = argmax(sum - content-free sum), checked by hand for the first examples
-    trees = [scoring._tree(decoder, t, i, options, True, len(decoder.prefix_ids)) for t, i in zip(texts[:3], ids[:3])]
+    trees = [scoring.answer_tree(decoder, t, i, options, True, len(decoder.prefix_ids)) for t, i in zip(texts[:3], ids[:3])]
     for row, predicted in zip(scoring.score_batch(decoder, trees, len(decoder.prefix_ids)), b):
         values = [s - c for (s, _), c in zip(row, content_free)]
         assert options[max(range(len(values)), key=values.__getitem__)] == predicted
@@ -217,7 +217,7 @@ def test_the_exact_search_picks_the_argmax_of_scoring_every_label(loaded, norm, 
     options = groups(constraint_parts(builder.spec))[0].options
     decoder.set_prefix(template.partition(decoder_module.SENTINEL)[0])
     P = len(decoder.prefix_ids)
-    trees = [scoring._tree(decoder, t, i, options, end, P) for t, i in zip(texts, ids)]
+    trees = [scoring.answer_tree(decoder, t, i, options, end, P) for t, i in zip(texts, ids)]
     offsets = [[0.0] * len(options)] * len(trees)
     if norm == "calibrated":
         offsets = [scoring._content_free_scores(decoder, chat.text(builder.render("N/A")), options, end)] * len(trees)
@@ -247,7 +247,7 @@ def test_the_prefix_attended_apart_gives_the_expanded_cache_scores(loaded, kerne
     decoder.set_prefix(template.partition(decoder_module.SENTINEL)[0])
     assert decoder.split_attention  # a Llama switches to it
     P = len(decoder.prefix_ids)
-    trees = [scoring._tree(decoder, t, i, options, True, P) for t, i in zip(texts, ids)]
+    trees = [scoring.answer_tree(decoder, t, i, options, True, P) for t, i in zip(texts, ids)]
     split = scoring.score_batch(decoder, trees, P)
     decoder.split_attention = False
     try:

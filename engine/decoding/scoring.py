@@ -17,7 +17,7 @@ from clfbench.engine.types import ClfbenchError
 
 
 @dataclass
-class _Tree:
+class AnswerTree:
     """The answers of one example as a prefix tree hanging below the context's first `root` tokens."""
 
     root: int  # context tokens before the tree (the answers' joint tokenisations agree up to here)
@@ -29,8 +29,8 @@ class _Tree:
     paths: list[list[tuple[int, int]]]
 
 
-def _tree(decoder: Decoder, ctx_text: str, ctx_ids: list[int], options: tuple[str, ...], end: bool,
-          P: int) -> _Tree:
+def answer_tree(decoder: Decoder, ctx_text: str, ctx_ids: list[int], options: tuple[str, ...], end: bool,
+          P: int) -> AnswerTree:
     """`end`: each option ends with the stop token (scored like the option's own tokens)."""
     splits = [decoder.joint_split(ctx_text, ctx_ids, option) for option in options]
     stop = [decoder.chat.stop_id] if end else []
@@ -60,11 +60,11 @@ def _tree(decoder: Decoder, ctx_text: str, ctx_ids: list[int], options: tuple[st
                 depths.append(depth)
             parent = index[key]
         paths.append(path)
-    return _Tree(root=root, chain=ctx_ids[P:root], nodes=nodes, parents=parents, depths=depths, paths=paths)
+    return AnswerTree(root=root, chain=ctx_ids[P:root], nodes=nodes, parents=parents, depths=depths, paths=paths)
 
 
 @torch.no_grad()
-def score_batch(decoder: Decoder, trees: list[_Tree], P: int) -> list[list[tuple[float, int]]]:
+def score_batch(decoder: Decoder, trees: list[AnswerTree], P: int) -> list[list[tuple[float, int]]]:
     """(summed log-prob, token count) of every option of every tree, one forward pass for the batch."""
     device = decoder.device
     B = len(trees)
@@ -117,10 +117,10 @@ def score_batch(decoder: Decoder, trees: list[_Tree], P: int) -> list[list[tuple
 
 
 @dataclass
-class _Search:
+class AnswerSearch:
     """One example's best-first search over its answer tree (see `search_batch`)."""
 
-    tree: _Tree
+    tree: AnswerTree
     offsets: list[float]  # subtracted from each option's sum (calibrated: its content-free sum; else 0)
     fed: dict[int, int] = field(default_factory=dict)  # node -> its slot among the row's own cached tokens
     known: list[float] = field(default_factory=list)  # per option: sum of its log-probs computed so far
@@ -135,7 +135,7 @@ class _Search:
                 self.scored_at.setdefault(dist, []).append((p, token))
 
 
-def _option_value(search: _Search, p: int, norm: str) -> float:
+def _option_value(search: AnswerSearch, p: int, norm: str) -> float:
     """Option p's normalised score if complete, else an upper bound on it (unknown log-probs are <= 0)."""
     known, count = search.known[p], len(search.tree.paths[p])
     if norm == "mean":
@@ -144,7 +144,7 @@ def _option_value(search: _Search, p: int, norm: str) -> float:
 
 
 @torch.no_grad()
-def search_batch(decoder: Decoder, trees: list[_Tree], P: int, offsets: list[list[float]], norm: str,
+def search_batch(decoder: Decoder, trees: list[AnswerTree], P: int, offsets: list[list[float]], norm: str,
                  width: int = 8) -> tuple[list[int], int]:
     """The best option of each tree, EXACTLY the argmax of `score_batch`'s normalised scores, without scoring every
     option: a best-first branch and bound. Log-probabilities are <= 0, so an option's sum of the log-probs known
@@ -152,7 +152,7 @@ def search_batch(decoder: Decoder, trees: list[_Tree], P: int, offsets: list[lis
     can never win and is never fed. Each round feeds, for every row, the `width` unfed nodes with the highest
     bounds (each attending to the shared prefix, its row's chain and its own ancestors, as in `score_batch`).
     Returns (the chosen option per tree, the number of tree nodes fed)."""
-    searches = [_Search(tree=t, offsets=o, known=[0.0] * len(t.paths), missing=[len(p) for p in t.paths],
+    searches = [AnswerSearch(tree=t, offsets=o, known=[0.0] * len(t.paths), missing=[len(p) for p in t.paths],
                         next_entry=[0] * len(t.paths)) for t, o in zip(trees, offsets)]
     # Round 0: the chains (left-padded); the last position gives the root's distribution.
     cache, logits, valid = feed_chains(decoder, [t.chain for t in trees], P, P > 0)
@@ -160,14 +160,14 @@ def search_batch(decoder: Decoder, trees: list[_Tree], P: int, offsets: list[lis
     ancestors = [valid[b].clone() for b in range(len(trees))]  # per row: its chain's valid slots (every node's base)
     fed_total = 0
     while True:
-        chosen = [_frontier(search, norm, width) if not search.done else [] for search in searches]
+        chosen = [frontier(search, norm, width) if not search.done else [] for search in searches]
         if not any(chosen):
             break
         fed_total += _feed_round(decoder, cache, searches, chosen, ancestors, P > 0)
-    return [_best_option(search, norm) for search in searches], fed_total
+    return [best_option(search, norm) for search in searches], fed_total
 
 
-def _feed_round(decoder: Decoder, cache, searches: list[_Search], chosen: list[list[int]],
+def _feed_round(decoder: Decoder, cache, searches: list[AnswerSearch], chosen: list[list[int]],
                 ancestors: list[torch.Tensor], with_prefix: bool) -> int:
     """Feed each row's chosen nodes (right-padded), each attending to its row's chain and its own fed ancestors,
     and learn the log-probs their distributions give; `ancestors` grows by the round's slots. Returns how many
@@ -198,7 +198,7 @@ def _feed_round(decoder: Decoder, cache, searches: list[_Search], chosen: list[l
     return sum(len(nodes) for nodes in chosen)
 
 
-def _seen_by(search: _Search, node: int, chain_slots: torch.Tensor) -> torch.Tensor:
+def _seen_by(search: AnswerSearch, node: int, chain_slots: torch.Tensor) -> torch.Tensor:
     """The cached slots a newly fed node attends to: its row's chain, and the slots of its fed ancestors."""
     seen = chain_slots.clone()
     parent = search.tree.parents[node]
@@ -208,14 +208,14 @@ def _seen_by(search: _Search, node: int, chain_slots: torch.Tensor) -> torch.Ten
     return seen
 
 
-def _best_option(search: _Search, norm: str) -> int:
+def best_option(search: AnswerSearch, norm: str) -> int:
     """The complete option with the highest normalised score (the search ends with the best one complete)."""
     values = [_option_value(search, p, norm) if search.missing[p] == 0 else float("-inf")
               for p in range(len(search.tree.paths))]
     return max(range(len(values)), key=values.__getitem__)
 
 
-def _learn(searches: list[_Search], distributions: list[tuple[int, int]], logits: torch.Tensor) -> None:
+def _learn(searches: list[AnswerSearch], distributions: list[tuple[int, int]], logits: torch.Tensor) -> None:
     """Add the log-probs that the new distributions (row, distribution index; logits row by row in that order)
     give to every option's tokens scored there."""
     rows, tokens, targets = [], [], []
@@ -232,7 +232,7 @@ def _learn(searches: list[_Search], distributions: list[tuple[int, int]], logits
         search.next_entry[p] += 1
 
 
-def _frontier(search: _Search, norm: str, width: int) -> list[int]:
+def frontier(search: AnswerSearch, norm: str, width: int) -> list[int]:
     """The unfed nodes worth feeding, highest bound first (at most `width`); marks the search done when none is:
     then no incomplete option can reach the best complete one."""
     tree = search.tree
@@ -332,9 +332,9 @@ def _choose_group(decoder: Decoder, chosen: _Chosen, options: tuple[str, ...], e
 
 
 def _example_tree(decoder: Decoder, ctx_text: str, ctx_ids: list[int], options: tuple[str, ...], end: bool,
-                  P: int) -> _Tree:
+                  P: int) -> AnswerTree:
     try:
-        return _tree(decoder, ctx_text, ctx_ids, options, end, P)
+        return answer_tree(decoder, ctx_text, ctx_ids, options, end, P)
     except ValueError:
         raise ClfbenchError("scoring: an answer merges with the shared prompt text; "
                             "use -o reuse_prefix=false") from None
@@ -360,5 +360,5 @@ def _offsets_function(decoder: Decoder, builder: PromptBuilder, opts):
 def _content_free_scores(decoder: Decoder, text: str, options: tuple[str, ...], end: bool) -> list[float]:
     ids = decoder.chat.encode(text)
     P = len(decoder.prefix_ids) if decoder.prefix_length(ids) else 0
-    tree = _tree(decoder, text, ids, options, end, P)
+    tree = answer_tree(decoder, text, ids, options, end, P)
     return [s for s, _ in score_batch(decoder, [tree], P)[0]]

@@ -32,7 +32,7 @@ from clfbench.engine.decoding.answer import LOG, Answer, Progress
 from clfbench.engine.decoding.decide import DecisionSettings
 from clfbench.engine.decoding.decoder import Decoder
 from clfbench.engine.decoding.model import resolve_dtype
-from clfbench.engine.decoding.scoring import _best_option, _frontier, _Search, _tree as answer_tree
+from clfbench.engine.decoding.scoring import AnswerSearch, answer_tree, best_option, frontier
 from clfbench.engine.prompting.chat import ChatFormat
 from clfbench.engine.prompting.library import PromptBuilder
 from clfbench.engine.prompting.outputs import (Choice, Fixed, OutputSpec, answer_token_limit, constraint_parts,
@@ -297,7 +297,7 @@ def search_trees(engine, trees: list, offsets: list[list[float]], norm: str, wid
     """The best option of each tree, exactly the argmax of `score_trees`' normalised scores: the hf path's
     best-first branch and bound (`engine.decoding.scoring.search_batch`, its search state and frontier reused),
     the engine computing each round's distributions. Returns (the chosen option per tree, the nodes fed)."""
-    searches = [_Search(tree=t, offsets=o, known=[0.0] * len(t.paths), missing=[len(p) for p in t.paths],
+    searches = [AnswerSearch(tree=t, offsets=o, known=[0.0] * len(t.paths), missing=[len(p) for p in t.paths],
                         next_entry=[0] * len(t.paths)) for t, o in zip(trees, offsets)]
     wanted: list[list[int]] = [[0] for _ in trees]  # round 0: the distribution after each context
     fed = 0
@@ -308,12 +308,12 @@ def search_trees(engine, trees: list, offsets: list[list[float]], norm: str, wid
                     search.known[p] += values[(dist, token)]
                     search.missing[p] -= 1
                     search.next_entry[p] += 1
-        chosen = [_frontier(search, norm, width) if not search.done else [] for search in searches]
+        chosen = [frontier(search, norm, width) if not search.done else [] for search in searches]
         for search, nodes in zip(searches, chosen):
             search.fed.update({node: 0 for node in nodes})  # asked for in the next round
         fed += sum(len(nodes) for nodes in chosen)
         wanted = [[node + 1 for node in nodes] for nodes in chosen]
-    return [_best_option(search, norm) for search in searches], fed
+    return [best_option(search, norm) for search in searches], fed
 
 
 def score_answers(engine: VllmEngine, builder: PromptBuilder, texts: list[str], ids: list[list[int]],
