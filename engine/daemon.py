@@ -288,15 +288,25 @@ def new_log_text(path: str, offset: int, final: bool) -> tuple[str, int]:
     return data.decode("utf-8", errors="replace"), offset + len(data)
 
 
-def attempt_start(path: str, run_id: int, attempt: int) -> int:
-    """The byte offset of an attempt's header in its log file (where its log starts), else the file's end."""
+def attempt_start(path: str, run_id: int, attempt: int, chunk: int = 1 << 20) -> int:
+    """The byte offset of an attempt's header in its log file (where its log starts), else the file's end. Read
+    backwards a chunk at a time: the header is near the end, and a long run's log can be large."""
     marker = f"{ATTEMPT_HEADER} {run_id} attempt {attempt} ".encode()
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as handle:
+            end = handle.seek(0, os.SEEK_END)
+            stop = end
+            while stop > 0:
+                start = max(0, stop - chunk)
+                handle.seek(start)
+                data = handle.read(stop - start + len(marker))  # overlaps the next chunk: a marker across the seam
+                found = data.rfind(marker)
+                if found >= 0:
+                    return max(0, start + found - 1)  # from the blank line before the header
+                stop = start
     except OSError:
         return 0
-    found = data.rfind(marker)
-    return len(data) if found < 0 else max(0, found - 1)  # from the blank line before the header"
+    return end
 
 
 def rank_exit_code(log_text: str) -> int | None:

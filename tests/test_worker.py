@@ -144,3 +144,22 @@ def test_torchrun_starts_its_ranks_under_the_engines_own_python(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{decoy}:{os.environ['PATH']}"})
     assert done.returncode == 0, done.stdout[-1000:] + done.stderr[-2000:]
     assert f"rank python {sys.executable}" in done.stdout
+
+
+def test_an_attempts_log_starts_at_its_header_wherever_the_read_chunks_fall(tmp_path):
+    """Adopting a worker finds where its attempt's log starts by reading the log backwards in chunks; a header that
+    straddles two chunks, an earlier attempt's header, and a file without the header all come out as a whole read
+    would say."""
+    from clfbench.engine.daemon import ATTEMPT_HEADER, attempt_start
+
+    log = tmp_path / "run.log"
+    body = ("step 1 loss 0.5\n" * 40 + f"\n{ATTEMPT_HEADER} 3 attempt 1 on h =====\n" + "step 2 loss 0.4\n" * 30 +
+            f"\n{ATTEMPT_HEADER} 3 attempt 2 on h =====\n" + "step 3 loss 0.3\n" * 25).encode()
+    log.write_bytes(body)
+    for attempt in (1, 2):
+        whole = body.rfind(f"{ATTEMPT_HEADER} 3 attempt {attempt} ".encode()) - 1
+        assert body[whole:whole + 1] == b"\n"
+        for chunk in (7, 16, 33, 100, 1 << 20):  # seams everywhere, the header's own length included
+            assert attempt_start(str(log), 3, attempt, chunk=chunk) == whole
+    assert attempt_start(str(log), 3, 4, chunk=16) == len(body)  # no such attempt: the file's end
+    assert attempt_start(str(tmp_path / "missing.log"), 3, 1) == 0
