@@ -192,7 +192,7 @@ def test_a_dead_hosts_runs_are_requeued_once_and_resume_from_the_shared_checkpoi
     hosts = Hosts(tmp_path, cli, url=_database(postgres, tmp_path), env={"CLFBENCH_ARTIFACTS": place_env})
     try:
         (slow,) = cli.json("queue", *TINY_BERT, "-o", "epochs=12", "--priority", "1")
-        quick = [cli.json("queue", *TFIDF, "--seed", str(seed))[0]["id"] for seed in range(6)]
+        quick = [cli.json("queue", *TFIDF, "--seed", str(seed))[0]["id"] for seed in range(3)]
         hosts.start("host-a", offset_s=0)
         hosts.wait(lambda: _checkpointed(shared, slow["id"]) and hosts.points(slow["id"]).get(1, 0) >= 6, 240,
                    "host a to checkpoint the slow run")

@@ -14,7 +14,7 @@ from conftest import ROOT
 # run queued through the CLI, run under the engine, torchrun and the worker, with its results and errors read back.
 # (The whole suite is checked too, for the user's own clfbench folders: conftest.pytest_sessionfinish.)
 SUBSET = ["tests/test_models.py::test_smollm2_is_converted_once_and_cached",
-          "tests/test_e2e.py::test_queue_run_results_errors"]
+          "tests/test_e2e.py::test_queue_run_results_errors[sqlite]"]
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
