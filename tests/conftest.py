@@ -166,6 +166,10 @@ def cli(home) -> Iterator[Cli]:
     env["CLFBENCH_MODEL_CACHE"] = str(ROOT / ".pytest_cache" / "clfbench-models")
     env.pop("CLFBENCH_DB", None)
     env.pop("CLFBENCH_DATA", None)
+    # A pytest-xdist worker has COLUMNS=80 and LINES=24 in its environment; the CLI, piped, is 200 wide unless a
+    # test sets COLUMNS itself, as under plain pytest.
+    env.pop("COLUMNS", None)
+    env.pop("LINES", None)
     yield Cli(home=home, env=env)
     kill_processes_of_home(home)
 
