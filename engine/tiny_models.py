@@ -198,8 +198,9 @@ def build_tiny_encoder(folder: str | Path, seed: int = 0, vocab_size: int = 1500
     return folder
 
 
-def build_tiny_llama(folder: str | Path, seed: int = 0, vocab_size: int = 2048) -> Path:
-    """Write a tiny random Llama causal LM + byte-level BPE tokenizer (ChatML) to `folder`; return it.
+def build_tiny_llama(folder: str | Path, seed: int = 0, vocab_size: int = 2048, **config) -> Path:
+    """Write a tiny random Llama causal LM + byte-level BPE tokenizer (ChatML) to `folder`; return it. `config`
+    overrides LLAMA_CONFIG (e.g. `head_dim=32`: vLLM's CPU attention takes head sizes from 32 up).
 
     Special tokens as in SmolLM2: `<|endoftext|>` (0, unk), `<|im_start|>` (1, bos), `<|im_end|>`
     (2, eos and pad). Loads with `AutoModelForCausalLM` and `AutoModelForSequenceClassification`.
@@ -240,7 +241,7 @@ def build_tiny_llama(folder: str | Path, seed: int = 0, vocab_size: int = 2048) 
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **LLAMA_CONFIG,
+        **{**LLAMA_CONFIG, **config},
     )
     model = _random_model(LlamaForCausalLM, config, seed)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
