@@ -378,8 +378,10 @@ def remove_command(run_ids: list[int] = typer.Argument(..., help="run ids"),
 
     refused = 0
     for run_id in run_ids:
-        deleted = delete_run(s.url, s, run_id)
+        deleted, left = delete_run(s.url, s, run_id)
         typer.echo(f"run {run_id}: {'deleted' if deleted else 'not deleted (running)'}")
+        if left:
+            typer.echo(f"warning: run {run_id}: {left}", err=True)
         refused += not deleted
     if refused:  # a script must see that not every run it named was deleted
         raise typer.Exit(1)

@@ -62,6 +62,14 @@ def mirror_checkpoint(folder: Path, step: int, log_prefix: str = "") -> None:
         print(f"{log_prefix} checkpoint at step {step} mirrored to {url}/{name}", flush=True)
 
 
+def delete_mirror(url: str) -> None:
+    """Delete everything mirrored under a run's artifact URL (`clfbench rm`): a later run given the same id (SQLite
+    reuses ids) must not fetch the deleted run's checkpoint. Nothing there is no error."""
+    fs, root = _filesystem(url)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
 def fetch_checkpoint(output_dir: Path, log_prefix: str = "") -> bool:
     """Before an attempt: when this host has no checkpoint of the run and its artifact URL names one, download it
     into `output_dir/checkpoint`. Every local rank calls it; a lock file makes the first do it and the others wait

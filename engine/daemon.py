@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clfbench.engine.artifacts import delete_mirror
 from clfbench.engine.gpus import discover_gpus, gpu_type
 from clfbench.engine.runlog import readable
 from clfbench.engine.types import EXIT_NOT_OURS, EXIT_STORE_UNREACHABLE, ClfbenchError
@@ -76,21 +77,30 @@ LEASE_S = _lease_s_or_default()
 HEARTBEAT_S = min(5.0, LEASE_S / 4)
 
 
-def delete_run(url: str, store: Store, run_id: int) -> bool:
-    """Delete a run that is not running: its rows, then its folder (log, checkpoint, caches).
+def delete_run(url: str, store: Store, run_id: int) -> tuple[bool, str]:
+    """Delete a run that is not running: its rows, then its folder (log, checkpoint, caches) and what was mirrored
+    to its artifact URL. Returns whether it was deleted, and a line on anything left behind ("" when nothing).
 
-    The folder must go too: SQLite may give a later run the same id, which would otherwise append to the old
-    log and resume from the deleted run's checkpoint.
+    The folder and the mirror must go too: SQLite may give a later run the same id, which would otherwise append to
+    the old log and resume from the deleted run's checkpoint. The mirror's URL is this process's
+    `CLFBENCH_ARTIFACTS`, as the engines' is.
     """
     run = queries.get_run(store, run_id)
+    store_id = queries.store_id(store)
     if not queue.delete_run(store, run_id):
-        return False
-    folders = {run_dir(url, run_id), run_dir(url, run_id, queries.store_id(store))}
+        return False, ""
+    folders = {run_dir(url, run_id), run_dir(url, run_id, store_id)}
     if run and run["output_dir"]:
         folders.add(Path(run["output_dir"]))
     for folder in folders:
         shutil.rmtree(folder, ignore_errors=True)
-    return True
+    mirror = paths.artifact_url(run_id, store_id)
+    if mirror:
+        try:
+            delete_mirror(mirror)
+        except Exception as error:  # credentials, the network, a missing backend: the rows are gone regardless
+            return True, f"its mirrored checkpoints at {mirror} were not deleted ({first_line(error)})"
+    return True, ""
 
 
 def host_identity() -> str:

@@ -158,6 +158,33 @@ def test_a_checkpoint_mirrored_to_a_url_is_fetched_whole_on_a_host_without_it(tm
         artifacts.fetch_checkpoint(tmp_path / "host-d")
 
 
+def test_rm_deletes_what_a_run_mirrored_and_says_in_one_line_when_it_cannot(cli, tmp_path, monkeypatch):
+    """`clfbench rm` deletes a run's mirrored checkpoints with its rows: SQLite may give a later run the same id,
+    and that run must not fetch the deleted one's checkpoint. A mirror it cannot reach leaves the run deleted and
+    says where the leftovers are."""
+    bucket = tmp_path / "bucket"
+    cli.env["CLFBENCH_ARTIFACTS"] = f"file://{bucket}"
+    first, second = (cli.json("queue", *TFIDF, "--seed", str(seed))[0]["id"] for seed in (0, 1))
+    store_id = queries.store_id(open_store(f"sqlite:///{cli.home / 'clfbench.db'}"))
+    saved = tmp_path / "checkpoint"
+    saved.mkdir()
+    (saved / "state.pt").write_bytes(b"state")
+    for run_id in (first, second):
+        monkeypatch.setenv(artifacts.URL_ENV, f"file://{bucket}/runs/{store_id}/{run_id}")
+        artifacts.mirror_checkpoint(saved, 4)
+    removed = cli.run("rm", "-y", str(first))
+    assert removed.stdout.strip() == f"run {first}: deleted" and removed.stderr == ""
+    assert not (bucket / "runs" / store_id / str(first)).exists()
+    assert (bucket / "runs" / store_id / str(second) / "LATEST").exists()  # another run's mirror stays
+    cli.env["CLFBENCH_ARTIFACTS"] = "nosuchprotocol://bucket"
+    removed = cli.run("rm", "-y", str(second))
+    assert removed.stdout.strip() == f"run {second}: deleted" and [row["id"] for row in cli.json("ls")] == []
+    warning = removed.stderr.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith(f"warning: run {second}: its mirrored checkpoints at "
+                                                       f"nosuchprotocol://bucket/runs/{store_id}/{second} were not "
+                                                       "deleted (")
+
+
 # ---- a dead host's runs resume on another -----------------------------------------------------------------------
 
 def _kill_host(hosts: Hosts, host: str) -> list[int]:

@@ -569,7 +569,8 @@ class RunsScreen(Screen):
         else:
             from clfbench.engine.daemon import delete_run
 
-            message = "deleted" if delete_run(self.store.url, self.store, run_id) else "not deleted (it is running)"
+            deleted, left = delete_run(self.store.url, self.store, run_id)
+            message = ("deleted" + (f"; {left}" if left else "")) if deleted else "not deleted (it is running)"
         self.app.notify_from_thread(f"run {run_id}: {message}")
         self.app.call_from_thread(self.reload)
 
