@@ -31,13 +31,35 @@ def smollm2_gguf() -> Path | None:
     return path if path.is_file() else None
 
 
+# `python -m llama_cpp.server`, except on a CPU with AMX (Sapphire Rapids and later): there llama.cpp repacks the
+# weights for its AMX matrix kernels, and the first prompt of more than one token segfaults the server (measured
+# here with llama-cpp-python 0.3.36; llama.cpp issue 20824). There the server runs without extra buffer types, as
+# llama.cpp's own `--no-repack` does: the weights stay in plain CPU buffers. Elsewhere it is the server unchanged.
+LAUNCH = """
+import runpy
+import llama_cpp
+import llama_cpp.llama_cpp as native
+
+if b"AMX_INT8 = 1" in native.llama_print_system_info():
+    default_params = native.llama_model_default_params
+
+    def without_repacking():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    native.llama_model_default_params = without_repacking
+runpy.run_module("llama_cpp.server", run_name="__main__")
+"""
+
+
 @contextmanager
 def llama_server(gguf: Path | str, alias: str, threads: int, port: int, log: Path,
                  start_timeout_s: float = 180) -> Iterator[str]:
     """The server on `gguf` (served as model `alias`, 2048 context, `threads` threads for generation and prompt
     alike) at 127.0.0.1:`port`, its output in `log`. Yields its base URL (the API is under /v1) once it lists its
     models; stops it on the way out (SIGTERM, SIGKILL after 20 s)."""
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias,
+    command = [sys.executable, "-c", LAUNCH, "--model", str(gguf), "--model_alias", alias,
                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads),
                "--n_threads_batch", str(threads)]
     with open(log, "wb") as handle:
