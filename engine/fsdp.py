@@ -16,7 +16,8 @@ for a model whose weights + gradients + Adam state do not fit one device (`llm-f
   the full state, which for 70B would not fit), rank 0 adds the step, the schedule, every rank's RNG and the
   fingerprint; the folder is swapped in atomically like every checkpoint (`training.replace_directory`). A run
   resumes only from a checkpoint of the same setup that every rank found at the same step.
-- `full_state()` gathers the full weights onto rank 0's CPU (collective) for prediction.
+- `full_state()` gathers the full weights onto rank 0's CPU (collective) for prediction, which
+  `llm_finetune.unsharded_model` places across the run's GPUs once every rank has freed its shards.
 
 A single process (`--nproc 1`) gets a one-rank process group of its own, so the same code runs (nothing is
 sharded then, but offload and the checkpoint format stay those of FSDP).

@@ -237,7 +237,7 @@ def test_fsdp_over_two_cpu_processes_follows_ddp(cli):
     reduce-scatter sums in another order, and FSDP feeds whole sequences where DDP shares the prompt prefix),
     with gradients accumulated over two micro-batches."""
     common = [*TINY, "--task", "massive-intent", "--nproc", "2", "-o", "max_steps=4", "-o", "train_limit=32",
-              "-o", "test_limit=2", "-o", "batch_size=2", "-o", "grad_accum=2", "-o", "log_every=1",
+              "-o", "test_limit=6", "-o", "batch_size=2", "-o", "grad_accum=2", "-o", "log_every=1",
               "-o", "dev_limit=3", "-o", "eval_every=2", "-o", "lr=1e-3", "-o", "checkpoint_every=0"]
     (ddp,) = cli.json("queue", *common, "-o", "strategy=ddp")
     (fsdp,) = cli.json("queue", *common, "-o", "strategy=fsdp")
@@ -252,6 +252,57 @@ def test_fsdp_over_two_cpu_processes_follows_ddp(cli):
         assert [value for _, value in got] == pytest.approx([value for _, value in expected], rel=1e-4), name
     train = [value for _, value in _losses(store, fsdp["id"], "train_loss")]
     assert train[-1] < train[0]  # it learns (lr 1e-3 on the tiny model)
+    # rank 0 predicts with the gathered weights, not the untrained ones it loaded: the same answers as DDP's model
+    expected, got = _answers(store, ddp["id"]), _answers(store, fsdp["id"])
+    assert len(got) == 6 and got == expected
+
+
+def _answers(store, run_id: int) -> list[tuple]:
+    with store.read() as connection:
+        return [tuple(row) for row in connection.execute(text(
+            "SELECT example_id, predicted, raw_output FROM predictions WHERE run_id = :run ORDER BY example_id"),
+            {"run": run_id})]
+
+
+def test_fsdp_frees_its_shards_and_optimizer_before_the_model_that_predicts_is_loaded(tiny_llama, tmp_path,
+                                                                                      monkeypatch):
+    """At 70B the sharded weights, gradients and Adam state do not fit beside the full model rank 0 predicts
+    with (nor does that model fit one GPU: it is placed across the run's GPUs): they must be gone first."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+    from clfbench.engine import fsdp
+
+    sharded, optimizers, alive_at_load = [], [], []
+    real_shard, real_optimizer, real_load = fsdp.shard, fsdp.make_optimizer, lf.load_model
+
+    def shard(module, model, *args, **kwargs):
+        sharded.append(weakref.ref(model))
+        return real_shard(module, model, *args, **kwargs)
+
+    def make_optimizer(*args, **kwargs):
+        optimizers.append(weakref.ref(optimizer := real_optimizer(*args, **kwargs)))
+        return optimizer
+
+    def load_model(*args, **kwargs):
+        if sharded:  # the prediction model's load, after training
+            alive_at_load.append([ref() is not None for ref in (*sharded, *optimizers)])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(fsdp, "shard", shard)
+    monkeypatch.setattr(fsdp, "make_optimizer", make_optimizer)
+    monkeypatch.setattr(lf, "load_model", load_model)
+    recorder = Recorder()
+    try:
+        output = run_method(lf, make_ctx(tiny_llama, "massive-intent", tmp_path, recorder, strategy="fsdp",
+                                         epochs=1, train=16, test=4))
+    finally:
+        if dist.is_initialized():  # the one-rank group FSDP made in this process
+            dist.destroy_process_group()
+    gc.collect()
+    assert len(sharded) == len(optimizers) == 1 and alive_at_load == [[False, False]]
+    assert len(output.predictions["massive-intent"]) == 4
 
 
 def kill_a_rank_once_checkpointed(cli, run_id: int, rank: int, marker: str = "checkpoint",

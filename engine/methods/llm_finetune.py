@@ -29,7 +29,9 @@
   every rank's RNG; `engine.training.save_checkpoint`, atomic) and an interrupted run resumes from it: the batch
   order of an epoch depends on (seed, epoch) only, so the step says where to go on;
 - after training, rank 0 predicts the test set with `engine.decoding.decide` on the trained in-memory model
-  (`decision`: generate | constrained | score, `score_norm`), the other ranks return None.
+  (`decision`: generate | constrained | score, `score_norm`), the other ranks return None. Under FSDP every rank
+  first frees its shards and optimizer state, and rank 0 loads the gathered full weights into a model placed across
+  all the run's GPUs (`unsharded_model`): a 70B model's 140 GB of bf16 weights fit no single 80-GB GPU.
 
 `strategy`: `ddp` (DistributedDataParallel over gloo on CPU, NCCL on GPUs; `engine.training.start_training`) or
 `fsdp` (PyTorch's FSDP2 `fully_shard`, `engine.fsdp`, for a model whose weights + gradients + Adam state do not fit
@@ -41,12 +43,14 @@ support it (autocast under DDP, FSDP2's mixed-precision policy under FSDP). `pre
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -101,16 +105,21 @@ def run(ctx: RunContext) -> MethodOutput | None:
     }
     training = start(ctx, loss_model, plan, fingerprint)
     times = train(ctx, training, model, plan, data, decoder.pad_id)
-
-    trained = prediction_model(ctx, training, model)  # FSDP: collective (gathers the full weights on rank 0)
-    if not ctx.is_main:
-        return None
-    return predict(ctx, trained, chat, builder, {
+    results = {
         "train_time_s": times.train_time_s, "dev_eval_time_s": times.dev_eval_time_s, "load_time_s": load_time,
         "train_tokens_per_s": times.counted / times.train_time_s if times.train_time_s > 0 else 0.0,
         "train_examples": float(len(data.train)), "train_steps": float(plan.total_steps),
         "resumed_from_step": float(training.start_step), "shots": float(ctx.shots),
-    })
+    }
+    if training.full_state is not None:  # FSDP
+        state = training.full_state()  # collective: the full weights on rank 0's CPU
+        # The sharded weights, gradients and Adam state go before the full model comes: at 70B they do not fit
+        # beside it. These are the last references (the Training's closures hold the module and optimizer).
+        del training, loss_model, model, decoder
+        model = unsharded_model(ctx, state)
+    if not ctx.is_main:
+        return None
+    return predict(ctx, model, chat, builder, results)
 
 
 def step_settings(ctx: RunContext, n_params: int) -> tuple[int, int | None]:
@@ -417,17 +426,22 @@ def dev_loss(ctx: RunContext, training: Training, model: nn.Module, data: Sequen
 # ------------------------------------------------------------------------------------------ prediction
 
 
-def prediction_model(ctx: RunContext, training: Training, model: nn.Module) -> nn.Module:
-    """The trained model rank 0 predicts with: `model` itself, or under FSDP a full copy (bf16 where supported)
-    of the gathered weights. Every rank must call (the gathering is collective)."""
-    if training.full_state is None:
-        return model
-    state = training.full_state()
+def unsharded_model(ctx: RunContext, state: dict) -> nn.Module | None:
+    """After FSDP training, the model rank 0 predicts with: the trained full weights (`state`, gathered onto rank
+    0's CPU) in a model placed like the prompt method's, across all the run's GPUs when it has several (a 70B
+    model does not fit one 80-GB GPU), in bf16 where the GPU supports it. Every rank must call, after dropping its
+    references to the sharded model and optimizer: each frees that memory, and rank 0 builds the model only once
+    every rank has (the placement reads each GPU's free memory). Other ranks get None."""
+    gc.collect()  # the FSDP module's hooks make reference cycles
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # hand the freed blocks back, so that free memory is what the placement sees
+    dist.barrier()
     if not ctx.is_main:
-        return model
+        return None
     device = torch.device(ctx.device)
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    _, full = load_model(ctx.model_path, "bfloat16" if bf16 else "float32", device)
+    _, full = load_model(ctx.model_path, "bfloat16" if bf16 else "float32", device, gpus=ctx.gpus,
+                         batch_size=ctx.options.eval_batch_size)
     full.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})
     return full
 
