@@ -304,11 +304,19 @@ def method_workload(method: str, options: dict, tokens: int | None) -> tuple[Wor
     return Workload(batch, length, precision=precision), how
 
 
+def fsdp_host_bytes(shape: Shape, offload: bool) -> float:
+    """Host memory of an FSDP fine-tune at its peak, after training: rank 0 gathers the full fp32 weights onto its
+    CPU to predict with (`llm_finetune.unsharded_model`) while every rank still holds its shards, which with
+    `offload` are in host memory too (fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter)."""
+    return (4.0 + (16.0 if offload else 0.0)) * parameter_count(shape)
+
+
 def plan_run(method: str, shape: Shape, options: dict, gpus: int, gpu_memory_gb: float,
              tokens: int | None = None) -> Plan:
     work, how = method_workload(method, options, tokens)
-    if method == "llm-finetune" and options.get("offload"):  # not GPU memory, but the host must have it
-        how += f" ({16.0 * parameter_count(shape) / GB:,.0f} GB of host memory for the offloaded shards)"
+    if method == "llm-finetune" and str(options.get("strategy") or "ddp") == "fsdp":  # not GPU memory: the host's
+        how += f"; {fsdp_host_bytes(shape, bool(options.get('offload'))) / GB:,.0f} GB of host memory: " + (
+            "the offloaded shards and " if options.get("offload") else "") + "the fp32 weights gathered to predict"
     return Plan(what=how, gpus=gpus, gpu_memory_gb=gpu_memory_gb,
                 parts=method_parts(method, shape, options, gpus, work))
 

@@ -71,6 +71,14 @@ def test_plan_exits_0_when_the_run_fits_and_1_with_one_line_saying_what_would(cl
                    "--gpus", "8", "--gpu-memory", "80", "-o", "strategy=fsdp", "-o", "gradient_checkpointing=true",
                    check=False)
     assert full.returncode == 1 and "does not fit in 80 GB" in full.stdout
+    # The host's share, which no GPU count changes: the fp32 weights rank 0 gathers to predict (4 bytes a
+    # parameter), and with offload every rank's shards of weights, gradients and AdamW moments (16 more).
+    assert "; 282 GB of host memory: the fp32 weights gathered to predict):" in full.stdout
+    offloaded = cli.run("plan", "--method", "llm-finetune", "--model", "llama-3-70b", "--task", "massive-intent",
+                        "--gpus", "8", "--gpu-memory", "80", "-o", "strategy=fsdp", "-o", "offload=true",
+                        "-o", "gradient_checkpointing=true")
+    assert "; 1,411 GB of host memory: the offloaded shards and the fp32 weights gathered to predict):" in \
+        offloaded.stdout and " fits" in offloaded.stdout
     unknown = cli.run("plan", "--method", "prompt", "--model", "org/not-here", "--task", "massive-intent",
                       check=False)
     assert unknown.returncode == 1 and "no config.json at hand for 'org/not-here'" in unknown.stderr
