@@ -671,12 +671,21 @@ def _print_disagreements(disagreements: list[dict]) -> None:
 @app.command("plan")
 def plan_command(
     spec_file: Optional[Path] = typer.Argument(None, help="YAML spec file (as for queue)"),
+    # queue's flags, so that a queue command line plans as it is (those that do not size memory are accepted)
     method: Optional[str] = typer.Option(None, "--method", "-m"),
-    model: Optional[str] = typer.Option(None, "--model"),
-    task: Optional[str] = typer.Option(None, "--task", "-t"),
-    shots: Optional[int] = typer.Option(None, "--shots"),
+    model: list[str] = typer.Option([], "--model", help="repeat to plan a sweep"),
+    task: list[str] = typer.Option([], "--task", "-t"),
+    shots: list[int] = typer.Option([], "--shots"),
+    seed: list[int] = typer.Option([], "--seed"),
     gpus: Optional[int] = typer.Option(None, "--gpus", help="GPUs per run (default 1)"),
+    nproc: Optional[int] = typer.Option(None, "--nproc"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir"),
     option: list[str] = typer.Option([], "--option", "-o", help="method option KEY=VALUE"),
+    name: Optional[str] = typer.Option(None, "--name"),
+    priority: int = typer.Option(0, "--priority"),
+    host: Optional[str] = typer.Option(None, "--host"),
+    gpu_type: Optional[str] = typer.Option(None, "--gpu-type"),
     gpu_memory: Optional[float] = typer.Option(None, "--gpu-memory", help="GB per GPU (default: this host's "
                                                                           "smallest GPU, else 80)"),
     tokens: Optional[int] = typer.Option(None, "--tokens", help="tokens per example (prompting assumes 4,096; "
@@ -686,7 +695,10 @@ def plan_command(
     activations, KV cache); exit 0 when every run fits, else 1 with one error line that says what would fit."""
     from clfbench.engine import memory_plan
 
-    flags = {"method": method, "model": model, "task": task, "shots": shots, "gpus": gpus}
+    flags = {"method": method, "model": model, "task": task, "shots": shots, "seed": seed, "gpus": gpus,
+             "nproc": nproc, "threads": threads, "data_dir": data_dir, "name": name, "host": host,
+             "gpu_type": gpu_type}
+    del priority  # accepted so that a queue command line plans unchanged; it does not size memory
     try:
         specs = build_specs(spec_file, flags, parse_option_pairs(option))
         memory = gpu_memory or memory_plan.local_gpu_memory_gb() or memory_plan.DEFAULT_GPU_GB

@@ -84,6 +84,18 @@ def test_plan_exits_0_when_the_run_fits_and_1_with_one_line_saying_what_would(cl
     assert unknown.returncode == 1 and "no config.json at hand for 'org/not-here'" in unknown.stderr
 
 
+def test_plan_takes_a_queue_command_line_as_it_is(cli):
+    """A user checks a sweep before queueing it by swapping the command's name: every queue flag is accepted, the
+    ones that do not size memory included, and each run of the sweep gets its plan."""
+    flags = ["--method", "prompt", "--model", "llama-3-8b", "--model", "llama-3-70b", "--task", "massive-intent",
+             "--shots", "0", "--seed", "1", "--data-dir", "engine/sample_data", "--gpus", "4", "--name", "paper",
+             "--priority", "3", "--host", "gpu1", "--gpu-type", "H100", "-o", "decision=constrained"]
+    planned = cli.run("plan", *flags, "--gpu-memory", "80")
+    assert planned.stdout.count("prompt · llama-3-8b") == 1 and planned.stdout.count("prompt · llama-3-70b") == 1
+    assert planned.stdout.count(" fits") == 2
+    assert cli.json("queue", *flags, "--dry-run")  # the same line is a valid queue command
+
+
 def test_queue_refuses_a_gpu_run_that_cannot_fit_and_queues_nothing(cli):
     refused = cli.run("queue", "--method", "prompt", "--model", "llama-3-70b", "--task", "massive-intent",
                       "--gpus", "1", "--gpu-memory", "80", check=False)
