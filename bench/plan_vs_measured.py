@@ -2,6 +2,13 @@
 
     python bench/plan_vs_measured.py              # every case, ~5 min on 2 busy cores
     python bench/plan_vs_measured.py --case prompt
+    python bench/plan_vs_measured.py --device cuda --model FOLDER   # on a GPU (bench/gpu_checks.sh)
+
+On a GPU (`--device cuda`) the LLM cases run there, on `--model` (default SmolLM2; gpu_checks.sh gives a random
+~1B Llama built from TinyLlama's shapes, which needs no download): llm-finetune's step under bf16 autocast with
+fp32 master weights, as the method trains on a GPU, and the prompt method's decoding in the dtype `auto` gives
+(bf16). *measured* is then `torch.cuda.max_memory_allocated` over the case, parameters included, against the
+plan for one GPU without its CUDA context (the allocator does not count it).
 
 Each case runs the methods' own code on a real model, a few steps, in a fresh process:
 
@@ -74,12 +81,38 @@ def profiled_peak(work) -> int:
 # ------------------------------------------------------------------------------------------------- cases
 
 
+DEVICE = "cpu"  # the child's: --device
+MODEL = "smollm2-135m"  # the LLM cases' model: --model (an alias or a local folder)
+
+
 def smollm2():
+    """The LLM cases' model path, device and loader (SmolLM2 on CPU unless --model / --device say otherwise)."""
     from clfbench.engine.decoding import load_model
     from clfbench.engine.models import resolve_model
 
     import torch
-    return resolve_model("smollm2-135m"), torch.device("cpu"), load_model
+    return resolve_model(MODEL), torch.device(DEVICE), load_model
+
+
+def token_ids(count: int, vocab: int, generator) -> list[int]:
+    """Random ids of ordinary tokens (above the special ones at the start of every vocabulary here)."""
+    import torch
+
+    return torch.randint(min(100, vocab // 4), vocab, (count,), generator=generator).tolist()
+
+
+def measured_peak(work, baseline: int) -> int:
+    """Bytes at the peak of `work()`: on CPU the live tensors before it (`baseline`) plus the allocation events'
+    peak; on a GPU what the caching allocator reports, which counts the tensors alive before it too."""
+    import torch
+
+    if DEVICE == "cpu":
+        return baseline + profiled_peak(work)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    work()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
 
 
 def finetune_case(shared: int) -> dict:
@@ -89,31 +122,32 @@ def finetune_case(shared: int) -> dict:
     from clfbench.engine.decoding import Decoder
     from clfbench.engine.methods.llm_finetune import AnswerLoss, Encoded, _inputs, collate, prepare_model
     from clfbench.engine.prompting.chat import ChatFormat
-    from clfbench.engine.training import make_optimizer
+    from clfbench.engine.training import autocast_for, make_optimizer
 
-    path, cpu, load_model = smollm2()
+    path, device, load_model = smollm2()
     before = rss_bytes()
-    tokenizer, model = load_model(path, "float32", cpu)
-    decoder = Decoder(model, ChatFormat(tokenizer, "template", model.generation_config), cpu)
+    tokenizer, model = load_model(path, "float32", device)  # fp32 master weights, as the method trains
+    decoder = Decoder(model, ChatFormat(tokenizer, "template", model.generation_config), device)
     generator = torch.Generator().manual_seed(0)
-    prefix = torch.randint(100, 40000, (shared,), generator=generator).tolist()
-    rows = [Encoded(ids=prefix + torch.randint(100, 40000, (256 - shared,), generator=generator).tolist(),
-                    n_prompt=248) for _ in range(4)]
+    vocab = model.config.vocab_size
+    prefix = token_ids(shared, vocab, generator)
+    rows = [Encoded(ids=prefix + token_ids(256 - shared, vocab, generator), n_prompt=248) for _ in range(4)]
     batch = collate(rows, prefix, decoder.pad_id)
     loss_model: AnswerLoss = prepare_model(model, decoder, argparse.Namespace(gradient_checkpointing=False))
-    optimizer = make_optimizer(model, 1e-5, 0.0, cpu)
-    baseline = live_bytes(model)
+    optimizer = make_optimizer(model, 1e-5, 0.0, device)
+    on_gpu = device.type == "cuda"
 
     def steps():
         for _ in range(STEPS):
-            summed = loss_model(**_inputs(batch, cpu))
+            with autocast_for(device, True):  # bf16 autocast on a GPU, as the method; nothing on CPU
+                summed = loss_model(**_inputs(batch, device))
             (summed / 32).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    peak = profiled_peak(steps)
-    return {"measured": baseline + peak, "rss": _rss_peak() - before, "dtype": "float32",
+    measured = measured_peak(steps, live_bytes(model))
+    return {"measured": measured, "rss": _rss_peak() - before, "dtype": "bfloat16" if on_gpu else "float32",
             "geometry": {"batch": 4, "tokens": 256, "answer_tokens": 8, "shared_prefix": shared}}
 
 
@@ -125,15 +159,15 @@ def prompt_case() -> dict:
     from clfbench.engine.decoding.greedy import greedy
     from clfbench.engine.prompting.chat import ChatFormat
 
-    path, cpu, load_model = smollm2()
+    path, device, load_model = smollm2()
     before = rss_bytes()
-    tokenizer, model = load_model(path, "auto", cpu)
-    decoder = Decoder(model, ChatFormat(tokenizer, "template", model.generation_config), cpu)
+    tokenizer, model = load_model(path, "auto", device)
+    decoder = Decoder(model, ChatFormat(tokenizer, "template", model.generation_config), device)
     generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 40000, (512,), generator=generator).tolist() for _ in range(8)]
-    baseline = live_bytes(model)
-    peak = profiled_peak(lambda: greedy(decoder, prompts, [None] * 8, [4] * 8, use_prefix=False))
-    return {"measured": baseline + peak, "rss": _rss_peak() - before,
+    prompts = [token_ids(512, model.config.vocab_size, generator) for _ in range(8)]
+    measured = measured_peak(lambda: greedy(decoder, prompts, [None] * 8, [4] * 8, use_prefix=False),
+                             live_bytes(model))
+    return {"measured": measured, "rss": _rss_peak() - before,
             "dtype": str(model.dtype).removeprefix("torch."), "geometry": {"batch": 8, "tokens": 516}}
 
 
@@ -180,19 +214,24 @@ CASES = {
 }
 
 
-def _child(name: str, queue) -> None:
+LLM_CASES = ["llm-finetune", "llm-finetune-shared", "prompt"]  # the ones --device cuda and --model apply to
+
+
+def _child(name: str, device: str, model: str, queue) -> None:
     import torch
 
+    global DEVICE, MODEL
+    DEVICE, MODEL = device, model
     torch.manual_seed(0)
     queue.put(CASES[name][3]())
 
 
-def planned(method: str, model: str, result: dict) -> float:
-    """The plan's bytes for the case's geometry on CPU, without the CUDA context."""
+def planned(method: str, model: str, result: dict, device: str) -> float:
+    """The plan's bytes for the case's geometry on one device, without the CUDA context."""
     from clfbench.engine import memory_plan
 
     shape = memory_plan.shape_of(memory_plan.read_config(memory_plan.model_config(model)))
-    workload = memory_plan.Workload(**result["geometry"], precision=result["dtype"], on_gpu=False)
+    workload = memory_plan.Workload(**result["geometry"], precision=result["dtype"], on_gpu=device == "cuda")
     parts = memory_plan.method_parts(method, shape, {}, 1, workload)
     return sum(value for name, value in parts.items() if name != memory_plan.CUDA_CONTEXT)
 
@@ -200,20 +239,25 @@ def planned(method: str, model: str, result: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=sorted(CASES), action="append", help="run only these (repeatable)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--model", default=MODEL, help="the LLM cases' model: an alias or a local folder")
     args = parser.parse_args()
-    names = args.case or list(CASES)
+    names = args.case or (LLM_CASES if args.device == "cuda" else list(CASES))
+    if args.device == "cuda" and set(names) - set(LLM_CASES):
+        parser.error(f"--device cuda runs the LLM cases only: {', '.join(LLM_CASES)}")
     context = multiprocessing.get_context("spawn")  # a fresh process per case: its own RSS high-water mark
     print(f"{'case':<20} {'model':<13} {'geometry':<28} {'dtype':<9} {'plan':>8} {'measured':>9} {'plan/meas':>9} "
           f"{'RSS peak':>9}")
     for name in names:
         method, model, geometry, _ = CASES[name]
+        model = args.model if name in LLM_CASES else model
         queue = context.Queue()
-        child = context.Process(target=_child, args=(name, queue))
+        child = context.Process(target=_child, args=(name, args.device, model, queue))
         child.start()
         result = queue.get()
         child.join()
-        plan = planned(method, model, result)
-        print(f"{name:<20} {model:<13} {geometry:<28} {result['dtype']:<9} {plan / 1e9:>6.2f}GB "
+        plan = planned(method, model, result, args.device)
+        print(f"{name:<20} {Path(model).name[:13]:<13} {geometry:<28} {result['dtype']:<9} {plan / 1e9:>6.2f}GB "
               f"{result['measured'] / 1e9:>7.2f}GB {plan / result['measured']:>9.2f} {result['rss'] / 1e9:>7.2f}GB",
               flush=True)
 

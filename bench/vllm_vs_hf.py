@@ -11,6 +11,7 @@ interpreter, and `--vllm-python`), one after the other so they never share the c
 (shots, mode) through `clfbench.engine.methods.prompt.run` exactly as the worker calls it, on the fixed
 `test_limit` subset of MASSIVE intent. Reported per (shots, mode): examples/s of each backend (decision time only;
 loading excluded and printed apart), accuracy, parse failures, and how many decisions differ between them.
+Where torch sees a GPU, both sides run on the first one, as a one-GPU run (bench/gpu_checks.sh, step vllm).
 """
 from __future__ import annotations
 
@@ -95,6 +96,7 @@ def run_side(args) -> int:
     torch.set_num_threads(args.threads)
     reuse_loaded_engine(args.side)
     model_path = resolve_model(args.model)
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"  # one GPU where there is one, as a 1-GPU run
     task = load_task(get_task(args.task), data_dir=args.data_dir, test_limit=args.n, seed=0)
     runs = []
     for shots in [int(s) for s in args.shots.split(",")]:
@@ -105,7 +107,7 @@ def run_side(args) -> int:
             data = dataclasses.replace(task)
             ctx = RunContext(run_id=0, attempt=1, spec=spec, options=spec.options, tasks=[data],
                              model_path=model_path, output_dir=Path("."), rank=0, world_size=1, local_rank=0,
-                             device="cpu", log_metric=lambda *a: None, set_progress=lambda *a: None)
+                             device=device, log_metric=lambda *a: None, set_progress=lambda *a: None)
             started = time.perf_counter()
             output = prompt.run(ctx)
             wall = time.perf_counter() - started
