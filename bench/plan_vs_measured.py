@@ -85,7 +85,7 @@ DEVICE = "cpu"  # the child's: --device
 MODEL = "smollm2-135m"  # the LLM cases' model: --model (an alias or a local folder)
 
 
-def smollm2():
+def llm_case_model():
     """The LLM cases' model path, device and loader (SmolLM2 on CPU unless --model / --device say otherwise)."""
     from clfbench.engine.decoding import load_model
     from clfbench.engine.models import resolve_model
@@ -124,7 +124,7 @@ def finetune_case(shared: int) -> dict:
     from clfbench.engine.prompting.chat import ChatFormat
     from clfbench.engine.training import autocast_for, make_optimizer
 
-    path, device, load_model = smollm2()
+    path, device, load_model = llm_case_model()
     before = rss_bytes()
     tokenizer, model = load_model(path, "float32", device)  # fp32 master weights, as the method trains
     decoder = Decoder(model, ChatFormat(tokenizer, "template", model.generation_config), device)
@@ -159,7 +159,7 @@ def prompt_case() -> dict:
     from clfbench.engine.decoding.greedy import greedy
     from clfbench.engine.prompting.chat import ChatFormat
 
-    path, device, load_model = smollm2()
+    path, device, load_model = llm_case_model()
     before = rss_bytes()
     tokenizer, model = load_model(path, "auto", device)
     decoder = Decoder(model, ChatFormat(tokenizer, "template", model.generation_config), device)

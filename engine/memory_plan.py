@@ -315,8 +315,9 @@ def plan_run(method: str, shape: Shape, options: dict, gpus: int, gpu_memory_gb:
              tokens: int | None = None) -> Plan:
     work, how = method_workload(method, options, tokens)
     if method == "llm-finetune" and str(options.get("strategy") or "ddp") == "fsdp":  # not GPU memory: the host's
-        how += f"; {fsdp_host_bytes(shape, bool(options.get('offload'))) / GB:,.0f} GB of host memory: " + (
-            "the offloaded shards and " if options.get("offload") else "") + "the fp32 weights gathered to predict"
+        offload = bool(options.get("offload"))
+        how += (f"; {fsdp_host_bytes(shape, offload) / GB:,.0f} GB of host memory: "
+                + ("the offloaded shards and " if offload else "") + "the fp32 weights gathered to predict")
     return Plan(what=how, gpus=gpus, gpu_memory_gb=gpu_memory_gb,
                 parts=method_parts(method, shape, options, gpus, work))
 

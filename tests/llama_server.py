@@ -37,7 +37,6 @@ def smollm2_gguf() -> Path | None:
 # llama.cpp's own `--no-repack` does: the weights stay in plain CPU buffers. Elsewhere it is the server unchanged.
 LAUNCH = """
 import runpy
-import llama_cpp
 import llama_cpp.llama_cpp as native
 
 if b"AMX_INT8 = 1" in native.llama_print_system_info():
