@@ -198,8 +198,13 @@ def _kill_host(hosts: Hosts, host: str) -> list[int]:
     return [row["id"] for row in held]
 
 
-def _checkpointed(folder: Path, run_id: int) -> bool:
-    return any(folder.glob(f"runs/*/{run_id}/checkpoint*/state.pt"))  # a folder, or a URL's checkpoint-<step>
+def _checkpointed(folder: Path, run_id: int, place: str) -> bool:
+    """Whether a whole checkpoint of the run is where another host finds it. A folder's checkpoint appears by rename,
+    whole. A URL's is whole once LATEST names it: `checkpoint-<step>/state.pt` can exist mid-upload (a CI run killed
+    host a there, and host b rightly started from step 0)."""
+    if place == "folder":
+        return any(folder.glob(f"runs/*/{run_id}/checkpoint/state.pt"))
+    return any(folder.glob(f"runs/*/{run_id}/LATEST"))
 
 
 def _first_step(hosts: Hosts, run_id: int, attempt: int) -> int:
@@ -221,7 +226,7 @@ def test_a_dead_hosts_runs_are_requeued_once_and_resume_from_the_shared_checkpoi
         (slow,) = cli.json("queue", *TINY_BERT, "-o", "epochs=12", "--priority", "1")
         quick = [cli.json("queue", *TFIDF, "--seed", str(seed))[0]["id"] for seed in range(3)]
         hosts.start("host-a", offset_s=0)
-        hosts.wait(lambda: _checkpointed(shared, slow["id"]) and hosts.points(slow["id"]).get(1, 0) >= 6, 240,
+        hosts.wait(lambda: _checkpointed(shared, slow["id"], place) and hosts.points(slow["id"]).get(1, 0) >= 6, 240,
                    "host a to checkpoint the slow run")
         hosts.start("host-b", offset_s=0)
         assert _kill_host(hosts, "host-a") == [slow["id"]]
