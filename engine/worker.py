@@ -11,6 +11,7 @@ writer wins because every write is guarded by the run's attempt.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import random
 import shutil
@@ -410,7 +411,24 @@ def main() -> int:
     if len(sys.argv) != 2 or not sys.argv[1].isdigit():
         print("usage: python -m clfbench.engine.worker RUN_ID", file=sys.stderr)
         return 2
-    return run_worker(int(sys.argv[1]))
+    code = run_worker(int(sys.argv[1]))
+    if _distributed_env()[1] > 1:
+        _leave_without_teardown(code)
+    return code
+
+
+def _leave_without_teardown(code: int) -> None:
+    """A rank of a several-rank run exits without the interpreter's finalisation: the process group is destroyed
+    and all the run writes is written, but tearing down torch's communication threads at interpreter exit can
+    still abort the process ("terminate called without an active exception", seen once in CI with gloo), and
+    torchrun then stops the ranks still working (rank 0 predicting alone) and calls the run failed."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
