@@ -43,11 +43,17 @@ def _run(store, run_id: int) -> dict:
         return dict(connection.execute(text("SELECT * FROM runs WHERE id = :r"), {"r": run_id}).mappings().one())
 
 
+# Short leases keep these tests quick; one second, not less: the test's own queries on a loaded 2-core CI box must
+# not outlast a lease it means to keep live.
+SHORT_LEASE_S = 1.0
+PAST_THE_LEASE_S = 1.4
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request, tmp_path, monkeypatch):
-    """A store with half-second engine leases, on SQLite and on a real PostgreSQL server (the SQL of the database's
+    """A store with one-second engine leases, on SQLite and on a real PostgreSQL server (the SQL of the database's
     clock, the claim's row and advisory locks differ)."""
-    monkeypatch.setenv("CLFBENCH_ENGINE_LEASE_S", "0.5")
+    monkeypatch.setenv("CLFBENCH_ENGINE_LEASE_S", str(SHORT_LEASE_S))
     if request.param == "sqlite":
         return open_store(f"sqlite:///{tmp_path / 'store.db'}")
     server = request.getfixturevalue("postgres")
@@ -61,12 +67,12 @@ def test_a_live_lease_keeps_the_run_whatever_its_heartbeat_and_an_expired_one_lo
     attempt = _claim(store, a)["attempt"]
     with store.write() as connection:  # its worker never wrote a heartbeat, and its host's clock is an hour behind
         connection.execute(text("UPDATE runs SET heartbeat_at = heartbeat_at - 3600 WHERE id = :r"), {"r": run_id})
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 4 * SHORT_LEASE_S
     while time.monotonic() < deadline:  # four leases long, renewed by engine a: never b's to take
         assert queue.engine_heartbeat(store, a) and queue.engine_heartbeat(store, b)
         assert queue.reclaim_expired(store, b) == []
         time.sleep(0.1)
-    time.sleep(0.7)  # a stops renewing: its lease runs out on the database's clock
+    time.sleep(PAST_THE_LEASE_S)  # a stops renewing: its lease runs out on the database's clock
     assert queue.engine_heartbeat(store, b)
     assert queue.reclaim_expired(store, b) == [(run_id, "queued")]
     run = _run(store, run_id)
@@ -86,7 +92,7 @@ def test_a_lease_that_ran_out_unnoticed_is_renewed(store):
     a = queue.register_engine(store, "host-a", 101, [], host_id="host-a")
     run_id = queue.enqueue(store, [_new_run()])[0]
     _claim(store, a)
-    time.sleep(0.7)
+    time.sleep(PAST_THE_LEASE_S)
     assert queue.engine_heartbeat(store, a) is True
     assert queue.reclaim_expired(store, a) == [] and _run(store, run_id)["status"] == "running"
 
@@ -97,7 +103,7 @@ def test_lists_call_an_engine_alive_while_its_lease_lasts_whatever_the_readers_c
     a = queue.register_engine(store, "host-a", 101, [], host_id="host-a")
     for skew in (-600, 0, 600):
         assert [e["id"] for e in queries.live_engines(store, stale_after_s=30, now=time.time() + skew)] == [a]
-    time.sleep(0.7)  # the lease ends on the database's clock
+    time.sleep(PAST_THE_LEASE_S)  # the lease ends on the database's clock
     for skew in (-600, 0, 600):
         assert queries.live_engines(store, stale_after_s=30, now=time.time() + skew) == []
     assert queue.engine_heartbeat(store, a)
@@ -109,7 +115,7 @@ def test_an_engine_whose_lease_was_taken_kills_its_workers_and_stops(store):
 
     a = queue.register_engine(store, "host-a", os.getpid(), [], host_id="host-a")
     engine = Engine(config=EngineConfig(url=store.url, gpus=[]), store=store, engine_id=a, host="host-a",
-                    host_id="host-a", lease_s=0.5)
+                    host_id="host-a", lease_s=SHORT_LEASE_S)
     run_id = queue.enqueue(store, [_new_run()])[0]
     attempt = _claim(store, a)["attempt"]
     worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
@@ -117,8 +123,8 @@ def test_an_engine_whose_lease_was_taken_kills_its_workers_and_stops(store):
                                     log_path="", tag="no-such-tag", popen=worker)
     engine.heartbeat()
     assert not engine.stopping and worker.poll() is None
-    time.sleep(0.7)  # engine a misses its renewals (paused); engine b takes its run
-    # b registers only now: registered earlier, a slow box could let b's own half-second lease run out before
+    time.sleep(PAST_THE_LEASE_S)  # engine a misses its renewals (paused); engine b takes its run
+    # b registers only now: registered earlier, a slow box could let b's own short lease run out before
     # engine a's first heartbeat, whose reconcile would then declare b lost (a CI run failed so).
     b = queue.register_engine(store, "host-b", 202, [], host_id="host-b")
     assert queue.engine_heartbeat(store, b) and queue.reclaim_expired(store, b) == [(run_id, "queued")]
