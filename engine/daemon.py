@@ -276,26 +276,33 @@ LOG_SHIP_S = 1.0
 LOG_PIECE_BYTES = 64_000
 
 
-def new_log_text(path: str, offset: int, final: bool) -> tuple[str, int]:
+def new_log_text(path: str, offset: int, final: bool) -> tuple[str, int, bool]:
     """The text the log file at `path` grew by since byte `offset`, as whole lines (all of it when `final`: the
-    worker has ended), at most LOG_PIECE_BYTES; and the offset it ends at. A log a line longer than a piece (a
-    progress bar without newlines) is cut at the piece's size."""
+    worker has ended), at most LOG_PIECE_BYTES; the offset it ends at; and whether it skipped text. A log a line
+    longer than a piece (a progress bar without newlines) is cut at the piece's size. When the log grew by more
+    than twice what the store keeps since the last piece, it skips to the first whole line of the newest
+    log_keep_bytes(): the store would drop the rest at once, and the caller must say that lines went missing."""
+    skipped = False
     try:
         with open(path, "rb") as handle:
             size = handle.seek(0, os.SEEK_END)
             if size <= offset:
-                return "", min(offset, size)
+                return "", min(offset, size), False
             keep = queue.log_keep_bytes()
-            if size - offset > 2 * keep:  # more than the store keeps: go straight to what it will keep
-                offset = size - keep
+            if size - offset > 2 * keep:
+                offset, skipped = size - keep, True
             handle.seek(offset)
             data = handle.read(min(size - offset, LOG_PIECE_BYTES))
     except OSError:
-        return "", offset
+        return "", offset, False
+    if skipped:  # start at a line's start, unless no line ends inside the piece
+        line_start = data.find(b"\n") + 1
+        if 0 < line_start < len(data):
+            offset, data = offset + line_start, data[line_start:]
     if not final and len(data) < LOG_PIECE_BYTES:
         cut = data.rfind(b"\n") + 1
         data = data[:cut]
-    return data.decode("utf-8", errors="replace"), offset + len(data)
+    return data.decode("utf-8", errors="replace"), offset + len(data), skipped
 
 
 def attempt_start(path: str, run_id: int, attempt: int, chunk: int = 1 << 20) -> int:
@@ -656,11 +663,11 @@ class Engine:
         an empty piece that tells readers the attempt's log is whole (the worker may record the run's end before
         its engine has copied the last lines)."""
         while child.log_path:
-            text, end = new_log_text(child.log_path, child.shipped, final)
+            text, end, skipped = new_log_text(child.log_path, child.shipped, final)
             child.shipped_at = time.monotonic()
             if not text:
                 break
-            queue.append_log(self.store, child.run_id, child.attempt, text, end)
+            queue.append_log(self.store, child.run_id, child.attempt, text, end, after_a_gap=skipped)
             child.shipped = end
             if not final:
                 return

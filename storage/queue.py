@@ -485,14 +485,19 @@ def log_keep_bytes() -> int:
     return int(raw)
 
 
-def append_log(store: Store, run_id: int, attempt: int, chunk: str, file_end: int) -> None:
+def append_log(store: Store, run_id: int, attempt: int, chunk: str, file_end: int, after_a_gap: bool = False) -> None:
     """Store the next piece of a run's log (whole lines, read from the log file up to byte `file_end`), then drop
     the oldest pieces while the run's stored log is over log_keep_bytes(), never the newest one: the tail a user
-    needs (the traceback, the last losses) stays whole. The oldest piece kept starts with LOG_DROPPED_NOTE."""
+    needs (the traceback, the last losses) stays whole. The oldest piece kept starts with LOG_DROPPED_NOTE.
+    `after_a_gap`: the engine skipped lines before this piece (the log grew faster than it ships); the pieces
+    before the gap go, so that the stored log is always one unbroken tail of the file, under the note."""
     keep = log_keep_bytes()
     with store.write() as connection:
         if connection.execute(select(RUNS.c.id).where(RUNS.c.id == run_id)).first() is None:
             return  # deleted meanwhile
+        if after_a_gap:
+            connection.execute(delete(RUN_LOG).where(RUN_LOG.c.run_id == run_id))
+            chunk = LOG_DROPPED_NOTE + chunk
         connection.execute(insert(RUN_LOG).values(run_id=run_id, attempt=attempt, time=now(), text=chunk,
                                                   file_end=file_end))
         sizes = connection.execute(select(RUN_LOG.c.id, func.length(RUN_LOG.c.text)).where(RUN_LOG.c.run_id == run_id)

@@ -131,6 +131,41 @@ def test_the_stored_log_keeps_the_newest_pieces_whole_and_a_piece_bigger_than_th
         queue.append_log(store, run_id, 1, "z\n", 3303)
 
 
+
+def test_a_log_that_grew_past_twice_the_bound_between_two_pieces_is_stored_as_one_unbroken_tail(store, tmp_path,
+                                                                                                 monkeypatch):
+    """A busy engine ships a worker's log late: when more than twice what the store keeps arrived since the last
+    piece, it skips to the newest lines. The stored log must then say lines went (the note, first), start at a
+    line's start and be one unbroken tail of the file; it was a headless piece, cut mid-line, after the old ones,
+    with no note when nothing else was trimmed."""
+    from clfbench.engine.daemon import Child, Engine, EngineConfig
+
+    monkeypatch.setenv("CLFBENCH_LOG_KEEP_BYTES", "1000")
+    (run_id,) = queue.enqueue(store, [queue.NewRun(method="tfidf", model="tfidf", task="t", shots=0, seed=0,
+                                                   spec_json="{}", spec_hash="x", launch="torchrun",
+                                                   gpus_requested=0, nproc=1)])
+    engine_id = queue.register_engine(store, "host-a", 101, [], host_id="host-a")
+    engine = Engine(config=EngineConfig(url=store.url, gpus=[]), store=store, engine_id=engine_id, host="host-a",
+                    host_id="host-a")
+    log = tmp_path / "log.txt"
+    child = Child(run_id=run_id, attempt=1, pid=0, gpus=[], launch="torchrun", log_path=str(log))
+    log.write_text("loading the model\n")
+    engine.ship_log(child, final=False)
+    with log.open("a") as handle:  # 3,330 characters before the next piece: 47-character lines
+        handle.writelines(f"step {step:4d} train_loss {1 / step:.6f} " + "." * 16 + "\n" for step in range(1, 91))
+    engine.ship_log(child, final=True)
+    stored = "".join(chunk["text"] for chunk in queries.log_chunks(store, run_id))
+    assert stored.startswith(queue.LOG_DROPPED_NOTE) and queries.stored_log_state(store, run_id) == "trimmed"
+    tail = stored.removeprefix(queue.LOG_DROPPED_NOTE)
+    assert tail.startswith("step ") and log.read_text().endswith(tail) and 900 < len(tail) <= 1000
+    assert tail.splitlines()[-1].startswith("step   90") and queries.log_complete(store, run_id, 1)
+    # A run whose whole log arrives in its last piece (the engine never shipped while it ran): the note too.
+    (quick,) = queue.enqueue(store, [queue.NewRun(method="tfidf", model="tfidf", task="t", shots=1, seed=0,
+                                                  spec_json="{}", spec_hash="y", launch="torchrun",
+                                                  gpus_requested=0, nproc=1)])
+    engine.ship_log(Child(run_id=quick, attempt=1, pid=0, gpus=[], launch="torchrun", log_path=str(log)), final=True)
+    assert "".join(chunk["text"] for chunk in queries.log_chunks(store, quick)) == stored
+
 # ---- checkpoints every host reaches -----------------------------------------------------------------------------
 
 def test_a_checkpoint_mirrored_to_a_url_is_fetched_whole_on_a_host_without_it(tmp_path, monkeypatch):
