@@ -92,6 +92,13 @@ def refuse_what_cannot_fit(specs, gpu_memory: float | None) -> None:
             fail(memory_plan.refusal(spec, plan, shape) + "; nothing queued (`clfbench plan` shows the parts)")
 
 
+def spec_flags(method, model, task, shots, seed, gpus, nproc, threads, data_dir, name, host, gpu_type) -> dict:
+    """The spec fields of queue's command line, which plan takes as well (build_specs merges them over a file)."""
+    return {"method": method, "model": model, "task": task, "shots": shots, "seed": seed, "gpus": gpus,
+            "nproc": nproc, "threads": threads, "data_dir": data_dir, "name": name, "host": host,
+            "gpu_type": gpu_type}
+
+
 @app.command("queue")
 def queue_command(
     spec_file: Optional[Path] = typer.Argument(None, help="YAML spec file; lists in it expand to a sweep"),
@@ -121,9 +128,7 @@ def queue_command(
 ) -> None:
     """Validate a spec (file and/or flags) and queue its runs; a sweep is queued whole or not at all. A spec
     identical to a queued, running or succeeded run is refused (exit 1) unless --allow-duplicate."""
-    flags = {"method": method, "model": model, "task": task, "shots": shots, "seed": seed, "gpus": gpus,
-             "nproc": nproc, "threads": threads, "data_dir": data_dir, "name": name, "host": host,
-             "gpu_type": gpu_type}
+    flags = spec_flags(method, model, task, shots, seed, gpus, nproc, threads, data_dir, name, host, gpu_type)
     try:
         specs = build_specs(spec_file, flags, parse_option_pairs(option))
     except ClfbenchError as error:
@@ -695,9 +700,7 @@ def plan_command(
     activations, KV cache); exit 0 when every run fits, else 1 with one error line that says what would fit."""
     from clfbench.engine import memory_plan
 
-    flags = {"method": method, "model": model, "task": task, "shots": shots, "seed": seed, "gpus": gpus,
-             "nproc": nproc, "threads": threads, "data_dir": data_dir, "name": name, "host": host,
-             "gpu_type": gpu_type}
+    flags = spec_flags(method, model, task, shots, seed, gpus, nproc, threads, data_dir, name, host, gpu_type)
     del priority  # accepted so that a queue command line plans unchanged; it does not size memory
     try:
         specs = build_specs(spec_file, flags, parse_option_pairs(option))
